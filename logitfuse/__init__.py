@@ -1,0 +1,33 @@
+"""logitfuse: decoding-time logit fusion between a cloud LLM and a private on-device SLM.
+
+The on-device model (SLM) sees the user's private context; the cloud model (LLM) sees only the
+public instruction. At every decoding step their next-token distributions are aligned onto the
+SLM's vocabulary and mixed with a weight α (CoGenesis, arXiv 2403.03129).
+
+>>> import torch, logitfuse
+>>> fused = logitfuse.fuse(torch.randn(1, 8), torch.randn(1, 8), alpha=0.25)
+>>> fused.shape
+torch.Size([1, 8])
+"""
+
+from logitfuse.functional import fuse, fuse_sample, fused_cross_entropy, row_stats
+from logitfuse.heads import FusionHead, PaperFusionHead, load_head
+from logitfuse.types import MODES, TAILS, RowStats, TopK
+from logitfuse.vocab import VocabMap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "TAILS",
+    "FusionHead",
+    "PaperFusionHead",
+    "RowStats",
+    "TopK",
+    "VocabMap",
+    "fuse",
+    "fuse_sample",
+    "fused_cross_entropy",
+    "load_head",
+    "row_stats",
+]

@@ -1,0 +1,329 @@
+"""Public fusion functions: check the arguments once, then dispatch.
+
+CPU tensors go to the torch reference (:mod:`logitfuse.reference`); CUDA tensors go to the Triton
+kernels in :mod:`logitfuse.kernels` when Triton is importable. Nothing here touches a device at
+import time.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from logitfuse import reference
+from logitfuse.types import MODES, TAILS, RowStats, TopK
+from logitfuse.vocab import VocabMap, identity_map
+
+Tensor = torch.Tensor
+_REFERENCE = SimpleNamespace(
+    fuse=reference.fuse_reference,
+    fuse_sample=reference.fuse_sample_reference,
+    fused_cross_entropy=reference.fused_cross_entropy_reference,
+    row_stats=reference.row_stats_reference,
+)
+
+
+def _ops_for(tensor: Tensor) -> SimpleNamespace:
+    """The implementation for ``tensor``'s device: Triton kernels on CUDA, the reference elsewhere."""
+    if tensor.device.type == "cuda":
+        from logitfuse import kernels
+
+        if kernels.available():
+            return kernels.OPS
+    return _REFERENCE
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+
+def _check_logits(name: str, logits: object, validate: bool) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch_size, vocab_size), got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch_size, vocab_size), got {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor (float32, bfloat16 or float16), got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+    if validate and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+        raise ValueError(f"{name} contains NaN or +inf; -inf is allowed for masked tokens, NaN and +inf are not")
+    return logits
+
+
+def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
+    ids, logprobs = topk
+    if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
+        raise TypeError("llm=TopK(ids, logprobs) needs two tensors")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"llm.ids must be an integer tensor, got {ids.dtype}")
+    if not logprobs.dtype.is_floating_point:
+        raise TypeError(f"llm.logprobs must be a float tensor, got {logprobs.dtype}")
+    if ids.dim() != 2 or ids.shape != logprobs.shape:
+        raise ValueError(
+            f"llm.ids and llm.logprobs must both have shape (batch_size, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}"
+        )
+    if ids.shape[0] != batch:
+        raise ValueError(f"llm has batch size {ids.shape[0]} but slm_logits has {batch}; pass one row per sequence")
+    if ids.shape[1] == 0:
+        raise ValueError("llm is an empty top-k (k = 0); pass at least one (id, logprob) per row, or use alpha=1")
+    ids = ids.long()
+    if validate:
+        if bool(((ids < 0) | (ids >= v_llm)).any()):
+            raise ValueError(
+                f"llm.ids holds ids outside [0, {v_llm}) (min {int(ids.min())}, max {int(ids.max())}); "
+                "pass vocab_map= for the LLM's vocabulary"
+            )
+        if ids.shape[1] > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise ValueError("llm.ids repeats an id within a row; each top-k id must appear once per row")
+        if bool((torch.isnan(logprobs) | (logprobs > 1e-4)).any()):
+            raise ValueError("llm.logprobs must be log-probabilities (<= 0, no NaN)")
+        if bool((logprobs.float().exp().sum(dim=-1) > 1.001).any()):
+            raise ValueError("llm.logprobs sum to more than probability 1 in some row; pass log-probabilities, not logits")
+    return TopK(ids.contiguous(), logprobs.contiguous())
+
+
+def _per_row(name: str, value: float | Tensor, batch: int, device: torch.device, *, low: float, high: float,
+             low_open: bool = False, validate: bool = True) -> Tensor:
+    """A float or a ``(batch_size,)`` / scalar tensor, as a float32 ``(batch_size,)`` tensor (graph kept)."""
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(f"{name} must be a float or a tensor of shape ({batch},), got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to({str(device)!r})")
+        row = value.float().expand(batch)
+        check = row.detach()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        check = row = torch.full((batch,), float(value), device=device)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if validate:
+        bad = torch.isnan(check) | (check > high) | ((check <= low) if low_open else (check < low))
+        if bool(bad.any()):
+            bracket = "(" if low_open else "["
+            raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {check[bad][0].item()!r}")
+    return row
+
+
+def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate):
+    """Check everything ``fuse``-like functions share; returns the reference/kernel keyword arguments."""
+    slm_logits = _check_logits("slm_logits", slm_logits, validate)
+    batch, v_slm = slm_logits.shape
+    device = slm_logits.device
+    _check_choice("mode", mode, MODES)
+    _check_choice("tail", tail, TAILS)
+    if vocab_map is not None and not isinstance(vocab_map, VocabMap):
+        raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
+    if isinstance(llm, TopK):
+        vocab_map = vocab_map or identity_map(v_slm, v_slm)
+        if llm.ids.device != device or llm.logprobs.device != device:
+            raise ValueError(f"llm top-k tensors are on {llm.ids.device}/{llm.logprobs.device}, slm_logits on {device}")
+        llm = _check_topk(llm, batch, vocab_map.v_llm, validate)
+        if llm_temperature != 1.0:
+            raise ValueError("llm_temperature applies to dense LLM logits only; ask the server for top-k logprobs at that temperature instead")
+    elif isinstance(llm, Tensor):
+        llm = _check_logits("llm", llm, validate)
+        if llm.shape[0] != batch:
+            raise ValueError(f"llm has batch size {llm.shape[0]} but slm_logits has {batch}; pass one row per sequence")
+        if llm.device != device:
+            raise ValueError(f"llm is on {llm.device} but slm_logits is on {device}; put both on one device")
+        vocab_map = vocab_map or identity_map(v_slm, llm.shape[1])
+        if llm.shape[1] != vocab_map.v_llm:
+            raise ValueError(
+                f"llm has vocabulary size {llm.shape[1]} but vocab_map was built for v_llm={vocab_map.v_llm}; "
+                "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
+            )
+    else:
+        raise TypeError(f"llm must be dense logits (a tensor) or logitfuse.TopK(ids, logprobs), got {type(llm).__name__}")
+    if vocab_map.v_slm != v_slm:
+        raise ValueError(
+            f"slm_logits has vocabulary size {v_slm} but vocab_map was built for v_slm={vocab_map.v_slm}; "
+            "build the map for this SLM (VocabMap.identity or VocabMap.from_tokenizers)"
+        )
+    args = dict(
+        slm_logits=slm_logits,
+        llm=llm,
+        slm_to_llm=vocab_map.on(device),
+        alpha=_per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate),
+        v_llm=vocab_map.v_llm,
+        mode=mode,
+        tail=tail,
+        slm_temperature=_per_row("slm_temperature", slm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
+        llm_temperature=_per_row("llm_temperature", llm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
+    )
+    return args
+
+
+# ---------------------------------------------------------------------------------- public API
+def fuse(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    *,
+    alpha: float | Tensor,
+    vocab_map: VocabMap | None = None,
+    mode: str = "linear",
+    tail: str = "slm",
+    slm_temperature: float | Tensor = 1.0,
+    llm_temperature: float | Tensor = 1.0,
+    validate: bool = True,
+) -> Tensor:
+    """Fuse the SLM's and the LLM's next-token distributions into log-probabilities over the SLM vocabulary.
+
+    Parameters
+    ----------
+    slm_logits : torch.Tensor
+        ``(batch_size, v_slm)`` logits of the on-device model (float32, bfloat16 or float16).
+    llm : torch.Tensor or logitfuse.TopK
+        ``(batch_size, v_llm)`` dense logits of the LLM, or its top-k ``TopK(ids, logprobs)``,
+        each ``(batch_size, k)``, as a cloud API returns them.
+    alpha : float or torch.Tensor
+        Weight of the SLM in ``[0, 1]``, one for all rows or ``(batch_size,)``; 1 means SLM only.
+    vocab_map : logitfuse.VocabMap, optional
+        SLM id -> LLM id. Default: the identity (same tokenizer on both sides).
+    mode : {"linear", "geometric", "logit"}
+        Mixture of probabilities (default), product of experts, or the paper's raw-logit mix.
+    tail : {"slm", "uniform", "zero"}
+        Where the LLM's unreported mass goes (see :mod:`logitfuse.reference`).
+    slm_temperature, llm_temperature : float or torch.Tensor
+        Per-model temperatures, applied to the logits before mixing (``> 0``).
+    validate : bool
+        Check values (NaN, ranges, duplicate ids), which syncs with the device; shapes, dtypes and
+        devices are always checked.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch_size, v_slm)`` float32 fused log-probabilities (each row's logsumexp is 0).
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> slm, llm = torch.randn(2, 10), torch.randn(2, 10)
+    >>> fused = logitfuse.fuse(slm, llm, alpha=0.25)
+    >>> torch.allclose(fused.logsumexp(-1), torch.zeros(2), atol=1e-5)
+    True
+    """
+    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    return _ops_for(args["slm_logits"]).fuse(**args)
+
+
+def fuse_sample(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    *,
+    alpha: float | Tensor,
+    vocab_map: VocabMap | None = None,
+    mode: str = "linear",
+    tail: str = "slm",
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    generator: torch.Generator | None = None,
+    slm_temperature: float | Tensor = 1.0,
+    llm_temperature: float | Tensor = 1.0,
+    return_logprobs: bool = False,
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Draw one token per row from the fused distribution (same arguments as :func:`fuse`).
+
+    ``temperature`` (0 = greedy), ``top_k`` (0 = off) and ``top_p`` (1 = off) act on the fused
+    distribution in that order; each is a number or a ``(batch_size,)`` tensor. The same
+    ``generator`` state gives the same tokens.
+
+    Returns ``(batch_size,)`` int64 token ids in the SLM vocabulary, and with
+    ``return_logprobs=True`` also their fused log-probabilities (before temperature and filtering).
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ids = logitfuse.fuse_sample(torch.randn(3, 50), torch.randn(3, 50), alpha=0.5, top_p=0.9, generator=g)
+    >>> ids.shape
+    torch.Size([3])
+    """
+    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    logits = args["slm_logits"]
+    batch, device = logits.shape[0], logits.device
+    args["temperature"] = _per_row("temperature", temperature, batch, device, low=0.0, high=float("inf"), validate=validate)
+    args["top_p"] = _per_row("top_p", top_p, batch, device, low=0.0, high=1.0, low_open=True, validate=validate)
+    if isinstance(top_k, Tensor):
+        if top_k.dtype.is_floating_point or top_k.numel() not in (1, batch):
+            raise ValueError(f"top_k must be an int or an integer tensor of shape ({batch},)")
+        args["top_k"] = top_k.to(device, torch.int64).expand(batch)
+    elif isinstance(top_k, int) and not isinstance(top_k, bool):
+        args["top_k"] = torch.full((batch,), top_k, dtype=torch.int64, device=device)
+    else:
+        raise TypeError(f"top_k must be an int or an integer tensor, got {type(top_k).__name__}")
+    if validate and bool((args["top_k"] < 0).any()):
+        raise ValueError("top_k must be >= 0 (0 turns top-k filtering off)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    draw_on = generator.device if generator is not None else device
+    args["uniform"] = torch.rand(batch, generator=generator, device=draw_on).to(device)
+    ids, logprobs = _ops_for(logits).fuse_sample(**args)
+    return (ids, logprobs) if return_logprobs else ids
+
+
+def fused_cross_entropy(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    targets: Tensor,
+    *,
+    alpha: float | Tensor,
+    vocab_map: VocabMap | None = None,
+    mode: str = "linear",
+    tail: str = "slm",
+    slm_temperature: float | Tensor = 1.0,
+    llm_temperature: float | Tensor = 1.0,
+    ignore_index: int = -100,
+    validate: bool = True,
+) -> Tensor:
+    """Per-token negative log-likelihood of ``targets`` under the fused distribution, ``(N,)`` float32.
+
+    Differentiable in ``alpha`` (a float or an ``(N,)`` tensor, e.g. a fusion head's output), so a
+    head trains through it. Rows whose target equals ``ignore_index`` get loss 0.
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> alpha = torch.full((4,), 0.5, requires_grad=True)
+    >>> loss = logitfuse.fused_cross_entropy(torch.randn(4, 9), torch.randn(4, 9), torch.tensor([1, 2, 3, -100]), alpha=alpha)
+    >>> loss.sum().backward(); alpha.grad.shape
+    torch.Size([4])
+    """
+    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    logits = args["slm_logits"]
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError("targets must be an integer tensor of shape (N,)")
+    if targets.shape != (logits.shape[0],):
+        raise ValueError(f"targets must have shape ({logits.shape[0]},) to match slm_logits, got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets is on {targets.device} but slm_logits is on {logits.device}")
+    targets = targets.long()
+    if validate:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets holds ids outside [0, {logits.shape[1]}) that are not ignore_index={ignore_index}: "
+                f"{targets[bad][:5].tolist()}"
+            )
+    return _ops_for(logits).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
+
+
+def row_stats(logits: Tensor, k: int = 4) -> RowStats:
+    """Per-row log-sum-exp, max log-probability, entropy and top-``k`` log-probabilities and ids.
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> stats = logitfuse.row_stats(torch.zeros(1, 4), k=2)
+    >>> round(stats.entropy.item(), 4)   # uniform over 4 tokens: log 4
+    1.3863
+    """
+    logits = _check_logits("logits", logits, validate=True)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return _ops_for(logits).row_stats(logits, k)

@@ -1,0 +1,287 @@
+"""Reference math for logit fusion, in plain torch: the CPU path and the test oracle.
+
+Every function here takes already-validated arguments (see :mod:`logitfuse.functional` for the
+checked public entry points) and computes in float32 whatever the input dtype. The Triton kernels in
+:mod:`logitfuse.kernels` have the same signatures and are compared against these in the tests.
+
+Notation (DESIGN.md): SLM logits ``s`` over ``V_S`` tokens; LLM information over ``V_L`` tokens,
+either dense logits ``l`` or a top-k ``(ids, logprobs)``; a vocabulary map ``m: [0, V_S) -> [0, V_L)
+∪ {-1}`` given as the int64 tensor ``slm_to_llm``; a weight ``α ∈ [0, 1]`` per row (``α = 1`` means
+the SLM alone).
+
+The LLM side is first pulled back onto the SLM vocabulary:
+
+- an SLM token ``i`` is *known* when ``m(i) != -1`` and the LLM reported ``m(i)`` (always, for dense
+  logits; when ``m(i)`` is among the top-k ids otherwise); then ``lp_L(i) = log p_L(m(i))``;
+- the LLM mass that no known SLM token received, ``r = max(1 - Σ_known p_L, TAIL_FLOOR)``, is spread
+  over the other SLM tokens by the tail rule: ``"slm"`` in proportion to the SLM's probabilities,
+  ``"uniform"`` evenly, or ``"zero"`` (the paper's code) as a score of 0 on the LLM's logit scale,
+  which is not a distribution.
+
+Then the modes mix ``lp_S = log_softmax(s / T_S)`` with ``lp_L``:
+
+- ``"linear"``: ``log(α·p_S + (1-α)·p_L)``, renormalized over the SLM vocabulary;
+- ``"geometric"``: ``log_softmax(α·lp_S + (1-α)·lp_L)``;
+- ``"logit"``: ``log_softmax(α·s/T_S + (1-α)·l̃)`` with ``l̃ = lp_L + lse(l / T_L)`` the LLM's raw
+  logits (top-k logprobs count as logits). It differs from geometric only through the ``"zero"``
+  tail, whose fill is 0 on this raw scale; kept to compare with the paper's code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from logitfuse.types import RowStats, TopK
+
+#: floor on the LLM's leftover (tail) mass, so the tail rule never takes the log of 0
+TAIL_FLOOR = 1e-6
+
+Tensor = torch.Tensor
+
+
+def _weighted(weight: Tensor, values: Tensor) -> Tensor:
+    """``weight * values`` with ``0 * ±inf = 0``: a side with weight 0 does not take part."""
+    return torch.where(weight == 0, torch.zeros_like(values), weight * values)
+
+
+def slm_logprobs(slm_logits: Tensor, slm_temperature: Tensor) -> Tensor:
+    """``log_softmax(s / T_S)`` in float32, ``(B, V_S)``."""
+    return torch.log_softmax(slm_logits.float() / slm_temperature[:, None], dim=-1)
+
+
+def llm_logprobs_on_slm_vocab(
+    lp_slm: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
+    *,
+    v_llm: int,
+    tail: str,
+    llm_temperature: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Pull the LLM's distribution back onto the SLM vocabulary.
+
+    Returns ``(lp_llm, llm_shift)``: ``lp_llm`` is ``(B, V_S)`` float32, ``log p_L`` of each SLM
+    token's counterpart (tail rule for unknown tokens), and ``llm_shift`` is ``(B,)``, the LLM's
+    log-sum-exp (0 for top-k input), so ``lp_llm + llm_shift`` is on the LLM's raw logit scale.
+    """
+    batch = lp_slm.shape[0]
+    mapped = slm_to_llm >= 0
+    columns = slm_to_llm.clamp(min=0)
+    if isinstance(llm, TopK):
+        # scatter the K reported logprobs into a dense row; only the reference builds this copy
+        lp_full = torch.full((batch, v_llm), -math.inf, device=lp_slm.device)
+        lp_full.scatter_(1, llm.ids, llm.logprobs.float())
+        reported = torch.zeros((batch, v_llm), dtype=torch.bool, device=lp_slm.device)
+        reported.scatter_(1, llm.ids, True)
+        llm_shift = torch.zeros(batch, device=lp_slm.device)
+        known = reported[:, columns] & mapped
+    else:
+        logits = llm.float() / llm_temperature[:, None]
+        llm_shift = torch.logsumexp(logits, dim=-1)
+        lp_full = logits - llm_shift[:, None]
+        known = mapped.expand(batch, -1)
+    lp_known = torch.where(known, lp_full[:, columns], -math.inf)
+    unknown = ~known
+    # LLM mass that no known SLM token received; it goes to the unknown ones
+    tail_mass = (1.0 - lp_known.exp().sum(dim=-1)).clamp(min=TAIL_FLOOR)
+    if tail == "slm":
+        # r · p_S(i) / Σ_{unknown} p_S
+        lse_unknown = torch.logsumexp(torch.where(unknown, lp_slm, -math.inf), dim=-1)
+        lse_unknown = torch.where(torch.isfinite(lse_unknown), lse_unknown, 0.0)
+        lp_tail = tail_mass.log()[:, None] + lp_slm - lse_unknown[:, None]
+    elif tail == "uniform":
+        n_unknown = unknown.sum(dim=-1).clamp(min=1).float()
+        lp_tail = (tail_mass.log() - n_unknown.log())[:, None].expand_as(lp_slm)
+    else:  # "zero": raw logit 0
+        lp_tail = (-llm_shift)[:, None].expand_as(lp_slm)
+    return torch.where(known, lp_known, lp_tail), llm_shift
+
+
+def mix(
+    lp_slm: Tensor,
+    lp_llm: Tensor,
+    alpha: Tensor,
+    *,
+    mode: str,
+    slm_shift: Tensor | None = None,
+    llm_shift: Tensor | None = None,
+) -> Tensor:
+    """Mix two log-distributions over the SLM vocabulary into fused log-probabilities ``(B, V_S)``.
+
+    ``slm_shift`` / ``llm_shift`` ``(B,)`` move each side to its raw logit scale (used by
+    ``mode="logit"`` only; a per-row constant cancels in the other modes).
+    """
+    a = alpha.float()[:, None]
+    if mode == "linear":
+        # log(α p_S + (1-α) p_L) in log space; log(0) = -inf drops a side with weight 0
+        mixed = torch.logaddexp(a.log() + lp_slm, torch.log1p(-a) + lp_llm)
+    elif mode == "geometric":
+        mixed = _weighted(a, lp_slm) + _weighted(1 - a, lp_llm)
+    else:  # "logit"
+        slm_raw = lp_slm if slm_shift is None else lp_slm + slm_shift[:, None]
+        llm_raw = lp_llm if llm_shift is None else lp_llm + llm_shift[:, None]
+        mixed = _weighted(a, slm_raw) + _weighted(1 - a, llm_raw)
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def fuse_reference(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
+    alpha: Tensor,
+    *,
+    v_llm: int,
+    mode: str,
+    tail: str,
+    slm_temperature: Tensor,
+    llm_temperature: Tensor,
+) -> Tensor:
+    """Fused log-probabilities ``(B, V_S)`` float32. Arguments as validated by ``logitfuse.fuse``:
+    ``alpha``, ``slm_temperature`` and ``llm_temperature`` are float32 ``(B,)`` tensors."""
+    lp_slm = slm_logprobs(slm_logits, slm_temperature)
+    lp_llm, llm_shift = llm_logprobs_on_slm_vocab(
+        lp_slm, llm, slm_to_llm, v_llm=v_llm, tail=tail, llm_temperature=llm_temperature
+    )
+    slm_shift = torch.logsumexp(slm_logits.float() / slm_temperature[:, None], dim=-1)
+    return mix(lp_slm, lp_llm, alpha, mode=mode, slm_shift=slm_shift, llm_shift=llm_shift)
+
+
+def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Which tokens survive top-k then top-p, ``(B, V)`` bool.
+
+    - ``top_k[b] > 0`` keeps tokens whose probability is at least the k-th largest (ties kept);
+    - then, over the renormalized survivors, ``top_p[b] < 1`` keeps the smallest set whose mass
+      reaches ``top_p``: with survivors sorted by probability, the threshold ``τ`` is the probability
+      of the first one at which the running mass reaches ``top_p``, and every token with
+      probability ``>= τ`` is kept (ties at ``τ`` are all kept).
+    """
+    vocab = probs.shape[-1]
+    keep = probs > 0
+    k = top_k.clamp(min=0, max=vocab)
+    if bool((k > 0).any()):
+        kth = probs.sort(dim=-1, descending=True).values.gather(1, (k.clamp(min=1) - 1)[:, None])
+        keep = keep & ((k[:, None] == 0) | (probs >= kth))
+    if bool((top_p < 1).any()):
+        kept = torch.where(keep, probs, 0.0)
+        kept = kept / kept.sum(dim=-1, keepdim=True)
+        sorted_probs = kept.sort(dim=-1, descending=True).values
+        reached = sorted_probs.cumsum(dim=-1) >= top_p[:, None]
+        # first sorted position where the running mass reaches p (the last one if rounding never does)
+        first = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), vocab - 1)
+        tau = sorted_probs.gather(1, first[:, None])
+        keep = keep & ((top_p[:, None] >= 1) | (kept >= tau))
+    return keep
+
+
+def sample_from_logprobs(
+    logprobs: Tensor, uniform: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor
+) -> Tensor:
+    """Draw one token per row from ``logprobs`` ``(B, V)`` with temperature, top-k and top-p.
+
+    ``uniform`` ``(B,)`` holds one U[0, 1) draw per row; the token is found by inverse CDF in
+    vocabulary order over the surviving tokens (no sort of the distribution is needed for the draw
+    itself). ``temperature[b] == 0`` means greedy (argmax) for that row.
+    """
+    greedy = temperature == 0
+    scaled = logprobs / torch.where(greedy, 1.0, temperature)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    weights = torch.where(sampling_mask(probs, top_k, top_p), probs, 0.0)
+    cdf = weights.cumsum(dim=-1)
+    target = uniform.float()[:, None] * cdf[:, -1:]
+    # first index whose cdf exceeds the target; rounding at u -> 1 falls back to the last survivor
+    last_kept = (weights > 0).cumsum(dim=-1).argmax(dim=-1)
+    drawn = torch.minimum((cdf <= target).sum(dim=-1), last_kept)
+    return torch.where(greedy, logprobs.argmax(dim=-1), drawn)
+
+
+def fuse_sample_reference(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
+    alpha: Tensor,
+    uniform: Tensor,
+    *,
+    v_llm: int,
+    mode: str,
+    tail: str,
+    slm_temperature: Tensor,
+    llm_temperature: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Sample from the fused distribution: ``(ids (B,) int64, fused logprob of each id (B,))``."""
+    fused = fuse_reference(
+        slm_logits, llm, slm_to_llm, alpha, v_llm=v_llm, mode=mode, tail=tail,
+        slm_temperature=slm_temperature, llm_temperature=llm_temperature,
+    )
+    ids = sample_from_logprobs(fused, uniform, temperature=temperature, top_k=top_k, top_p=top_p)
+    return ids, fused.gather(1, ids[:, None]).squeeze(1)
+
+
+def fused_cross_entropy_reference(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
+    alpha: Tensor,
+    targets: Tensor,
+    *,
+    v_llm: int,
+    mode: str,
+    tail: str,
+    slm_temperature: Tensor,
+    llm_temperature: Tensor,
+    ignore_index: int,
+) -> Tensor:
+    """Per-token ``-log p_fused(target)`` ``(N,)``, differentiable in ``alpha`` through autograd.
+    Rows whose target is ``ignore_index`` get loss 0."""
+    fused = fuse_reference(
+        slm_logits, llm, slm_to_llm, alpha, v_llm=v_llm, mode=mode, tail=tail,
+        slm_temperature=slm_temperature, llm_temperature=llm_temperature,
+    )
+    ignored = targets == ignore_index
+    picked = fused.gather(1, torch.where(ignored, 0, targets)[:, None]).squeeze(1)
+    return torch.where(ignored, 0.0, -picked)
+
+
+def row_stats_reference(logits: Tensor, k: int) -> RowStats:
+    """Log-sum-exp, max log-probability, entropy (nats) and the top ``k`` log-probabilities and
+    ids of each row of ``logits`` ``(B, V)``; ``k`` is capped at ``V``."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits - lse[:, None]
+    probs = logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(dim=-1)
+    top = logprobs.topk(min(k, logits.shape[-1]), dim=-1)
+    return RowStats(lse, top.values[:, 0], entropy, top.values, top.indices)
+
+
+def fusion_features(lp_slm: Tensor, lp_llm: Tensor, k: int) -> Tensor:
+    """Features of the two distributions over the SLM vocabulary, ``(B, 2·(2+k) + 3)`` float32.
+
+    Per model: entropy, max log-probability, top-k log-probabilities. Then: whether the argmaxes
+    agree, ``log p_L(argmax_S)`` and ``log p_S(argmax_L)`` (cross-probabilities, in log space).
+    Log-probabilities are floored at -50 so that a masked token gives a finite feature.
+    """
+    slm, llm = row_stats_reference(lp_slm, k), row_stats_reference(lp_llm, k)
+    floor = -50.0
+    parts = []
+    for stats in (slm, llm):
+        top = stats.topk_logprobs.clamp(min=floor)
+        if top.shape[-1] < k:  # a vocabulary smaller than k: pad with the floor
+            top = torch.nn.functional.pad(top, (0, k - top.shape[-1]), value=floor)
+        parts += [stats.entropy[:, None], stats.max_logprob.clamp(min=floor)[:, None], top]
+    argmax_slm, argmax_llm = slm.topk_ids[:, :1], llm.topk_ids[:, :1]
+    parts += [
+        (argmax_slm == argmax_llm).float(),
+        lp_llm.gather(1, argmax_slm).clamp(min=floor),
+        lp_slm.gather(1, argmax_llm).clamp(min=floor),
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def num_fusion_features(k: int) -> int:
+    """Width of :func:`fusion_features` for top-``k`` features."""
+    return 2 * (2 + k) + 3

@@ -1,0 +1,41 @@
+"""Packaging for logitfuse.
+
+One distribution, three packages. ``kernels/`` and ``train_fuser/`` live at the top of the
+repository but install as ``logitfuse.kernels`` and ``logitfuse.train_fuser``: listing the packages
+explicitly (instead of ``find_packages()``) keeps a top-level ``kernels`` package out of the wheel,
+where it would collide with the unrelated ``kernels`` distribution on PyPI.
+"""
+
+from setuptools import setup
+
+setup(
+    name="logitfuse",
+    version="0.1.0",
+    description="Decoding-time logit fusion between a cloud LLM and a private on-device SLM (CoGenesis)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["logitfuse", "logitfuse.kernels", "logitfuse.train_fuser"],
+    package_dir={
+        "logitfuse": "logitfuse",
+        "logitfuse.kernels": "kernels",
+        "logitfuse.train_fuser": "train_fuser",
+    },
+    package_data={"logitfuse.train_fuser": ["data/*.json", "heads/*/*"]},
+    install_requires=[
+        # torch is deliberately unpinned here; install a wheel that fits your machine first
+        # (CI and the README install torch==2.13.0, a CPU build, before this package).
+        "torch>=2.4",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19"],
+        "models": ["gguf>=0.10", "accelerate>=0.30"],
+        "bench": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["logitfuse=logitfuse.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Training and evaluation of fusion heads, installed as ``logitfuse.train_fuser``."""
