@@ -1,0 +1,26 @@
+"""Test setup: run Triton kernels in the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before anything imports Triton, so this happens at conftest import,
+before any test module (or logitfuse.kernels) is collected.
+"""
+
+import os
+import shutil
+
+if os.environ.get("TRITON_INTERPRET") is None and not (
+    shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests without CUDA, with the reason in the report."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a lent device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
