@@ -148,20 +148,24 @@ class VocabMap:
 
         ``v_slm`` / ``v_llm`` are the models' logit widths when larger than the tokenizers'
         vocabularies (embedding padding); the padded ids stay unmapped. When several tokens of one
-        side share a text, the LLM side keeps its lowest id, and on the SLM side an ordinary token
-        wins over a ``<0xNN>`` byte token, so the map stays one-to-one.
+        side share a text, an ordinary token wins over a ``<0xNN>`` byte token, then the lowest id,
+        and each LLM id is used once, so the map stays one-to-one.
         """
         slm_norm, llm_norm = normalized_vocab(slm_tokenizer), normalized_vocab(llm_tokenizer)
         v_slm = max(v_slm or 0, max(slm_norm) + 1)
         v_llm = max(v_llm or 0, max(llm_norm) + 1)
+        # on both sides ordinary tokens come first and byte-fallback tokens last, so that a real
+        # token (e.g. sentencepiece's "▁") claims a text that a byte token (<0x20>) shares
+        def ordered(norm):
+            return sorted(norm, key=lambda i: (norm[i][0] == "byte", i))
+
         by_text: dict[tuple[str, bytes | str], int] = {}
-        for idx in sorted(llm_norm):
+        for idx in ordered(llm_norm):
             kind, text = llm_norm[idx]
             by_text.setdefault(("added" if kind == "added" else "text", text), idx)
         slm_to_llm = torch.full((v_slm,), -1, dtype=torch.int64)
         taken: set[int] = set()
-        # ordinary tokens first, byte-fallback tokens last, so a real token claims a shared text
-        for idx in sorted(slm_norm, key=lambda i: (slm_norm[i][0] == "byte", i)):
+        for idx in ordered(slm_norm):
             kind, text = slm_norm[idx]
             target = by_text.get(("added" if kind == "added" else "text", text))
             if target is not None and target not in taken:
