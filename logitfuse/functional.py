@@ -58,10 +58,6 @@ def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
     ids, logprobs = topk
     if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
         raise TypeError("llm=TopK(ids, logprobs) needs two tensors")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"llm.ids must be an integer tensor, got {ids.dtype}")
-    if not logprobs.dtype.is_floating_point:
-        raise TypeError(f"llm.logprobs must be a float tensor, got {logprobs.dtype}")
     if ids.dim() != 2 or ids.shape != logprobs.shape:
         raise ValueError(
             f"llm.ids and llm.logprobs must both have shape (batch_size, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}"
@@ -70,6 +66,10 @@ def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
         raise ValueError(f"llm has batch size {ids.shape[0]} but slm_logits has {batch}; pass one row per sequence")
     if ids.shape[1] == 0:
         raise ValueError("llm is an empty top-k (k = 0); pass at least one (id, logprob) per row, or use alpha=1")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"llm.ids must be an integer tensor, got {ids.dtype}")
+    if not logprobs.dtype.is_floating_point:
+        raise TypeError(f"llm.logprobs must be a float tensor, got {logprobs.dtype}")
     ids = ids.long()
     if validate:
         if bool(((ids < 0) | (ids >= v_llm)).any()):

@@ -37,13 +37,32 @@ from logitfuse.types import RowStats, TopK
 
 #: floor on the LLM's leftover (tail) mass, so the tail rule never takes the log of 0
 TAIL_FLOOR = 1e-6
+#: a running mass within this of top_p counts as having reached it (float32 sums of exact halves)
+TOP_P_TOLERANCE = 1e-6
 
 Tensor = torch.Tensor
 
 
-def _weighted(weight: Tensor, values: Tensor) -> Tensor:
-    """``weight * values`` with ``0 * ±inf = 0``: a side with weight 0 does not take part."""
-    return torch.where(weight == 0, torch.zeros_like(values), weight * values)
+def _log_mixture(a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
+    """``log(a·exp(lp_a) + (1-a)·exp(lp_b))`` with finite gradients in ``a`` everywhere.
+
+    ``log(a)`` never appears (so ``a`` may be exactly 0 or 1), and tokens where the mixture is 0
+    come out as ``-inf`` through a branch that carries no gradient (no ``0/0`` in backward).
+    """
+    top = torch.maximum(lp_a, lp_b)
+    top = torch.where(top == -math.inf, 0.0, top)
+    inner = a * (lp_a - top).exp() + (1 - a) * (lp_b - top).exp()
+    dead = inner <= 0
+    return torch.where(dead, -math.inf, top + torch.where(dead, 1.0, inner).log())
+
+
+def _log_product(a: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """``a·x + (1-a)·y`` where a side with weight 0 does not take part (``0·-inf = 0``) and a
+    ``-inf`` on a side with positive weight gives ``-inf`` without a NaN gradient in ``a``."""
+    x_masked, y_masked = x == -math.inf, y == -math.inf
+    dead = (x_masked & (a > 0)) | (y_masked & (a < 1))
+    mixed = a * torch.where(x_masked, 0.0, x) + (1 - a) * torch.where(y_masked, 0.0, y)
+    return torch.where(dead, -math.inf, mixed)
 
 
 def slm_logprobs(slm_logits: Tensor, slm_temperature: Tensor) -> Tensor:
@@ -115,14 +134,13 @@ def mix(
     """
     a = alpha.float()[:, None]
     if mode == "linear":
-        # log(α p_S + (1-α) p_L) in log space; log(0) = -inf drops a side with weight 0
-        mixed = torch.logaddexp(a.log() + lp_slm, torch.log1p(-a) + lp_llm)
+        mixed = _log_mixture(a, lp_slm, lp_llm)
     elif mode == "geometric":
-        mixed = _weighted(a, lp_slm) + _weighted(1 - a, lp_llm)
+        mixed = _log_product(a, lp_slm, lp_llm)
     else:  # "logit"
         slm_raw = lp_slm if slm_shift is None else lp_slm + slm_shift[:, None]
         llm_raw = lp_llm if llm_shift is None else lp_llm + llm_shift[:, None]
-        mixed = _weighted(a, slm_raw) + _weighted(1 - a, llm_raw)
+        mixed = _log_product(a, slm_raw, llm_raw)
     return torch.log_softmax(mixed, dim=-1)
 
 
@@ -167,7 +185,7 @@ def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
         kept = torch.where(keep, probs, 0.0)
         kept = kept / kept.sum(dim=-1, keepdim=True)
         sorted_probs = kept.sort(dim=-1, descending=True).values
-        reached = sorted_probs.cumsum(dim=-1) >= top_p[:, None]
+        reached = sorted_probs.cumsum(dim=-1) >= top_p[:, None] - TOP_P_TOLERANCE
         # first sorted position where the running mass reaches p (the last one if rounding never does)
         first = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), vocab - 1)
         tau = sorted_probs.gather(1, first[:, None])

@@ -93,6 +93,13 @@ def normalized_vocab(tokenizer: Any) -> dict[int, tuple[str, bytes | str]]:
     return out
 
 
+def _content_hash(slm_to_llm: torch.Tensor, v_llm: int) -> str:
+    digest = hashlib.sha256(_FORMAT.encode())
+    digest.update(f"{slm_to_llm.numel()}:{v_llm}:".encode())
+    digest.update(slm_to_llm.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
 class VocabMap:
     """A map from SLM token ids to LLM token ids, ``-1`` where the LLM has no such token.
 
@@ -187,10 +194,7 @@ class VocabMap:
     def hash(self) -> str:
         """A stable content hash (sha256 hex) of the sizes and the map."""
         if self._hash is None:
-            digest = hashlib.sha256(_FORMAT.encode())
-            digest.update(f"{self.v_slm}:{self.v_llm}:".encode())
-            digest.update(self.slm_to_llm.numpy().astype("<i8").tobytes())
-            self._hash = digest.hexdigest()
+            self._hash = _content_hash(self.slm_to_llm, self.v_llm)
         return self._hash
 
     def on(self, device: torch.device | str) -> torch.Tensor:
@@ -221,10 +225,10 @@ class VocabMap:
             raise ValueError(f"{path} is not a readable VocabMap file ({err}); recreate it with VocabMap.save") from err
         if metadata.get("format") != _FORMAT or "slm_to_llm" not in tensors or "v_llm" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a VocabMap (format {metadata.get('format')!r})")
-        vmap = cls(tensors["slm_to_llm"], int(metadata["v_llm"]))
-        if "hash" in metadata and metadata["hash"] != vmap.hash:
+        slm_to_llm, v_llm = tensors["slm_to_llm"].to(torch.int64), int(metadata["v_llm"])
+        if metadata.get("hash") != _content_hash(slm_to_llm, v_llm):
             raise ValueError(f"{path} is corrupted: its content hash does not match the one stored with it")
-        return vmap
+        return cls(slm_to_llm, v_llm)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VocabMap) and self.hash == other.hash
