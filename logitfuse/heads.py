@@ -32,7 +32,7 @@ class _Head(nn.Module):
     _arch_keys: tuple[str, ...] = ()
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str, tail: str, slm_name: str | None,
-                 llm_name: str | None, vocab_map_hash: str | None):
+                 llm_name: str | None, vocab_map_hash: str | None, llm_top_k: int | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
@@ -44,6 +44,7 @@ class _Head(nn.Module):
         self.mode, self.tail = mode, tail
         self.slm_name, self.llm_name = slm_name, llm_name
         self.vocab_map_hash = vocab_map_hash
+        self.llm_top_k = llm_top_k  # the LLM's input: None = dense logits, K = its top-K logprobs
 
     # ---------------------------------------------------------------- config and checks
     @property
@@ -51,13 +52,14 @@ class _Head(nn.Module):
         setting = dict(
             format=_FORMAT, head_class=type(self).__name__, v_slm=self.v_slm, v_llm=self.v_llm,
             mode=self.mode, tail=self.tail, slm_name=self.slm_name, llm_name=self.llm_name,
-            vocab_map_hash=self.vocab_map_hash,
+            vocab_map_hash=self.vocab_map_hash, llm_top_k=self.llm_top_k,
         )
         return {**setting, **{key: getattr(self, key) for key in self._arch_keys}}
 
     def check_compatible(self, *, v_slm: int | None = None, v_llm: int | None = None,
                          vocab_map: VocabMap | None = None, slm_name: str | None = None,
-                         llm_name: str | None = None, mode: str | None = None, tail: str | None = None) -> None:
+                         llm_name: str | None = None, mode: str | None = None, tail: str | None = None,
+                         llm_top_k: int | None = None) -> None:
         """Raise ``ValueError`` listing every way the given setting differs from the head's own.
 
         Arguments left ``None`` are not checked; a model name or map hash the head did not record
@@ -67,7 +69,7 @@ class _Head(nn.Module):
             v_slm = vocab_map.v_slm if v_slm is None else v_slm
             v_llm = vocab_map.v_llm if v_llm is None else v_llm
         given = dict(v_slm=v_slm, v_llm=v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
-                     vocab_map_hash=vocab_map.hash if vocab_map is not None else None)
+                     vocab_map_hash=vocab_map.hash if vocab_map is not None else None, llm_top_k=llm_top_k)
         problems = [
             f"{key}: head has {getattr(self, key)!r}, setting has {value!r}"
             for key, value in given.items()
@@ -116,7 +118,7 @@ class _Head(nn.Module):
         """Load a head saved by :meth:`save_pretrained`.
 
         Keyword arguments (``vocab_map``, ``v_slm``, ``v_llm``, ``slm_name``, ``llm_name``,
-        ``mode``, ``tail``) describe the setting it will be used in; any mismatch raises a
+        ``mode``, ``tail``, ``llm_top_k``) describe the setting it will be used in; any mismatch raises a
         ``ValueError`` that names it.
         """
         config, tensors = _read_head_files(Path(directory))
@@ -126,7 +128,9 @@ class _Head(nn.Module):
                 f"use logitfuse.load_head or {config['head_class']}.from_pretrained"
             )
         head_cls = _HEAD_CLASSES[config["head_class"]]
-        kwargs = {key: config[key] for key in ("mode", "tail", "slm_name", "llm_name", "vocab_map_hash", *head_cls._arch_keys)}
+        setting = ("mode", "tail", "slm_name", "llm_name", "vocab_map_hash", *head_cls._arch_keys)
+        kwargs = {key: config[key] for key in setting}
+        kwargs["llm_top_k"] = config.get("llm_top_k")
         head = head_cls(config["v_slm"], config["v_llm"], **kwargs)
         try:
             head.load_state_dict(tensors)
@@ -176,9 +180,10 @@ class FusionHead(_Head):
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "linear", tail: str = "slm", top_k: int = 4,
                  hidden: int = 32, slm_hidden_size: int = 0, init_alpha: float = 0.5,
-                 slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None):
+                 slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
+                 llm_top_k: int | None = None):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
-                         vocab_map_hash=vocab_map_hash)
+                         vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
         if not 0.0 < init_alpha < 1.0:
             raise ValueError(f"init_alpha must lie in (0, 1), got {init_alpha}")
         self.top_k, self.hidden, self.slm_hidden_size, self.init_alpha = int(top_k), int(hidden), int(slm_hidden_size), float(init_alpha)
@@ -224,9 +229,10 @@ class PaperFusionHead(_Head):
     _arch_keys = ("hidden",)
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "logit", tail: str = "zero", hidden: int = 512,
-                 slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None):
+                 slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
+                 llm_top_k: int | None = None):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
-                         vocab_map_hash=vocab_map_hash)
+                         vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
         self.hidden = int(hidden)
         self.mlp = nn.Sequential(nn.Linear(2 * self.v_slm, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 1))
 

@@ -1,0 +1,179 @@
+"""`logitfuse train` and `logitfuse eval`: fit fusion heads on CoGenesis data and report held-out NLL.
+
+    logitfuse train --slm SLM --llm LLM --out runs/pair            # scores dev, fits one head per LLM input
+    logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
+
+SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from logitfuse._io import atomic_write_text
+from logitfuse.heads import FusionHead, PaperFusionHead, load_head
+from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
+from logitfuse.train_fuser.evaluate import evaluate_cached, evaluate_streaming, plot_alpha_trace, write_report
+from logitfuse.train_fuser.scoring import (
+    Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
+)
+from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_streaming
+
+HEADS_DIR = "heads"
+
+
+def load_model(name_or_path: str, *, dtype: str = "bfloat16", device: str = "cpu") -> tuple[Any, Any, str]:
+    """``(model, tokenizer, name)`` from a zoo name or a local transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from logitfuse import zoo
+
+        path = zoo.resolve(name_or_path, install=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path), name_or_path if not Path(name_or_path).is_dir() else path.name
+
+
+def load_pair(args: argparse.Namespace) -> Pair:
+    slm, slm_tok, slm_name = load_model(args.slm, dtype=args.dtype, device=args.device)
+    llm, llm_tok, llm_name = load_model(args.llm, dtype=args.dtype, device=args.device)
+    return Pair.build(slm, slm_tok, llm, llm_tok, slm_name, llm_name)
+
+
+def split_path(data: str | None, split: str) -> Path:
+    return bundled_split(split) if data is None else Path(data) / SPLITS[split]
+
+
+def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
+                llm_with_context: bool, shard_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
+    """Score ``examples`` into ``cache_dir`` (reused when it already holds the same setting)."""
+    setting = dict(slm=pair.slm_name, llm=pair.llm_name, vocab_map=pair.vocab_map.hash, feature_k=feature_k,
+                   variants=[v.name for v in variants], llm_with_context=llm_with_context)
+    try:
+        cache, metadata = read_shards(cache_dir)
+        if metadata["setting"] == setting and metadata["tids"] == [e.tid for e in examples]:
+            return cache, metadata
+    except (FileNotFoundError, ValueError):
+        pass
+    for old in cache_dir.glob("shard-*.safetensors"):
+        old.unlink()
+    for start in range(0, len(examples), shard_size):
+        chunk = examples[start : start + shard_size]
+        scored_chunk, positions = [], 0
+        for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
+            scored = score_example(pair, example, llm_with_context=llm_with_context)
+            positions += scored.n_positions
+            scored_chunk.append(cache_example(pair, scored, variants, feature_k))
+        write_shard(cache_dir / f"shard-{start // shard_size:05d}.safetensors", scored_chunk,
+                    {"setting": setting, "tids": [e.tid for e in chunk], "positions": positions})
+    return read_shards(cache_dir)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    pair = load_pair(args)
+    examples = load_examples(split_path(args.data, "dev"), max_examples=args.max_examples)
+    variants = default_variants(args.llm_top_k)
+    started = time.perf_counter()
+    cache, metadata = score_split(pair, examples, out / "cache-dev", variants, feature_k=args.feature_k,
+                                  llm_with_context=False)
+    config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
+    summary = {"slm": pair.slm_name, "llm": pair.llm_name, "examples": len(examples), "positions": len(cache["targets"]),
+               "vocab_map_coverage": pair.vocab_map.coverage, "heads": {}}
+    torch.manual_seed(args.seed)
+    for variant in variants:
+        head = FusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, mode="linear", tail=variant.tail,
+                          top_k=args.feature_k, slm_name=pair.slm_name, llm_name=pair.llm_name,
+                          vocab_map_hash=pair.vocab_map.hash, llm_top_k=variant.top_k)
+        fit = fit_cached(head, cache[f"{variant.name}.features"], cache[f"{variant.name}.terms"], cache["example"], config)
+        head.save_pretrained(out / HEADS_DIR / variant.name)
+        summary["heads"][variant.name] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll), "train_nll": fit.train_nll[fit.best_epoch]}
+        print(f"{variant.name}: validation NLL {min(fit.val_nll):.4f} (epoch {fit.best_epoch})")
+    if args.paper_head:
+        paper = PaperFusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, slm_name=pair.slm_name, llm_name=pair.llm_name,
+                                vocab_map_hash=pair.vocab_map.hash)
+        fit = fit_streaming(paper, pair, examples[: args.paper_examples], variants[0],
+                            TrainConfig(lr=1e-4, max_epochs=args.paper_epochs, patience=2, seed=args.seed))
+        paper.save_pretrained(out / HEADS_DIR / "paper-dense")
+        summary["heads"]["paper-dense"] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll)}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_text(out / "train.json", json.dumps(summary, indent=2) + "\n")
+    print(f"heads saved under {out / HEADS_DIR}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    heads_root = Path(args.head)
+    heads_root = heads_root / HEADS_DIR if (heads_root / HEADS_DIR).is_dir() else heads_root
+    out = Path(args.out or heads_root.parent)
+    pair = load_pair(args)
+    variants = default_variants(args.llm_top_k)
+    heads = {}
+    for variant in variants:
+        if (heads_root / variant.name).is_dir():
+            heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
+    if not heads:
+        raise SystemExit(f"no trained heads under {heads_root} (expected folders named {[v.name for v in variants]})")
+    examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
+    cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
+                                  llm_with_context=not args.no_llm_context)
+    rows = evaluate_cached(cache, variants, heads)
+    if (heads_root / "paper-dense").is_dir():
+        paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
+        rows.append(evaluate_streaming(paper, pair, examples[: args.paper_examples], variants[0]))
+    info = {"slm": pair.slm_name, "llm": pair.llm_name, "test examples": len(examples),
+            "aligned positions": len(cache["targets"]), "vocab map coverage": round(pair.vocab_map.coverage, 4)}
+    info["aligned share of SLM response tokens"] = round(len(cache["targets"]) / max(metadata["positions"], 1), 4)
+    report = write_report(out, rows, info)
+    first = cache["example"] == 0
+    dense = variants[0].name
+    if dense in heads:
+        with torch.no_grad():
+            alpha = heads[dense].alpha_from_features(cache[f"{dense}.features"][first])
+        tokens = pair.slm_tokenizer.convert_ids_to_tokens(cache["targets"][first].tolist())
+        plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
+    print(report.read_text())
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder")
+    parser.add_argument("--data", default=None, help="folder with context_aware_{dev,test}.json (default: the bundled copy)")
+    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
+    parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register `train` and `eval` on an argparse subparsers object."""
+    train = subparsers.add_parser("train", help="fit fusion heads on the CoGenesis dev split",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(train)
+    train.add_argument("--out", required=True, help="output folder (heads/, cache-dev/, train.json)")
+    train.add_argument("--feature-k", type=int, default=4, help="top-k log-probabilities per model among the head's features")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--max-epochs", type=int, default=300)
+    train.add_argument("--patience", type=int, default=20)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--paper-head", action="store_true", help="also train the paper's 2V-input head (slow)")
+    train.add_argument("--paper-epochs", type=int, default=2)
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser("eval", help="held-out NLL table of trained heads on the CoGenesis test split",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(evaluate)
+    evaluate.add_argument("--head", required=True, help="a `logitfuse train` output folder (or its heads/ folder)")
+    evaluate.add_argument("--out", default=None, help="where results go (default: beside the heads)")
+    evaluate.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
+    evaluate.set_defaults(func=run_eval)

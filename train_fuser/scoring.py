@@ -1,0 +1,229 @@
+"""Teacher-forced scoring: both models' next-token information on the reference responses.
+
+The SLM reads private prompt + response, the LLM reads public prompt + response (and, for the
+privacy-violating upper bound only, private prompt + response). Positions are SLM response tokens;
+the LLM's information at SLM position ``t`` is its next-token distribution after the same text. With
+two tokenizers the response is cut at different places: a position is *aligned* when both
+tokenizations have a token boundary at the same byte, and only aligned positions are scored (their
+share is reported). With one tokenizer every position is aligned.
+
+Two ways to feed training (``logitfuse train --store``):
+
+- ``cache`` (default): per position, the fusion-head features and the three numbers that give the
+  linear-mode loss exactly for any α — ``log p_S(y)``, ``log p_L(y)`` and ``log Σ_i p_L(i)`` over the
+  SLM vocabulary (:func:`linear_nll`) — for the dense LLM and for its top-k under each tail rule
+  (what a cloud API gives), written to safetensors shards. Training then never runs a model again.
+- ``stream``: the models run on every pass and their logits go straight through
+  :func:`logitfuse.fused_cross_entropy`; needed for the geometric/logit modes and the paper's head,
+  whose input is the full logit vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from logitfuse import reference
+from logitfuse._io import atomic_write
+from logitfuse.types import TopK
+from logitfuse.train_fuser.data import Example, render_prompt
+from logitfuse.vocab import VocabMap, normalized_vocab
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the LLM's information reaches the fusion: dense logits, or its top-k with a tail rule."""
+
+    top_k: int | None
+    tail: str
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.top_k is None else f"top{self.top_k}-{self.tail}"
+
+    def llm_input(self, llm_logits: torch.Tensor) -> torch.Tensor | TopK:
+        if self.top_k is None:
+            return llm_logits
+        top = torch.log_softmax(llm_logits.float(), dim=-1).topk(min(self.top_k, llm_logits.shape[-1]), dim=-1)
+        return TopK(top.indices, top.values)
+
+
+def default_variants(top_k: int = 20) -> list[Variant]:
+    return [Variant(None, "slm")] + [Variant(top_k, tail) for tail in ("slm", "uniform", "zero")]
+
+
+@dataclass
+class Pair:
+    """The two models and everything that ties them together."""
+
+    slm: Any
+    slm_tokenizer: Any
+    llm: Any
+    llm_tokenizer: Any
+    vocab_map: VocabMap
+    slm_name: str | None = None
+    llm_name: str | None = None
+
+    @classmethod
+    def build(cls, slm, slm_tokenizer, llm, llm_tokenizer, slm_name=None, llm_name=None) -> "Pair":
+        v_slm, v_llm = slm.get_output_embeddings().weight.shape[0], llm.get_output_embeddings().weight.shape[0]
+        if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
+            vmap = VocabMap.identity(v_slm, v_llm, n_shared=min(len(slm_tokenizer), v_slm, v_llm))
+        else:
+            vmap = VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer, v_slm=v_slm, v_llm=v_llm)
+        return cls(slm, slm_tokenizer, llm, llm_tokenizer, vmap, slm_name, llm_name)
+
+
+def _token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    cached = getattr(tokenizer, "_logitfuse_token_bytes", None)
+    if cached is None:
+        cached = {idx: text.encode() if isinstance(text, str) else text for idx, (_, text) in normalized_vocab(tokenizer).items()}
+        tokenizer._logitfuse_token_bytes = cached
+    return cached
+
+
+def _byte_starts(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """Byte offset in ``text`` where each token starts (``-1`` where that is not a clean boundary)."""
+    pieces = _token_bytes(tokenizer)
+    starts, offset = [], 0
+    for idx in ids:
+        starts.append(offset)
+        offset += len(pieces[idx])
+    joined = b"".join(pieces[idx] for idx in ids)
+    target = text.encode()
+    if joined == target:
+        return starts
+    if joined == b" " + target:  # sentencepiece adds a leading space to a text it encodes alone
+        return [max(s - 1, 0) if i else 0 for i, s in enumerate(starts)]
+    return [0] + [-1] * (len(ids) - 1)  # cannot tell where tokens fall: align only the start
+
+
+def align_response(slm_tokenizer: Any, llm_tokenizer: Any, response: str) -> tuple[list[int], list[int], torch.Tensor]:
+    """Tokenize ``response`` for both models; for each SLM token, the index of the LLM token that
+    starts at the same byte (``-1`` when none does)."""
+    slm_ids = slm_tokenizer(response, add_special_tokens=False)["input_ids"]
+    llm_ids = llm_tokenizer(response, add_special_tokens=False)["input_ids"]
+    if slm_tokenizer is llm_tokenizer or slm_ids == llm_ids:
+        return slm_ids, llm_ids, torch.arange(len(slm_ids))
+    llm_at = {}
+    for j, start in enumerate(_byte_starts(llm_tokenizer, llm_ids, response)):
+        if start >= 0:
+            llm_at.setdefault(start, j)
+    index = [llm_at.get(start, -1) if start >= 0 else -1 for start in _byte_starts(slm_tokenizer, slm_ids, response)]
+    return slm_ids, llm_ids, torch.tensor(index, dtype=torch.long)
+
+
+@torch.no_grad()
+def next_token_logits(model: Any, prompt_ids: list[int], continuation_ids: list[int]) -> torch.Tensor:
+    """``(len(continuation), V)`` float32 logits: row ``t`` predicts ``continuation_ids[t]``."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + continuation_ids], device=device)
+    n = len(continuation_ids)
+    logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]
+    return logits.float().cpu()
+
+
+@dataclass
+class Scored:
+    """One example's aligned positions: targets and both models' logits (SLM vocabulary for the SLM)."""
+
+    targets: torch.Tensor  # (T,) SLM ids
+    slm_logits: torch.Tensor  # (T, V_S)
+    llm_logits: torch.Tensor  # (T, V_L), public prompt
+    llm_context_logits: torch.Tensor | None  # (T, V_L), private prompt (upper bound only)
+    n_positions: int  # SLM response tokens before alignment
+
+
+def score_example(pair: Pair, example: Example, *, llm_with_context: bool = False) -> Scored:
+    """Run both models on one example (teacher forcing) and keep the aligned positions."""
+    slm_ids, llm_ids, llm_index = align_response(pair.slm_tokenizer, pair.llm_tokenizer, example.response)
+    aligned = llm_index >= 0
+    slm_logits = next_token_logits(pair.slm, render_prompt(pair.slm_tokenizer, example.private_messages()), slm_ids)
+    llm_logits = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, example.public_messages()), llm_ids)
+    context = None
+    if llm_with_context:
+        context = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, example.private_messages()), llm_ids)
+        context = context[llm_index[aligned]]
+    return Scored(
+        targets=torch.tensor(slm_ids)[aligned],
+        slm_logits=slm_logits[aligned],
+        llm_logits=llm_logits[llm_index[aligned]],
+        llm_context_logits=context,
+        n_positions=len(slm_ids),
+    )
+
+
+def linear_terms(slm_logits: torch.Tensor, llm: torch.Tensor | TopK, targets: torch.Tensor, vocab_map: VocabMap,
+                 tail: str, feature_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (T, F), terms (T, 3))`` with terms ``[log p_S(y), log p_L(y), log Σ_i p_L(i)]``."""
+    ones = torch.ones(slm_logits.shape[0])
+    lp_slm = reference.slm_logprobs(slm_logits, ones)
+    lp_llm, _ = reference.llm_logprobs_on_slm_vocab(
+        lp_slm, llm, vocab_map.slm_to_llm, v_llm=vocab_map.v_llm, tail=tail, llm_temperature=ones
+    )
+    rows = torch.arange(len(targets))
+    terms = torch.stack([lp_slm[rows, targets], lp_llm[rows, targets], lp_llm.logsumexp(dim=-1)], dim=-1)
+    return reference.fusion_features(lp_slm, lp_llm, feature_k), terms
+
+
+def linear_nll(alpha: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """Exact linear-mode ``-log p_fused(y)`` from :func:`linear_terms`, for any α (differentiable).
+
+    ``p_fused(y) = (α p_S(y) + (1-α) p_L(y)) / (α + (1-α) Σ_i p_L(i))``.
+    """
+    log_ps, log_pl, log_mass = terms.unbind(-1)
+    return -reference._log_mixture(alpha, log_ps, log_pl) + reference._log_mixture(alpha, torch.zeros_like(log_mass), log_mass)
+
+
+# ------------------------------------------------------------------------------ cache shards
+def cache_example(pair: Pair, scored: Scored, variants: list[Variant], feature_k: int) -> dict[str, torch.Tensor]:
+    """The tensors kept per example in ``cache`` mode."""
+    out = {"targets": scored.targets}
+    for variant in variants:
+        features, terms = linear_terms(scored.slm_logits, variant.llm_input(scored.llm_logits), scored.targets,
+                                       pair.vocab_map, variant.tail, feature_k)
+        out[f"{variant.name}.features"], out[f"{variant.name}.terms"] = features, terms
+    if scored.llm_context_logits is not None:
+        _, out["llm_context.terms"] = linear_terms(scored.slm_logits, scored.llm_context_logits, scored.targets,
+                                                   pair.vocab_map, "slm", feature_k)
+    return out
+
+
+def write_shard(path: str | os.PathLike, examples: list[dict[str, torch.Tensor]], metadata: dict[str, Any]) -> None:
+    """Concatenate per-example tensors (positions along dim 0) into one safetensors shard."""
+    keys = examples[0].keys()
+    tensors = {key: torch.cat([e[key] for e in examples]).contiguous() for key in keys}
+    tensors["example"] = torch.cat([torch.full((len(e["targets"]),), i) for i, e in enumerate(examples)])
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"logitfuse": json.dumps(metadata)}))
+
+
+def read_shards(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All shards of a cache folder, concatenated; ``example`` ids are renumbered across shards.
+
+    Each shard's metadata is ``{"setting": ..., "tids": [...], "positions": n}``; the result's is the
+    common setting, all tids, and the total number of SLM response positions before alignment.
+    """
+    from safetensors import safe_open
+
+    paths = sorted(Path(directory).glob("shard-*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no shard-*.safetensors in {directory}; run `logitfuse train` (it scores the data first)")
+    parts, setting, tids, positions = [], None, [], 0
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("logitfuse", "{}"))
+        if setting is not None and meta.get("setting") != setting:
+            raise ValueError(f"{path} was scored with another setting than the shards before it; delete the cache")
+        setting = meta.get("setting")
+        shard = load_file(str(path))
+        shard["example"] = shard["example"] + len(tids)
+        tids += meta.get("tids", [])
+        positions += meta.get("positions", 0)
+        parts.append(shard)
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, {"setting": setting, "tids": tids, "positions": positions}

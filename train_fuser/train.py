@@ -1,0 +1,161 @@
+"""Fit fusion heads by minimizing the NLL of reference responses under the fused distribution.
+
+Two loops share one recipe (AdamW, early stopping on held-out dev examples, a fixed seed):
+
+- :func:`fit_cached` trains a :class:`~logitfuse.FusionHead` in linear mode on cached features and
+  loss terms (:mod:`.scoring`): seconds on a CPU, however large the models were;
+- :func:`fit_streaming` runs both models on every pass and trains any head (the paper's too, or
+  another mode) through :func:`logitfuse.fused_cross_entropy`.
+
+Both work unchanged under ``torchrun``: with ``torch.distributed`` initialized, each rank takes every
+``world_size``-th training example and the head is wrapped in DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import logitfuse
+from logitfuse.heads import FusionHead, _Head
+from logitfuse.train_fuser.data import Example
+from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    max_epochs: int = 300
+    patience: int = 20
+    batch_size: int = 2048
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    head: _Head
+    train_nll: list[float] = field(default_factory=list)
+    val_nll: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def split_examples(n_examples: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic split of example indices into (train, validation); at least one of each when n ≥ 2."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed))
+    n_val = min(max(1, round(n_examples * val_fraction)), n_examples - 1) if n_examples > 1 else 0
+    return order[n_val:], order[:n_val]
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _wrap(module: torch.nn.Module) -> torch.nn.Module:
+    _, world = _distributed()
+    return torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+
+
+class _FromFeatures(torch.nn.Module):
+    """``head.alpha_from_features`` as a module's forward, so DDP can wrap it."""
+
+    def __init__(self, head: FusionHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.alpha_from_features(features)
+
+
+def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
+               config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
+    """Train ``head`` (linear mode) on cached ``features`` ``(N, F)`` and ``terms`` ``(N, 3)``;
+    ``example`` ``(N,)`` says which example each position belongs to (for the validation split)."""
+    if head.mode != "linear":
+        raise ValueError(f"cached training computes the linear-mode loss; this head has mode={head.mode!r} (use --store stream)")
+    torch.manual_seed(config.seed)
+    rank, world = _distributed()
+    train_ids, val_ids = split_examples(int(example.max()) + 1, config.val_fraction, config.seed)
+    in_train = torch.isin(example, train_ids[rank::world])
+    in_val = torch.isin(example, val_ids)
+    model = _wrap(_FromFeatures(head))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    result, best, best_state, stale = FitResult(head), float("inf"), copy.deepcopy(head.state_dict()), 0
+    bar = tqdm(range(config.max_epochs), desc=f"fit {head.tail}", disable=not progress, leave=False)
+    x_train, t_train = features[in_train], terms[in_train]
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = linear_nll(model(x_train[batch]), t_train[batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        result.train_nll.append(total / max(len(order), 1))
+        head.eval()
+        with torch.no_grad():
+            val = linear_nll(head.alpha_from_features(features[in_val]), terms[in_val]).mean().item() if in_val.any() else result.train_nll[-1]
+        result.val_nll.append(val)
+        bar.set_postfix(train=f"{result.train_nll[-1]:.4f}", val=f"{val:.4f}")
+        if val < best - 1e-5:
+            best, best_state, stale, result.best_epoch = val, copy.deepcopy(head.state_dict()), 0, epoch
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return result
+
+
+def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Variant,
+                  config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
+    """Train any head through :func:`logitfuse.fused_cross_entropy`, running both models each epoch
+    (one example per step; no logits are cached)."""
+    torch.manual_seed(config.seed)
+    rank, world = _distributed()
+    train_ids, val_ids = split_examples(len(examples), config.val_fraction, config.seed)
+    model = _wrap(head)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def nll(index: int) -> torch.Tensor:
+        scored = score_example(pair, examples[index])
+        llm = variant.llm_input(scored.llm_logits)
+        alpha = model(scored.slm_logits, llm, pair.vocab_map)
+        return logitfuse.fused_cross_entropy(scored.slm_logits, llm, scored.targets, alpha=alpha,
+                                             vocab_map=pair.vocab_map, mode=head.mode, tail=head.tail)
+
+    result, best, best_state, stale = FitResult(head), float("inf"), copy.deepcopy(head.state_dict()), 0
+    for epoch in range(config.max_epochs):
+        head.train()
+        losses = []
+        for index in tqdm(train_ids[rank::world].tolist(), desc=f"epoch {epoch}", disable=not progress, leave=False):
+            loss = nll(index)
+            optimizer.zero_grad()
+            loss.mean().backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        result.train_nll.append(torch.cat(losses).mean().item())
+        head.eval()
+        with torch.no_grad():
+            val = torch.cat([nll(i) for i in val_ids.tolist()]).mean().item() if len(val_ids) else result.train_nll[-1]
+        result.val_nll.append(val)
+        if val < best - 1e-5:
+            best, best_state, stale, result.best_epoch = val, copy.deepcopy(head.state_dict()), 0, epoch
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return result
