@@ -188,7 +188,7 @@ class VocabMap:
     @property
     def coverage(self) -> float:
         """Share of SLM tokens that have an LLM counterpart."""
-        return float((self.slm_to_llm >= 0).float().mean())
+        return (self.slm_to_llm >= 0).sum().item() / self.v_slm
 
     @property
     def hash(self) -> str:
