@@ -233,10 +233,11 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     root = tiny_pair_dirs
     common = ["--slm", str(root / "slm"), "--llm", str(root / "llm"), "--data", str(root / "data"),
               "--dtype", "float32", "--llm-top-k", "5"]
-    args = parse(["train", *common, "--out", str(tmp_path / "run"), "--max-epochs", "5"])
+    args = parse(["train", *common, "--out", str(tmp_path / "run"), "--max-epochs", "5",
+                  "--paper-head", "--paper-examples", "3", "--paper-epochs", "1"])
     assert args.func(args) == 0
     heads = sorted(p.name for p in (tmp_path / "run" / "heads").iterdir())
-    assert heads == ["dense", "top5-slm", "top5-uniform", "top5-zero"]
+    assert heads == ["dense", "paper-dense", "top5-slm", "top5-uniform", "top5-zero"]
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["examples"] == 5 and summary["positions"] > 0
     head = FusionHead.from_pretrained(tmp_path / "run" / "heads" / "dense")
@@ -247,7 +248,7 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     table = (tmp_path / "run" / "results.md").read_text()
     assert "trained head" in table and "LLM with context" in table and "aligned share" in table
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
-    assert len(rows) == 2 + 4 * 6
+    assert len(rows) == 2 + 4 * 6 + 1 and rows[-1]["method"].startswith("paper head")
     assert all(math.isfinite(r["nll"]) for r in rows)
 
 

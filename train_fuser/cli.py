@@ -53,10 +53,11 @@ def split_path(data: str | None, split: str) -> Path:
 
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
-                llm_with_context: bool, shard_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
+                llm_with_context: bool, max_history: int | None = None, shard_size: int = 32,
+                progress: bool = True) -> tuple[dict, dict]:
     """Score ``examples`` into ``cache_dir`` (reused when it already holds the same setting)."""
     setting = dict(slm=pair.slm_name, llm=pair.llm_name, vocab_map=pair.vocab_map.hash, feature_k=feature_k,
-                   variants=[v.name for v in variants], llm_with_context=llm_with_context)
+                   variants=[v.name for v in variants], llm_with_context=llm_with_context, max_history=max_history)
     try:
         cache, metadata = read_shards(cache_dir)
         if metadata["setting"] == setting and metadata["tids"] == [e.tid for e in examples]:
@@ -69,7 +70,7 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
         chunk = examples[start : start + shard_size]
         scored_chunk, positions = [], 0
         for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
-            scored = score_example(pair, example, llm_with_context=llm_with_context)
+            scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
             positions += scored.n_positions
             scored_chunk.append(cache_example(pair, scored, variants, feature_k))
         write_shard(cache_dir / f"shard-{start // shard_size:05d}.safetensors", scored_chunk,
@@ -84,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
     variants = default_variants(args.llm_top_k)
     started = time.perf_counter()
     cache, metadata = score_split(pair, examples, out / "cache-dev", variants, feature_k=args.feature_k,
-                                  llm_with_context=False)
+                                  llm_with_context=False, max_history=args.max_history)
     config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
     summary = {"slm": pair.slm_name, "llm": pair.llm_name, "examples": len(examples), "positions": len(cache["targets"]),
                "vocab_map_coverage": pair.vocab_map.coverage, "heads": {}}
@@ -101,7 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
         paper = PaperFusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, slm_name=pair.slm_name, llm_name=pair.llm_name,
                                 vocab_map_hash=pair.vocab_map.hash)
         fit = fit_streaming(paper, pair, examples[: args.paper_examples], variants[0],
-                            TrainConfig(lr=1e-4, max_epochs=args.paper_epochs, patience=2, seed=args.seed))
+                            TrainConfig(lr=1e-4, max_epochs=args.paper_epochs, patience=2, seed=args.seed),
+                            max_history=args.max_history)
         paper.save_pretrained(out / HEADS_DIR / "paper-dense")
         summary["heads"]["paper-dense"] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll)}
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -124,11 +126,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"no trained heads under {heads_root} (expected folders named {[v.name for v in variants]})")
     examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
     cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
-                                  llm_with_context=not args.no_llm_context)
+                                  llm_with_context=not args.no_llm_context, max_history=args.max_history)
     rows = evaluate_cached(cache, variants, heads)
     if (heads_root / "paper-dense").is_dir():
         paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
-        rows.append(evaluate_streaming(paper, pair, examples[: args.paper_examples], variants[0]))
+        rows.append(evaluate_streaming(paper, pair, examples[: args.paper_examples], variants[0], max_history=args.max_history))
     info = {"slm": pair.slm_name, "llm": pair.llm_name, "test examples": len(examples),
             "aligned positions": len(cache["targets"]), "vocab map coverage": round(pair.vocab_map.coverage, 4)}
     info["aligned share of SLM response tokens"] = round(len(cache["targets"]) / max(metadata["positions"], 1), 4)
@@ -152,6 +154,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--max-history", type=int, default=None,
+                        help="keep only the first N writing-history items in the private prompt (shorter prompts, faster on CPU)")
     parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")
 
 

@@ -45,9 +45,11 @@ class Example:
         """The task title: the instruction before its first ``": "``."""
         return public_instruction(self.instruction)
 
-    def private_messages(self) -> list[dict[str, str]]:
-        """Chat messages for the on-device model: profile, history and the full task."""
-        history = "\n\n".join(f"Task: {title}\nContent: {text}" for title, text in self.profile)
+    def private_messages(self, max_history: int | None = None) -> list[dict[str, str]]:
+        """Chat messages for the on-device model: profile, history (the first ``max_history``
+        items, default all) and the full task."""
+        items = self.profile if max_history is None else self.profile[:max_history]
+        history = "\n\n".join(f"Task: {title}\nContent: {text}" for title, text in items)
         user = f"## User Profile\n{self.additional_profile}\n\n## User Writing History\n{history}\n\n## Task\n{self.instruction}"
         return [{"role": "system", "content": PRIVATE_SYSTEM}, {"role": "user", "content": user}]
 

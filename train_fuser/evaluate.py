@@ -68,11 +68,11 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant],
 
 @torch.no_grad()
 def evaluate_streaming(head: PaperFusionHead | FusionHead, pair: Pair, examples: list[Example], variant: Variant,
-                       method: str = "paper head") -> dict[str, Any]:
+                       method: str = "paper head", max_history: int | None = None) -> dict[str, Any]:
     """NLL of a head that needs full logits (the paper's), running both models on ``examples``."""
     losses, alphas = [], []
     for example in examples:
-        scored = score_example(pair, example)
+        scored = score_example(pair, example, max_history=max_history)
         llm = variant.llm_input(scored.llm_logits)
         alpha = head(scored.slm_logits, llm, pair.vocab_map)
         losses.append(logitfuse.fused_cross_entropy(scored.slm_logits, llm, scored.targets, alpha=alpha,

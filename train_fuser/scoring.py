@@ -140,15 +140,16 @@ class Scored:
     n_positions: int  # SLM response tokens before alignment
 
 
-def score_example(pair: Pair, example: Example, *, llm_with_context: bool = False) -> Scored:
+def score_example(pair: Pair, example: Example, *, llm_with_context: bool = False, max_history: int | None = None) -> Scored:
     """Run both models on one example (teacher forcing) and keep the aligned positions."""
     slm_ids, llm_ids, llm_index = align_response(pair.slm_tokenizer, pair.llm_tokenizer, example.response)
     aligned = llm_index >= 0
-    slm_logits = next_token_logits(pair.slm, render_prompt(pair.slm_tokenizer, example.private_messages()), slm_ids)
+    private = example.private_messages(max_history)
+    slm_logits = next_token_logits(pair.slm, render_prompt(pair.slm_tokenizer, private), slm_ids)
     llm_logits = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, example.public_messages()), llm_ids)
     context = None
     if llm_with_context:
-        context = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, example.private_messages()), llm_ids)
+        context = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, private), llm_ids)
         context = context[llm_index[aligned]]
     return Scored(
         targets=torch.tensor(slm_ids)[aligned],

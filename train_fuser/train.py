@@ -119,7 +119,7 @@ def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, ex
 
 
 def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Variant,
-                  config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
+                  config: TrainConfig = TrainConfig(), progress: bool = True, max_history: int | None = None) -> FitResult:
     """Train any head through :func:`logitfuse.fused_cross_entropy`, running both models each epoch
     (one example per step; no logits are cached)."""
     torch.manual_seed(config.seed)
@@ -129,7 +129,7 @@ def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Var
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def nll(index: int) -> torch.Tensor:
-        scored = score_example(pair, examples[index])
+        scored = score_example(pair, examples[index], max_history=max_history)
         llm = variant.llm_input(scored.llm_logits)
         alpha = model(scored.slm_logits, llm, pair.vocab_map)
         return logitfuse.fused_cross_entropy(scored.slm_logits, llm, scored.targets, alpha=alpha,
