@@ -1,14 +1,59 @@
 """Triton kernels for logitfuse, installed as ``logitfuse.kernels``.
 
-Nothing here imports Triton or queries a device at import time: :func:`available` answers lazily.
+Nothing here imports Triton or queries a device at import time: :func:`available` answers lazily,
+and :data:`OPS` (the kernels, with the same signatures as the reference functions in
+:mod:`logitfuse.reference`) is built on first access.
+
+One file per op: :mod:`.row_stats`, :mod:`.mix` (``fuse``), :mod:`.sample` (``fuse_sample``),
+:mod:`.cross_entropy` (``fused_cross_entropy``); shared jit building blocks in :mod:`._common`.
+Passes over a row (each module's docstring has the details):
+
+- ``row_stats``: 1 (online log-sum-exp and entropy; per-block top-k candidates merged in torch);
+- ``fuse``: 2 in every mode and tail rule (row scalars and ``log Z``; then the write); a dense LLM
+  row is also read once streamed for its log-sum-exp;
+- ``fused_cross_entropy``: 1 (``log Z`` and ``∂log Z/∂α`` online, then the target token alone);
+- ``fuse_sample``: 2 + at most 31 for top-k + at most 32 for top-p + 2 (bisections on the bit
+  pattern of the probabilities instead of a sort; greedy rows stop after 2), nothing written but
+  the id and its log-probability.
+
+Every op works on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (the tests).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+from types import SimpleNamespace
 
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the Triton kernels can run (Triton importable and the kernels implemented)."""
-    return False
+    """Whether the Triton kernels can run here: Triton is importable (no device is queried)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _build_ops() -> SimpleNamespace:
+    from .cross_entropy import fused_cross_entropy
+    from .mix import fuse
+    from .row_stats import row_stats
+    from .sample import fuse_sample
+
+    return SimpleNamespace(
+        fuse=fuse, fuse_sample=fuse_sample, fused_cross_entropy=fused_cross_entropy, row_stats=row_stats
+    )
+
+
+def __getattr__(name: str):
+    # ``OPS`` is built on first access, so that importing this package never imports Triton
+    if name == "OPS":
+        if not available():
+            raise ImportError("logitfuse.kernels.OPS needs Triton (pip install triton); the torch reference runs without it")
+        return _build_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["OPS", "available"]

@@ -196,7 +196,10 @@ def fuse(
     Returns
     -------
     torch.Tensor
-        ``(batch_size, v_slm)`` float32 fused log-probabilities (each row's logsumexp is 0).
+        ``(batch_size, v_slm)`` float32 fused log-probabilities (each row's logsumexp is 0). On CUDA
+        the Triton kernel computes it, except when ``alpha`` requires grad: then the reference
+        does, so the result stays differentiable in α (to train a head, prefer
+        :func:`fused_cross_entropy`, whose kernel gives the α-gradient without an ``(N, V)`` tensor).
 
     Example
     -------

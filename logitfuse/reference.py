@@ -23,8 +23,9 @@ Then the modes mix ``lp_S = log_softmax(s / T_S)`` with ``lp_L``:
 - ``"linear"``: ``log(α·p_S + (1-α)·p_L)``, renormalized over the SLM vocabulary;
 - ``"geometric"``: ``log_softmax(α·lp_S + (1-α)·lp_L)``;
 - ``"logit"``: ``log_softmax(α·s/T_S + (1-α)·l̃)`` with ``l̃ = lp_L + lse(l / T_L)`` the LLM's raw
-  logits (top-k logprobs count as logits). It differs from geometric only through the ``"zero"``
-  tail, whose fill is 0 on this raw scale; kept to compare with the paper's code.
+  logits (top-k logprobs count as logits) and the ``"zero"`` tail's fill 0 on that raw scale. Its
+  values equal geometric's (the two differ by a per-row constant, which the log-softmax removes);
+  it is kept to compare with the paper's code, and its α-gradient has the raw scale.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ def mix(
     """
     a = alpha.float()[:, None]
     if mode == "linear":
-        mixed = _log_mixture(a, lp_slm, lp_llm)
-    elif mode == "geometric":
+        # normalize in closed form, Z = α·Σp_S + (1-α)·Σp_L, so dZ/dα also counts tokens whose
+        # mixture is 0 at α = 0 or 1 (a log-softmax would drop them from the gradient)
+        log_z = _log_mixture(a, lp_slm.logsumexp(dim=-1, keepdim=True), lp_llm.logsumexp(dim=-1, keepdim=True))
+        return _log_mixture(a, lp_slm, lp_llm) - log_z
+    if mode == "geometric":
         mixed = _log_product(a, lp_slm, lp_llm)
     else:  # "logit"
         slm_raw = lp_slm if slm_shift is None else lp_slm + slm_shift[:, None]

@@ -398,3 +398,16 @@ def test_alpha_gradient_is_finite_at_the_ends_and_with_masked_tokens(mode):
     loss = logitfuse.fused_cross_entropy(slm, llm, targets, alpha=alpha, mode=mode, tail="uniform")
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(alpha.grad).all(), (loss, alpha.grad)
+
+
+def test_linear_gradient_at_alpha_one_counts_tokens_the_slm_masked():
+    """At α = 1 a token with p_S = 0 has mixture 0, but it still takes mass as α decreases."""
+    slm = torch.tensor([[0.0, 1.0, -math.inf, 0.5]], dtype=torch.float64)
+    llm = torch.tensor([[0.2, -0.3, 2.0, 0.1]], dtype=torch.float64)
+    target = torch.tensor([0])
+    alpha = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    logitfuse.fused_cross_entropy(slm, llm, target, alpha=alpha).backward()
+    h = 1e-3  # the math runs in float32
+    below = logitfuse.fused_cross_entropy(slm, llm, target, alpha=1 - h)
+    at = logitfuse.fused_cross_entropy(slm, llm, target, alpha=1.0)
+    torch.testing.assert_close(alpha.grad.float(), (at - below) / h, atol=2e-3, rtol=2e-3)

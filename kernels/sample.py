@@ -1,0 +1,242 @@
+"""Fused mix-and-sample: the inputs of the fused mix plus temperature, top-k, top-p and one uniform
+draw per row → token ids ``(B,)`` int64 and the fused log-probability of each drawn id ``(B,)``,
+the kernel behind ``logitfuse.fuse_sample`` on CUDA. The fused row is never written to memory: each
+pass recomputes it from the inputs (SLM row, map, LLM values gathered through the map).
+
+Semantics are those of :func:`logitfuse.reference.sample_from_logprobs`: ``p = softmax(fused / T)``
+(``T = 0``: greedy argmax of the fused log-probabilities); top-k keeps ``p >= k-th largest p`` (ties
+kept); top-p, over the renormalized survivors ``q``, keeps ``q >= τ`` with ``τ`` the largest value
+whose upper set ``{q >= τ}`` holds mass ``>= top_p - TOP_P_TOLERANCE`` (exactly "the probability at
+which the sorted running mass first reaches p", ties kept); then one token is drawn by inverse CDF **in vocabulary
+order** over the survivors, so the same ``uniform`` gives the same id as the reference.
+
+Thresholds without a sort: the k-th largest ``p`` and ``τ`` are found by bisection on the IEEE bit
+pattern of the (non-negative) probabilities, whose integer order is their value order. Each step is
+one pass over the row that counts (top-k) or sums (top-p) the values at or above a pivot and snaps the
+interval ends to the nearest actual values, so the search ends on an exact element value after at
+most 31 steps (usually far fewer: it stops once the interval holds one distinct value).
+
+Passes over a row (each reads the SLM row and the gathered LLM values; dense LLM input is also read
+once streamed in pass 1):
+
+- 1: row scalars (:func:`~logitfuse.kernels._common._row_scalars`);
+- 1: log-sum-exp of ``fused / T`` and the greedy argmax (greedy rows stop here);
+- ``n_k`` ≤ 31: top-k bisection, only when ``0 < top_k < V_S``;
+- 1 + ``n_p`` (``n_p`` ≤ 31): mass of the top-k survivors and the top-p bisection, only when ``top_p < 1``;
+- 1: total surviving mass; 1: the inverse-CDF draw with block prefix sums (``tl.cumsum``);
+- plus one single-token evaluation for the drawn id's fused log-probability.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from logitfuse.reference import TOP_P_TOLERANCE
+from logitfuse.types import TopK
+
+from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse,
+                      _row_scalars, block_size, check_device, llm_arguments, per_row)
+
+@triton.jit
+def _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm, t_llm,
+                 lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                 HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr):
+    """Fused log-probabilities of one block (``-inf`` on masked lanes), recomputed from the inputs."""
+    s, known, lraw = _load_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid,
+                                 t_slm, t_llm, K, HAS_TOPK)
+    mixed, _lp_s, _lp_l = _mix(s, known, lraw, a, lse_s, shift, log_r, lu_s_safe, c_tail, MODE, TAIL)
+    return tl.where(valid, mixed - log_z, float("-inf"))
+
+
+@triton.jit
+def _fuse_sample_kernel(
+    ids_out_ptr, logprob_out_ptr,
+    slm_ptr, slm_stride,
+    llm_ptr, llm_stride,
+    ids_ptr, lps_ptr, topk_stride,
+    map_ptr, alpha_ptr, t_slm_ptr, t_llm_ptr,
+    uniform_ptr, temp_ptr, top_k_ptr, top_p_ptr,
+    V_S, V_L, K, top_p_tol,
+    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
+):
+    """One program per row; writes one id and one log-probability (passes: module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    slm_row = slm_ptr + row * slm_stride
+    llm_row = llm_ptr + row * llm_stride
+    ids_row = ids_ptr + row * topk_stride
+    lps_row = lps_ptr + row * topk_stride
+    a = tl.load(alpha_ptr + row).to(tl.float32)
+    t_slm = tl.load(t_slm_ptr + row).to(tl.float32)
+    t_llm = tl.load(t_llm_ptr + row).to(tl.float32)
+    temp = tl.load(temp_ptr + row).to(tl.float32)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    u = tl.load(uniform_ptr + row).to(tl.float32)
+
+    # pass 1: row scalars of the fused distribution
+    lse_s, shift, log_r, lu_s_safe, c_tail, log_z, _unused = _row_scalars(
+        slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, V_L, K, a, t_slm, t_llm,
+        BLOCK_S, BLOCK_L, HAS_TOPK, MODE, TAIL)
+
+    # pass 2: log-sum-exp of g = fused / T, and the first argmax of fused (greedy)
+    greedy = temp == 0
+    t_eff = tl.where(greedy, 1.0, temp)
+    m_g = float("-inf")
+    acc_g = 0.0
+    best = float("-inf")
+    chosen = 0
+    for start in range(0, V_S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        valid = offs < V_S
+        f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm,
+                         t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, HAS_TOPK, MODE, TAIL)
+        m_g, acc_g = _online_lse(m_g, acc_g, f / t_eff)
+        block_best = tl.max(f, 0)
+        block_idx = tl.min(tl.where(valid & (f == block_best), offs, V_S), 0)
+        chosen = tl.where(block_best > best, block_idx, chosen)
+        best = tl.maximum(best, block_best)
+    lse_g = _finish_lse(m_g, acc_g)
+
+    if temp != 0:
+        # top-k threshold: the largest p value v with #{p >= v} >= k, as bits (0 = keep all p > 0)
+        # (0x7F800000 is the bit pattern of +inf, above every probability's)
+        k = tl.minimum(tl.maximum(top_k, 0), V_S).to(tl.int32)
+        kth = 0
+        if (k > 0) & (k < V_S):
+            lo = 0
+            hi = 0x7F800000
+            while lo < hi:
+                mid = lo + (hi - lo + 1) // 2
+                count = 0
+                min_ge = 0x7F800001
+                max_lt = -1
+                for start in range(0, V_S, BLOCK_S):
+                    offs = start + tl.arange(0, BLOCK_S)
+                    valid = offs < V_S
+                    f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K,
+                                     a, t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                                     HAS_TOPK, MODE, TAIL)
+                    bits = tl.exp(f / t_eff - lse_g).to(tl.int32, bitcast=True)
+                    ge = valid & (bits >= mid)
+                    count += tl.sum(ge.to(tl.int32), 0)
+                    min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, bits, 0x7F800001), 0))
+                    max_lt = tl.maximum(max_lt, tl.max(tl.where(valid & (bits < mid), bits, -1), 0))
+                ok = count >= k
+                lo = tl.where(ok, min_ge, lo)
+                hi = tl.where(ok, hi, tl.maximum(max_lt, lo))
+            kth = lo
+
+        # top-p threshold over the renormalized top-k survivors q: the largest q value τ whose
+        # upper set {q >= τ} holds mass >= top_p - TOP_P_TOLERANCE (0 = keep all survivors)
+        tau = 0
+        kept_mass = 1.0
+        if top_p < 1:
+            kept_mass = 0.0
+            for start in range(0, V_S, BLOCK_S):
+                offs = start + tl.arange(0, BLOCK_S)
+                valid = offs < V_S
+                f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
+                                 t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                                 HAS_TOPK, MODE, TAIL)
+                p = tl.exp(f / t_eff - lse_g)
+                keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+                kept_mass += tl.sum(tl.where(keep, p, 0.0), 0)
+            lo = 0
+            hi = 0x7F800000
+            while lo < hi:
+                mid = lo + (hi - lo + 1) // 2
+                mass = 0.0
+                min_ge = 0x7F800001
+                max_lt = -1
+                for start in range(0, V_S, BLOCK_S):
+                    offs = start + tl.arange(0, BLOCK_S)
+                    valid = offs < V_S
+                    f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K,
+                                     a, t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                                     HAS_TOPK, MODE, TAIL)
+                    p = tl.exp(f / t_eff - lse_g)
+                    keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+                    q = tl.where(keep, p / kept_mass, 0.0)
+                    bits = q.to(tl.int32, bitcast=True)
+                    ge = valid & (bits >= mid)
+                    mass += tl.sum(tl.where(ge, q, 0.0), 0)
+                    min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, bits, 0x7F800001), 0))
+                    max_lt = tl.maximum(max_lt, tl.max(tl.where(valid & (bits < mid), bits, -1), 0))
+                ok = mass >= top_p - top_p_tol
+                lo = tl.where(ok, min_ge, lo)
+                hi = tl.where(ok, hi, tl.maximum(max_lt, lo))
+            tau = lo
+
+        # total surviving mass, then the inverse CDF in vocabulary order
+        total = 0.0
+        for start in range(0, V_S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            valid = offs < V_S
+            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
+                             t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                             HAS_TOPK, MODE, TAIL)
+            p = tl.exp(f / t_eff - lse_g)
+            keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+            keep = keep & (tl.where(keep, p / kept_mass, 0.0).to(tl.int32, bitcast=True) >= tau)
+            total += tl.sum(tl.where(keep, p, 0.0), 0)
+        target = u * total
+        carry = 0.0
+        below = 0  # number of positions whose running mass is <= target
+        last_kept = 0
+        for start in range(0, V_S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            valid = offs < V_S
+            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
+                             t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
+                             HAS_TOPK, MODE, TAIL)
+            p = tl.exp(f / t_eff - lse_g)
+            keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+            keep = keep & (tl.where(keep, p / kept_mass, 0.0).to(tl.int32, bitcast=True) >= tau)
+            weights = tl.where(keep, p, 0.0)
+            cdf = carry + tl.cumsum(weights, 0)
+            below += tl.sum((valid & (cdf <= target)).to(tl.int32), 0)
+            last_kept = tl.maximum(last_kept, tl.max(tl.where(keep, offs, 0), 0))
+            carry += tl.sum(weights, 0)
+        # the filters always keep the most likely token, so total > 0; should float rounding ever
+        # disagree between passes and leave nothing, fall back to that token rather than to id 0
+        chosen = tl.where(total > 0, tl.minimum(below, last_kept), chosen)
+
+    mixed, _lp_s, _lp_l = _at_index(slm_row, llm_row, ids_row, lps_row, map_ptr, chosen, V_S, K, a,
+                                    t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail,
+                                    HAS_TOPK, MODE, TAIL)
+    tl.store(ids_out_ptr + row, chosen.to(tl.int64))
+    tl.store(logprob_out_ptr + row, mixed - log_z)
+
+
+def fuse_sample(slm_logits, llm, slm_to_llm, alpha, uniform, *, v_llm, mode, tail, slm_temperature,
+                llm_temperature, temperature, top_k, top_p):
+    """Same signature and result as :func:`logitfuse.reference.fuse_sample_reference`:
+    ``(ids (B,) int64, fused log-probability of each id (B,) float32)``."""
+    check_device(slm_logits, slm_to_llm=slm_to_llm, alpha=alpha, uniform=uniform,
+                 slm_temperature=slm_temperature, llm_temperature=llm_temperature,
+                 temperature=temperature, top_k=top_k, top_p=top_p,
+                 llm=llm.ids if isinstance(llm, TopK) else llm)
+    slm = slm_logits.contiguous()
+    batch, v_slm = slm.shape
+    vmap = slm_to_llm.to(torch.int64).contiguous()
+    dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk = llm_arguments(llm, vmap)
+    ids_out = torch.empty(batch, dtype=torch.int64, device=slm.device)
+    logprob_out = torch.empty(batch, dtype=torch.float32, device=slm.device)
+    if batch == 0:
+        return ids_out, logprob_out
+    _fuse_sample_kernel[(batch,)](
+        ids_out, logprob_out,
+        slm, slm.stride(0),
+        dense, dense_stride,
+        ids, lps, topk_stride,
+        vmap, per_row(alpha), per_row(slm_temperature), per_row(llm_temperature),
+        per_row(uniform), per_row(temperature), per_row(top_k, torch.int64), per_row(top_p),
+        v_slm, v_l, k, TOP_P_TOLERANCE,
+        BLOCK_S=block_size(v_slm, 2048), BLOCK_L=block_size(v_l, 4096),
+        HAS_TOPK=has_topk, MODE=MODE_CODES[mode], TAIL=TAIL_CODES[tail],
+        num_warps=8,
+    )
+    return ids_out, logprob_out
