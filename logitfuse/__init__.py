@@ -14,6 +14,9 @@ from logitfuse.functional import fuse, fuse_sample, fused_cross_entropy, row_sta
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.types import MODES, TAILS, RowStats, TopK
 from logitfuse.vocab import VocabMap
+from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
+from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.sketch import SketchResult, sketch_generate
 
 __version__ = "0.1.0"
 
@@ -30,4 +33,12 @@ __all__ = [
     "fused_cross_entropy",
     "load_head",
     "row_stats",
+    "HFLLM",
+    "LLMBackend",
+    "LLMBackendError",
+    "LLMOutput",
+    "OpenAICompatibleLLM",
+    "CoGenesisLogitsProcessor",
+    "SketchResult",
+    "sketch_generate",
 ]

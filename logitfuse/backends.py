@@ -1,0 +1,609 @@
+"""LLM backends: the cloud side of fused decoding.
+
+A backend holds one sequence per batch row: the public prompt, then the tokens the SLM generated,
+in the LLM's vocabulary. It is all :class:`logitfuse.CoGenesisLogitsProcessor` talks to. The
+interface is small:
+
+``start(public_prompts)``
+    One public prompt per row (text, encoded with the backend's tokenizer, or LLM token ids). Prefill.
+``advance(new_tokens, need=None) -> LLMOutput``
+    Append each row's new LLM token ids (0, 1 or several per row: skipped steps and re-tokenization
+    give variable counts) and return the next-token information of every row: dense logits
+    ``(batch_size, vocab_size)`` (:class:`HFLLM`) or ``TopK`` (:class:`OpenAICompatibleLLM`).
+    ``need`` (a bool per row) says which rows' next-token information will be used; a backend may
+    skip the others (the remote one sends no request for them).
+``rollback(n)``
+    Drop the last ``n[r]`` tokens of row ``r`` (re-tokenization); an ``advance`` with at least one
+    token for that row must follow before its next-token information is used.
+``reorder(order)``
+    Row ``r`` becomes a copy of former row ``order[r]`` (beam search).
+``reset()``, ``audit_log``, ``tokenizer``, ``vocab_size``.
+
+Privacy: a backend only ever receives what the processor gives it, the public prompt and the
+generated tokens. ``audit_log`` records every payload exactly as sent (for :class:`HFLLM` the
+token-id lists fed to the model; for :class:`OpenAICompatibleLLM` the JSON request bodies), so a
+test or an auditor can check that nothing private left the device. Error messages carry only the
+URL, status and the server's reply, never the request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import inspect
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from logitfuse.types import TopK
+
+Tensor = torch.Tensor
+
+__all__ = ["HFLLM", "LLMBackend", "LLMBackendError", "LLMOutput", "OpenAICompatibleLLM", "parse_top_logprobs"]
+
+
+class LLMBackendError(RuntimeError):
+    """The LLM could not be reached or answered something unusable (``on_failure="raise"``)."""
+
+
+@dataclass
+class LLMOutput:
+    """Next-token information for every row.
+
+    Attributes:
+        next: dense logits ``(batch_size, vocab_size)`` float32, or ``TopK(ids, logprobs)`` with
+            ``(batch_size, k)`` tensors.
+        ok: ``(batch_size,)`` bool: rows whose information is valid. False where the row was not
+            asked for (``need``) or its request failed under ``on_failure="fallback"``; those rows
+            hold placeholder values that must not be used.
+    """
+
+    next: Tensor | TopK
+    ok: Tensor
+
+
+def _check_prompts(public_prompts: Any) -> list[str | list[int]]:
+    if isinstance(public_prompts, (str, bytes)) or not isinstance(public_prompts, Sequence) or not public_prompts:
+        raise TypeError("public_prompts must be a non-empty list: one str or one list of token ids per row")
+    out = []
+    for row, prompt in enumerate(public_prompts):
+        if isinstance(prompt, str):
+            out.append(prompt)
+        elif isinstance(prompt, Tensor):
+            out.append([int(i) for i in prompt.reshape(-1).tolist()])
+        elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            out.append([int(i) for i in prompt])
+        else:
+            raise TypeError(f"public_prompts[{row}] must be a str or a list of int token ids, got {type(prompt).__name__}")
+    return out
+
+
+class LLMBackend:
+    """Base class of LLM backends; see the module docstring for the interface."""
+
+    tokenizer: Any = None
+    vocab_size: int
+    add_special_tokens: bool = True
+
+    def __init__(self) -> None:
+        self.audit_log: list[Any] = []
+
+    # subclasses implement these
+    def start(self, public_prompts: list[str] | list[list[int]]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def rollback(self, n: list[int]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def reset(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def reorder(self, order: list[int]) -> None:
+        """Make row ``r`` a copy of former row ``order[r]`` (beam search reordering its beams)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot follow beam reordering")
+
+    @property
+    def batch_size(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    # shared helpers
+    def _encode_prompts(self, public_prompts: Any) -> list[list[int]]:
+        rows = []
+        for row, prompt in enumerate(_check_prompts(public_prompts)):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(
+                        f"{type(self).__name__} has no tokenizer to encode the text prompt of row {row}; "
+                        "pass tokenizer= or give the public prompt as LLM token ids"
+                    )
+                prompt = list(self.tokenizer.encode(prompt, add_special_tokens=self.add_special_tokens))
+            if not prompt:
+                raise ValueError(
+                    f"the public prompt of row {row} is empty; the LLM needs at least one token "
+                    "(e.g. the chat template's header)"
+                )
+            bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"the public prompt of row {row} holds ids outside [0, {self.vocab_size}): {bad[:5]}")
+            rows.append(prompt)
+        return rows
+
+    def _check_new_tokens(self, new_tokens: Any, need: Any) -> tuple[list[list[int]], list[bool]]:
+        if self.batch_size == 0:
+            raise RuntimeError(f"{type(self).__name__}.advance before start(); call start(public_prompts) first")
+        if not isinstance(new_tokens, Sequence) or len(new_tokens) != self.batch_size:
+            raise ValueError(f"new_tokens must be a list of {self.batch_size} lists of token ids (one per row)")
+        rows = [[int(i) for i in row] for row in new_tokens]
+        for r, row in enumerate(rows):
+            if any(not 0 <= i < self.vocab_size for i in row):
+                raise ValueError(f"new_tokens[{r}] holds ids outside the LLM vocabulary [0, {self.vocab_size})")
+        need = [True] * self.batch_size if need is None else [bool(x) for x in need]
+        if len(need) != self.batch_size:
+            raise ValueError(f"need must hold {self.batch_size} booleans (one per row)")
+        return rows, need
+
+    def greedy(self, public_prompt: str | list[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of one public prompt (what the sketch variant's outline uses).
+
+        Built on :meth:`start`/:meth:`advance` so every backend supports it; it resets the
+        backend's sequence state.
+        """
+        self.start([public_prompt])
+        out: list[int] = []
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            step = self.advance([new])
+            if not bool(step.ok[0]):
+                break
+            if isinstance(step.next, TopK):
+                token = int(step.next.ids[0, int(step.next.logprobs[0].argmax())])
+            else:
+                token = int(step.next[0].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            new = [token]
+        self.reset()
+        return out
+
+
+# ====================================================================================== HFLLM
+class HFLLM(LLMBackend):
+    """A local transformers causal LM as the LLM side, with its own KV cache.
+
+    The public prompts are prefilled once (left padded); each :meth:`advance` feeds only the new
+    tokens (any number per row, in one forward) and never re-reads the prefix. Variable counts are
+    left-aligned inside the chunk with masked padding in front, so every row's last token sits in
+    the last column; :meth:`rollback` masks the dropped positions out (and crops the cache where
+    all rows end in dropped positions). Positions come from the attention mask, so a row's logits
+    equal those of a plain forward over its unpadded tokens.
+
+    Args:
+        model: a ``transformers`` causal LM (``AutoModelForCausalLM``), in eval mode.
+        tokenizer (optional): its tokenizer; needed for text prompts and cross-tokenizer decoding.
+        add_special_tokens (`bool`, defaults to `True`): passed to the tokenizer for text prompts
+            (set False for text that already went through a chat template).
+
+    Example:
+
+    >>> import sys; sys.path.insert(0, "tests")
+    >>> from tiny_models import byte_level_tokenizer, tiny_llama
+    >>> import logitfuse
+    >>> tok = byte_level_tokenizer(); llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
+    >>> llm.start(["Write a short invitation.", "Dear friends,"])
+    >>> out = llm.advance([[72], [72, 295]])
+    >>> out.next.shape, out.ok.tolist()
+    (torch.Size([2, 400]), [True, True])
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, add_special_tokens: bool = True):
+        super().__init__()
+        if not callable(model) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+        self.model, self.tokenizer, self.add_special_tokens = model, tokenizer, add_special_tokens
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x calls the cache `cache`; earlier 5.x `past_key_values`
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self._pad_id = int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[0])
+
+    def reset(self) -> None:
+        """Drop the sequences and the KV cache (the audit log is kept)."""
+        self._cache = None
+        self._mask: Tensor | None = None  # (B, columns) 1 = real token, 0 = padding / rolled back
+        self._lengths: list[int] = []  # real tokens per row
+        self._last: Tensor | None = None  # (B, V) next-token logits
+        self._stale: list[bool] = []
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signatures
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor) -> Tensor:
+        mask = chunk_mask if self._mask is None else torch.cat([self._mask, chunk_mask], dim=1)
+        kwargs = {self._cache_kw: self._cache, "use_cache": True}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        self._mask = mask
+        return out.logits[:, -1, :].float()
+
+    def start(self, public_prompts: list[str] | list[list[int]]) -> None:
+        """Prefill the public prompts (one per row), left padded."""
+        rows = self._encode_prompts(public_prompts)
+        self.reset()
+        self.audit_log.append({"op": "start", "token_ids": [list(r) for r in rows]})
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.device
+        self._cache = self._new_cache()
+        self._last = self._forward(ids.to(device), mask.to(device), positions.to(device))
+        self._lengths = [len(r) for r in rows]
+        self._stale = [False] * len(rows)
+
+    def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append each row's new tokens in one forward; returns dense logits for every row."""
+        rows, need = self._check_new_tokens(new_tokens, need)
+        counts = [len(r) for r in rows]
+        if any(self._stale[r] and counts[r] == 0 and need[r] for r in range(len(rows))):
+            raise RuntimeError("HFLLM: a rolled-back row needs at least one new token before its logits are read")
+        if max(counts) > 0:
+            self.audit_log.append({"op": "advance", "token_ids": [list(r) for r in rows]})
+            width = max(counts)
+            batch = len(rows)
+            ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((batch, width), dtype=torch.long)
+            positions = torch.zeros((batch, width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                if row:
+                    ids[r, width - len(row):] = torch.tensor(row)
+                    mask[r, width - len(row):] = 1
+                    positions[r, width - len(row):] = torch.arange(self._lengths[r], self._lengths[r] + len(row))
+                positions[r, : width - len(row)] = self._lengths[r]
+            device = self.device
+            logits = self._forward(ids.to(device), mask.to(device), positions.to(device))
+            fed = torch.tensor([c > 0 for c in counts], device=device)
+            self._last = torch.where(fed[:, None], logits, self._last)
+            for r, c in enumerate(counts):
+                self._lengths[r] += c
+                if c:
+                    self._stale[r] = False
+        ok = torch.tensor([not s for s in self._stale], device=self._last.device)
+        return LLMOutput(self._last.clone(), ok)
+
+    def reorder(self, order: list[int]) -> None:
+        """Row ``r`` becomes former row ``order[r]`` (cache, mask and logits follow the beams)."""
+        if len(order) != self.batch_size or any(not 0 <= s < self.batch_size for s in order):
+            raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
+        self.audit_log.append({"op": "reorder", "rows": [int(s) for s in order]})
+        index = torch.tensor(order, device=self._mask.device)
+        self._cache.reorder_cache(index)
+        self._mask = self._mask.index_select(0, index)
+        self._last = self._last.index_select(0, index.to(self._last.device))
+        self._lengths = [self._lengths[s] for s in order]
+        self._stale = [self._stale[s] for s in order]
+
+    def rollback(self, n: list[int]) -> None:
+        """Drop the last ``n[r]`` tokens of each row (masked out; trailing dead columns cropped)."""
+        if len(n) != self.batch_size:
+            raise ValueError(f"rollback needs one count per row ({self.batch_size})")
+        if not any(n):
+            return
+        self.audit_log.append({"op": "rollback", "n": [int(x) for x in n]})
+        mask = self._mask.clone()
+        for r, count in enumerate(n):
+            if count < 0 or count > self._lengths[r]:
+                raise ValueError(f"rollback: row {r} has {self._lengths[r]} tokens, cannot drop {count}")
+            if count:
+                live = mask[r].nonzero().flatten()
+                mask[r, live[-count:]] = 0
+                self._lengths[r] -= count
+                self._stale[r] = True
+        # crop columns that are dead in every row at the end of the cache
+        alive = mask.any(dim=0).flatten().nonzero()
+        keep = int(alive[-1]) + 1 if alive.numel() else 0
+        drop = mask.shape[1] - keep
+        if drop > 0:
+            before = self._cache.get_seq_length()
+            self._cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
+            if self._cache.get_seq_length() != before - drop:
+                raise RuntimeError(f"HFLLM: cropping the KV cache by {drop} left "
+                                   f"{self._cache.get_seq_length()} of {before} positions")
+            mask = mask[:, :keep]
+        self._mask = mask
+
+
+# ====================================================================================== remote
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None) -> list[tuple[int, float]]:
+    """The next-token ``(id, logprob)`` pairs of an OpenAI-compatible completions reply, best first.
+
+    Reads ``choices[0].logprobs.top_logprobs[0]`` with keys ``"token_id:123"`` (vLLM's and
+    ``logitfuse serve``'s ``return_tokens_as_token_ids``). Raises ``ValueError`` on anything else;
+    this is the one place to extend for servers that key by token string.
+    """
+    try:
+        top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"reply has no choices[0].logprobs.top_logprobs[0] ({type(err).__name__})") from None
+    if not isinstance(top, dict) or not top:
+        raise ValueError("top_logprobs[0] is not a non-empty object of token -> logprob")
+    pairs = []
+    for key, value in top.items():
+        if not isinstance(key, str) or not key.startswith("token_id:"):
+            raise ValueError(
+                "top_logprobs keys are not 'token_id:N'; the server must honour return_tokens_as_token_ids "
+                "(vLLM, SGLang and logitfuse serve do)"
+            )
+        try:
+            token = int(key[len("token_id:"):])
+        except ValueError:
+            raise ValueError(f"top_logprobs key {key[:40]!r} does not end in an integer") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-4:
+            raise ValueError("top_logprobs values must be log-probabilities (numbers <= 0)")
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise ValueError(f"top_logprobs holds token id {token} outside [0, {vocab_size})")
+        pairs.append((token, float(min(value, 0.0))))
+    pairs.sort(key=lambda p: -p[1])
+    return pairs
+
+
+class OpenAICompatibleLLM(LLMBackend):
+    """The cloud LLM over HTTP: an OpenAI-compatible ``/v1/completions`` endpoint with ``logprobs``.
+
+    Each step sends, per row that needs it, ``{"model", "prompt": <LLM token ids>, "max_tokens": 1,
+    "logprobs": top_k, "temperature", "echo": false, "return_tokens_as_token_ids": true}`` and reads
+    the top-k next-token log-probabilities (vLLM, SGLang, ``logitfuse serve``). The backend is
+    stateless on the wire: it keeps each row's id list and sends it whole (the server's prefix cache
+    makes that cheap); rows with nothing new since their last answer are not re-sent.
+
+    Args:
+        base_url (`str`): server root, e.g. ``"http://127.0.0.1:8000"`` (``/v1`` is added).
+        model (`str`): the served model name.
+        top_k (`int`, defaults to 20): ``logprobs`` asked for (most servers cap it at 20).
+        tokenizer (optional): the LLM's tokenizer, to encode text prompts and for cross-tokenizer
+            decoding; without it the public prompt must be token ids.
+        vocab_size (`int`, optional): the LLM's vocabulary size (default: ``len(tokenizer)``).
+        timeout (`float`, defaults to 30): seconds per HTTP attempt.
+        retries (`int`, defaults to 2): extra attempts after a timeout, connection error, 5xx/429 or
+            malformed reply, with exponential backoff from ``backoff`` seconds.
+        on_failure (`str`, defaults to ``"fallback"``): ``"fallback"`` marks the row not ok for this
+            step (the processor then uses the SLM alone and counts a fallback), ``"raise"`` raises
+            :class:`LLMBackendError`.
+        temperature (`float`, defaults to 1.0): sent with the request (1 keeps the model's own
+            distribution in servers that return processed log-probabilities).
+        api_key (`str`, optional): sent as ``Authorization: Bearer``; never logged.
+        max_concurrency (`int`, defaults to 8): rows requested in parallel.
+
+    Example (no server needed to build one):
+
+    >>> import logitfuse
+    >>> llm = logitfuse.OpenAICompatibleLLM("http://127.0.0.1:8000", "qwen2.5-1.5b", top_k=5, vocab_size=100)
+    >>> llm.start([[1, 2, 3]]); llm.audit_log
+    []
+    """
+
+    def __init__(self, base_url: str, model: str, top_k: int = 20, *, tokenizer: Any = None,
+                 vocab_size: int | None = None, timeout: float = 30.0, retries: int = 2, backoff: float = 0.1,
+                 on_failure: str = "fallback", temperature: float = 1.0, api_key: str | None = None,
+                 add_special_tokens: bool = True, max_concurrency: int = 8):
+        super().__init__()
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url={base_url!r} must start with http:// or https://, e.g. 'http://127.0.0.1:8000'")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model={model!r} must be the served model's name (see GET {base_url}/v1/models)")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a positive int (most servers allow up to 20)")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries={retries!r} must be an int >= 0")
+        if on_failure not in ("fallback", "raise"):
+            raise ValueError(f"on_failure={on_failure!r} must be 'fallback' (SLM-only step) or 'raise'")
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("pass vocab_size= (the LLM's vocabulary size) or tokenizer=")
+            vocab_size = len(tokenizer)
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size!r} must be a positive int")
+        root = base_url.rstrip("/")
+        self.url = (root if root.endswith("/v1") else root + "/v1") + "/completions"
+        self.model, self.top_k, self.tokenizer, self.vocab_size = model, top_k, tokenizer, vocab_size
+        self.timeout, self.retries, self.backoff = float(timeout), retries, float(backoff)
+        self.on_failure, self.temperature, self.add_special_tokens = on_failure, float(temperature), add_special_tokens
+        self._api_key = api_key
+        self.max_concurrency = max(1, int(max_concurrency))
+        self._pool: ThreadPoolExecutor | None = None
+        self.stats = {"requests": 0, "attempts": 0, "failures": 0}
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleLLM({self.url!r}, model={self.model!r}, top_k={self.top_k})"
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._ids)
+
+    def reset(self) -> None:
+        """Forget the sequences (the audit log and request statistics are kept)."""
+        self._ids: list[list[int]] = []
+        self._answer: list[list[tuple[int, float]] | None] = []
+
+    def close(self) -> None:
+        """Stop the request thread pool (a later request starts a new one)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def start(self, public_prompts: list[str] | list[list[int]]) -> None:
+        """Store the public prompts (one per row); nothing is sent until :meth:`advance`."""
+        rows = self._encode_prompts(public_prompts)
+        self._ids = [list(r) for r in rows]
+        self._answer = [None] * len(rows)
+
+    def reorder(self, order: list[int]) -> None:
+        """Row ``r`` becomes former row ``order[r]`` (nothing is sent)."""
+        if len(order) != self.batch_size or any(not 0 <= s < self.batch_size for s in order):
+            raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
+        self._ids = [list(self._ids[s]) for s in order]
+        self._answer = [self._answer[s] for s in order]
+
+    def rollback(self, n: list[int]) -> None:
+        if len(n) != self.batch_size:
+            raise ValueError(f"rollback needs one count per row ({self.batch_size})")
+        for r, count in enumerate(n):
+            if count:
+                if count < 0 or count >= len(self._ids[r]):
+                    raise ValueError(f"rollback: row {r} cannot drop {count} of its {len(self._ids[r])} tokens")
+                del self._ids[r][-count:]
+                self._answer[r] = None
+
+    # ------------------------------------------------------------------ HTTP
+    def payload(self, token_ids: list[int], *, max_tokens: int = 1, logprobs: int | None = None,
+                temperature: float | None = None) -> bytes:
+        """The exact request body for one row."""
+        body = {
+            "model": self.model,
+            "prompt": token_ids,
+            "max_tokens": max_tokens,
+            "logprobs": self.top_k if logprobs is None else logprobs,
+            "temperature": self.temperature if temperature is None else temperature,
+            "echo": False,
+            "return_tokens_as_token_ids": True,
+        }
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    def _post_once(self, body: bytes) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            raw = response.read()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("the reply is not JSON") from None
+
+    def post(self, body: bytes, parse: Any = None) -> Any:
+        """POST ``body`` with retries; returns the parsed JSON reply (passed through ``parse`` when
+        given; a ``ValueError`` from it counts as a malformed reply and is retried) or raises
+        :class:`LLMBackendError`.
+
+        The error message names the URL, the attempt count and what went wrong (status, timeout,
+        connection error, malformed reply), never the request body.
+        """
+        attempts = self.retries + 1
+        problem = "no attempt made"
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 2.0))
+            self.stats["attempts"] += 1
+            try:
+                reply = self._post_once(body)
+                return parse(reply) if parse is not None else reply
+            except urllib.error.HTTPError as err:
+                detail = ""
+                try:
+                    detail = err.read(300).decode("utf-8", "replace").strip()
+                except Exception:  # noqa: BLE001 - the body is only for the message
+                    pass
+                problem = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
+                if err.code not in _TRANSIENT_HTTP:
+                    break
+            except (TimeoutError, socket.timeout):
+                problem = f"timed out after {self.timeout:g} s"
+            except urllib.error.URLError as err:
+                reason = err.reason
+                if isinstance(reason, (TimeoutError, socket.timeout)):
+                    problem = f"timed out after {self.timeout:g} s"
+                else:
+                    problem = f"connection failed ({type(reason).__name__}: {reason})"
+            except (ConnectionError, http.client.HTTPException, OSError) as err:
+                problem = f"connection failed ({type(err).__name__})"
+            except ValueError as err:
+                problem = f"malformed reply ({err})"
+        raise LLMBackendError(f"{self.url}: {problem} (after {attempt + 1} attempt{'s' if attempt else ''})")
+
+    def _request_row(self, body: bytes) -> list[tuple[int, float]]:
+        pairs = self.post(body, parse=lambda reply: parse_top_logprobs(reply, vocab_size=self.vocab_size))
+        return pairs[: self.top_k]
+
+    def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append the new tokens; request the top-k next tokens of the rows in ``need``."""
+        rows, need = self._check_new_tokens(new_tokens, need)
+        for r, row in enumerate(rows):
+            if row:
+                self._ids[r].extend(row)
+                self._answer[r] = None
+        todo = [r for r in range(len(rows)) if need[r] and self._answer[r] is None]
+        bodies = {r: self.payload(self._ids[r]) for r in todo}
+        for r in todo:  # logged before sending, in row order
+            self.audit_log.append(bodies[r].decode("utf-8"))
+        self.stats["requests"] += len(todo)
+        results: dict[int, list[tuple[int, float]] | LLMBackendError] = {}
+
+        def run(r: int):
+            try:
+                return self._request_row(bodies[r])
+            except LLMBackendError as err:
+                return err
+
+        if len(todo) <= 1:
+            results = {r: run(r) for r in todo}
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="logitfuse-llm")
+            results = dict(zip(todo, self._pool.map(run, todo)))
+        failed = [r for r, res in results.items() if isinstance(res, LLMBackendError)]
+        self.stats["failures"] += len(failed)
+        if failed and self.on_failure == "raise":
+            raise results[failed[0]]
+        for r, res in results.items():
+            if not isinstance(res, LLMBackendError):
+                self._answer[r] = res
+        ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
+        k = min((len(self._answer[r]) for r in range(len(rows)) if ok[r]), default=1)
+        ids = torch.zeros((len(rows), k), dtype=torch.long)
+        logprobs = torch.full((len(rows), k), -math.log(k) if k > 1 else 0.0)
+        ids[:] = torch.arange(k)
+        for r in range(len(rows)):
+            if ok[r]:
+                pairs = self._answer[r][:k]
+                ids[r] = torch.tensor([p[0] for p in pairs])
+                logprobs[r] = torch.tensor([p[1] for p in pairs])
+        return LLMOutput(TopK(ids, logprobs), torch.tensor(ok))

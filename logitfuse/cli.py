@@ -1,0 +1,115 @@
+"""The ``logitfuse`` command line.
+
+One subcommand per module of work; each is registered by a ``_add_<name>(subparsers)`` function that
+sets ``func`` on its parser (listed in ``_SUBCOMMANDS``), so ``demo``, ``generate`` and ``bench`` can
+be added beside ``serve``, ``train``, ``eval`` and ``models`` without touching :func:`main`.
+
+    logitfuse serve --model DIR [--host 127.0.0.1] [--port 8000] [--top-k-max 20]
+    logitfuse train ... / logitfuse eval ...      (logitfuse.train_fuser.cli)
+    logitfuse models {list,install,path}          (logitfuse.zoo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+# ------------------------------------------------------------------------------------- serve
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a local transformers model over an OpenAI-compatible /v1/completions endpoint",
+        description=(
+            "Serve a local causal LM with top-k next-token logprobs (OpenAI completions API, token ids "
+            "accepted as prompts, return_tokens_as_token_ids honoured), so that "
+            "logitfuse.OpenAICompatibleLLM can use it as the cloud side. For production use vLLM or SGLang."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="a transformers model folder (config.json + weights)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    parser.add_argument("--top-k-max", type=int, default=20, help="largest logprobs a request may ask for (default 20)")
+    parser.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the folder name)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument("--max-requests", type=int, default=None, help=argparse.SUPPRESS)  # scripts and tests
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitfuse.server import CompletionServer
+
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"--port {args.port} must lie in [0, 65535]")
+    if args.top_k_max < 1:
+        raise SystemExit(f"--top-k-max {args.top_k_max} must be >= 1")
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model!r} is not a folder; save one with model.save_pretrained(DIR)")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    server = CompletionServer((args.host, args.port), model, tokenizer, model_name=name, top_k_max=args.top_k_max,
+                              max_requests=args.max_requests)
+    print(f"logitfuse serve: {name} at {server.url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# -------------------------------------------------------------------- commands owned elsewhere
+def _add_train_eval(subparsers: argparse._SubParsersAction) -> None:
+    from logitfuse.train_fuser.cli import add_subcommands
+
+    add_subcommands(subparsers)  # `train` and `eval`
+
+
+def _add_models(subparsers: argparse._SubParsersAction) -> None:
+    from logitfuse.zoo import add_models_subcommand
+
+    add_models_subcommand(subparsers)  # `models {list,install,path}`
+
+
+# ------------------------------------------------------------------------------------- main
+# Each registrar adds one or more subparsers and sets `func` (args -> exit status) on them.
+# `demo`, `generate` and `bench` go here when they exist.
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_train_eval, _add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logitfuse",
+        description="Decoding-time logit fusion between a cloud LLM and a private on-device SLM (CoGenesis).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``logitfuse`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

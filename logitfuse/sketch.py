@@ -1,0 +1,125 @@
+"""The sketch-based variant of CoGenesis: the LLM outlines, the SLM writes.
+
+The LLM sees only the public instruction and writes a short outline (a sketch); the SLM, on the
+device, writes the final text from its private context, the instruction and that outline. The
+private context never leaves :func:`sketch_generate`'s SLM call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from logitfuse.backends import LLMBackend
+
+__all__ = ["FINAL_PROMPT", "OUTLINE_PROMPT", "SketchResult", "sketch_generate"]
+
+OUTLINE_PROMPT = (
+    "Write a brief outline (a few short bullet points) for the following writing task. "
+    "Do not write the text itself.\n\nTask: {instruction}"
+)
+FINAL_PROMPT = (
+    "Use the personal context below to write the text for the task, in the author's own style, "
+    "following the outline.\n\n## Context\n{context}\n\n## Task\n{instruction}\n\n## Outline\n{outline}"
+)
+
+
+@dataclass
+class SketchResult:
+    """What :func:`sketch_generate` returns.
+
+    Attributes:
+        outline: the LLM's outline (text; public).
+        text: the SLM's final text.
+        outline_ids: the outline in LLM token ids.
+        output_ids: the SLM's generated token ids (without the prompt).
+    """
+
+    outline: str
+    text: str
+    outline_ids: list[int]
+    output_ids: list[int]
+
+
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5: a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_context: str, *,
+                    slm_tokenizer: Any, outline_max_new_tokens: int = 64, max_new_tokens: int = 128,
+                    outline_prompt: str = OUTLINE_PROMPT, final_prompt: str = FINAL_PROMPT,
+                    apply_chat_template: bool = True, **generate_kwargs: Any) -> SketchResult:
+    """Sketch-based CoGenesis: an outline from the LLM (public), the text from the SLM (private).
+
+    Args:
+        llm (`LLMBackend`): the cloud side (:class:`logitfuse.HFLLM` or
+            :class:`logitfuse.OpenAICompatibleLLM`, with a tokenizer to decode the outline).
+        slm: the on-device transformers causal LM.
+        public_instruction (`str`): the task; the only thing the LLM sees (formatted by ``outline_prompt``).
+        private_context (`str`): the user's private context; only the SLM sees it.
+        slm_tokenizer: the SLM's tokenizer.
+        outline_max_new_tokens (`int`, defaults to 64): outline length (greedy decoding).
+        max_new_tokens (`int`, defaults to 128): final text length.
+        outline_prompt, final_prompt (`str`): templates with ``{instruction}``, and ``{context}``,
+            ``{instruction}``, ``{outline}``.
+        apply_chat_template (`bool`, defaults to True): wrap both prompts in the tokenizers' chat
+            templates (when they have one).
+        **generate_kwargs: passed to ``slm.generate`` (default greedy).
+
+    Example:
+
+    >>> import sys; sys.path.insert(0, "tests")
+    >>> from tiny_models import byte_level_tokenizer, tiny_llama
+    >>> import logitfuse
+    >>> tok = byte_level_tokenizer()
+    >>> llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
+    >>> result = logitfuse.sketch_generate(llm, tiny_llama(len(tok), seed=0), "Write an invitation.",
+    ...     "My name is Martin.", slm_tokenizer=tok, outline_max_new_tokens=4, max_new_tokens=4)
+    >>> len(result.outline_ids), len(result.output_ids)
+    (4, 4)
+    """
+    if not isinstance(llm, LLMBackend):
+        raise TypeError(f"llm must be a logitfuse LLM backend (HFLLM, OpenAICompatibleLLM), got {type(llm).__name__}")
+    if llm.tokenizer is None:
+        raise ValueError("the LLM backend needs tokenizer= to encode the instruction and decode the outline")
+    for name, value in (("public_instruction", public_instruction), ("private_context", private_context)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    for name, value in (("outline_max_new_tokens", outline_max_new_tokens), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+    # 1. the LLM: public instruction only
+    llm_tok = llm.tokenizer
+    outline_text = outline_prompt.format(instruction=public_instruction)
+    if apply_chat_template and getattr(llm_tok, "chat_template", None):
+        llm_prompt: Any = _chat_ids(llm_tok, outline_text)
+    else:
+        llm_prompt = outline_text
+    stop = [i for i in (getattr(llm_tok, "eos_token_id", None),) if i is not None]
+    outline_ids = llm.greedy(llm_prompt, outline_max_new_tokens, stop_ids=stop)
+    outline = llm_tok.decode(outline_ids, skip_special_tokens=True).strip()
+
+    # 2. the SLM: private context + instruction + outline, on the device
+    final_text = final_prompt.format(context=private_context, instruction=public_instruction, outline=outline)
+    if apply_chat_template and getattr(slm_tokenizer, "chat_template", None):
+        prompt_ids = _chat_ids(slm_tokenizer, final_text)
+    else:
+        prompt_ids = list(slm_tokenizer.encode(final_text))
+    device = next(slm.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens}
+    pad = getattr(slm_tokenizer, "pad_token_id", None)
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    kwargs.update(generate_kwargs)
+    with torch.no_grad():
+        out = slm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    output_ids = out[0, input_ids.shape[1]:].tolist()
+    text = slm_tokenizer.decode(output_ids, skip_special_tokens=True)
+    return SketchResult(outline=outline, text=text, outline_ids=outline_ids, output_ids=output_ids)
