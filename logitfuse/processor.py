@@ -93,7 +93,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     ``fallbacks`` (rows whose LLM request failed and used the SLM alone), ``llm_tokens`` (tokens fed),
     ``rollbacks`` (LLM tokens re-tokenized away), ``unmapped_tokens`` (with an identity map, generated
     ids beyond the LLM's vocabulary, e.g. embedding padding, which the LLM cannot be given) and
-    ``reorders``.
+    ``reorders``. :attr:`alpha_history` holds the α of each step, ``(batch,)`` tensors (1 where the
+    SLM decided alone). Tokens that an earlier logits processor set to ``-inf`` (``bad_words_ids``,
+    ``min_new_tokens``...) stay at ``-inf`` after fusion.
 
     Example (offline: two tiny random models with one tokenizer):
 
@@ -246,6 +248,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         self._row_keys: list[Any] = []
         self._map: list[int] = []
         self._vocab_map: VocabMap | None = self.vocab_map
+        self.alpha_history: list[Tensor] = []  # α used per step, (batch,) on CPU; 1 = SLM alone
         self.stats = {"steps": 0, "llm_calls": 0, "llm_row_calls": 0, "saved_calls": 0, "fallbacks": 0,
                       "llm_tokens": 0, "rollbacks": 0, "unmapped_tokens": 0, "reorders": 0}
 
@@ -342,6 +345,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         call = wanted & active
         self.stats["saved_calls"] += int((~wanted & active).sum())
         if not bool(call.any()):
+            self.alpha_history.append(torch.ones(batch))
             return slm_logprobs
 
         if any(self._rollback):
@@ -355,6 +359,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         ok = out.ok.to(device) & call
         self.stats["fallbacks"] += int((call & ~ok).sum())
         if not bool(ok.any()):
+            self.alpha_history.append(torch.ones(batch))
             return slm_logprobs
 
         llm_next = out.next
@@ -367,8 +372,14 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         else:
             alpha = torch.full((batch,), float(self.alpha), device=device)
         alpha = torch.where(ok, alpha, torch.ones_like(alpha))
+        self.alpha_history.append(alpha.detach().cpu())
         fused = fuse(scores, llm_next, alpha=alpha, vocab_map=self._vocab_map, mode=self.mode, tail=self.tail,
                      slm_temperature=self.slm_temperature, llm_temperature=self.llm_temperature, validate=False)
+        # a token an earlier processor banned (-inf: bad words, min_new_tokens' EOS...) stays banned,
+        # even where the LLM would give it mass
+        banned = scores == float("-inf")
+        if bool(banned.any()):
+            fused = torch.log_softmax(fused.masked_fill(banned, float("-inf")), dim=-1)
         return torch.where(ok[:, None], fused, slm_logprobs)
 
     # ------------------------------------------------------------------ inspection

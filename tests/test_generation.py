@@ -60,6 +60,28 @@ def test_alpha_one_equals_plain_slm_greedy(tok, slm, llm_model):
     assert proc.stats["fallbacks"] == 0
 
 
+def test_tokens_banned_by_earlier_processors_stay_banned(tok, slm, llm_model):
+    """Linear fusion must not give back mass to a token `bad_words_ids` removed from the SLM's scores."""
+    inputs = private_batch(tok, PUBLICS[:1])
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS[:1], alpha=0.0)
+    free = generate(slm, inputs, N_NEW, proc)[0].tolist()
+    banned = sorted(set(free))[:3]
+    proc.reset()
+    constrained = generate(slm, inputs, N_NEW, proc, bad_words_ids=[[t] for t in banned])[0].tolist()
+    assert not set(constrained) & set(banned), (banned, constrained)
+
+
+def test_alpha_history_records_each_step(tok, slm, llm_model):
+    inputs = private_batch(tok, PUBLICS[:2])
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS[:2], alpha=0.3,
+                                              schedule="periodic(2, 1, 1)")
+    generate(slm, inputs, 6, proc)
+    history = torch.stack(proc.alpha_history)
+    assert history.shape == (6, 2)
+    skipped = history[:, 0] == 1.0
+    assert int(skipped.sum()) == proc.stats["saved_calls"] // 2 and torch.all(history[~skipped] == 0.3)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_alpha_zero_shared_model_equals_llm_greedy(tok, slm, batch):
     """Identity map, one model on both sides, α = 0: the tokens are the LLM's own greedy decoding
