@@ -24,9 +24,10 @@ _REFERENCE = SimpleNamespace(
 )
 
 
-def _ops_for(tensor: Tensor) -> SimpleNamespace:
-    """The implementation for ``tensor``'s device: Triton kernels on CUDA, the reference elsewhere."""
-    if tensor.device.type == "cuda":
+def _ops_for(args: dict) -> SimpleNamespace:
+    """The implementation for prepared ``args``: Triton kernels for CUDA tensors, the reference
+    elsewhere and for maps that aggregate LLM tokens (``llm_to_slm``), which the kernels do not do yet."""
+    if args["slm_logits"].device.type == "cuda" and "llm_to_slm" not in args:
         from logitfuse import kernels
 
         if kernels.available():
@@ -143,7 +144,12 @@ def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm
             f"slm_logits has vocabulary size {v_slm} but vocab_map was built for v_slm={vocab_map.v_slm}; "
             "build the map for this SLM (VocabMap.identity or VocabMap.from_tokenizers)"
         )
+    if vocab_map.llm_to_slm is not None:
+        extra = {"llm_to_slm": vocab_map.on(device, "llm_to_slm")}
+    else:
+        extra = {}
     args = dict(
+        **extra,
         slm_logits=slm_logits,
         llm=llm,
         slm_to_llm=vocab_map.on(device),
@@ -210,7 +216,7 @@ def fuse(
     True
     """
     args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
-    return _ops_for(args["slm_logits"]).fuse(**args)
+    return _ops_for(args).fuse(**args)
 
 
 def fuse_sample(
@@ -266,7 +272,7 @@ def fuse_sample(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
     args["uniform"] = torch.rand(batch, generator=generator, device=draw_on).to(device)
-    ids, logprobs = _ops_for(logits).fuse_sample(**args)
+    ids, logprobs = _ops_for(args).fuse_sample(**args)
     return (ids, logprobs) if return_logprobs else ids
 
 
@@ -313,7 +319,7 @@ def fused_cross_entropy(
                 f"targets holds ids outside [0, {logits.shape[1]}) that are not ignore_index={ignore_index}: "
                 f"{targets[bad][:5].tolist()}"
             )
-    return _ops_for(logits).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
+    return _ops_for(args).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
 
 
 def row_stats(logits: Tensor, k: int = 4) -> RowStats:
@@ -329,4 +335,4 @@ def row_stats(logits: Tensor, k: int = 4) -> RowStats:
     logits = _check_logits("logits", logits, validate=True)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return _ops_for(logits).row_stats(logits, k)
+    return _ops_for({"slm_logits": logits}).row_stats(logits, k)

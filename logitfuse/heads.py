@@ -97,7 +97,7 @@ class _Head(nn.Module):
         lp_slm = reference.slm_logprobs(args["slm_logits"], args["slm_temperature"])
         lp_llm, shift = reference.llm_logprobs_on_slm_vocab(
             lp_slm, args["llm"], args["slm_to_llm"], v_llm=args["v_llm"], tail=self.tail,
-            llm_temperature=args["llm_temperature"],
+            llm_temperature=args["llm_temperature"], llm_to_slm=args.get("llm_to_slm"),
         )
         return lp_slm, lp_llm, shift
 

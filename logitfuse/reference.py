@@ -79,13 +79,22 @@ def llm_logprobs_on_slm_vocab(
     v_llm: int,
     tail: str,
     llm_temperature: Tensor,
+    llm_to_slm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pull the LLM's distribution back onto the SLM vocabulary.
 
     Returns ``(lp_llm, llm_shift)``: ``lp_llm`` is ``(B, V_S)`` float32, ``log p_L`` of each SLM
     token's counterpart (tail rule for unknown tokens), and ``llm_shift`` is ``(B,)``, the LLM's
     log-sum-exp (0 for top-k input), so ``lp_llm + llm_shift`` is on the LLM's raw logit scale.
+
+    With ``llm_to_slm`` ``(V_L,)`` (maps between two tokenizers), every LLM token hands its
+    probability to the SLM token it starts with, and an SLM token is known when some LLM token
+    handing to it was reported: ``p_L(i) = Σ_{j: llm_to_slm[j] = i} p_L(j)``. With the exact
+    inverse of a one-to-one ``slm_to_llm`` this is the same as the gather above.
     """
+    if llm_to_slm is not None:
+        lp_known, known, llm_shift = _aggregate_llm(lp_slm, llm, llm_to_slm, llm_temperature)
+        return _with_tail(lp_slm, lp_known, known, llm_shift, tail), llm_shift
     batch = lp_slm.shape[0]
     mapped = slm_to_llm >= 0
     columns = slm_to_llm.clamp(min=0)
@@ -103,6 +112,35 @@ def llm_logprobs_on_slm_vocab(
         lp_full = logits - llm_shift[:, None]
         known = mapped.expand(batch, -1)
     lp_known = torch.where(known, lp_full[:, columns], -math.inf)
+    return _with_tail(lp_slm, lp_known, known, llm_shift, tail), llm_shift
+
+
+def _aggregate_llm(lp_slm: Tensor, llm: Tensor | TopK, llm_to_slm: Tensor,
+                   llm_temperature: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log Σ_{j → i} p_L(j), known, llm_shift)``: ``known[b, i]`` when a reported LLM token maps to ``i``."""
+    batch, v_slm = lp_slm.shape
+    if isinstance(llm, TopK):
+        targets = llm_to_slm[llm.ids]
+        reported = targets >= 0
+        probs = torch.where(reported, llm.logprobs.float().exp(), 0.0)
+        columns = targets.clamp(min=0)
+        mass = torch.zeros(batch, v_slm, device=lp_slm.device).scatter_add_(1, columns, probs)
+        hits = torch.zeros(batch, v_slm, device=lp_slm.device).scatter_add_(1, columns, reported.float())
+        llm_shift = torch.zeros(batch, device=lp_slm.device)
+    else:
+        logits = llm.float() / llm_temperature[:, None]
+        llm_shift = torch.logsumexp(logits, dim=-1)
+        valid = llm_to_slm >= 0
+        targets = llm_to_slm[valid]
+        mass = torch.zeros(batch, v_slm, device=lp_slm.device).index_add_(1, targets, (logits[:, valid] - llm_shift[:, None]).exp())
+        hits = torch.zeros(v_slm, device=lp_slm.device).index_add_(0, targets, torch.ones_like(targets, dtype=torch.float))
+        hits = hits.expand(batch, -1)
+    known = hits > 0
+    return torch.where(known, mass.log(), -math.inf), known, llm_shift
+
+
+def _with_tail(lp_slm: Tensor, lp_known: Tensor, known: Tensor, llm_shift: Tensor, tail: str) -> Tensor:
+    """Fill the SLM tokens the LLM said nothing about (not ``known``) by the tail rule."""
     unknown = ~known
     # LLM mass that no known SLM token received; it goes to the unknown ones
     tail_mass = (1.0 - lp_known.exp().sum(dim=-1)).clamp(min=TAIL_FLOOR)
@@ -116,7 +154,7 @@ def llm_logprobs_on_slm_vocab(
         lp_tail = (tail_mass.log() - n_unknown.log())[:, None].expand_as(lp_slm)
     else:  # "zero": raw logit 0
         lp_tail = (-llm_shift)[:, None].expand_as(lp_slm)
-    return torch.where(known, lp_known, lp_tail), llm_shift
+    return torch.where(known, lp_known, lp_tail)
 
 
 def mix(
@@ -159,12 +197,14 @@ def fuse_reference(
     tail: str,
     slm_temperature: Tensor,
     llm_temperature: Tensor,
+    llm_to_slm: Tensor | None = None,
 ) -> Tensor:
     """Fused log-probabilities ``(B, V_S)`` float32. Arguments as validated by ``logitfuse.fuse``:
-    ``alpha``, ``slm_temperature`` and ``llm_temperature`` are float32 ``(B,)`` tensors."""
+    ``alpha``, ``slm_temperature`` and ``llm_temperature`` are float32 ``(B,)`` tensors;
+    ``llm_to_slm`` as in :func:`llm_logprobs_on_slm_vocab`."""
     lp_slm = slm_logprobs(slm_logits, slm_temperature)
     lp_llm, llm_shift = llm_logprobs_on_slm_vocab(
-        lp_slm, llm, slm_to_llm, v_llm=v_llm, tail=tail, llm_temperature=llm_temperature
+        lp_slm, llm, slm_to_llm, v_llm=v_llm, tail=tail, llm_temperature=llm_temperature, llm_to_slm=llm_to_slm
     )
     slm_shift = torch.logsumexp(slm_logits.float() / slm_temperature[:, None], dim=-1)
     return mix(lp_slm, lp_llm, alpha, mode=mode, slm_shift=slm_shift, llm_shift=llm_shift)
@@ -233,11 +273,12 @@ def fuse_sample_reference(
     temperature: Tensor,
     top_k: Tensor,
     top_p: Tensor,
+    llm_to_slm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample from the fused distribution: ``(ids (B,) int64, fused logprob of each id (B,))``."""
     fused = fuse_reference(
         slm_logits, llm, slm_to_llm, alpha, v_llm=v_llm, mode=mode, tail=tail,
-        slm_temperature=slm_temperature, llm_temperature=llm_temperature,
+        slm_temperature=slm_temperature, llm_temperature=llm_temperature, llm_to_slm=llm_to_slm,
     )
     ids = sample_from_logprobs(fused, uniform, temperature=temperature, top_k=top_k, top_p=top_p)
     return ids, fused.gather(1, ids[:, None]).squeeze(1)
@@ -256,12 +297,13 @@ def fused_cross_entropy_reference(
     slm_temperature: Tensor,
     llm_temperature: Tensor,
     ignore_index: int,
+    llm_to_slm: Tensor | None = None,
 ) -> Tensor:
     """Per-token ``-log p_fused(target)`` ``(N,)``, differentiable in ``alpha`` through autograd.
     Rows whose target is ``ignore_index`` get loss 0."""
     fused = fuse_reference(
         slm_logits, llm, slm_to_llm, alpha, v_llm=v_llm, mode=mode, tail=tail,
-        slm_temperature=slm_temperature, llm_temperature=llm_temperature,
+        slm_temperature=slm_temperature, llm_temperature=llm_temperature, llm_to_slm=llm_to_slm,
     )
     ignored = targets == ignore_index
     picked = fused.gather(1, torch.where(ignored, 0, targets)[:, None]).squeeze(1)

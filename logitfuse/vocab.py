@@ -93,10 +93,12 @@ def normalized_vocab(tokenizer: Any) -> dict[int, tuple[str, bytes | str]]:
     return out
 
 
-def _content_hash(slm_to_llm: torch.Tensor, v_llm: int) -> str:
+def _content_hash(slm_to_llm: torch.Tensor, v_llm: int, llm_to_slm: torch.Tensor | None = None) -> str:
     digest = hashlib.sha256(_FORMAT.encode())
     digest.update(f"{slm_to_llm.numel()}:{v_llm}:".encode())
     digest.update(slm_to_llm.numpy().astype("<i8").tobytes())
+    if llm_to_slm is not None:
+        digest.update(b"llm_to_slm:" + llm_to_slm.numpy().astype("<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -109,6 +111,12 @@ class VocabMap:
         ``(v_slm,)`` integer tensor; entry ``i`` is the LLM id for SLM id ``i`` or ``-1``.
     v_llm : int
         The LLM's vocabulary size (the width of its logits).
+    llm_to_slm : torch.Tensor, optional
+        ``(v_llm,)``: for maps between two tokenizers, the SLM token each LLM token starts with
+        (``-1``: none). The fusion then hands every LLM token's probability to that SLM token, so
+        the mass of LLM tokens with no exact SLM counterpart (``"],\n\n"`` when the SLM has only
+        ``"],"``) reaches the right SLM token instead of the tail. It must agree with
+        ``slm_to_llm`` (``llm_to_slm[slm_to_llm[i]] == i``). ``from_tokenizers`` builds it.
 
     Example
     -------
@@ -118,7 +126,7 @@ class VocabMap:
     ([0, 1, 2, 3, -1], 0.8)
     """
 
-    def __init__(self, slm_to_llm: torch.Tensor, v_llm: int):
+    def __init__(self, slm_to_llm: torch.Tensor, v_llm: int, llm_to_slm: torch.Tensor | None = None):
         if not isinstance(slm_to_llm, torch.Tensor) or slm_to_llm.dim() != 1:
             raise TypeError("slm_to_llm must be a 1-D integer tensor of shape (v_slm,)")
         if slm_to_llm.dtype.is_floating_point or slm_to_llm.dtype == torch.bool:
@@ -131,9 +139,17 @@ class VocabMap:
                 f"slm_to_llm holds ids outside [-1, v_llm={v_llm}): "
                 f"min {int(slm_to_llm.min())}, max {int(slm_to_llm.max())}"
             )
+        if llm_to_slm is not None:
+            llm_to_slm = llm_to_slm.detach().to("cpu", torch.int64).contiguous()
+            if llm_to_slm.shape != (int(v_llm),) or llm_to_slm.min() < -1 or llm_to_slm.max() >= slm_to_llm.numel():
+                raise ValueError(f"llm_to_slm must have shape ({v_llm},) and hold ids in [-1, v_slm={slm_to_llm.numel()})")
+            mapped = slm_to_llm >= 0
+            if not torch.equal(llm_to_slm[slm_to_llm[mapped]], torch.arange(slm_to_llm.numel())[mapped]):
+                raise ValueError("llm_to_slm disagrees with slm_to_llm: an exactly mapped pair must map back to itself")
         self.slm_to_llm = slm_to_llm
+        self.llm_to_slm = llm_to_slm
         self.v_llm = int(v_llm)
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._hash: str | None = None
 
     # ------------------------------------------------------------------ constructors
@@ -151,7 +167,8 @@ class VocabMap:
     def from_tokenizers(
         cls, slm_tokenizer: Any, llm_tokenizer: Any, *, v_slm: int | None = None, v_llm: int | None = None
     ) -> "VocabMap":
-        """Map tokens whose normalized text is identical (see :func:`normalized_vocab`).
+        """Map tokens whose normalized text is identical (see :func:`normalized_vocab`), and every
+        other LLM token to the longest SLM token its text starts with (``llm_to_slm``).
 
         ``v_slm`` / ``v_llm`` are the models' logit widths when larger than the tokenizers'
         vocabularies (embedding padding); the padded ids stay unmapped. When several tokens of one
@@ -171,14 +188,27 @@ class VocabMap:
             kind, text = llm_norm[idx]
             by_text.setdefault(("added" if kind == "added" else "text", text), idx)
         slm_to_llm = torch.full((v_slm,), -1, dtype=torch.int64)
-        taken: set[int] = set()
+        llm_to_slm = torch.full((v_llm,), -1, dtype=torch.int64)
+        slm_by_text: dict[tuple[str, bytes | str], int] = {}
         for idx in ordered(slm_norm):
             kind, text = slm_norm[idx]
-            target = by_text.get(("added" if kind == "added" else "text", text))
-            if target is not None and target not in taken:
+            key = ("added" if kind == "added" else "text", text)
+            slm_by_text.setdefault(key, idx)
+            target = by_text.get(key)
+            if target is not None and llm_to_slm[target] < 0:
                 slm_to_llm[idx] = target
-                taken.add(target)
-        return cls(slm_to_llm, v_llm)
+                llm_to_slm[target] = idx
+        # every other LLM token hands its mass to the longest SLM token its text starts with
+        longest = max((len(text) for kind, text in slm_by_text if kind == "text"), default=0)
+        for idx, (kind, text) in llm_norm.items():
+            if llm_to_slm[idx] >= 0 or kind == "added":
+                continue
+            for size in range(min(len(text), longest), 0, -1):
+                prefix = slm_by_text.get(("text", text[:size]))
+                if prefix is not None:
+                    llm_to_slm[idx] = prefix
+                    break
+        return cls(slm_to_llm, v_llm, llm_to_slm)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -194,21 +224,24 @@ class VocabMap:
     def hash(self) -> str:
         """A stable content hash (sha256 hex) of the sizes and the map."""
         if self._hash is None:
-            self._hash = _content_hash(self.slm_to_llm, self.v_llm)
+            self._hash = _content_hash(self.slm_to_llm, self.v_llm, self.llm_to_slm)
         return self._hash
 
-    def on(self, device: torch.device | str) -> torch.Tensor:
-        """The map as an int64 tensor on ``device`` (copied once per device, then cached)."""
-        device = torch.device(device)
-        if device not in self._on_device:
-            self._on_device[device] = self.slm_to_llm.to(device)
-        return self._on_device[device]
+    def on(self, device: torch.device | str, which: str = "slm_to_llm") -> torch.Tensor:
+        """``slm_to_llm`` (or ``which="llm_to_slm"``) as an int64 tensor on ``device``, cached."""
+        key = (which, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, which).to(key[1])
+        return self._on_device[key]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the map to a safetensors file (atomically)."""
         metadata = {"format": _FORMAT, "v_llm": str(self.v_llm), "hash": self.hash}
-        atomic_write(path, lambda tmp: save_file({"slm_to_llm": self.slm_to_llm}, tmp, metadata=metadata))
+        tensors = {"slm_to_llm": self.slm_to_llm}
+        if self.llm_to_slm is not None:
+            tensors["llm_to_slm"] = self.llm_to_slm
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabMap":
@@ -226,9 +259,10 @@ class VocabMap:
         if metadata.get("format") != _FORMAT or "slm_to_llm" not in tensors or "v_llm" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a VocabMap (format {metadata.get('format')!r})")
         slm_to_llm, v_llm = tensors["slm_to_llm"].to(torch.int64), int(metadata["v_llm"])
-        if metadata.get("hash") != _content_hash(slm_to_llm, v_llm):
+        llm_to_slm = tensors["llm_to_slm"].to(torch.int64) if "llm_to_slm" in tensors else None
+        if metadata.get("hash") != _content_hash(slm_to_llm, v_llm, llm_to_slm):
             raise ValueError(f"{path} is corrupted: its content hash does not match the one stored with it")
-        return cls(slm_to_llm, v_llm)
+        return cls(slm_to_llm, v_llm, llm_to_slm)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VocabMap) and self.hash == other.hash

@@ -311,6 +311,32 @@ def resolve(
     )
 
 
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    install: bool = True,
+    home: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """``(model, tokenizer, name)`` for a zoo name or a local transformers folder, in eval mode.
+
+    ``name`` is the zoo name, or the folder's name for a local folder (what heads record).
+    float32 is the default: on CPUs without native bf16 matrix units it is the faster choice.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve(name_or_path, install=install, home=home, progress=progress)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    text = os.fspath(name_or_path)
+    name = text if text in REGISTRY and not isinstance(name_or_path, Path) else folder.name
+    return model, AutoTokenizer.from_pretrained(folder), name
+
+
 # ----------------------------------------------------------------------------- install steps
 
 

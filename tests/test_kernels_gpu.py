@@ -51,7 +51,7 @@ def assert_logprobs_close(got, want, atol=1e-3, rtol=1e-4):
 
 
 def test_cuda_tensors_dispatch_to_the_kernels():
-    assert functional._ops_for(torch.zeros(1, device="cuda")) is kernels.OPS
+    assert functional._ops_for({"slm_logits": torch.zeros(1, device="cuda")}) is kernels.OPS
 
 
 @pytest.mark.parametrize("llm_kind,map_kind,mode,tail", [

@@ -19,14 +19,20 @@ MODES = logitfuse.MODES
 TAILS = logitfuse.TAILS
 
 
-def random_partial_map(v_slm, v_llm, gen, unmapped=0.3):
-    """A one-to-one map with about `unmapped` of the SLM tokens left out."""
+def random_partial_map(v_slm, v_llm, gen, unmapped=0.3, aggregate=False):
+    """A one-to-one map with about `unmapped` of the SLM tokens left out; with `aggregate`, the
+    other LLM tokens also hand their mass to random SLM tokens (as prefixes do across tokenizers)."""
     targets = torch.randperm(v_llm, generator=gen)[:v_slm] if v_slm <= v_llm else torch.randperm(v_llm, generator=gen)
     slm_to_llm = torch.full((v_slm,), -1)
     chosen = torch.randperm(v_slm, generator=gen)[: min(v_slm, len(targets))]
     slm_to_llm[chosen] = targets[: len(chosen)]
-    drop = torch.rand(v_slm, generator=gen) < unmapped
-    return VocabMap(torch.where(drop, -1, slm_to_llm), v_llm)
+    slm_to_llm = torch.where(torch.rand(v_slm, generator=gen) < unmapped, -1, slm_to_llm)
+    if not aggregate:
+        return VocabMap(slm_to_llm, v_llm)
+    llm_to_slm = torch.randint(-1, v_slm, (v_llm,), generator=gen)
+    mapped = slm_to_llm >= 0
+    llm_to_slm[slm_to_llm[mapped]] = torch.arange(v_slm)[mapped]
+    return VocabMap(slm_to_llm, v_llm, llm_to_slm)
 
 
 def random_topk(llm_logits, k):
@@ -105,11 +111,11 @@ shapes = st.tuples(st.integers(1, 4), st.integers(1, 60), st.integers(1, 60))
 
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes, mode=st.sampled_from(MODES), tail=st.sampled_from(TAILS),
-       alpha=st.floats(0, 1), topk=st.booleans(), seed=st.integers(0, 2**16))
-def test_outputs_normalize(shape, mode, tail, alpha, topk, seed):
+       alpha=st.floats(0, 1), topk=st.booleans(), aggregate=st.booleans(), seed=st.integers(0, 2**16))
+def test_outputs_normalize(shape, mode, tail, alpha, topk, aggregate, seed):
     batch, v_slm, v_llm = shape
     gen = torch.Generator().manual_seed(seed)
-    vmap = random_partial_map(v_slm, v_llm, gen)
+    vmap = random_partial_map(v_slm, v_llm, gen, aggregate=aggregate)
     llm = torch.randn(batch, v_llm, generator=gen) * 3
     inputs = random_topk(llm, min(v_llm, 3)) if topk else llm
     fused = logitfuse.fuse(torch.randn(batch, v_slm, generator=gen) * 3, inputs, alpha=alpha,
@@ -411,3 +417,33 @@ def test_linear_gradient_at_alpha_one_counts_tokens_the_slm_masked():
     below = logitfuse.fused_cross_entropy(slm, llm, target, alpha=1 - h)
     at = logitfuse.fused_cross_entropy(slm, llm, target, alpha=1.0)
     torch.testing.assert_close(alpha.grad.float(), (at - below) / h, atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------ maps between two tokenizers
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("topk", [False, True])
+def test_aggregating_through_the_exact_inverse_is_the_gather(mode, tail, topk):
+    gen = torch.Generator().manual_seed(21)
+    vmap = random_partial_map(30, 26, gen)
+    inverse = torch.full((26,), -1)
+    mapped = vmap.slm_to_llm >= 0
+    inverse[vmap.slm_to_llm[mapped]] = torch.arange(30)[mapped]
+    aggregating = VocabMap(vmap.slm_to_llm, 26, inverse)
+    slm, llm = torch.randn(3, 30, generator=gen), torch.randn(3, 26, generator=gen)
+    inputs = random_topk(llm, 6) if topk else llm
+    torch.testing.assert_close(
+        logitfuse.fuse(slm, inputs, alpha=0.3, vocab_map=aggregating, mode=mode, tail=tail),
+        logitfuse.fuse(slm, inputs, alpha=0.3, vocab_map=vmap, mode=mode, tail=tail))
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_llm_tokens_without_a_counterpart_give_their_mass_to_their_first_slm_piece(topk):
+    """SLM: ["a", "b", "],"]; LLM: ["a", "b", "],", "],\n\n"] — the LLM's "],\n\n" starts with "],"."""
+    vmap = VocabMap(torch.tensor([0, 1, 2]), 4, llm_to_slm=torch.tensor([0, 1, 2, 2]))
+    llm_probs = torch.tensor([[0.05, 0.05, 0.1, 0.8]])
+    llm = TopK(torch.tensor([[3, 2]]), llm_probs[:, [3, 2]].log()) if topk else llm_probs.log()
+    fused = logitfuse.fuse(torch.zeros(1, 3), llm, alpha=0.0, vocab_map=vmap).exp()
+    assert fused[0, 2] == pytest.approx(0.9, abs=1e-5)
+    exact_only = logitfuse.fuse(torch.zeros(1, 3), llm, alpha=0.0, vocab_map=VocabMap(torch.tensor([0, 1, 2]), 4)).exp()
+    assert exact_only[0, 2] < 0.6  # without the hand-off the 0.8 is lost (dense) or spread over the tail (top-k)

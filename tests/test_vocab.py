@@ -117,3 +117,38 @@ def test_load_rejects_damaged_files(tmp_path):
         VocabMap.load(path)
     with pytest.raises(FileNotFoundError):
         VocabMap.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("direction", ["bpe_to_sp", "sp_to_bpe"])
+def test_llm_tokens_hand_their_mass_to_the_longest_slm_prefix(direction):
+    from logitfuse.vocab import normalized_vocab
+
+    bpe, sp = byte_level_tokenizer(), sentencepiece_tokenizer()
+    slm_tok, llm_tok = (bpe, sp) if direction == "bpe_to_sp" else (sp, bpe)
+    vmap = VocabMap.from_tokenizers(slm_tok, llm_tok)
+    slm_text, llm_text = normalized_vocab(slm_tok), normalized_vocab(llm_tok)
+    exact = vmap.slm_to_llm >= 0
+    assert torch.equal(vmap.llm_to_slm[vmap.slm_to_llm[exact]], torch.arange(vmap.v_slm)[exact])
+    handed = 0
+    for j, i in enumerate(vmap.llm_to_slm.tolist()):
+        kind, text = llm_text[j]
+        if i < 0:
+            assert kind == "added", (j, text)
+            continue
+        if kind != "added" and vmap.slm_to_llm[i] != j:
+            handed += 1
+            prefix = slm_text[i][1]
+            assert text.startswith(prefix)  # equal when the LLM has two tokens for one text (▁ and <0x20>)
+            longer = [t for k, t in slm_text.values() if k != "added" and text.startswith(t) and len(t) > len(prefix)]
+            assert not longer, (text, prefix, longer)
+    assert handed > 0
+
+
+def test_maps_with_llm_to_slm_round_trip_and_hash(tmp_path):
+    vmap = VocabMap.from_tokenizers(byte_level_tokenizer(), sentencepiece_tokenizer())
+    vmap.save(tmp_path / "m.safetensors")
+    loaded = VocabMap.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded.llm_to_slm, vmap.llm_to_slm) and loaded.hash == vmap.hash
+    assert VocabMap(vmap.slm_to_llm, vmap.v_llm).hash != vmap.hash
+    with pytest.raises(ValueError, match="disagrees with slm_to_llm"):
+        VocabMap(torch.tensor([1, 0]), 2, llm_to_slm=torch.tensor([0, 1]))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from logitfuse import zoo
 from logitfuse._io import atomic_write_text
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
@@ -29,22 +30,9 @@ from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_streaming
 HEADS_DIR = "heads"
 
 
-def load_model(name_or_path: str, *, dtype: str = "bfloat16", device: str = "cpu") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, name)`` from a zoo name or a local transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name_or_path)
-    if not path.is_dir():
-        from logitfuse import zoo
-
-        path = zoo.resolve(name_or_path, install=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path), name_or_path if not Path(name_or_path).is_dir() else path.name
-
-
 def load_pair(args: argparse.Namespace) -> Pair:
-    slm, slm_tok, slm_name = load_model(args.slm, dtype=args.dtype, device=args.device)
-    llm, llm_tok, llm_name = load_model(args.llm, dtype=args.dtype, device=args.device)
+    slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device)
+    llm, llm_tok, llm_name = zoo.load(args.llm, dtype=args.dtype, device=args.device)
     return Pair.build(slm, slm_tok, llm, llm_tok, slm_name, llm_name)
 
 
@@ -153,7 +141,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
     parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model weights' dtype (default float32: faster than bf16 on most CPUs)")
     parser.add_argument("--max-history", type=int, default=None,
                         help="keep only the first N writing-history items in the private prompt (shorter prompts, faster on CPU)")
     parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")

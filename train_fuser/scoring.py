@@ -166,7 +166,8 @@ def linear_terms(slm_logits: torch.Tensor, llm: torch.Tensor | TopK, targets: to
     ones = torch.ones(slm_logits.shape[0])
     lp_slm = reference.slm_logprobs(slm_logits, ones)
     lp_llm, _ = reference.llm_logprobs_on_slm_vocab(
-        lp_slm, llm, vocab_map.slm_to_llm, v_llm=vocab_map.v_llm, tail=tail, llm_temperature=ones
+        lp_slm, llm, vocab_map.slm_to_llm, v_llm=vocab_map.v_llm, tail=tail, llm_temperature=ones,
+        llm_to_slm=vocab_map.llm_to_slm,
     )
     rows = torch.arange(len(targets))
     terms = torch.stack([lp_slm[rows, targets], lp_llm[rows, targets], lp_llm.logsumexp(dim=-1)], dim=-1)
