@@ -15,13 +15,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["logitfuse", "logitfuse.kernels", "logitfuse.train_fuser"],
+    packages=["logitfuse", "logitfuse.bench", "logitfuse.kernels", "logitfuse.train_fuser"],
     package_dir={
         "logitfuse": "logitfuse",
         "logitfuse.kernels": "kernels",
         "logitfuse.train_fuser": "train_fuser",
     },
-    package_data={"logitfuse.train_fuser": ["data/*.json", "heads/*/*"]},
+    package_data={"logitfuse.train_fuser": ["data/*.json", "data/*.md", "heads/*/*/*"]},
     install_requires=[
         # torch is deliberately unpinned here; install a wheel that fits your machine first
         # (CI and the README install torch==2.13.0, a CPU build, before this package).

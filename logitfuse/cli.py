@@ -78,6 +78,12 @@ def _add_train_eval(subparsers: argparse._SubParsersAction) -> None:
     add_subcommands(subparsers)  # `train` and `eval`
 
 
+def _add_demo_generate(subparsers: argparse._SubParsersAction) -> None:
+    from logitfuse.demo import add_subcommands
+
+    add_subcommands(subparsers)  # `demo` and `generate`
+
+
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
     from logitfuse.zoo import add_models_subcommand
 
@@ -86,8 +92,10 @@ def _add_models(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------- main
 # Each registrar adds one or more subparsers and sets `func` (args -> exit status) on them.
-# `demo`, `generate` and `bench` go here when they exist.
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_train_eval, _add_models]
+# `bench` goes here when it exists.
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo_generate, _add_serve, _add_train_eval, _add_models,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
