@@ -7,7 +7,7 @@ two tokenizers the response is cut at different places: a position is *aligned* 
 tokenizations have a token boundary at the same byte, and only aligned positions are scored (their
 share is reported). With one tokenizer every position is aligned.
 
-Two ways to feed training (``logitfuse train --store``):
+Two ways to feed training (``logitfuse train`` caches for its FusionHeads and streams for ``--paper-head``):
 
 - ``cache`` (default): per position, the fusion-head features and the three numbers that give the
   linear-mode loss exactly for any α — ``log p_S(y)``, ``log p_L(y)`` and ``log Σ_i p_L(i)`` over the

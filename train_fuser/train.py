@@ -14,6 +14,7 @@ Both work unchanged under ``torchrun``: with ``torch.distributed`` initialized, 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,38 +74,19 @@ class _FromFeatures(torch.nn.Module):
         return self.head.alpha_from_features(features)
 
 
-def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
-               config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
-    """Train ``head`` (linear mode) on cached ``features`` ``(N, F)`` and ``terms`` ``(N, 3)``;
-    ``example`` ``(N,)`` says which example each position belongs to (for the validation split)."""
-    if head.mode != "linear":
-        raise ValueError(f"cached training computes the linear-mode loss; this head has mode={head.mode!r} (use --store stream)")
-    torch.manual_seed(config.seed)
-    rank, world = _distributed()
-    train_ids, val_ids = split_examples(int(example.max()) + 1, config.val_fraction, config.seed)
-    in_train = torch.isin(example, train_ids[rank::world])
-    in_val = torch.isin(example, val_ids)
-    model = _wrap(_FromFeatures(head))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
+def _fit(head: _Head, config: TrainConfig, train_epoch: Callable[[int], float],
+         validate: Callable[[], float | None], desc: str, progress: bool) -> FitResult:
+    """Epochs of ``train_epoch`` (returns the mean training NLL) with early stopping on
+    ``validate()`` (``None``: no validation data, the training NLL stands in); keeps the best state."""
     result, best, best_state, stale = FitResult(head), float("inf"), copy.deepcopy(head.state_dict()), 0
-    bar = tqdm(range(config.max_epochs), desc=f"fit {head.tail}", disable=not progress, leave=False)
-    x_train, t_train = features[in_train], terms[in_train]
+    bar = tqdm(range(config.max_epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         head.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            loss = linear_nll(model(x_train[batch]), t_train[batch]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        result.train_nll.append(total / max(len(order), 1))
+        result.train_nll.append(train_epoch(epoch))
         head.eval()
         with torch.no_grad():
-            val = linear_nll(head.alpha_from_features(features[in_val]), terms[in_val]).mean().item() if in_val.any() else result.train_nll[-1]
+            val = validate()
+        val = result.train_nll[-1] if val is None else val
         result.val_nll.append(val)
         bar.set_postfix(train=f"{result.train_nll[-1]:.4f}", val=f"{val:.4f}")
         if val < best - 1e-5:
@@ -116,6 +98,42 @@ def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, ex
     head.load_state_dict(best_state)
     head.eval()
     return result
+
+
+def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
+               config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
+    """Train ``head`` (linear mode) on cached ``features`` ``(N, F)`` and ``terms`` ``(N, 3)``;
+    ``example`` ``(N,)`` says which example each position belongs to (for the validation split)."""
+    if head.mode != "linear":
+        raise ValueError(f"cached training computes the linear-mode loss; this head has mode={head.mode!r} (train it with fit_streaming)")
+    torch.manual_seed(config.seed)
+    rank, world = _distributed()
+    train_ids, val_ids = split_examples(int(example.max()) + 1, config.val_fraction, config.seed)
+    in_train = torch.isin(example, train_ids[rank::world])
+    in_val = torch.isin(example, val_ids)
+    model = _wrap(_FromFeatures(head))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    x_train, t_train = features[in_train], terms[in_train]
+
+    def train_epoch(epoch: int) -> float:
+        order = torch.randperm(len(x_train), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = linear_nll(model(x_train[batch]), t_train[batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        return total / max(len(order), 1)
+
+    def validate() -> float | None:
+        if not in_val.any():
+            return None
+        return linear_nll(head.alpha_from_features(features[in_val]), terms[in_val]).mean().item()
+
+    return _fit(head, config, train_epoch, validate, f"fit {head.tail}", progress)
 
 
 def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Variant,
@@ -135,9 +153,7 @@ def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Var
         return logitfuse.fused_cross_entropy(scored.slm_logits, llm, scored.targets, alpha=alpha,
                                              vocab_map=pair.vocab_map, mode=head.mode, tail=head.tail)
 
-    result, best, best_state, stale = FitResult(head), float("inf"), copy.deepcopy(head.state_dict()), 0
-    for epoch in range(config.max_epochs):
-        head.train()
+    def train_epoch(epoch: int) -> float:
         losses = []
         for index in tqdm(train_ids[rank::world].tolist(), desc=f"epoch {epoch}", disable=not progress, leave=False):
             loss = nll(index)
@@ -145,17 +161,9 @@ def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Var
             loss.mean().backward()
             optimizer.step()
             losses.append(loss.detach())
-        result.train_nll.append(torch.cat(losses).mean().item())
-        head.eval()
-        with torch.no_grad():
-            val = torch.cat([nll(i) for i in val_ids.tolist()]).mean().item() if len(val_ids) else result.train_nll[-1]
-        result.val_nll.append(val)
-        if val < best - 1e-5:
-            best, best_state, stale, result.best_epoch = val, copy.deepcopy(head.state_dict()), 0, epoch
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    head.load_state_dict(best_state)
-    head.eval()
-    return result
+        return torch.cat(losses).mean().item()
+
+    def validate() -> float | None:
+        return torch.cat([nll(i) for i in val_ids.tolist()]).mean().item() if len(val_ids) else None
+
+    return _fit(head, config, train_epoch, validate, "fit (streaming)", progress)
