@@ -1,12 +1,13 @@
 """The ``logitfuse`` command line.
 
 One subcommand per module of work; each is registered by a ``_add_<name>(subparsers)`` function that
-sets ``func`` on its parser (listed in ``_SUBCOMMANDS``), so ``demo``, ``generate`` and ``bench`` can
-be added beside ``serve``, ``train``, ``eval`` and ``models`` without touching :func:`main`.
+sets ``func`` on its parser (listed in ``_SUBCOMMANDS``), so a new command never touches :func:`main`.
 
+    logitfuse demo | generate ...                 (logitfuse.demo)
     logitfuse serve --model DIR [--host 127.0.0.1] [--port 8000] [--top-k-max 20]
     logitfuse train ... / logitfuse eval ...      (logitfuse.train_fuser.cli)
     logitfuse models {list,install,path}          (logitfuse.zoo)
+    logitfuse bench {kernels,sampling,decode,train,plot}   (logitfuse.bench)
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def _add_demo_generate(subparsers: argparse._SubParsersAction) -> None:
     add_subcommands(subparsers)  # `demo` and `generate`
 
 
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from logitfuse.bench.cli import add_bench_subcommand
+
+    add_bench_subcommand(subparsers)  # `bench {kernels,sampling,decode,train,plot}`
+
+
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
     from logitfuse.zoo import add_models_subcommand
 
@@ -92,9 +99,8 @@ def _add_models(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------- main
 # Each registrar adds one or more subparsers and sets `func` (args -> exit status) on them.
-# `bench` goes here when it exists.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo_generate, _add_serve, _add_train_eval, _add_models,
+    _add_demo_generate, _add_serve, _add_train_eval, _add_models, _add_bench,
 ]
 
 
