@@ -147,8 +147,13 @@ def run_demo(args: argparse.Namespace) -> int:
     head_dir = Path(args.head) if args.head and args.head != "none" else (
         bundled_head_dir(slm_name, llm_name) if args.head is None else None)
     if head_dir is not None:
-        head = load_head(head_dir, vocab_map=vmap)
-        weight = f"trained head {head_dir.parent.name}/{head_dir.name}"
+        try:
+            head = load_head(head_dir, vocab_map=vmap)
+            weight = f"trained head {head_dir.parent.name}/{head_dir.name}"
+        except ValueError as err:
+            if args.head is not None:  # the user's own head must fit
+                raise
+            print(f"(the shipped head does not fit these models, using a fixed alpha: {err})")
     proc = CoGenesisLogitsProcessor(llm, public_ids, head=head, alpha=None if head is not None else args.alpha,
                                     vocab_map=vmap, mode=head.mode if head is not None else "linear",
                                     tail=head.tail if head is not None else "slm", slm_tokenizer=slm_tok,
