@@ -36,6 +36,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19"],
         "models": ["gguf>=0.10", "accelerate>=0.30"],
         "bench": ["matplotlib>=3.7"],
+        "engine": ["llama-cpp-python[server]==0.3.36"],
     },
     entry_points={"console_scripts": ["logitfuse=logitfuse.cli:main"]},
 )

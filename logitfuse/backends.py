@@ -28,11 +28,14 @@ URL, status and the server's reply, never the request.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import http.client
 import inspect
 import json
 import math
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,11 +49,26 @@ from logitfuse.types import TopK
 
 Tensor = torch.Tensor
 
-__all__ = ["HFLLM", "LLMBackend", "LLMBackendError", "LLMOutput", "OpenAICompatibleLLM", "parse_top_logprobs"]
+__all__ = ["HFLLM", "LLMBackend", "LLMBackendError", "LLMOutput", "OpenAICompatibleLLM", "TokenStringMap",
+           "parse_top_logprobs"]
 
 
 class LLMBackendError(RuntimeError):
-    """The LLM could not be reached or answered something unusable (``on_failure="raise"``)."""
+    """The LLM could not be reached or answered something unusable (``on_failure="raise"``).
+
+    ``status`` is the last HTTP status the server answered with (``None`` for a timeout, a
+    connection error or a malformed reply).
+    """
+
+    def __init__(self, message: str, status: int | None = None, validation: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.validation = validation  # the server refused the request's shape (400/422, or a 500
+        # whose body reports a request validation error, as llama-cpp-python's server answers)
+
+
+def _is_validation_error(status: int, detail: str) -> bool:
+    return status in (400, 422) or ("validation error" in detail.lower() and "prompt" in detail)
 
 
 @dataclass
@@ -349,12 +367,128 @@ class HFLLM(LLMBackend):
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
-def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None) -> list[tuple[int, float]]:
+def render_token_bytes(data: bytes) -> str:
+    """How llama.cpp's server (llama-cpp-python) renders one token as a ``top_logprobs`` key: its
+    bytes decoded as UTF-8 with invalid or incomplete sequences *dropped*
+    (``bytes.decode("utf-8", errors="ignore")``), so a lone byte token ``b"\\xe2"`` is ``""`` and
+    ``b" \\xe2"`` is ``" "``. Checked against the real server in tests/test_engine.py."""
+    return data.decode("utf-8", errors="ignore")
+
+
+class TokenStringMap:
+    """Token strings, as a server prints them in ``top_logprobs``, back to LLM token ids.
+
+    Built once per tokenizer (cached): each id's raw bytes (:func:`logitfuse.retokenize.token_bytes_table`:
+    byte-level ``Ġ``/``Ċ`` and sentencepiece ``▁`` undone, ``<0xNN>`` byte tokens, added tokens as
+    their string) rendered with ``render`` (default :func:`render_token_bytes`, llama.cpp's rule).
+
+    Several ids can render to the same string: a token that is one complete character and tokens
+    holding that character plus a piece of an incomplete one (``" "`` and ``b" \\xe2"``), or two
+    spellings of one text. The server's key cannot tell them apart, so ``ties`` says where its
+    probability goes (never dropped):
+
+    - ``"split"`` (default): evenly among the *lossless* ids (whose bytes are exactly the key's
+      UTF-8; almost always exactly one, the token a tokenizer produces for that text), each getting
+      ``logprob - log(n)``; only when no id is lossless, evenly among all ids of that rendering.
+      Lossy renderings come from tokens cut inside a character, which only follow specific
+      bytes, so the lossless id is the likely one; when it is ambiguous too, an even split
+      claims no knowledge the reply does not hold.
+    - ``"canonical"``: all of it to one id, the lowest lossless one (else the lowest).
+
+    The empty string is never mapped: every control token and every token made only of bytes of
+    an incomplete character renders as ``""`` (hundreds of ids), so such an entry is dropped and
+    counted as unmapped; its probability then joins the leftover mass that the fusion's tail
+    rule spreads, rather than being attributed to an arbitrary id. Groups larger than
+    ``max_split`` ids are treated the same way. Keys in the ``errors="replace"`` rendering
+    (U+FFFD for the cut character, as transformers-based servers print them) map too.
+    """
+
+    def __init__(self, tokenizer: Any, *, ties: str = "split", render: Any = None, max_split: int = 8):
+        if ties not in ("split", "canonical"):
+            raise ValueError(f"ties={ties!r} must be 'split' (even share per id) or 'canonical' (one id)")
+        from logitfuse.retokenize import token_bytes_table
+
+        render = render_token_bytes if render is None else render
+        self.ties, self.max_split = ties, int(max_split)
+        table = token_bytes_table(tokenizer)
+        groups: dict[str, list[int]] = {}
+        lossless: dict[str, list[int]] = {}
+        for idx, data in enumerate(table):
+            if not data:
+                continue
+            text = render(data)
+            groups.setdefault(text, []).append(idx)
+            if text.encode("utf-8") == data:
+                lossless.setdefault(text, []).append(idx)
+        self._targets: dict[str, list[int]] = {}
+        for text, ids in groups.items():
+            if not text:
+                continue
+            chosen = lossless.get(text) or ids
+            if ties == "canonical":
+                chosen = chosen[:1]
+            if len(chosen) <= self.max_split:
+                self._targets[text] = chosen
+        # servers that decode with errors="replace" (transformers-based ones, e.g. SGLang) print a
+        # token cut inside a character with U+FFFD: those renderings are indexed too, where they
+        # do not collide with a key of the primary rule
+        replaced: dict[str, list[int]] = {}
+        for idx, data in enumerate(table):
+            if data and render(data).encode("utf-8") != data:
+                replaced.setdefault(data.decode("utf-8", errors="replace"), []).append(idx)
+        for text, ids in replaced.items():
+            if text not in groups and text not in self._targets and len(ids) <= self.max_split:
+                self._targets[text] = ids[:1] if ties == "canonical" else ids
+        self.ambiguous = sum(1 for ids in self._targets.values() if len(ids) > 1)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, *, ties: str = "split") -> "TokenStringMap":
+        """The cached map of ``tokenizer`` (one per tokenizer object and tie rule)."""
+        return _string_map(id(tokenizer), tokenizer, ties)
+
+    def lookup(self, key: str) -> list[int]:
+        """The ids that share ``key``'s probability (empty: unmapped)."""
+        return self._targets.get(key, [])
+
+    def map_pairs(self, top: dict[str, float]) -> tuple[list[tuple[int, float]], int]:
+        """``{token string: logprob}`` -> (``[(id, logprob)]``, number of keys that mapped)."""
+        pairs: list[tuple[int, float]] = []
+        mapped = 0
+        for key, value in top.items():
+            ids = self.lookup(key)
+            if not ids:
+                continue
+            mapped += 1
+            share = value - math.log(len(ids))
+            pairs.extend((i, share) for i in ids)
+        return pairs, mapped
+
+
+@functools.lru_cache(maxsize=8)
+def _string_map(_key: int, tokenizer: Any, ties: str) -> TokenStringMap:
+    return TokenStringMap(tokenizer, ties=ties)
+
+
+_TOKEN_ID_KEY = "token_id:"
+
+
+def _check_logprob(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-4:
+        raise ValueError("top_logprobs values must be log-probabilities (numbers <= 0)")
+    return float(min(value, 0.0))
+
+
+def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strings: TokenStringMap | None = None,
+                       counts: dict | None = None) -> list[tuple[int, float]]:
     """The next-token ``(id, logprob)`` pairs of an OpenAI-compatible completions reply, best first.
 
-    Reads ``choices[0].logprobs.top_logprobs[0]`` with keys ``"token_id:123"`` (vLLM's and
-    ``logitfuse serve``'s ``return_tokens_as_token_ids``). Raises ``ValueError`` on anything else;
-    this is the one place to extend for servers that key by token string.
+    Reads ``choices[0].logprobs.top_logprobs[0]``. Keys ``"token_id:123"`` (vLLM's and
+    ``logitfuse serve``'s ``return_tokens_as_token_ids``) are read as ids. Other keys are token
+    strings (llama.cpp's server, OpenAI): they need ``token_strings`` (a :class:`TokenStringMap`
+    of the LLM's tokenizer), which maps each to its id(s); keys that map to nothing are dropped.
+    Without ``token_strings`` such keys raise ``ValueError``, as does any malformed reply.
+    ``counts`` (a dict), when given, is incremented: ``"topk_entries"`` (keys read) and
+    ``"topk_mapped"`` (keys that became ids).
     """
     try:
         top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
@@ -362,22 +496,37 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None) -> list[tup
         raise ValueError(f"reply has no choices[0].logprobs.top_logprobs[0] ({type(err).__name__})") from None
     if not isinstance(top, dict) or not top:
         raise ValueError("top_logprobs[0] is not a non-empty object of token -> logprob")
-    pairs = []
-    for key, value in top.items():
-        if not isinstance(key, str) or not key.startswith("token_id:"):
-            raise ValueError(
-                "top_logprobs keys are not 'token_id:N'; the server must honour return_tokens_as_token_ids "
-                "(vLLM, SGLang and logitfuse serve do)"
-            )
-        try:
-            token = int(key[len("token_id:"):])
-        except ValueError:
-            raise ValueError(f"top_logprobs key {key[:40]!r} does not end in an integer") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-4:
-            raise ValueError("top_logprobs values must be log-probabilities (numbers <= 0)")
-        if token < 0 or (vocab_size is not None and token >= vocab_size):
-            raise ValueError(f"top_logprobs holds token id {token} outside [0, {vocab_size})")
-        pairs.append((token, float(min(value, 0.0))))
+    by_id = all(isinstance(k, str) and k.startswith(_TOKEN_ID_KEY) for k in top)
+    pairs: list[tuple[int, float]] = []
+    if by_id or token_strings is None:
+        for key, value in top.items():
+            if not isinstance(key, str) or not key.startswith(_TOKEN_ID_KEY):
+                raise ValueError(
+                    "top_logprobs keys are not 'token_id:N'; the server must honour return_tokens_as_token_ids "
+                    "(vLLM, SGLang and logitfuse serve do), or give the backend the LLM's tokenizer= so token "
+                    "strings (llama.cpp's server) can be mapped to ids"
+                )
+            try:
+                token = int(key[len(_TOKEN_ID_KEY):])
+            except ValueError:
+                raise ValueError(f"top_logprobs key {key[:40]!r} does not end in an integer") from None
+            value = _check_logprob(value)
+            if token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise ValueError(f"top_logprobs holds token id {token} outside [0, {vocab_size})")
+            pairs.append((token, value))
+        mapped = len(pairs)
+    else:
+        checked = {}
+        for key, value in top.items():
+            if not isinstance(key, str):
+                raise ValueError("top_logprobs keys must be strings")
+            checked[key] = _check_logprob(value)
+        pairs, mapped = token_strings.map_pairs(checked)
+        if vocab_size is not None:
+            pairs = [p for p in pairs if p[0] < vocab_size]
+    if counts is not None:
+        counts["topk_entries"] = counts.get("topk_entries", 0) + len(top)
+        counts["topk_mapped"] = counts.get("topk_mapped", 0) + mapped
     pairs.sort(key=lambda p: -p[1])
     return pairs
 
@@ -385,18 +534,38 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None) -> list[tup
 class OpenAICompatibleLLM(LLMBackend):
     """The cloud LLM over HTTP: an OpenAI-compatible ``/v1/completions`` endpoint with ``logprobs``.
 
-    Each step sends, per row that needs it, ``{"model", "prompt": <LLM token ids>, "max_tokens": 1,
-    "logprobs": top_k, "temperature", "echo": false, "return_tokens_as_token_ids": true}`` and reads
-    the top-k next-token log-probabilities (vLLM, SGLang, ``logitfuse serve``). The backend is
-    stateless on the wire: it keeps each row's id list and sends it whole (the server's prefix cache
-    makes that cheap); rows with nothing new since their last answer are not re-sent.
+    Each step sends, per row that needs it, ``{"model", "prompt", "max_tokens": 1, "logprobs": top_k,
+    "temperature", "echo": false, "return_tokens_as_token_ids": true}`` and reads the top-k
+    next-token log-probabilities. The backend is stateless on the wire: it keeps each row's id list
+    and sends it whole (the server's prefix cache makes that cheap); rows with nothing new since
+    their last answer are not re-sent.
+
+    Two things differ between servers, and both are handled:
+
+    - the prompt: vLLM, SGLang and ``logitfuse serve`` take LLM token ids (``prompt_format="ids"``);
+      llama.cpp's server (llama-cpp-python) takes only text, which it re-tokenizes
+      (``prompt_format="text"``: the public prompt's text, or its ids' bytes decoded, followed by
+      the generated ids' bytes decoded as UTF-8; a row whose generated bytes end inside a
+      character is not sent until the character is complete: that step uses the SLM alone and
+      counts in ``stats["held_back"]``; the server conditions on its own canonical tokenization
+      of that text, which can merge tokens the SLM generated one at a time). ``"auto"`` (default) sends ids first and, if the server
+      refuses them with a request validation error (400/422, or llama-cpp-python's 500 whose body
+      says "validation error"), switches to text for good (``stats["prompt_format"]`` says
+      which was chosen);
+    - the ``top_logprobs`` keys: ``"token_id:123"`` where the server honours
+      ``return_tokens_as_token_ids`` (vLLM, ``logitfuse serve``), token strings elsewhere
+      (llama.cpp): strings are mapped to ids with the tokenizer (:class:`TokenStringMap`; ``ties``
+      says how a string shared by several ids is split). ``stats["topk_mapped_share"]`` is the
+      share of returned entries that mapped; unmapped ones are dropped and their probability joins
+      the tail.
 
     Args:
         base_url (`str`): server root, e.g. ``"http://127.0.0.1:8000"`` (``/v1`` is added).
         model (`str`): the served model name.
         top_k (`int`, defaults to 20): ``logprobs`` asked for (most servers cap it at 20).
-        tokenizer (optional): the LLM's tokenizer, to encode text prompts and for cross-tokenizer
-            decoding; without it the public prompt must be token ids.
+        tokenizer (optional): the LLM's tokenizer, to encode text prompts, for cross-tokenizer
+            decoding, text prompts and token-string keys; without it the public prompt must be
+            token ids and the server must return ``token_id:N`` keys.
         vocab_size (`int`, optional): the LLM's vocabulary size (default: ``len(tokenizer)``).
         timeout (`float`, defaults to 30): seconds per HTTP attempt.
         retries (`int`, defaults to 2): extra attempts after a timeout, connection error, 5xx/429 or
@@ -408,6 +577,9 @@ class OpenAICompatibleLLM(LLMBackend):
             distribution in servers that return processed log-probabilities).
         api_key (`str`, optional): sent as ``Authorization: Bearer``; never logged.
         max_concurrency (`int`, defaults to 8): rows requested in parallel.
+        prompt_format (`str`, defaults to ``"auto"``): ``"ids"``, ``"text"`` or ``"auto"`` (above).
+        ties (`str`, defaults to ``"split"``): token strings shared by several ids: ``"split"`` or
+            ``"canonical"`` (:class:`TokenStringMap`).
 
     Example (no server needed to build one):
 
@@ -420,7 +592,8 @@ class OpenAICompatibleLLM(LLMBackend):
     def __init__(self, base_url: str, model: str, top_k: int = 20, *, tokenizer: Any = None,
                  vocab_size: int | None = None, timeout: float = 30.0, retries: int = 2, backoff: float = 0.1,
                  on_failure: str = "fallback", temperature: float = 1.0, api_key: str | None = None,
-                 add_special_tokens: bool = True, max_concurrency: int = 8):
+                 add_special_tokens: bool = True, max_concurrency: int = 8, prompt_format: str = "auto",
+                 ties: str = "split"):
         super().__init__()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must start with http:// or https://, e.g. 'http://127.0.0.1:8000'")
@@ -434,6 +607,13 @@ class OpenAICompatibleLLM(LLMBackend):
             raise ValueError(f"retries={retries!r} must be an int >= 0")
         if on_failure not in ("fallback", "raise"):
             raise ValueError(f"on_failure={on_failure!r} must be 'fallback' (SLM-only step) or 'raise'")
+        if prompt_format not in ("auto", "ids", "text"):
+            raise ValueError(f"prompt_format={prompt_format!r} must be 'auto' (probe), 'ids' (vLLM, SGLang) or "
+                             "'text' (llama.cpp's server)")
+        if prompt_format == "text" and tokenizer is None:
+            raise ValueError("prompt_format='text' needs tokenizer= (the generated ids are sent as their text)")
+        if ties not in ("split", "canonical"):
+            raise ValueError(f"ties={ties!r} must be 'split' or 'canonical'")
         if vocab_size is None:
             if tokenizer is None:
                 raise ValueError("pass vocab_size= (the LLM's vocabulary size) or tokenizer=")
@@ -448,7 +628,14 @@ class OpenAICompatibleLLM(LLMBackend):
         self._api_key = api_key
         self.max_concurrency = max(1, int(max_concurrency))
         self._pool: ThreadPoolExecutor | None = None
-        self.stats = {"requests": 0, "attempts": 0, "failures": 0}
+        self.prompt_format, self.ties = prompt_format, ties
+        # "auto" is decided by the first request; None until then
+        self._format: str | None = None if prompt_format == "auto" else prompt_format
+        self._string_map: TokenStringMap | None = None
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "attempts": 0, "failures": 0, "held_back": 0, "topk_entries": 0,
+                      "topk_mapped": 0, "topk_mapped_share": 1.0, "empty_answers": 0,
+                      "prompt_format": self._format}
         self.reset()
 
     def __repr__(self) -> str:
@@ -462,6 +649,8 @@ class OpenAICompatibleLLM(LLMBackend):
         """Forget the sequences (the audit log and request statistics are kept)."""
         self._ids: list[list[int]] = []
         self._answer: list[list[tuple[int, float]] | None] = []
+        self._prompt_text: list[str | None] = []  # the public prompt as given, when it was text
+        self._n_prompt: list[int] = []  # its length in LLM ids
 
     def close(self) -> None:
         """Stop the request thread pool (a later request starts a new one)."""
@@ -474,6 +663,8 @@ class OpenAICompatibleLLM(LLMBackend):
         rows = self._encode_prompts(public_prompts)
         self._ids = [list(r) for r in rows]
         self._answer = [None] * len(rows)
+        self._prompt_text = [p if isinstance(p, str) else None for p in _check_prompts(public_prompts)]
+        self._n_prompt = [len(r) for r in rows]
 
     def reorder(self, order: list[int]) -> None:
         """Row ``r`` becomes former row ``order[r]`` (nothing is sent)."""
@@ -481,6 +672,8 @@ class OpenAICompatibleLLM(LLMBackend):
             raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
         self._ids = [list(self._ids[s]) for s in order]
         self._answer = [self._answer[s] for s in order]
+        self._prompt_text = [self._prompt_text[s] for s in order]
+        self._n_prompt = [self._n_prompt[s] for s in order]
 
     def rollback(self, n: list[int]) -> None:
         if len(n) != self.batch_size:
@@ -493,9 +686,9 @@ class OpenAICompatibleLLM(LLMBackend):
                 self._answer[r] = None
 
     # ------------------------------------------------------------------ HTTP
-    def payload(self, token_ids: list[int], *, max_tokens: int = 1, logprobs: int | None = None,
+    def payload(self, token_ids: list[int] | str, *, max_tokens: int = 1, logprobs: int | None = None,
                 temperature: float | None = None) -> bytes:
-        """The exact request body for one row."""
+        """The exact request body for one row (``token_ids``: LLM ids, or the prompt text)."""
         body = {
             "model": self.model,
             "prompt": token_ids,
@@ -529,6 +722,7 @@ class OpenAICompatibleLLM(LLMBackend):
         """
         attempts = self.retries + 1
         problem = "no attempt made"
+        status, validation = None, False
         for attempt in range(attempts):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 2.0))
@@ -543,25 +737,94 @@ class OpenAICompatibleLLM(LLMBackend):
                 except Exception:  # noqa: BLE001 - the body is only for the message
                     pass
                 problem = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
-                if err.code not in _TRANSIENT_HTTP:
+                status, validation = err.code, _is_validation_error(err.code, detail)
+                if err.code not in _TRANSIENT_HTTP or validation:  # a refused request shape stays refused
                     break
             except (TimeoutError, socket.timeout):
-                problem = f"timed out after {self.timeout:g} s"
+                problem, status = f"timed out after {self.timeout:g} s", None
             except urllib.error.URLError as err:
                 reason = err.reason
+                status = None
                 if isinstance(reason, (TimeoutError, socket.timeout)):
                     problem = f"timed out after {self.timeout:g} s"
                 else:
                     problem = f"connection failed ({type(reason).__name__}: {reason})"
             except (ConnectionError, http.client.HTTPException, OSError) as err:
-                problem = f"connection failed ({type(err).__name__})"
+                problem, status = f"connection failed ({type(err).__name__})", None
             except ValueError as err:
-                problem = f"malformed reply ({err})"
-        raise LLMBackendError(f"{self.url}: {problem} (after {attempt + 1} attempt{'s' if attempt else ''})")
+                problem, status = f"malformed reply ({err})", None
+        raise LLMBackendError(f"{self.url}: {problem} (after {attempt + 1} attempt{'s' if attempt else ''})", status,
+                              validation)
+
+    # ------------------------------------------------------------------ prompts and replies
+    def row_text(self, r: int) -> str | None:
+        """Row ``r``'s prompt as text (what ``prompt_format="text"`` sends), or ``None`` while its
+        generated bytes end inside a character (held back until the character is complete).
+
+        The public prompt keeps the text it was given (ids are decoded through their bytes; added
+        tokens such as ``<|im_start|>`` as their string, which servers parse as special tokens);
+        the generated ids follow as their bytes decoded as UTF-8 (invalid bytes inside become
+        U+FFFD, as ``tokenizer.decode`` does). In cross-tokenizer decoding these bytes are exactly
+        the text the processor re-tokenized (:class:`logitfuse.retokenize.IncrementalRetokenizer`).
+        """
+        from logitfuse.retokenize import token_bytes
+
+        ids, n_prompt, prompt_text = self._ids[r], self._n_prompt[r], self._prompt_text[r]
+        if prompt_text is None or len(ids) < n_prompt:
+            prompt_text, n_prompt = "", 0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = decoder.decode(token_bytes(self.tokenizer, ids[n_prompt:]), final=False)
+        if decoder.getstate()[0]:
+            return None
+        return prompt_text + text
+
+    def _token_strings(self) -> TokenStringMap | None:
+        if self._string_map is None and self.tokenizer is not None:
+            self._string_map = TokenStringMap.for_tokenizer(self.tokenizer, ties=self.ties)
+        return self._string_map
+
+    def _parse(self, reply: Any) -> list[tuple[int, float]]:
+        counts: dict = {}
+        try:
+            top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+            by_id = isinstance(top, dict) and all(isinstance(k, str) and k.startswith(_TOKEN_ID_KEY) for k in top)
+        except (KeyError, IndexError, TypeError):
+            by_id = True  # parse_top_logprobs says what is wrong
+        pairs = parse_top_logprobs(reply, vocab_size=self.vocab_size,
+                                   token_strings=None if by_id else self._token_strings(), counts=counts)
+        with self._lock:
+            self.stats["topk_entries"] += counts.get("topk_entries", 0)
+            self.stats["topk_mapped"] += counts.get("topk_mapped", 0)
+            self.stats["topk_mapped_share"] = self.stats["topk_mapped"] / max(self.stats["topk_entries"], 1)
+        return pairs
 
     def _request_row(self, body: bytes) -> list[tuple[int, float]]:
-        pairs = self.post(body, parse=lambda reply: parse_top_logprobs(reply, vocab_size=self.vocab_size))
-        return pairs[: self.top_k]
+        # a split token string can yield more than top_k pairs: the least likely ones beyond top_k
+        # are cut (their probability joins the tail), as for any server that returns extra entries
+        return self.post(body, parse=self._parse)[: self.top_k]
+
+    def _body(self, r: int, fmt: str) -> bytes | None:
+        if fmt == "ids":
+            return self.payload(self._ids[r])
+        text = self.row_text(r)
+        return None if text is None else self.payload(text)
+
+    def _send(self, todo: list[int], bodies: dict[int, bytes]) -> dict[int, Any]:
+        for r in todo:  # logged before sending, in row order
+            self.audit_log.append(bodies[r].decode("utf-8"))
+        self.stats["requests"] += len(todo)
+
+        def run(r: int):
+            try:
+                return self._request_row(bodies[r])
+            except LLMBackendError as err:
+                return err
+
+        if len(todo) <= 1:
+            return {r: run(r) for r in todo}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="logitfuse-llm")
+        return dict(zip(todo, self._pool.map(run, todo)))
 
     def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
         """Append the new tokens; request the top-k next tokens of the rows in ``need``."""
@@ -571,31 +834,41 @@ class OpenAICompatibleLLM(LLMBackend):
                 self._ids[r].extend(row)
                 self._answer[r] = None
         todo = [r for r in range(len(rows)) if need[r] and self._answer[r] is None]
-        bodies = {r: self.payload(self._ids[r]) for r in todo}
-        for r in todo:  # logged before sending, in row order
-            self.audit_log.append(bodies[r].decode("utf-8"))
-        self.stats["requests"] += len(todo)
-        results: dict[int, list[tuple[int, float]] | LLMBackendError] = {}
-
-        def run(r: int):
-            try:
-                return self._request_row(bodies[r])
-            except LLMBackendError as err:
-                return err
-
-        if len(todo) <= 1:
-            results = {r: run(r) for r in todo}
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="logitfuse-llm")
-            results = dict(zip(todo, self._pool.map(run, todo)))
+        results: dict[int, Any] = {}
+        if todo and self._format is None:
+            # capability probe ("auto"): one row as token ids; a request validation error (400/422;
+            # llama-cpp-python's server answers 500 with "validation error" in the body) means the
+            # server wants text, and then every later request is text
+            first = todo[0]
+            results.update(self._send([first], {first: self._body(first, "ids")}))
+            res = results[first]
+            if isinstance(res, LLMBackendError) and res.validation and self.tokenizer is not None:
+                self._format = "text"
+                del results[first]
+            elif not isinstance(res, LLMBackendError):
+                self._format = "ids"
+            self.stats["prompt_format"] = self._format
+            todo = [r for r in todo if r not in results]
+        fmt = self._format or "ids"
+        bodies = {}
+        for r in todo:
+            body = self._body(r, fmt)
+            if body is None:
+                self.stats["held_back"] += 1
+            else:
+                bodies[r] = body
+        results.update(self._send([r for r in todo if r in bodies], bodies))
         failed = [r for r, res in results.items() if isinstance(res, LLMBackendError)]
         self.stats["failures"] += len(failed)
         if failed and self.on_failure == "raise":
             raise results[failed[0]]
         for r, res in results.items():
-            if not isinstance(res, LLMBackendError):
+            if isinstance(res, LLMBackendError):
+                continue
+            if res:
                 self._answer[r] = res
+            else:  # every returned entry was unmappable (e.g. only "" keys): nothing to fuse
+                self.stats["empty_answers"] += 1
         ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
         k = min((len(self._answer[r]) for r in range(len(rows)) if ok[r]), default=1)
         ids = torch.zeros((len(rows), k), dtype=torch.long)

@@ -150,3 +150,13 @@ def test_constructor_rejects_bad_settings():
     with pytest.raises(ValueError, match="pass slm_hidden"):
         head(torch.randn(1, 5), torch.randn(1, 5))
     assert head(torch.randn(1, 5), torch.randn(1, 5), slm_hidden=torch.randn(1, 8)).shape == (1,)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    FusionHead(4, 4).save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
