@@ -76,6 +76,14 @@ def check_device(slm_logits: torch.Tensor, **others: torch.Tensor | None) -> tor
     return device
 
 
+def require_one_to_one(llm_to_slm) -> None:
+    """The kernels gather through one-to-one maps only; ``logitfuse.fuse`` & co route maps that
+    aggregate LLM tokens (``llm_to_slm``) to the reference."""
+    if llm_to_slm is not None:
+        raise ValueError("the Triton kernels take one-to-one vocabulary maps; a map with llm_to_slm "
+                         "runs on logitfuse.reference (logitfuse.fuse routes it there)")
+
+
 def llm_arguments(llm, slm_to_llm: torch.Tensor):
     """Kernel arguments for the LLM side: ``(llm, llm_row_stride, V_L, ids, logprobs, topk_stride, K,
     has_topk)``; unused pointers get a placeholder tensor."""

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from logitfuse.types import TopK
 
-from ._common import (MODE_CODES, TAIL_CODES, _at_index, _row_scalars, block_size, check_device,
+from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _at_index, _row_scalars, block_size, check_device,
                       llm_arguments, per_row)
 
 
@@ -140,8 +140,9 @@ class FusedCrossEntropy(torch.autograd.Function):
 
 
 def fused_cross_entropy(slm_logits, llm, slm_to_llm, alpha, targets, *, v_llm, mode, tail,
-                        slm_temperature, llm_temperature, ignore_index):
+                        slm_temperature, llm_temperature, ignore_index, llm_to_slm=None):
     """Same signature and result as :func:`logitfuse.reference.fused_cross_entropy_reference`:
     per-token loss ``(N,)`` float32, differentiable in ``alpha`` (a float32 ``(N,)`` tensor)."""
+    require_one_to_one(llm_to_slm)
     return FusedCrossEntropy.apply(alpha, slm_logits, llm, slm_to_llm, targets, mode, tail,
                                    slm_temperature, llm_temperature, ignore_index)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from logitfuse.types import TopK
 
-from ._common import (MODE_CODES, TAIL_CODES, _load_block, _mix, _row_scalars, block_size,
+from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _load_block, _mix, _row_scalars, block_size,
                       check_device, llm_arguments, per_row)
 
 
@@ -87,12 +87,13 @@ def fuse_forward(slm_logits, llm, slm_to_llm, alpha, *, mode, tail, slm_temperat
     return out
 
 
-def fuse(slm_logits, llm, slm_to_llm, alpha, *, v_llm, mode, tail, slm_temperature, llm_temperature):
+def fuse(slm_logits, llm, slm_to_llm, alpha, *, v_llm, mode, tail, slm_temperature, llm_temperature, llm_to_slm=None):
     """Same signature and result as :func:`logitfuse.reference.fuse_reference`, on the Triton kernel.
 
     The kernel does not differentiate: when ``alpha`` needs a gradient (grad mode on), this falls back
     to the reference so that autograd still works; train through :func:`fused_cross_entropy` instead.
     """
+    require_one_to_one(llm_to_slm)
     if torch.is_grad_enabled() and isinstance(alpha, torch.Tensor) and alpha.requires_grad:
         from logitfuse.reference import fuse_reference
 

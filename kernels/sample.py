@@ -36,7 +36,7 @@ import triton.language as tl
 from logitfuse.reference import TOP_P_TOLERANCE
 from logitfuse.types import TopK
 
-from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse,
+from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse,
                       _row_scalars, block_size, check_device, llm_arguments, per_row)
 
 @triton.jit
@@ -212,9 +212,10 @@ def _fuse_sample_kernel(
 
 
 def fuse_sample(slm_logits, llm, slm_to_llm, alpha, uniform, *, v_llm, mode, tail, slm_temperature,
-                llm_temperature, temperature, top_k, top_p):
+                llm_temperature, temperature, top_k, top_p, llm_to_slm=None):
     """Same signature and result as :func:`logitfuse.reference.fuse_sample_reference`:
     ``(ids (B,) int64, fused log-probability of each id (B,) float32)``."""
+    require_one_to_one(llm_to_slm)
     check_device(slm_logits, slm_to_llm=slm_to_llm, alpha=alpha, uniform=uniform,
                  slm_temperature=slm_temperature, llm_temperature=llm_temperature,
                  temperature=temperature, top_k=top_k, top_p=top_p,

@@ -506,3 +506,13 @@ def test_kernels_compile_for_a_real_gpu_target(tmp_path):
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+
+
+def test_kernels_refuse_aggregating_maps_and_fuse_routes_them_to_the_reference():
+    from logitfuse import VocabMap
+
+    vmap = VocabMap(torch.tensor([0, 1, 2]), 4, llm_to_slm=torch.tensor([0, 1, 2, 2]))
+    args = functional._prepare(torch.randn(2, 3), torch.randn(2, 4), vmap, 0.5, "linear", "slm", 1.0, 1.0, True)
+    assert functional._ops_for(args) is functional._REFERENCE
+    with pytest.raises(ValueError, match="one-to-one vocabulary maps"):
+        kernels.OPS.fuse(**args)
