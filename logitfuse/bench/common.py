@@ -161,6 +161,21 @@ def write_json(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any]) -
     return path
 
 
+def report(args, name: str, argv: list[str] | None, started: float, machine: dict[str, Any], stem: str,
+           result: dict[str, Any], plot: Callable[[dict[str, Any], Any, str], Path | None],
+           columns: list[tuple[str, str]], **extra: Any) -> int:
+    """Write the JSON (machine, command, wall time, ``extra``, ``result``) and the PNG, print the table."""
+    stem += f"_{args.tag}" if args.tag else ""
+    payload = {"benchmark": name, "command": command_line(name, argv), "quick": args.quick,
+               "wall_s": round(time.perf_counter() - started, 1), "machine": machine,
+               **extra, **result}
+    path = write_json(args.out, stem, payload)
+    png = None if args.no_plot else plot(result, args.out, stem)
+    print(markdown_table(result["rows"], columns))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

@@ -356,14 +356,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
                  new_tokens=args.new_tokens, paper_tokens=args.paper_tokens, head=args.head,
                  tiny_vocab=args.tiny_vocab)
     stem = f"decode_{device.type}" + ("_tiny" if args.tiny else "") + ("_quick" if args.quick else "")
-    stem += f"_{args.tag}" if args.tag else ""
-    payload = {"benchmark": "decode", "command": common.command_line("decode", argv), "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
-               "machine": info, **result}
-    path = common.write_json(args.out, stem, payload)
-    png = None if args.no_plot else plot(result, args.out, stem)
-    print(common.markdown_table(result["rows"], TABLE_COLUMNS))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    return common.report(args, "decode", argv, started, info, stem, result, plot, TABLE_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

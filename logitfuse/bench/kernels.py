@@ -187,14 +187,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
                  compile_only={tuple(x.split(":")) for x in args.compile_only} if args.compile_only else None,
                  copy_mib=args.copy_mib)
     stem = f"kernels_{device.type}" + ("_quick" if args.quick else "")
-    stem += f"_{args.tag}" if args.tag else ""
-    payload = {"benchmark": "kernels", "command": common.command_line("kernels", argv), "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
-               "machine": info, "top_k": TOP_K, "dtype": "float32", "mode": "linear", "tail": "slm", **result}
-    path = common.write_json(args.out, stem, payload)
-    png = None if args.no_plot else plot(result, args.out, stem)
-    print(common.markdown_table(result["rows"], TABLE_COLUMNS))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    return common.report(args, "kernels", argv, started, info, stem, result, plot, TABLE_COLUMNS,
+                         top_k=TOP_K, dtype="float32", mode="linear", tail="slm")
 
 
 if __name__ == "__main__":  # pragma: no cover

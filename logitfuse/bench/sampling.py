@@ -127,14 +127,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     info = common.machine_info(device)
     result = run(quick=args.quick, device=device, batches=args.batch, vocabs=args.vocab)
     stem = f"sampling_{device.type}" + ("_quick" if args.quick else "")
-    stem += f"_{args.tag}" if args.tag else ""
-    payload = {"benchmark": "sampling", "command": common.command_line("sampling", argv), "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
-               "machine": info, "mode": "linear", "tail": "slm", **result}
-    path = common.write_json(args.out, stem, payload)
-    png = None if args.no_plot else plot(result, args.out, stem)
-    print(common.markdown_table(result["rows"], TABLE_COLUMNS))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    return common.report(args, "sampling", argv, started, info, stem, result, plot, TABLE_COLUMNS, mode="linear", tail="slm")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,14 +214,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     info = common.machine_info(device)
     result = run(quick=args.quick, device=device, ns=args.n, vocab=args.vocab, steps=args.steps, warmup=args.warmup)
     stem = f"train_{device.type}" + ("_quick" if args.quick else "")
-    stem += f"_{args.tag}" if args.tag else ""
-    payload = {"benchmark": "train", "command": common.command_line("train", argv), "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1),
-               "machine": info, "mode": "linear", "tail": "slm", **result}
-    path = common.write_json(args.out, stem, payload)
-    png = None if args.no_plot else plot(result, args.out, stem)
-    print(common.markdown_table(result["rows"], TABLE_COLUMNS))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    return common.report(args, "train", argv, started, info, stem, result, plot, TABLE_COLUMNS, mode="linear", tail="slm")
 
 
 def main(argv: list[str] | None = None) -> int:
