@@ -144,12 +144,7 @@ def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm
             f"slm_logits has vocabulary size {v_slm} but vocab_map was built for v_slm={vocab_map.v_slm}; "
             "build the map for this SLM (VocabMap.identity or VocabMap.from_tokenizers)"
         )
-    if vocab_map.llm_to_slm is not None:
-        extra = {"llm_to_slm": vocab_map.on(device, "llm_to_slm")}
-    else:
-        extra = {}
     args = dict(
-        **extra,
         slm_logits=slm_logits,
         llm=llm,
         slm_to_llm=vocab_map.on(device),
@@ -160,6 +155,8 @@ def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm
         slm_temperature=_per_row("slm_temperature", slm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
         llm_temperature=_per_row("llm_temperature", llm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
     )
+    if vocab_map.llm_to_slm is not None:  # two tokenizers: LLM tokens hand their mass to SLM prefixes
+        args["llm_to_slm"] = vocab_map.on(device, "llm_to_slm")
     return args
 
 
