@@ -155,9 +155,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 raise
             print(f"(the shipped head does not fit these models, using a fixed alpha: {err})")
     proc = CoGenesisLogitsProcessor(llm, public_ids, head=head, alpha=None if head is not None else args.alpha,
-                                    vocab_map=vmap, mode=head.mode if head is not None else "linear",
-                                    tail=head.tail if head is not None else "slm", slm_tokenizer=slm_tok,
-                                    schedule=args.schedule)
+                                    vocab_map=vmap, slm_tokenizer=slm_tok, schedule=args.schedule)
     sampling = dict(do_sample=False, repetition_penalty=args.repetition_penalty)
 
     print(_section("What the cloud LLM saw (all of it)", llm_tok.decode(public_ids)))
@@ -220,7 +218,7 @@ def run_generate(args: argparse.Namespace) -> int:
     head = load_head(args.head, vocab_map=vmap) if args.head else None
     proc = CoGenesisLogitsProcessor(
         llm, render_prompt(llm_tok, public_messages), head=head, alpha=None if head else args.alpha, vocab_map=vmap,
-        mode=head.mode if head else args.mode, tail=head.tail if head else args.tail, schedule=args.schedule,
+        mode=None if head else args.mode, tail=None if head else args.tail, schedule=args.schedule,
         slm_tokenizer=slm_tok,
     )
     sampling: dict[str, Any] = {"do_sample": args.temperature > 0}

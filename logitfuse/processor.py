@@ -68,8 +68,10 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         alpha (`float`, *optional*): fixed SLM weight in ``[0, 1]`` (1 = SLM only); exclusive with ``head``.
         vocab_map (`VocabMap`, *optional*): SLM id -> LLM id; default the identity. A map that is not
             the identity turns on cross-tokenizer decoding and needs ``slm_tokenizer``.
-        mode (`str`, defaults to ``"linear"``): ``"linear"``, ``"geometric"`` or ``"logit"``.
-        tail (`str`, defaults to ``"slm"``): where a top-k LLM's missing mass goes.
+        mode (`str`, *optional*): ``"linear"``, ``"geometric"`` or ``"logit"``; default the head's
+            mode, or ``"linear"`` with a fixed ``alpha``.
+        tail (`str`, *optional*): where a top-k LLM's missing mass goes; default the head's tail, or
+            ``"slm"``.
         schedule (`str` or `Schedule`, defaults to ``"always"``): ``"always"``,
             ``"periodic(P, K, T)"`` or ``"entropy_gate(h)"``; steps without an LLM call use the SLM.
         slm_tokenizer (*optional*): the SLM's tokenizer (needed for cross-tokenizer decoding; its
@@ -112,7 +114,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, llm: LLMBackend, public_prompt: Any, *, head: Any = None, alpha: float | None = None,
-                 vocab_map: VocabMap | None = None, mode: str = "linear", tail: str = "slm",
+                 vocab_map: VocabMap | None = None, mode: str | None = None, tail: str | None = None,
                  schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
                  apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
                  llm_temperature: float = 1.0):
@@ -122,6 +124,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             raise ValueError("pass exactly one of head= (a FusionHead predicting α per row) or alpha= (a fixed float in [0, 1])")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (1 = SLM only, 0 = LLM only)")
+        # with a head, its own setting is the default; without one, linear mode and the SLM-shaped tail
+        mode = mode if mode is not None else (getattr(head, "mode", None) or "linear")
+        tail = tail if tail is not None else (getattr(head, "tail", None) or "slm")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         if tail not in TAILS:

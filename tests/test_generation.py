@@ -211,6 +211,14 @@ def test_head_must_match_the_setting(tok, llm_model):
         logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, head=head, mode="linear")
 
 
+def test_a_head_brings_its_own_mode_and_tail(tok, llm_model):
+    head = logitfuse.FusionHead(len(tok), len(tok), mode="geometric", tail="uniform")
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, head=head)
+    assert (proc.mode, proc.tail) == ("geometric", "uniform")
+    fixed = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, alpha=0.5)
+    assert (fixed.mode, fixed.tail) == ("linear", "slm")
+
+
 # ------------------------------------------------------------------------------------ schedules
 def test_schedule_parsing():
     from logitfuse.schedules import Always, EntropyGate, Periodic
