@@ -14,6 +14,23 @@ if os.environ.get("TRITON_INTERPRET") is None and not (
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_models import byte_level_tokenizer, tiny_llama  # noqa: E402
+
+
+# tiny random models shared by the generation, backend, server and privacy tests (no downloads)
+@pytest.fixture(scope="module")
+def tok():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def slm(tok):
+    return tiny_llama(len(tok), seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm_model(tok):
+    return tiny_llama(len(tok), seed=1)
 
 
 def pytest_collection_modifyitems(config, items):

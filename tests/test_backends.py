@@ -9,17 +9,11 @@ import torch
 
 import logitfuse
 from logitfuse.backends import parse_top_logprobs
-from tiny_models import byte_level_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok), seed=1)
+def model(llm_model):
+    return llm_model
 
 
 def full_forward(model, ids):

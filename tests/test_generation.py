@@ -21,21 +21,6 @@ from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llam
 N_NEW = 12
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def slm(tok):
-    return tiny_llama(len(tok), seed=0)
-
-
-@pytest.fixture(scope="module")
-def llm_model(tok):
-    return tiny_llama(len(tok), seed=1)
-
-
 PRIVATES = [PRIVATE, "I am Ana; I love roses.", "Secret: 1234"]
 
 

@@ -26,21 +26,6 @@ privacy_settings = settings(max_examples=6, deadline=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def slm(tok):
-    return tiny_llama(len(tok), seed=0)
-
-
-@pytest.fixture(scope="module")
-def llm_model(tok):
-    return tiny_llama(len(tok), seed=1)
-
-
-@pytest.fixture(scope="module")
 def served(llm_model, tok):
     server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
     yield server, url

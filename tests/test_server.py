@@ -16,25 +16,9 @@ import logitfuse
 from generation_helpers import PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
 from logitfuse.cli import main
 from logitfuse.server import serve_in_thread
-from tiny_models import byte_level_tokenizer, tiny_llama
 
 N_NEW = 6
 PUBLICS = [PUBLIC, "Dear friends,"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def slm(tok):
-    return tiny_llama(len(tok), seed=0)
-
-
-@pytest.fixture(scope="module")
-def llm_model(tok):
-    return tiny_llama(len(tok), seed=1)
 
 
 @pytest.fixture(scope="module")
