@@ -84,6 +84,18 @@ def require_one_to_one(llm_to_slm) -> None:
                          "runs on logitfuse.reference (logitfuse.fuse routes it there)")
 
 
+def launch_inputs(slm_logits: torch.Tensor, llm, slm_to_llm: torch.Tensor, **row_tensors: torch.Tensor):
+    """What every launcher does first: check devices (``row_tensors`` are the per-row inputs, named
+    in error messages), make the SLM logits and the map contiguous, unpack the LLM side.
+
+    Returns ``(slm, vmap, llm_arguments(llm, vmap))``.
+    """
+    check_device(slm_logits, slm_to_llm=slm_to_llm, llm=llm.ids if isinstance(llm, TopK) else llm, **row_tensors)
+    slm = slm_logits.contiguous()
+    vmap = slm_to_llm.to(torch.int64).contiguous()
+    return slm, vmap, llm_arguments(llm, vmap)
+
+
 def llm_arguments(llm, slm_to_llm: torch.Tensor):
     """Kernel arguments for the LLM side: ``(llm, llm_row_stride, V_L, ids, logprobs, topk_stride, K,
     has_topk)``; unused pointers get a placeholder tensor."""

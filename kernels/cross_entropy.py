@@ -34,10 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from logitfuse.types import TopK
 
-from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _at_index, _row_scalars, block_size, check_device,
-                      llm_arguments, per_row)
+from ._common import (MODE_CODES, TAIL_CODES, _at_index, _row_scalars, block_size, launch_inputs, per_row,
+                      require_one_to_one)
 
 
 @triton.jit
@@ -90,13 +89,10 @@ def _fused_ce_kernel(
 def fused_cross_entropy_forward(slm_logits, llm, slm_to_llm, alpha, targets, *, mode, tail,
                                 slm_temperature, llm_temperature, ignore_index):
     """Launch :func:`_fused_ce_kernel`: ``(loss (N,), dloss/dα (N,))`` float32."""
-    check_device(slm_logits, slm_to_llm=slm_to_llm, alpha=alpha, targets=targets,
-                 slm_temperature=slm_temperature, llm_temperature=llm_temperature,
-                 llm=llm.ids if isinstance(llm, TopK) else llm)
-    slm = slm_logits.contiguous()
+    slm, vmap, (dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk) = launch_inputs(
+        slm_logits, llm, slm_to_llm, alpha=alpha, targets=targets, slm_temperature=slm_temperature,
+        llm_temperature=llm_temperature)
     batch, v_slm = slm.shape
-    vmap = slm_to_llm.to(torch.int64).contiguous()
-    dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk = llm_arguments(llm, vmap)
     loss = torch.empty(batch, dtype=torch.float32, device=slm.device)
     dalpha = torch.empty(batch, dtype=torch.float32, device=slm.device)
     if batch == 0:

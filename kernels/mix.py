@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from logitfuse.types import TopK
 
-from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _load_block, _mix, _row_scalars, block_size,
-                      check_device, llm_arguments, per_row)
+from ._common import (MODE_CODES, TAIL_CODES, _load_block, _mix, _row_scalars, block_size, launch_inputs, per_row,
+                      require_one_to_one)
 
 
 @triton.jit
@@ -63,13 +62,9 @@ def _fuse_kernel(
 
 def fuse_forward(slm_logits, llm, slm_to_llm, alpha, *, mode, tail, slm_temperature, llm_temperature):
     """Launch :func:`_fuse_kernel`; returns ``(B, V_S)`` float32 fused log-probabilities."""
-    check_device(slm_logits, slm_to_llm=slm_to_llm, alpha=alpha, slm_temperature=slm_temperature,
-                 llm_temperature=llm_temperature,
-                 llm=llm.ids if isinstance(llm, TopK) else llm)
-    slm = slm_logits.contiguous()
+    slm, vmap, (dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk) = launch_inputs(
+        slm_logits, llm, slm_to_llm, alpha=alpha, slm_temperature=slm_temperature, llm_temperature=llm_temperature)
     batch, v_slm = slm.shape
-    vmap = slm_to_llm.to(torch.int64).contiguous()
-    dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk = llm_arguments(llm, vmap)
     out = torch.empty((batch, v_slm), dtype=torch.float32, device=slm.device)
     if batch == 0:
         return out

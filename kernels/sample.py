@@ -34,10 +34,9 @@ import triton
 import triton.language as tl
 
 from logitfuse.reference import TOP_P_TOLERANCE
-from logitfuse.types import TopK
 
-from ._common import (require_one_to_one, MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse,
-                      _row_scalars, block_size, check_device, llm_arguments, per_row)
+from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse, _row_scalars,
+                      block_size, launch_inputs, per_row, require_one_to_one)
 
 @triton.jit
 def _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm, t_llm,
@@ -216,14 +215,10 @@ def fuse_sample(slm_logits, llm, slm_to_llm, alpha, uniform, *, v_llm, mode, tai
     """Same signature and result as :func:`logitfuse.reference.fuse_sample_reference`:
     ``(ids (B,) int64, fused log-probability of each id (B,) float32)``."""
     require_one_to_one(llm_to_slm)
-    check_device(slm_logits, slm_to_llm=slm_to_llm, alpha=alpha, uniform=uniform,
-                 slm_temperature=slm_temperature, llm_temperature=llm_temperature,
-                 temperature=temperature, top_k=top_k, top_p=top_p,
-                 llm=llm.ids if isinstance(llm, TopK) else llm)
-    slm = slm_logits.contiguous()
+    slm, vmap, (dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk) = launch_inputs(
+        slm_logits, llm, slm_to_llm, alpha=alpha, uniform=uniform, slm_temperature=slm_temperature,
+        llm_temperature=llm_temperature, temperature=temperature, top_k=top_k, top_p=top_p)
     batch, v_slm = slm.shape
-    vmap = slm_to_llm.to(torch.int64).contiguous()
-    dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk = llm_arguments(llm, vmap)
     ids_out = torch.empty(batch, dtype=torch.int64, device=slm.device)
     logprob_out = torch.empty(batch, dtype=torch.float32, device=slm.device)
     if batch == 0:
