@@ -116,6 +116,20 @@ def per_row(value: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ jit building blocks
 @triton.jit
+def _row_inputs(slm_ptr, slm_stride, llm_ptr, llm_stride, ids_ptr, lps_ptr, topk_stride,
+                alpha_ptr, t_slm_ptr, t_llm_ptr):
+    """This program's row (``program_id(0)``, as int64 so offsets cannot overflow), its row pointers
+    into the SLM logits, the dense LLM logits and the top-k ids/logprobs, and its α and temperatures.
+    Returns ``(row, slm_row, llm_row, ids_row, lps_row, a, t_slm, t_llm)``."""
+    row = tl.program_id(0).to(tl.int64)
+    a = tl.load(alpha_ptr + row).to(tl.float32)
+    t_slm = tl.load(t_slm_ptr + row).to(tl.float32)
+    t_llm = tl.load(t_llm_ptr + row).to(tl.float32)
+    return (row, slm_ptr + row * slm_stride, llm_ptr + row * llm_stride, ids_ptr + row * topk_stride,
+            lps_ptr + row * topk_stride, a, t_slm, t_llm)
+
+
+@triton.jit
 def _online_lse(m, acc, x):
     """One block of an online log-sum-exp: running max ``m`` and ``acc = Σ exp(x - m)``."""
     new_m = tl.maximum(m, tl.max(x, 0))

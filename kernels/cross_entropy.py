@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 
-from ._common import (MODE_CODES, TAIL_CODES, _at_index, _row_scalars, block_size, launch_inputs, per_row,
-                      require_one_to_one)
+from ._common import (MODE_CODES, TAIL_CODES, _at_index, _row_inputs, _row_scalars, block_size,
+                      launch_inputs, per_row, require_one_to_one)
 
 
 @triton.jit
@@ -51,14 +51,8 @@ def _fused_ce_kernel(
     HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program per row; reads the row once (pass 1), writes ``loss[row]`` and ``dalpha[row]``."""
-    row = tl.program_id(0).to(tl.int64)
-    slm_row = slm_ptr + row * slm_stride
-    llm_row = llm_ptr + row * llm_stride
-    ids_row = ids_ptr + row * topk_stride
-    lps_row = lps_ptr + row * topk_stride
-    a = tl.load(alpha_ptr + row).to(tl.float32)
-    t_slm = tl.load(t_slm_ptr + row).to(tl.float32)
-    t_llm = tl.load(t_llm_ptr + row).to(tl.float32)
+    row, slm_row, llm_row, ids_row, lps_row, a, t_slm, t_llm = _row_inputs(
+        slm_ptr, slm_stride, llm_ptr, llm_stride, ids_ptr, lps_ptr, topk_stride, alpha_ptr, t_slm_ptr, t_llm_ptr)
     target = tl.load(targets_ptr + row)
     ignored = target == ignore_index
     target = tl.where(ignored, 0, target).to(tl.int32)

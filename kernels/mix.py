@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 
-from ._common import (MODE_CODES, TAIL_CODES, _load_block, _mix, _row_scalars, block_size, launch_inputs, per_row,
-                      require_one_to_one)
+from ._common import (MODE_CODES, TAIL_CODES, _load_block, _mix, _row_inputs, _row_scalars, block_size,
+                      launch_inputs, per_row, require_one_to_one)
 
 
 @triton.jit
@@ -35,15 +35,9 @@ def _fuse_kernel(
     HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program per row. Reads: see the module docstring; writes ``out[row, :]`` once."""
-    row = tl.program_id(0).to(tl.int64)
-    slm_row = slm_ptr + row * slm_stride
-    llm_row = llm_ptr + row * llm_stride
-    ids_row = ids_ptr + row * topk_stride
-    lps_row = lps_ptr + row * topk_stride
+    row, slm_row, llm_row, ids_row, lps_row, a, t_slm, t_llm = _row_inputs(
+        slm_ptr, slm_stride, llm_ptr, llm_stride, ids_ptr, lps_ptr, topk_stride, alpha_ptr, t_slm_ptr, t_llm_ptr)
     out_row = out_ptr + row * out_stride
-    a = tl.load(alpha_ptr + row).to(tl.float32)
-    t_slm = tl.load(t_slm_ptr + row).to(tl.float32)
-    t_llm = tl.load(t_llm_ptr + row).to(tl.float32)
 
     # pass 1: row scalars
     lse_s, shift, log_r, lu_s_safe, c_tail, log_z, _unused = _row_scalars(

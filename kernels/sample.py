@@ -35,8 +35,8 @@ import triton.language as tl
 
 from logitfuse.reference import TOP_P_TOLERANCE
 
-from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse, _row_scalars,
-                      block_size, launch_inputs, per_row, require_one_to_one)
+from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse, _row_inputs,
+                      _row_scalars, block_size, launch_inputs, per_row, require_one_to_one)
 
 @triton.jit
 def _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm, t_llm,
@@ -47,6 +47,56 @@ def _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, 
                                  t_slm, t_llm, K, HAS_TOPK)
     mixed, _lp_s, _lp_l = _mix(s, known, lraw, a, lse_s, shift, log_r, lu_s_safe, c_tail, MODE, TAIL)
     return tl.where(valid, mixed - log_z, float("-inf"))
+
+
+@triton.jit
+def _survivors(p, valid, kth, kept_mass, tau):
+    """Which tokens of a block survive the filters: ``p >= kth`` (top-k, as bits), then
+    ``p / kept_mass >= tau`` (top-p, as bits); thresholds of 0 keep every ``p > 0``.
+    Returns ``(keep, q)`` with ``q = p / kept_mass`` on survivors and 0 elsewhere."""
+    keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+    q = tl.where(keep, p / kept_mass, 0.0)
+    return keep & (q.to(tl.int32, bitcast=True) >= tau), q
+
+
+@triton.jit
+def _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                 lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, kept_mass, goal,
+                 BLOCK_S: tl.constexpr, HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
+                 BY_MASS: tl.constexpr):
+    """The largest value ``v`` (as IEEE bits) with ``measure({x >= v}) >= goal``, by bisection.
+
+    ``BY_MASS=False`` (top-k): ``x = p`` and the measure counts tokens; ``BY_MASS=True`` (top-p):
+    ``x = q``, the renormalized top-k survivors, and the measure sums ``q``. Each step is one pass
+    that also snaps the interval ends to the nearest actual values, so the result is an element's.
+    (0x7F800000 is the bit pattern of +inf, above every probability's.)"""
+    lo = 0
+    hi = 0x7F800000
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        measure = 0.0
+        min_ge = 0x7F800001
+        max_lt = -1
+        for start in range(0, V_S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            valid = offs < V_S
+            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm,
+                             t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, HAS_TOPK, MODE, TAIL)
+            x = tl.exp(f / t_eff - lse_g)
+            if BY_MASS:
+                _keep, x = _survivors(x, valid, kth, kept_mass, 0)
+            bits = x.to(tl.int32, bitcast=True)
+            ge = valid & (bits >= mid)
+            if BY_MASS:
+                measure += tl.sum(tl.where(ge, x, 0.0), 0)
+            else:
+                measure += tl.sum(ge.to(tl.float32), 0)
+            min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, bits, 0x7F800001), 0))
+            max_lt = tl.maximum(max_lt, tl.max(tl.where(valid & (bits < mid), bits, -1), 0))
+        ok = measure >= goal
+        lo = tl.where(ok, min_ge, lo)
+        hi = tl.where(ok, hi, tl.maximum(max_lt, lo))
+    return lo
 
 
 @triton.jit
@@ -62,14 +112,8 @@ def _fuse_sample_kernel(
     HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program per row; writes one id and one log-probability (passes: module docstring)."""
-    row = tl.program_id(0).to(tl.int64)
-    slm_row = slm_ptr + row * slm_stride
-    llm_row = llm_ptr + row * llm_stride
-    ids_row = ids_ptr + row * topk_stride
-    lps_row = lps_ptr + row * topk_stride
-    a = tl.load(alpha_ptr + row).to(tl.float32)
-    t_slm = tl.load(t_slm_ptr + row).to(tl.float32)
-    t_llm = tl.load(t_llm_ptr + row).to(tl.float32)
+    row, slm_row, llm_row, ids_row, lps_row, a, t_slm, t_llm = _row_inputs(
+        slm_ptr, slm_stride, llm_ptr, llm_stride, ids_ptr, lps_ptr, topk_stride, alpha_ptr, t_slm_ptr, t_llm_ptr)
     temp = tl.load(temp_ptr + row).to(tl.float32)
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
@@ -101,32 +145,12 @@ def _fuse_sample_kernel(
 
     if temp != 0:
         # top-k threshold: the largest p value v with #{p >= v} >= k, as bits (0 = keep all p > 0)
-        # (0x7F800000 is the bit pattern of +inf, above every probability's)
         k = tl.minimum(tl.maximum(top_k, 0), V_S).to(tl.int32)
         kth = 0
         if (k > 0) & (k < V_S):
-            lo = 0
-            hi = 0x7F800000
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                count = 0
-                min_ge = 0x7F800001
-                max_lt = -1
-                for start in range(0, V_S, BLOCK_S):
-                    offs = start + tl.arange(0, BLOCK_S)
-                    valid = offs < V_S
-                    f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K,
-                                     a, t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
-                                     HAS_TOPK, MODE, TAIL)
-                    bits = tl.exp(f / t_eff - lse_g).to(tl.int32, bitcast=True)
-                    ge = valid & (bits >= mid)
-                    count += tl.sum(ge.to(tl.int32), 0)
-                    min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, bits, 0x7F800001), 0))
-                    max_lt = tl.maximum(max_lt, tl.max(tl.where(valid & (bits < mid), bits, -1), 0))
-                ok = count >= k
-                lo = tl.where(ok, min_ge, lo)
-                hi = tl.where(ok, hi, tl.maximum(max_lt, lo))
-            kth = lo
+            kth = _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                               lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, 0, 1.0,
+                               k.to(tl.float32), BLOCK_S, HAS_TOPK, MODE, TAIL, False)
 
         # top-p threshold over the renormalized top-k survivors q: the largest q value τ whose
         # upper set {q >= τ} holds mass >= top_p - TOP_P_TOLERANCE (0 = keep all survivors)
@@ -141,33 +165,11 @@ def _fuse_sample_kernel(
                                  t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
                                  HAS_TOPK, MODE, TAIL)
                 p = tl.exp(f / t_eff - lse_g)
-                keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
+                keep, _q = _survivors(p, valid, kth, 1.0, 0)
                 kept_mass += tl.sum(tl.where(keep, p, 0.0), 0)
-            lo = 0
-            hi = 0x7F800000
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                mass = 0.0
-                min_ge = 0x7F800001
-                max_lt = -1
-                for start in range(0, V_S, BLOCK_S):
-                    offs = start + tl.arange(0, BLOCK_S)
-                    valid = offs < V_S
-                    f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K,
-                                     a, t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
-                                     HAS_TOPK, MODE, TAIL)
-                    p = tl.exp(f / t_eff - lse_g)
-                    keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
-                    q = tl.where(keep, p / kept_mass, 0.0)
-                    bits = q.to(tl.int32, bitcast=True)
-                    ge = valid & (bits >= mid)
-                    mass += tl.sum(tl.where(ge, q, 0.0), 0)
-                    min_ge = tl.minimum(min_ge, tl.min(tl.where(ge, bits, 0x7F800001), 0))
-                    max_lt = tl.maximum(max_lt, tl.max(tl.where(valid & (bits < mid), bits, -1), 0))
-                ok = mass >= top_p - top_p_tol
-                lo = tl.where(ok, min_ge, lo)
-                hi = tl.where(ok, hi, tl.maximum(max_lt, lo))
-            tau = lo
+            tau = _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                               lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, kept_mass,
+                               top_p - top_p_tol, BLOCK_S, HAS_TOPK, MODE, TAIL, True)
 
         # total surviving mass, then the inverse CDF in vocabulary order
         total = 0.0
@@ -178,8 +180,7 @@ def _fuse_sample_kernel(
                              t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
                              HAS_TOPK, MODE, TAIL)
             p = tl.exp(f / t_eff - lse_g)
-            keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
-            keep = keep & (tl.where(keep, p / kept_mass, 0.0).to(tl.int32, bitcast=True) >= tau)
+            keep, _q = _survivors(p, valid, kth, kept_mass, tau)
             total += tl.sum(tl.where(keep, p, 0.0), 0)
         target = u * total
         carry = 0.0
@@ -192,8 +193,7 @@ def _fuse_sample_kernel(
                              t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
                              HAS_TOPK, MODE, TAIL)
             p = tl.exp(f / t_eff - lse_g)
-            keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
-            keep = keep & (tl.where(keep, p / kept_mass, 0.0).to(tl.int32, bitcast=True) >= tau)
+            keep, _q = _survivors(p, valid, kth, kept_mass, tau)
             weights = tl.where(keep, p, 0.0)
             cdf = carry + tl.cumsum(weights, 0)
             below += tl.sum((valid & (cdf <= target)).to(tl.int32), 0)
