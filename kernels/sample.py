@@ -50,6 +50,19 @@ def _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, 
 
 
 @triton.jit
+def _probs_block(start, slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                 lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g,
+                 BLOCK_S: tl.constexpr, HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr):
+    """The block of SLM tokens from ``start``: ``(offs, valid, p)`` with ``p = softmax(fused / T)``
+    (0 on masked lanes), recomputed from the inputs."""
+    offs = start + tl.arange(0, BLOCK_S)
+    valid = offs < V_S
+    f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm,
+                     t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, HAS_TOPK, MODE, TAIL)
+    return offs, valid, tl.exp(f / t_eff - lse_g)
+
+
+@triton.jit
 def _survivors(p, valid, kth, kept_mass, tau):
     """Which tokens of a block survive the filters: ``p >= kth`` (top-k, as bits), then
     ``p / kept_mass >= tau`` (top-p, as bits); thresholds of 0 keep every ``p > 0``.
@@ -57,6 +70,21 @@ def _survivors(p, valid, kth, kept_mass, tau):
     keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
     q = tl.where(keep, p / kept_mass, 0.0)
     return keep & (q.to(tl.int32, bitcast=True) >= tau), q
+
+
+@triton.jit
+def _kept_mass(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+               lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, kept_mass, tau,
+               BLOCK_S: tl.constexpr, HAS_TOPK: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr):
+    """Σ p over the tokens that :func:`_survivors` keeps; one pass."""
+    total = 0.0
+    for start in range(0, V_S, BLOCK_S):
+        offs, valid, p = _probs_block(start, slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm,
+                                      t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g,
+                                      BLOCK_S, HAS_TOPK, MODE, TAIL)
+        keep, _q = _survivors(p, valid, kth, kept_mass, tau)
+        total += tl.sum(tl.where(keep, p, 0.0), 0)
+    return total
 
 
 @triton.jit
@@ -78,11 +106,9 @@ def _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, 
         min_ge = 0x7F800001
         max_lt = -1
         for start in range(0, V_S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            valid = offs < V_S
-            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a, t_slm,
-                             t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, HAS_TOPK, MODE, TAIL)
-            x = tl.exp(f / t_eff - lse_g)
+            offs, valid, x = _probs_block(start, slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm,
+                                          t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g,
+                                          BLOCK_S, HAS_TOPK, MODE, TAIL)
             if BY_MASS:
                 _keep, x = _survivors(x, valid, kth, kept_mass, 0)
             bits = x.to(tl.int32, bitcast=True)
@@ -157,42 +183,25 @@ def _fuse_sample_kernel(
         tau = 0
         kept_mass = 1.0
         if top_p < 1:
-            kept_mass = 0.0
-            for start in range(0, V_S, BLOCK_S):
-                offs = start + tl.arange(0, BLOCK_S)
-                valid = offs < V_S
-                f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
-                                 t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
-                                 HAS_TOPK, MODE, TAIL)
-                p = tl.exp(f / t_eff - lse_g)
-                keep, _q = _survivors(p, valid, kth, 1.0, 0)
-                kept_mass += tl.sum(tl.where(keep, p, 0.0), 0)
+            kept_mass = _kept_mass(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                                   lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, 1.0, 0,
+                                   BLOCK_S, HAS_TOPK, MODE, TAIL)
             tau = _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
                                lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, kept_mass,
                                top_p - top_p_tol, BLOCK_S, HAS_TOPK, MODE, TAIL, True)
 
         # total surviving mass, then the inverse CDF in vocabulary order
-        total = 0.0
-        for start in range(0, V_S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            valid = offs < V_S
-            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
-                             t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
-                             HAS_TOPK, MODE, TAIL)
-            p = tl.exp(f / t_eff - lse_g)
-            keep, _q = _survivors(p, valid, kth, kept_mass, tau)
-            total += tl.sum(tl.where(keep, p, 0.0), 0)
+        total = _kept_mass(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, t_llm,
+                           lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g, kth, kept_mass, tau,
+                           BLOCK_S, HAS_TOPK, MODE, TAIL)
         target = u * total
         carry = 0.0
         below = 0  # number of positions whose running mass is <= target
         last_kept = 0
         for start in range(0, V_S, BLOCK_S):
-            offs = start + tl.arange(0, BLOCK_S)
-            valid = offs < V_S
-            f = _fused_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, valid, V_S, K, a,
-                             t_slm, t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z,
-                             HAS_TOPK, MODE, TAIL)
-            p = tl.exp(f / t_eff - lse_g)
+            offs, valid, p = _probs_block(start, slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm,
+                                          t_llm, lse_s, shift, log_r, lu_s_safe, c_tail, log_z, t_eff, lse_g,
+                                          BLOCK_S, HAS_TOPK, MODE, TAIL)
             keep, _q = _survivors(p, valid, kth, kept_mass, tau)
             weights = tl.where(keep, p, 0.0)
             cdf = carry + tl.cumsum(weights, 0)
