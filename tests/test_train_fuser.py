@@ -243,12 +243,15 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     head = FusionHead.from_pretrained(tmp_path / "run" / "heads" / "dense")
     assert head.slm_name == "slm" and head.llm_name == "llm" and head.llm_top_k is None
 
-    args = parse(["eval", *common, "--head", str(tmp_path / "run")])
+    args = parse(["eval", *common, "--head", str(tmp_path / "run"), "--paper-examples", "2"])
     assert args.func(args) == 0
     table = (tmp_path / "run" / "results.md").read_text()
     assert "trained head" in table and "LLM with context" in table and "aligned share" in table
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
-    assert len(rows) == 2 + 4 * 6 + 1 and rows[-1]["method"].startswith("paper head")
+    # full table (2 + 4 variants x 6), then the dense rows again on the paper head's 2 examples, then its row
+    assert len(rows) == 2 + 4 * 6 + 8 + 1 and rows[-1]["method"].startswith("paper head")
+    assert {r["llm_input"] for r in rows[-9:]} == {"dense, first 2 examples"}
+    assert {r["tokens"] for r in rows[-9:]} == {rows[-1]["tokens"]} and rows[-1]["tokens"] < rows[0]["tokens"]
     assert all(math.isfinite(r["nll"]) for r in rows)
 
 

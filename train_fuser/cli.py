@@ -21,7 +21,8 @@ from logitfuse import zoo
 from logitfuse._io import atomic_write_text
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
-from logitfuse.train_fuser.evaluate import evaluate_cached, evaluate_streaming, plot_alpha_trace, write_report
+from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming, first_examples, plot_alpha_trace,
+                                            write_report)
 from logitfuse.train_fuser.scoring import (
     Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
 )
@@ -117,8 +118,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                   llm_with_context=not args.no_llm_context, max_history=args.max_history)
     rows = evaluate_cached(cache, variants, heads)
     if (heads_root / "paper-dense").is_dir():
+        # the paper's head runs both models again, on fewer examples: the other rows on those same
+        # positions come first, so that it compares like with like
         paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
-        rows.append(evaluate_streaming(paper, pair, examples[: args.paper_examples], variants[0], max_history=args.max_history))
+        n = min(args.paper_examples, len(examples))
+        label = f"{variants[0].name}, first {n} examples"
+        rows += [dict(row, llm_input=label) for row in evaluate_cached(first_examples(cache, n), variants[:1], heads)]
+        paper_row = evaluate_streaming(paper, pair, examples[:n], variants[0], max_history=args.max_history)
+        rows.append(dict(paper_row, llm_input=label))
     info = {"slm": pair.slm_name, "llm": pair.llm_name, "test examples": len(examples),
             "aligned positions": len(cache["targets"]), "vocab map coverage": round(pair.vocab_map.coverage, 4)}
     info["aligned share of SLM response tokens"] = round(len(cache["targets"]) / max(metadata["positions"], 1), 4)

@@ -66,6 +66,12 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant],
     return rows
 
 
+def first_examples(cache: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """``cache`` restricted to the positions of its first ``n`` examples (what a streaming row scores)."""
+    keep = cache["example"] < n
+    return {key: value[keep] for key, value in cache.items()}
+
+
 @torch.no_grad()
 def evaluate_streaming(head: PaperFusionHead | FusionHead, pair: Pair, examples: list[Example], variant: Variant,
                        method: str = "paper head", max_history: int | None = None) -> dict[str, Any]:
