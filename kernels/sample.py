@@ -66,7 +66,8 @@ def _probs_block(start, slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, 
 def _survivors(p, valid, kth, kept_mass, tau):
     """Which tokens of a block survive the filters: ``p >= kth`` (top-k, as bits), then
     ``p / kept_mass >= tau`` (top-p, as bits); thresholds of 0 keep every ``p > 0``.
-    Returns ``(keep, q)`` with ``q = p / kept_mass`` on survivors and 0 elsewhere."""
+    Returns ``(keep, q)`` with ``q = p / kept_mass`` on the top-k survivors (before the top-p
+    filter, which reads it) and 0 elsewhere."""
     keep = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= kth)
     q = tl.where(keep, p / kept_mass, 0.0)
     return keep & (q.to(tl.int32, bitcast=True) >= tau), q
