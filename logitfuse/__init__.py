@@ -10,7 +10,7 @@ SLM's vocabulary and mixed with a weight α (CoGenesis, arXiv 2403.03129).
 torch.Size([1, 8])
 """
 
-from logitfuse.functional import fuse, fuse_sample, fused_cross_entropy, row_stats
+from logitfuse.functional import fuse, fuse_sample, fuse_with_head, fused_cross_entropy, row_stats
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.types import MODES, TAILS, RowStats, TopK
 from logitfuse.vocab import VocabMap
@@ -30,6 +30,7 @@ __all__ = [
     "VocabMap",
     "fuse",
     "fuse_sample",
+    "fuse_with_head",
     "fused_cross_entropy",
     "load_head",
     "row_stats",

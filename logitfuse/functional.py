@@ -216,6 +216,46 @@ def fuse(
     return _ops_for(args).fuse(**args)
 
 
+def fuse_with_head(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    head,
+    *,
+    vocab_map: VocabMap | None = None,
+    mode: str = "linear",
+    tail: str = "slm",
+    slm_temperature: float | Tensor = 1.0,
+    llm_temperature: float | Tensor = 1.0,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``(alpha, fused)``: the fusion head's α for these logits, and :func:`fuse` with that α.
+
+    The same as ``alpha = head(slm_logits, llm, vocab_map)`` then ``fuse(..., alpha=alpha)``, but
+    where both run on the torch reference (CPU tensors, or a map across tokenizers) and the head reads
+    the distributions the fusion mixes (its tail is ``tail``, temperatures 1), the LLM side is pulled
+    back onto the SLM vocabulary once instead of twice: most of the cost of either on a CPU.
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> slm, llm, head = torch.randn(2, 10), torch.randn(2, 10), logitfuse.FusionHead(10, 10)
+    >>> alpha, fused = logitfuse.fuse_with_head(slm, llm, head)
+    >>> torch.equal(fused, logitfuse.fuse(slm, llm, alpha=head(slm, llm)))
+    True
+    """
+    args = _prepare(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
+    shared = (_ops_for(args) is _REFERENCE and head.tail == tail
+              and bool((args["slm_temperature"] == 1).all()) and bool((args["llm_temperature"] == 1).all()))
+    if not shared:
+        alpha = head(slm_logits, llm, vocab_map)
+        return alpha, fuse(slm_logits, llm, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail,
+                           slm_temperature=slm_temperature, llm_temperature=llm_temperature, validate=validate)
+    lp_slm, lp_llm, llm_shift = head._aligned(slm_logits, llm, vocab_map)
+    alpha = head.alpha_from_aligned(lp_slm, lp_llm, llm_shift, slm_logits)
+    slm_shift = torch.logsumexp(args["slm_logits"].float(), dim=-1)
+    return alpha, reference.mix(lp_slm, lp_llm, alpha, mode=mode, slm_shift=slm_shift, llm_shift=llm_shift)
+
+
 def fuse_sample(
     slm_logits: Tensor,
     llm: Tensor | TopK,

@@ -101,6 +101,11 @@ class _Head(nn.Module):
         )
         return lp_slm, lp_llm, shift
 
+    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
+        """α ``(batch_size,)`` from what :meth:`_aligned` returns (and the raw SLM logits), so that a
+        caller who already pulled the LLM side back (``logitfuse.fuse_with_head``) need not do it twice."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
@@ -212,6 +217,9 @@ class FusionHead(_Head):
             x = torch.cat([x, self.project_hidden(slm_hidden.float())], dim=-1)
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
+    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
+        return self.alpha_from_features(reference.fusion_features(lp_slm, lp_llm, self.top_k))
+
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
         """α ``(batch_size,)`` in ``(0, 1)`` for each row."""
@@ -239,8 +247,10 @@ class PaperFusionHead(_Head):
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
         """α ``(batch_size,)`` in ``(0, 1)`` for each row."""
-        lp_slm, lp_llm, shift = self._aligned(slm_logits, llm, vocab_map)
-        llm_raw = (lp_llm + shift[:, None]).clamp(min=-1e4)  # raw logit scale; -inf would poison the matmul
+        return self.alpha_from_aligned(*self._aligned(slm_logits, llm, vocab_map), slm_logits)
+
+    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
+        llm_raw = (lp_llm + llm_shift[:, None]).clamp(min=-1e4)  # raw logit scale; -inf would poison the matmul
         x = torch.cat([slm_logits.float().clamp(min=-1e4), llm_raw], dim=-1)
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 

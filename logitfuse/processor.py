@@ -16,7 +16,7 @@ import torch
 from transformers import LogitsProcessor
 
 from logitfuse.backends import LLMBackend, LLMOutput
-from logitfuse.functional import fuse
+from logitfuse.functional import fuse, fuse_with_head
 from logitfuse.retokenize import IncrementalRetokenizer
 from logitfuse.schedules import Schedule, parse
 from logitfuse.types import MODES, TAILS, TopK
@@ -372,14 +372,15 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             llm_next = TopK(llm_next.ids.to(device), llm_next.logprobs.to(device))
         else:
             llm_next = llm_next.to(device)
+        options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
+                       llm_temperature=self.llm_temperature, validate=False)
         if self.head is not None:
-            alpha = self.head(scores, llm_next, self._vocab_map).to(device).float().clamp(0.0, 1.0)
+            # rows whose LLM call failed are replaced by the SLM's row below, whatever their α
+            alpha, fused = fuse_with_head(scores, llm_next, self.head, **options)
         else:
             alpha = torch.full((batch,), float(self.alpha), device=device)
-        alpha = torch.where(ok, alpha, torch.ones_like(alpha))
-        self.alpha_history.append(alpha.detach().cpu())
-        fused = fuse(scores, llm_next, alpha=alpha, vocab_map=self._vocab_map, mode=self.mode, tail=self.tail,
-                     slm_temperature=self.slm_temperature, llm_temperature=self.llm_temperature, validate=False)
+            fused = fuse(scores, llm_next, alpha=alpha, **options)
+        self.alpha_history.append(torch.where(ok, alpha.float(), 1.0).cpu())
         # a token an earlier processor banned (-inf: bad words, min_new_tokens' EOS...) stays banned,
         # even where the LLM would give it mass
         banned = scores == float("-inf")

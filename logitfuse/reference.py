@@ -130,10 +130,12 @@ def _aggregate_llm(lp_slm: Tensor, llm: Tensor | TopK, llm_to_slm: Tensor,
     else:
         logits = llm.float() / llm_temperature[:, None]
         llm_shift = torch.logsumexp(logits, dim=-1)
+        # unmapped LLM tokens add 0 to column 0 (a where, not a boolean-mask copy: this runs every step)
         valid = llm_to_slm >= 0
-        targets = llm_to_slm[valid]
-        mass = torch.zeros(batch, v_slm, device=lp_slm.device).index_add_(1, targets, (logits[:, valid] - llm_shift[:, None]).exp())
-        hits = torch.zeros(v_slm, device=lp_slm.device).index_add_(0, targets, torch.ones_like(targets, dtype=torch.float))
+        columns = llm_to_slm.clamp(min=0)
+        probs = torch.where(valid, (logits - llm_shift[:, None]).exp(), 0.0)
+        mass = torch.zeros(batch, v_slm, device=lp_slm.device).index_add_(1, columns, probs)
+        hits = torch.zeros(v_slm, device=lp_slm.device).index_add_(0, columns, valid.float())
         hits = hits.expand(batch, -1)
     known = hits > 0
     return torch.where(known, mass.log(), -math.inf), known, llm_shift

@@ -160,3 +160,48 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _cross_map(v_slm: int, v_llm: int) -> VocabMap:
+    """Half the SLM tokens map one to one; every other LLM token hands its mass to some SLM token."""
+    g = torch.Generator().manual_seed(1)
+    slm_to_llm = torch.full((v_slm,), -1)
+    exact = torch.randperm(v_llm, generator=g)[: v_slm // 2]
+    slm_to_llm[: v_slm // 2] = exact
+    llm_to_slm = torch.randint(0, v_slm, (v_llm,), generator=g)
+    llm_to_slm[exact] = torch.arange(v_slm // 2)
+    llm_to_slm[torch.isin(torch.arange(v_llm), exact, invert=True).nonzero()[:3]] = -1  # tokens no SLM token starts
+    return VocabMap(slm_to_llm, v_llm, llm_to_slm=llm_to_slm)
+
+
+@pytest.mark.parametrize("head_class", [FusionHead, PaperFusionHead])
+@pytest.mark.parametrize("mode", ["linear", "geometric", "logit"])
+@pytest.mark.parametrize("llm_kind", ["dense", "topk"])
+@pytest.mark.parametrize("vmap_kind", ["identity", "cross"])
+def test_fuse_with_head_equals_head_then_fuse(head_class, mode, llm_kind, vmap_kind):
+    torch.manual_seed(0)
+    v_slm, v_llm = (37, 37) if vmap_kind == "identity" else (37, 53)
+    vmap = VocabMap.identity(v_slm, v_llm) if vmap_kind == "identity" else _cross_map(v_slm, v_llm)
+    head = head_class(v_slm, v_llm, mode=mode, tail="slm")
+    slm, dense = torch.randn(3, v_slm) * 3, torch.randn(3, v_llm) * 3
+    top = dense.log_softmax(-1).topk(5, dim=-1)
+    llm = dense if llm_kind == "dense" else TopK(top.indices, top.values)
+    with torch.no_grad():
+        alpha, fused = logitfuse.fuse_with_head(slm, llm, head, vocab_map=vmap, mode=mode, tail="slm")
+        expected_alpha = head(slm, llm, vmap)
+        expected = logitfuse.fuse(slm, llm, alpha=expected_alpha, vocab_map=vmap, mode=mode, tail="slm")
+    assert torch.equal(alpha, expected_alpha) and torch.equal(fused, expected)
+    # where the head reads other distributions than the fusion mixes, both are computed as asked
+    with torch.no_grad():
+        _, hot = logitfuse.fuse_with_head(slm, llm, head, vocab_map=vmap, mode=mode, tail="uniform", slm_temperature=0.7)
+        assert torch.equal(hot, logitfuse.fuse(slm, llm, alpha=expected_alpha, vocab_map=vmap, mode=mode, tail="uniform",
+                                               slm_temperature=0.7))
+
+
+def test_fuse_with_head_checks_its_inputs():
+    head = FusionHead(10, 12)
+    with pytest.raises(ValueError, match="v_slm=10, v_llm=12"):
+        logitfuse.fuse_with_head(torch.randn(2, 10), torch.randn(2, 10), head)
+    with pytest.raises(ValueError, match="NaN"):
+        logitfuse.fuse_with_head(torch.full((2, 10), float("nan")), torch.randn(2, 12), head,
+                                 vocab_map=VocabMap(torch.arange(10), 12))
