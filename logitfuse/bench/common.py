@@ -8,6 +8,7 @@ Nothing here touches a device at import time.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -244,3 +245,12 @@ def setup(args) -> torch.device:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
+
+
+def run_standalone(name: str, doc: str, add_args: Callable, execute: Callable, argv: list[str] | None) -> int:
+    """``main()`` of a benchmark module run on its own (``python benchmarks/bench_NAME.py ...``):
+    its parser (first paragraph of ``doc`` as the description), then ``execute(args, argv)``."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog=f"logitfuse bench {name}", description=doc.split("\n\n")[0])
+    add_args(parser)
+    return execute(parser.parse_args(argv), argv)

@@ -360,10 +360,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="logitfuse bench decode", description=__doc__.split("\n\n")[0])
-    add_args(parser)
-    args = parser.parse_args(argv)
-    return execute(args, argv if argv is not None else sys.argv[1:])
+    return common.run_standalone("decode", __doc__, add_args, execute, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

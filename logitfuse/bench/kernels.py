@@ -162,10 +162,7 @@ TABLE_COLUMNS = [("llm", "LLM"), ("map", "map"), ("B", "B"), ("V", "V"), ("trito
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="logitfuse bench kernels", description=__doc__.split("\n\n")[0])
-    add_args(parser)
-    args = parser.parse_args(argv)
-    return execute(args, argv if argv is not None else sys.argv[1:])
+    return common.run_standalone("kernels", __doc__, add_args, execute, argv)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -224,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
         print(json.dumps(worker(path, int(n), int(vocab), torch.device(device), int(steps), int(warmup))))
         return 0
-    parser = argparse.ArgumentParser(prog="logitfuse bench train", description=__doc__.split("\n\n")[0])
-    add_args(parser)
-    args = parser.parse_args(argv)
-    return execute(args, argv)
+    return common.run_standalone("train", __doc__, add_args, execute, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
