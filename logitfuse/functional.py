@@ -246,10 +246,11 @@ def fuse_with_head(
     args = _prepare(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
     shared = (_ops_for(args) is _REFERENCE and head.tail == tail
               and bool((args["slm_temperature"] == 1).all()) and bool((args["llm_temperature"] == 1).all()))
-    if not shared:
+    if not shared:  # the arguments are checked already: only α is new
         alpha = head(slm_logits, llm, vocab_map)
-        return alpha, fuse(slm_logits, llm, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail,
-                           slm_temperature=slm_temperature, llm_temperature=llm_temperature, validate=validate)
+        batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
+        args["alpha"] = _per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
+        return alpha, _ops_for(args).fuse(**args)
     lp_slm, lp_llm, llm_shift = head._aligned(slm_logits, llm, vocab_map)
     alpha = head.alpha_from_aligned(lp_slm, lp_llm, llm_shift, slm_logits)
     slm_shift = torch.logsumexp(args["slm_logits"].float(), dim=-1)
