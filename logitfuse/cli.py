@@ -16,7 +16,23 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "main"]
+
+
+class UsageError(ValueError):
+    """A mistake on the command line (a bad value, a missing file, an unknown model name).
+
+    Raise it from a subcommand before loading anything: :func:`main` prints it as one line,
+    ``logitfuse <command>: error: <message>``, and returns exit status 2 (no traceback). The message
+    names the argument and the fix.
+    """
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2 (the usage is in --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ------------------------------------------------------------------------------------- serve
@@ -51,11 +67,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from logitfuse.server import CompletionServer
 
     if not 0 <= args.port <= 65535:
-        raise SystemExit(f"--port {args.port} must lie in [0, 65535]")
+        raise UsageError(f"--port {args.port} must lie in [0, 65535]")
     if args.top_k_max < 1:
-        raise SystemExit(f"--top-k-max {args.top_k_max} must be >= 1")
+        raise UsageError(f"--top-k-max {args.top_k_max} must be >= 1")
     if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model!r} is not a folder; save one with model.save_pretrained(DIR)")
+        raise UsageError(f"--model {args.model!r} is not a folder; save one with model.save_pretrained(DIR)")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -105,11 +121,11 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="logitfuse",
         description="Decoding-time logit fusion between a cloud LLM and a private on-device SLM (CoGenesis).",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     for add in _SUBCOMMANDS:
         add(subparsers)
     return parser
@@ -122,7 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"logitfuse {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
