@@ -10,6 +10,7 @@ prompt), and returns the fused log-probabilities in place of the SLM's scores::
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -37,6 +38,53 @@ def _returns_dense(llm: LLMBackend) -> bool:
     from logitfuse.backends import OpenAICompatibleLLM
 
     return not isinstance(llm, OpenAICompatibleLLM)
+
+
+# transformers' decoding methods that call the logits processors once per kept token, on the real
+# sequence (greedy and sampling: `_sample`; beam search and beam sampling: `_beam_search`)
+_SAFE_DECODING_METHODS = frozenset({"_sample", "_beam_search"})
+_SAFE_GENERATION_MODES = frozenset({"greedy_search", "sample", "beam_search", "beam_sample"})
+
+
+def _unsafe_generate_mode() -> str | None:
+    """Why the running ``generate`` call cannot be served privately, or ``None`` when it can.
+
+    Prompt-lookup and assisted decoding call logits processors on *candidate* tokens (copied from
+    the private prompt, or drafted by an assistant model) one column at a time, before they are
+    verified: read as generated tokens they would carry private text to the LLM. So the processor
+    only serves the decoding methods it knows call it once per kept token. It walks the call stack
+    (once per generation, before anything is sent): the first frame outside logitfuse, torch's
+    ``no_grad`` wrappers and transformers' ``LogitsProcessorList`` is the decoding loop. Inside
+    ``generate``, that loop must be ``_sample`` or ``_beam_search`` of
+    ``transformers.generation.utils`` and ``generate``'s
+    ``generation_mode`` one of greedy, sample, beam search, beam sample; anything else (assisted
+    generation, prompt lookup, a ``custom_generate``, a transformers version that renamed these) is
+    refused. Called outside ``generate``, the caller's loop owns the documented contract (one call per
+    kept token) and is served.
+    """
+    frame = sys._getframe(2)
+    caller = None
+    inside_generate = False
+    mode = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        name = frame.f_code.co_name
+        if caller is None and not module.startswith(("logitfuse", "torch.utils._contextlib")) \
+                and not (module == "transformers.generation.logits_process" and name == "__call__"):
+            caller = (module, name)
+        if module == "transformers.generation.utils" and name == "generate":
+            inside_generate = True
+            mode = frame.f_locals.get("generation_mode", mode)
+        frame = frame.f_back
+    if not inside_generate:
+        return None
+    mode_name = getattr(mode, "value", mode)
+    if caller is None or caller[0] != "transformers.generation.utils" or caller[1] not in _SAFE_DECODING_METHODS:
+        where = "?" if caller is None else f"{caller[0]}.{caller[1]}"
+        return f"generate() called the processor from {where} (generation mode {mode_name!r})"
+    if mode_name not in _SAFE_GENERATION_MODES:
+        return f"generate() runs generation mode {mode_name!r}"
+    return None
 
 
 def _as_id_set(value: Any, name: str) -> frozenset[int]:
@@ -82,6 +130,12 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             LLM tokenizer's chat template (one user message, generation prompt added).
         lookbehind (`int`, defaults to 4): LLM tokens re-encoded each step in cross-tokenizer mode.
         slm_temperature, llm_temperature (`float`, default 1.0): passed to :func:`logitfuse.fuse`.
+
+    Generation modes that call logits processors on unverified candidate tokens, prompt lookup
+    (``prompt_lookup_num_tokens``) and assisted decoding (``assistant_model``), are refused with a
+    ``ValueError`` on the first call, before anything reaches the LLM: their candidates are not
+    generated tokens (prompt lookup copies them from the private prompt). A fixed ``alpha=1`` (the
+    SLM alone) never contacts the LLM.
 
     Beam search (``num_beams > 1``) and ``num_return_sequences > 1`` work: each input row's public
     prompt is repeated for its beams, and when beam search reorders its beams the processor finds
@@ -258,6 +312,14 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
                       "llm_tokens": 0, "rollbacks": 0, "unmapped_tokens": 0, "reorders": 0}
 
     def _begin(self, input_ids: Tensor, scores: Tensor) -> None:
+        unsafe = _unsafe_generate_mode()
+        if unsafe is not None:
+            raise ValueError(
+                f"CoGenesisLogitsProcessor refused before anything was sent: {unsafe}. Prompt-lookup "
+                "(prompt_lookup_num_tokens) and assisted decoding (assistant_model) call logits processors on "
+                "candidate tokens that are not generated and kept yet (prompt lookup copies them from the private "
+                "prompt), so they could reach the LLM; use greedy decoding, sampling or beam search"
+            )
         batch = input_ids.shape[0]
         rows = self._rows_of_prompts(batch)
         if self._vocab_map is None:
@@ -329,16 +391,20 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch = scores.shape[0]
+        slm_logprobs = torch.log_softmax(scores.float() / self.slm_temperature, dim=-1)
+        if self.alpha == 1.0:  # the SLM alone: the LLM's answer would get weight 0, so never ask it
+            self.stats["steps"] += 1
+            self.alpha_history.append(torch.ones(batch))
+            return slm_logprobs
         if self._prompt_len is None:
             self._begin(input_ids, scores)
         else:
             self._read_new_tokens(input_ids)
-        batch = scores.shape[0]
+        self.stats["steps"] += 1
         device = scores.device
-        slm_logprobs = torch.log_softmax(scores.float() / self.slm_temperature, dim=-1)
         step = self._step
         self._step += 1
-        self.stats["steps"] += 1
 
         entropy = None
         if self.schedule.needs_entropy:

@@ -41,7 +41,8 @@ def test_alpha_one_equals_plain_slm_greedy(tok, slm, llm_model):
     proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS, alpha=1.0)
     fused = generate(slm, inputs, N_NEW, proc)
     assert torch.equal(fused, plain)
-    assert proc.stats["steps"] == N_NEW and proc.stats["llm_calls"] == N_NEW
+    # α = 1 gives the LLM weight 0: its calls are skipped altogether
+    assert proc.stats["steps"] == N_NEW and proc.stats["llm_calls"] == 0
     assert proc.stats["fallbacks"] == 0
 
 
@@ -113,7 +114,8 @@ def test_finished_rows_stop_advancing(tok, slm, llm_model):
     eos = int(plain[0, 2])  # row 0 "finishes" at its third token (other rows may too)
     plain_eos = generate(slm, inputs, N_NEW, eos_token_id=eos)
     llm = logitfuse.HFLLM(llm_model, tok)
-    proc = logitfuse.CoGenesisLogitsProcessor(llm, PUBLICS, alpha=1.0, eos_token_id=eos)
+    # α just below 1: the LLM is consulted (α = 1 skips it) but cannot change the greedy choice
+    proc = logitfuse.CoGenesisLogitsProcessor(llm, PUBLICS, alpha=1.0 - 1e-6, eos_token_id=eos)
     fused = generate(slm, inputs, N_NEW, proc, eos_token_id=eos)
     assert torch.equal(fused, plain_eos)
     streams = hf_streams(llm.audit_log)
