@@ -21,7 +21,7 @@ setup(
         "logitfuse.kernels": "kernels",
         "logitfuse.train_fuser": "train_fuser",
     },
-    package_data={"logitfuse.train_fuser": ["data/*.json", "data/*.md", "heads/*/*/*"]},
+    package_data={"logitfuse.train_fuser": ["data/*.json", "data/*.md", "heads/*/*/*", "adapters/*/*"]},
     install_requires=[
         # torch is deliberately unpinned here; install a wheel that fits your machine first
         # (CI and the README install torch==2.13.0, a CPU build, before this package).
@@ -33,8 +33,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19", "peft>=0.13"],
         "models": ["gguf>=0.10", "accelerate>=0.30"],
+        "finetune": ["peft>=0.13"],  # LoRA: logitfuse finetune, --adapter, tuned zoo entries (tested with 0.21.2)
         "bench": ["matplotlib>=3.7"],
         "engine": ["llama-cpp-python[server]==0.3.36"],
     },

@@ -47,8 +47,19 @@ from pathlib import Path
 from logitfuse._io import atomic_write
 
 __all__ = [
+    "ADAPTER_FILES",
     "MARKER",
     "REGISTRY",
+    "TUNED",
+    "TunedSpec",
+    "adapter_sha256",
+    "apply_adapter",
+    "install_tuned",
+    "is_tuned_installed",
+    "known_names",
+    "merge_adapter",
+    "shipped_adapter_dir",
+    "tuned_path",
     "ChecksumError",
     "ModelSpec",
     "NotInstalledError",
@@ -299,6 +310,8 @@ def resolve(
 
     A string that is a zoo name is taken as one, unless it is written as a path (``./name``)."""
     text = os.fspath(name_or_path)
+    if text in TUNED and not isinstance(name_or_path, Path):  # base + shipped LoRA adapter, merged once
+        return install_tuned(text, home=home, progress=progress) if install else tuned_path(text, home)
     if text in REGISTRY and not isinstance(name_or_path, Path):
         if install:
             return _install(text, home=home, progress=progress)
@@ -319,11 +332,14 @@ def load(
     install: bool = True,
     home: str | os.PathLike | None = None,
     progress: bool = True,
+    adapter: str | os.PathLike | None = None,
 ):
     """``(model, tokenizer, name)`` for a zoo name or a local transformers folder, in eval mode.
 
     ``name`` is the zoo name, or the folder's name for a local folder (what heads record).
     float32 is the default: on CPUs without native bf16 matrix units it is the faster choice.
+    ``adapter``: a LoRA adapter folder (``logitfuse finetune --out``) merged into the model in
+    float32 before the cast to ``dtype``; ``name`` is then ``"<model>+<adapter folder name>"``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -331,10 +347,169 @@ def load(
     folder = resolve(name_or_path, install=install, home=home, progress=progress)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    if adapter is not None:
+        model = apply_adapter(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), adapter)
+        model = model.to(dtype=getattr(torch, dtype), device=device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     text = os.fspath(name_or_path)
-    name = text if text in REGISTRY and not isinstance(name_or_path, Path) else folder.name
+    zoo_name = (text in REGISTRY or text in TUNED) and not isinstance(name_or_path, Path)
+    name = text if zoo_name else folder.name
+    if adapter is not None:
+        name = f"{name}+{Path(adapter).expanduser().resolve().name}"
     return model, AutoTokenizer.from_pretrained(folder), name
+
+
+# ------------------------------------------------------------ tuned models: a base + a LoRA adapter
+# A tuned entry is a zoo model plus a LoRA adapter shipped in the repository (written by
+# ``logitfuse finetune``), merged once in float32 into ``<home>/models/<name>/``; its marker records
+# the sha256 of the adapter and of the base, so a changed adapter means a new merge.
+
+#: Files of an adapter folder that define it (what its sha256 covers).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_TUNED_FORMAT = "logitfuse.zoo.tuned/1"
+
+
+@dataclass(frozen=True)
+class TunedSpec:
+    """A zoo model specialized by a shipped LoRA adapter.
+
+    ``adapter`` is a folder relative to the installed ``logitfuse.train_fuser`` package (or an
+    absolute path)."""
+
+    name: str
+    base: str  # a REGISTRY name
+    adapter: str
+    model: str  # for people
+    role: str
+
+
+#: Tuned models, by short name: loaded like any zoo name (``--slm smollm2-135m-cogenesis``).
+TUNED: dict[str, TunedSpec] = {
+    spec.name: spec
+    for spec in [
+        TunedSpec(
+            name="smollm2-135m-cogenesis",
+            base="smollm2-135m",
+            adapter="adapters/smollm2-135m-cogenesis",
+            model="SmolLM2-135M-Instruct + LoRA (rank 8) on the CoGenesis no-profile training split",
+            role="specialized SLM",
+        ),
+    ]
+}
+
+
+def known_names() -> list[str]:
+    """Every name ``load`` and ``resolve`` accept as a zoo model: the GGUF models, then the tuned ones."""
+    return [*REGISTRY, *TUNED]
+
+
+def _require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ZooError('LoRA adapters need peft: pip install "logitfuse[finetune]" (or pip install peft)')
+
+
+def shipped_adapter_dir(name: str) -> Path:
+    """The adapter folder of tuned model ``name`` (inside the installed package)."""
+    try:
+        spec = TUNED[name]
+    except KeyError:
+        raise ZooError(f"unknown tuned model {name!r}; the tuned models are: {', '.join(TUNED)}") from None
+    if Path(spec.adapter).is_absolute():
+        return Path(spec.adapter)
+    package = importlib.util.find_spec("logitfuse.train_fuser")
+    return Path(list(package.submodule_search_locations)[0]) / spec.adapter
+
+
+def adapter_sha256(folder: str | os.PathLike) -> str:
+    """One sha256 over an adapter folder's :data:`ADAPTER_FILES` (names and contents, in order)."""
+    digest = hashlib.sha256()
+    for file_name in ADAPTER_FILES:
+        file = Path(folder) / file_name
+        if not file.is_file():
+            raise ZooError(f"{folder} is not a LoRA adapter folder: it has no {file_name} "
+                           "(write one with `logitfuse finetune --out DIR`)")
+        digest.update(file_name.encode() + b"\0" + sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def apply_adapter(model, adapter: str | os.PathLike):
+    """``model`` with the LoRA adapter folder ``adapter`` merged into its weights (a plain
+    transformers model again; merge in float32 to keep the small LoRA update exact)."""
+    _require_peft()
+    from peft import PeftModel
+
+    adapter_sha256(adapter)  # a clear error for a folder that is not an adapter
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge a LoRA ``adapter`` into the transformers folder ``base`` and save the result, in float32,
+    with the base's tokenizer, as the transformers folder ``out_dir`` (written beside it, then renamed
+    into place; an existing ``out_dir`` is replaced)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = apply_adapter(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), adapter)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+        os.chmod(tmp, _mode(0o777))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _tuned_marker(spec: TunedSpec) -> dict:
+    return {"format": _TUNED_FORMAT, "name": spec.name, "base": spec.base, "base_sha256": get_spec(spec.base).sha256,
+            "adapter_sha256": adapter_sha256(shipped_adapter_dir(spec.name))}
+
+
+def is_tuned_installed(name: str, home: str | os.PathLike | None = None) -> bool:
+    """Whether tuned model ``name`` is merged under ``home`` from the shipped adapter and the pinned base."""
+    spec = TUNED[name]
+    folder = _home(home) / "models" / spec.name
+    marker = _read_marker(folder)
+    expected = _tuned_marker(spec)
+    return bool(marker and all(marker.get(k) == v for k, v in expected.items()) and (folder / "config.json").is_file())
+
+
+def tuned_path(name: str, home: str | os.PathLike | None = None) -> Path:
+    """The merged transformers folder of tuned model ``name``; ``NotInstalledError`` if not merged yet."""
+    if not is_tuned_installed(name, home):
+        raise NotInstalledError(f"model {name!r} is not installed under {_home(home)}; run "
+                                f"`logitfuse models install {name}` (its base {TUNED[name].base} plus a merge)")
+    return _home(home) / "models" / name
+
+
+def install_tuned(name: str, *, home: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Install the base of tuned model ``name`` (if needed), merge the shipped adapter into it once,
+    and return the merged folder. Idempotent, like :func:`install`; the marker is written last."""
+    spec = TUNED[name]
+    root = _home(home)
+    folder = root / "models" / spec.name
+    if is_tuned_installed(name, root):
+        _say(progress, f"{name} is already installed at {folder}")
+        return folder
+    base = _install(spec.base, home=root, progress=progress)
+    with _lock(root, spec.name):
+        if is_tuned_installed(name, root):
+            return folder
+        _require_peft()
+        adapter = shipped_adapter_dir(name)
+        _say(progress, f"merging the LoRA adapter {adapter} into {spec.base} (float32) at {folder}")
+        merge_adapter(base, adapter, folder)
+        marker = {**_tuned_marker(spec), "adapter": str(adapter), "dtype": "float32",
+                  "peft": _installed_version("peft"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_text(folder / MARKER, json.dumps(marker, indent=2) + "\n")
+    return folder
 
 
 # ----------------------------------------------------------------------------- install steps
@@ -657,6 +832,8 @@ def install(name: str, *, home: str | os.PathLike | None = None, progress: bool 
 
 
 def _install(name: str, *, home: str | os.PathLike | None, progress: bool) -> Path:
+    if name in TUNED:
+        return install_tuned(name, home=home, progress=progress)
     spec = get_spec(name)
     root = _home(home)
     folder = _model_dir(spec, root)

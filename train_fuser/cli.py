@@ -32,7 +32,7 @@ HEADS_DIR = "heads"
 
 
 def load_pair(args: argparse.Namespace) -> Pair:
-    slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device)
+    slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
     llm, llm_tok, llm_name = zoo.load(args.llm, dtype=args.dtype, device=args.device)
     return Pair.build(slm, slm_tok, llm, llm_tok, slm_name, llm_name)
 
@@ -143,6 +143,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
     parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder")
     parser.add_argument("--data", default=None, help="folder with context_aware_{dev,test}.json (default: the bundled copy)")
     parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
@@ -177,3 +178,7 @@ def add_subcommands(subparsers: Any) -> None:
     evaluate.add_argument("--out", default=None, help="where results go (default: beside the heads)")
     evaluate.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
     evaluate.set_defaults(func=run_eval)
+
+    from logitfuse.train_fuser.finetune import add_subcommand as add_finetune
+
+    add_finetune(subparsers)

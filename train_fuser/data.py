@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-SPLITS = {"dev": "context_aware_dev.json", "test": "context_aware_test.json"}
+SPLITS = {"dev": "context_aware_dev.json", "test": "context_aware_test.json",
+          "train_wo_profile": "context_aware_train_wo_profile.json"}  # no profile/history: fine-tunes the SLM
 
 PRIVATE_SYSTEM = (
     "You are a personal writing assistant. Write as the user described below would: use their "
@@ -64,7 +65,7 @@ def public_instruction(instruction: str) -> str:
 
 
 def bundled_split(split: str) -> Path:
-    """Path of a split shipped with the package (``"dev"`` or ``"test"``)."""
+    """Path of a split shipped with the package (``"dev"``, ``"test"`` or ``"train_wo_profile"``)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {sorted(SPLITS)}")
     return DATA_DIR / SPLITS[split]
@@ -102,10 +103,11 @@ def load_examples(path: str | os.PathLike, *, max_examples: int | None = None) -
         instruction = _field(turns[roles.index("user")], "value", str, f"{where}, user turn")
         response = _field(turns[roles.index("assistant")], "value", str, f"{where}, assistant turn")
         history = []
-        for item_index, item in enumerate(_field(record, "profile", list, where)):
+        # the no-profile training split has neither field: an empty history and profile
+        for item_index, item in enumerate(_field(record, "profile", list, where) if "profile" in record else []):
             item_where = f"{where}, profile item {item_index}"
             history.append((_field(item, "title", str, item_where), _field(item, "text", str, item_where)))
-        additional = _field(record, "additional_profile", str, where)
+        additional = _field(record, "additional_profile", str, where) if "additional_profile" in record else ""
         if not instruction.strip() or not response.strip():
             raise ValueError(f"{where}: empty instruction or response")
         examples.append(Example(tid, instruction, response, tuple(history), additional))
