@@ -219,7 +219,12 @@ def test_cli_help_and_no_command(capsys):
         assert info.value.code == 0
 
 
-def test_cli_serve_answers_then_stops(tmp_path, llm_model, tok):
+@pytest.mark.parametrize("api_key", [None, "from-the-env-1"])
+def test_cli_serve_answers_then_stops(tmp_path, monkeypatch, llm_model, tok, api_key):
+    if api_key is None:
+        monkeypatch.delenv("LOGITFUSE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("LOGITFUSE_API_KEY", api_key)
     llm_model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     with socket.socket() as sock:
@@ -232,11 +237,12 @@ def test_cli_serve_answers_then_stops(tmp_path, llm_model, tok):
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):  # wait until it listens (model loading), at most ~20 s
         try:
-            get_json(url + "/health")
+            health = get_json(url + "/health")
             break
         except OSError:
             time.sleep(0.1)
-    llm = logitfuse.OpenAICompatibleLLM(url, "tiny", top_k=3, tokenizer=tok)
+    assert health[0] == (200 if api_key is None else 401)  # the key comes from LOGITFUSE_API_KEY
+    llm = logitfuse.OpenAICompatibleLLM(url, "tiny", top_k=3, tokenizer=tok, api_key=api_key)
     llm.start([chat_ids(tok, PUBLIC)])
     assert llm.advance([[]]).ok.all()
     thread.join(timeout=20)
