@@ -11,7 +11,9 @@ time, in float32 whatever the input dtype:
   of the tail rule, and the log-normalizer ``log Z`` of the mixed row, without a second pass:
 
   * ``"linear"``: ``Z = α·Σp_S + (1-α)·Σp_L`` over SLM tokens with ``Σp_S = 1`` and
-    ``Σp_L = known mass + tail mass given to unknown tokens``, both pass-1 scalars;
+    ``Σp_L = known mass + tail mass given to unknown tokens``, both pass-1 scalars, all in log space:
+    ``log Z = logaddexp(log α, log(1-α) + log Σp_L)`` with ``log 0 = -inf`` (guarded ``where``s), the
+    known mass as an online log-sum-exp, so nothing underflows and ``α = 0``/``1`` are exact;
   * ``"geometric"``/``"logit"``: an online log-sum-exp over the known tokens of the raw mix
     ``w(α, s) + w(1-α, l)`` (row constants ``α·lse_S``, ``(1-α)·lse_L`` are subtracted afterwards), and
     for the unknown tokens either an online log-sum-exp of ``w(α, s)`` (tails ``"uniform"``/``"zero"``,
@@ -23,7 +25,8 @@ time, in float32 whatever the input dtype:
   log-softmax, so both modes share one code path.
 
 - :func:`_mix` turns a block plus the row scalars into the mixed (unnormalized) log-values; the fused
-  log-probability is ``mixed - log Z``.
+  log-probability is ``mixed - log Z``. Linear mode mixes in log space,
+  ``logaddexp(log α + lp_S, log(1-α) + lp_L)``, as the reference does.
 
 ``w(a, x)`` is the reference's ``_weighted``: ``a·x`` with ``0·(±inf) = 0``.
 """
@@ -149,16 +152,28 @@ def _online_step(m, x):
 
 @triton.jit
 def _finish_lse(m, acc):
-    """``log Σ exp`` from an online pair; ``-inf`` for an empty set."""
-    return tl.where(m == float("-inf"), 0.0, m) + tl.log(acc)
+    """``log Σ exp`` from an online pair; ``-inf`` for an empty set (guarded: no ``log 0``)."""
+    empty = m == float("-inf")
+    return tl.where(empty, float("-inf"), tl.where(empty, 0.0, m) + tl.log(tl.where(empty, 1.0, acc)))
 
 
 @triton.jit
 def _logaddexp(x, y):
-    """``log(exp(x) + exp(y))`` with ``-inf`` on both sides giving ``-inf`` (not NaN)."""
+    """``log(exp(x) + exp(y))`` with ``-inf`` on both sides giving ``-inf`` (not NaN, no ``log 0``)."""
     top = tl.maximum(x, y)
-    base = tl.where(top == float("-inf"), 0.0, top)
-    return base + tl.log(tl.exp(x - base) + tl.exp(y - base))
+    dead = top == float("-inf")
+    base = tl.where(dead, 0.0, top)
+    # the larger side contributes exp(0) = 1, so the sum is >= 1 wherever it is used
+    total = tl.where(dead, 1.0, tl.exp(x - base) + tl.exp(y - base))
+    return tl.where(dead, float("-inf"), base + tl.log(total))
+
+
+@triton.jit
+def _log_weights(a):
+    """``(log α, log(1-α))`` with ``log 0 = -inf`` (guarded: no ``log 0`` is evaluated)."""
+    log_a = tl.where(a > 0, tl.log(tl.where(a > 0, a, 1.0)), float("-inf"))
+    log_b = tl.where(a < 1, tl.log(tl.where(a < 1, 1.0 - a, 1.0)), float("-inf"))
+    return log_a, log_b
 
 
 @triton.jit
@@ -179,7 +194,7 @@ def _load_block(slm_row, llm_row, ids_row, lps_row, map_ptr, offs, mask, t_slm, 
         for kk in range(0, K):
             tid = tl.load(ids_row + kk)
             tlp = tl.load(lps_row + kk).to(tl.float32)
-            hit = tok == tid
+            hit = tok == tl.where(tlp > float("-inf"), tid, -2)  # a -inf entry is padding: matches no token
             known = known | hit
             lraw = tl.where(hit, tlp, lraw)
     else:
@@ -204,11 +219,9 @@ def _mix(s, known, lraw, a, lse_s, shift, log_r, lu_s_safe, c_tail,
         lp_tail = tl.where(known, 0.0, 0.0) + c_tail
     lp_l = tl.where(known, lraw - shift, lp_tail)
     if MODE == 0:
-        # log(α p_S + (1-α) p_L), shifted by the larger side; a mixture of 0 is -inf
-        top = tl.maximum(lp_s, lp_l)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        inner = a * tl.exp(lp_s - top) + (1.0 - a) * tl.exp(lp_l - top)
-        mixed = tl.where(inner <= 0, float("-inf"), top + tl.log(tl.where(inner <= 0, 1.0, inner)))
+        # log(α p_S + (1-α) p_L) in log space: exact at α = 0 and 1; a mixture of 0 is -inf
+        log_a, log_b = _log_weights(a)
+        mixed = _logaddexp(log_a + lp_s, log_b + lp_l)
     else:
         # α·lp_S + (1-α)·lp_L; a side of weight 0 does not take part, -inf on the other side is -inf
         mixed = tl.where(a == 0, 0.0, a * lp_s) + tl.where(a == 1, 0.0, (1.0 - a) * lp_l)
@@ -255,6 +268,9 @@ def _row_scalars(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, V_L, K, a, t_
     acc_v = 0.0
     w_vs = 0.0
     n_vs = 0.0
+    # linear: known set, online lse of the LLM values (log of the known mass, never underflowing)
+    m_kl = float("-inf")
+    acc_kl = 0.0
     for start in range(0, V_S, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         valid = offs < V_S
@@ -271,7 +287,9 @@ def _row_scalars(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, V_L, K, a, t_
             m_u, acc_u = _online_lse(m_u, acc_u, tl.where(unknown, s, NEG))
         else:
             n_unk += tl.sum(unknown.to(tl.int32), 0)
-        if MODE != 0:
+        if MODE == 0:
+            m_kl, acc_kl = _online_lse(m_kl, acc_kl, tl.where(known, lraw, NEG))
+        else:
             ws = tl.where(a == 0, 0.0, a * s)
             km = tl.where(known, ws + tl.where(a == 1, 0.0, (1.0 - a) * lraw), NEG)
             m_k, scale, e = _online_step(m_k, km)
@@ -295,22 +313,26 @@ def _row_scalars(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, V_L, K, a, t_
         # the reference's lse_unknown = 0 when no unknown token has mass: lp_tail = log r + lp_S
         lu_s_safe = tl.where(has_u, lu_s, lse_s)
         c_tail = 0.0
-        tail_total = tl.where(has_u, r, 0.0)
+        log_tail = tl.where(has_u, log_r, NEG)
     elif TAIL == 1:
         lu_s_safe = 0.0
         c_tail = log_r - tl.log(tl.maximum(n_unk, 1).to(tl.float32))
-        tail_total = n_unk.to(tl.float32) * tl.exp(c_tail)
+        log_tail = tl.where(n_unk > 0, log_r, NEG)
     else:
         lu_s_safe = 0.0
         c_tail = -shift
-        tail_total = n_unk.to(tl.float32) * tl.exp(c_tail)
+        log_tail = tl.where(n_unk > 0, tl.log(tl.maximum(n_unk, 1).to(tl.float32)) + c_tail, NEG)
 
     if MODE == 0:
-        sum_l = mass + tail_total
-        z = a + (1.0 - a) * sum_l
-        log_z = tl.log(z)
+        # all in log space (Σp_S = 1): log Z = logaddexp(log α, log(1-α) + log Σp_L), with
+        # log Σp_L = logaddexp(log known mass, log tail mass); exact at α = 0 and 1
+        log_sum_l = _logaddexp(_finish_lse(m_kl, acc_kl) - shift, log_tail)
+        log_a, log_b = _log_weights(a)
+        log_z = _logaddexp(log_a, log_b + log_sum_l)
         # ∂log Z/∂α = (Σp_S - Σp_L) / Z over every token, at α = 0 and 1 too (as the reference)
-        e_dm = (1.0 - sum_l) / z
+        live_z = log_z > NEG
+        safe_z = tl.where(live_z, log_z, 0.0)
+        e_dm = tl.where(live_z, tl.exp(-safe_z) - tl.exp(log_sum_l - safe_z), 0.0)
     else:
         # ∂mixed/∂α = x̃ - ỹ on tokens of non-zero fused mass, x̃/ỹ each side's value with -inf read
         # as 0 (the reference's _log_product); x = s - cx, y = lraw - cy on the mode's scale

@@ -7,6 +7,7 @@ import time.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -16,6 +17,8 @@ from logitfuse.types import MODES, TAILS, RowStats, TopK
 from logitfuse.vocab import VocabMap, identity_map
 
 Tensor = torch.Tensor
+#: the largest float32: the fusion computes in float32, so larger inputs (or quotients) overflow to inf
+FLOAT32_MAX = torch.finfo(torch.float32).max
 _REFERENCE = SimpleNamespace(
     fuse=reference.fuse_reference,
     fuse_sample=reference.fuse_sample_reference,
@@ -50,9 +53,39 @@ def _check_logits(name: str, logits: object, validate: bool) -> Tensor:
         raise TypeError(f"{name} must be a float tensor (float32, bfloat16 or float16), got {logits.dtype}")
     if logits.shape[1] == 0:
         raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
-    if validate and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-        raise ValueError(f"{name} contains NaN or +inf; -inf is allowed for masked tokens, NaN and +inf are not")
+    if validate:
+        if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+            raise ValueError(f"{name} contains NaN or +inf; -inf is allowed for masked tokens, NaN and +inf are not")
+        # only float64 can hold finite values that float32 cannot
+        if logits.dtype == torch.float64 and bool(((logits.abs() > FLOAT32_MAX) & torch.isfinite(logits)).any()):
+            raise ValueError(
+                f"{name} holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}), which the float32 fusion "
+                "would turn into ±inf; subtract each row's max (a log-softmax does not change) and pass float32"
+            )
+        dead = torch.isneginf(logits).all(dim=1)
+        if bool(dead.any()):
+            raise ValueError(
+                f"{name} row {int(dead.nonzero()[0])} is all -inf: no token is possible; "
+                "leave at least one token unmasked in every row"
+            )
     return logits
+
+
+def _check_scaled(name: str, logits: Tensor, temperature_name: str, temperature: Tensor) -> None:
+    """``logits / temperature`` must not overflow float32 (a tiny temperature, or an infinite one,
+    would give ``inf - inf`` or ``-inf / inf``: NaN). Validate path only: it reads the logits."""
+    bad = ~torch.isfinite(temperature)
+    if bool(bad.any()):
+        raise ValueError(f"{temperature_name} must be finite, got {temperature[bad][0].item()!r}")
+    largest = torch.where(torch.isfinite(logits), logits.abs(), 0).amax(dim=1).float()
+    bad = torch.isinf(largest / temperature)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{temperature_name}={temperature[row].item():.3g} is too small: {name} / {temperature_name} overflows "
+            f"float32 (row {row}, largest |logit| {largest[row].item():.4g}); use at least "
+            f"{temperature_name}={largest[row].item() / FLOAT32_MAX:.3g} (for greedy decoding, fuse_sample's temperature=0)"
+        )
 
 
 def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
@@ -109,6 +142,22 @@ def _per_row(name: str, value: float | Tensor, batch: int, device: torch.device,
     return row
 
 
+def _check_sampling_temperature(temperature: Tensor, v_slm: int) -> None:
+    """``fuse_sample``'s ``temperature`` divides fused log-probabilities, the largest of which is at
+    least ``-log(v_slm)``: a positive temperature below ``2·max(log v_slm, 1) / FLOAT32_MAX`` could
+    send every token to ``-inf`` (NaN probabilities), an infinite one gives ``-inf / inf``."""
+    bad = ~torch.isfinite(temperature)
+    if bool(bad.any()):
+        raise ValueError(f"temperature must be finite, got {temperature[bad][0].item()!r}")
+    floor = 2 * max(math.log(v_slm), 1.0) / FLOAT32_MAX
+    bad = (temperature > 0) & (temperature < floor)
+    if bool(bad.any()):
+        raise ValueError(
+            f"temperature={temperature[bad][0].item():.3g} is too small: the fused log-probabilities / temperature "
+            f"overflow float32; use temperature 0 for greedy, or at least {floor:.3g}"
+        )
+
+
 def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate):
     """Check everything ``fuse``-like functions share; returns the reference/kernel keyword arguments."""
     slm_logits = _check_logits("slm_logits", slm_logits, validate)
@@ -131,7 +180,14 @@ def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm
             raise ValueError(f"llm has batch size {llm.shape[0]} but slm_logits has {batch}; pass one row per sequence")
         if llm.device != device:
             raise ValueError(f"llm is on {llm.device} but slm_logits is on {device}; put both on one device")
-        vocab_map = vocab_map or identity_map(v_slm, llm.shape[1])
+        if vocab_map is None and llm.shape[1] != v_slm:
+            raise ValueError(
+                f"slm_logits has vocabulary size {v_slm} but llm has {llm.shape[1]}, and no vocab_map was given: "
+                f"token ids mean the same text only within one tokenizer. If both models share a tokenizer and "
+                f"only the padding differs, pass vocab_map=VocabMap.identity({v_slm}, {llm.shape[1]}); otherwise "
+                "build one with VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)"
+            )
+        vocab_map = vocab_map or identity_map(v_slm, v_slm)
         if llm.shape[1] != vocab_map.v_llm:
             raise ValueError(
                 f"llm has vocabulary size {llm.shape[1]} but vocab_map was built for v_llm={vocab_map.v_llm}; "
@@ -155,6 +211,10 @@ def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm
         slm_temperature=_per_row("slm_temperature", slm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
         llm_temperature=_per_row("llm_temperature", llm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
     )
+    if validate:
+        _check_scaled("slm_logits", slm_logits, "slm_temperature", args["slm_temperature"].detach())
+        if isinstance(llm, Tensor):
+            _check_scaled("llm", llm, "llm_temperature", args["llm_temperature"].detach())
     if vocab_map.llm_to_slm is not None:  # two tokenizers: LLM tokens hand their mass to SLM prefixes
         args["llm_to_slm"] = vocab_map.on(device, "llm_to_slm")
     return args
@@ -185,7 +245,10 @@ def fuse(
     alpha : float or torch.Tensor
         Weight of the SLM in ``[0, 1]``, one for all rows or ``(batch_size,)``; 1 means SLM only.
     vocab_map : logitfuse.VocabMap, optional
-        SLM id -> LLM id. Default: the identity (same tokenizer on both sides).
+        SLM id -> LLM id. Default: the identity, for two models with one tokenizer and the same
+        vocabulary size. When the sizes differ there is no default (``ValueError``): pass
+        ``VocabMap.identity(v_slm, v_llm)`` if only the padding differs, else
+        ``VocabMap.from_tokenizers``.
     mode : {"linear", "geometric", "logit"}
         Mixture of probabilities (default), product of experts, or the paper's raw-logit mix.
     tail : {"slm", "uniform", "zero"}
@@ -194,12 +257,20 @@ def fuse(
         Per-model temperatures, applied to the logits before mixing (``> 0``).
     validate : bool
         Check values (NaN, ranges, duplicate ids), which syncs with the device; shapes, dtypes and
-        devices are always checked.
+        devices are always checked. Inputs with no meaningful fused distribution raise
+        ``ValueError`` here, whatever ``alpha`` (it often comes from a head, so whether a side
+        "matters" changes from step to step): a row of ``slm_logits`` or of dense ``llm`` that is all
+        ``-inf`` (no token possible), float64 logits beyond float32's range, and a temperature so
+        small (or infinite) that ``logits / temperature`` overflows float32. With
+        ``validate=False`` such inputs give NaN rows.
 
     Returns
     -------
     torch.Tensor
-        ``(batch_size, v_slm)`` float32 fused log-probabilities (each row's logsumexp is 0). On CUDA
+        ``(batch_size, v_slm)`` float32 fused log-probabilities (each row's logsumexp is 0). At
+        ``alpha = 1`` they equal the SLM's log-probabilities exactly, at ``alpha = 0`` the LLM's
+        (pulled back and renormalized): linear mode mixes in log space, so a token far below the
+        other side's (``-120`` nats) keeps its value instead of underflowing to ``-inf``. On CUDA
         the Triton kernel computes it, except when ``alpha`` requires grad: then the reference
         does, so the result stays differentiable in α (to train a head, prefer
         :func:`fused_cross_entropy`, whose kernel gives the α-gradient without an ``(N, V)`` tensor).
@@ -277,7 +348,9 @@ def fuse_sample(
     """Draw one token per row from the fused distribution (same arguments as :func:`fuse`).
 
     ``temperature`` (0 = greedy), ``top_k`` (0 = off) and ``top_p`` (1 = off) act on the fused
-    distribution in that order; each is a number or a ``(batch_size,)`` tensor. The same
+    distribution in that order; each is a number or a ``(batch_size,)`` tensor. A positive
+    ``temperature`` so small that the fused log-probabilities divided by it overflow float32
+    (below about ``2·log(v_slm) / 3.4e38``) or an infinite one is a ``ValueError``; use 0 for greedy. The same
     ``generator`` state gives the same tokens.
 
     Returns ``(batch_size,)`` int64 token ids in the SLM vocabulary, and with
@@ -295,6 +368,8 @@ def fuse_sample(
     logits = args["slm_logits"]
     batch, device = logits.shape[0], logits.device
     args["temperature"] = _per_row("temperature", temperature, batch, device, low=0.0, high=float("inf"), validate=validate)
+    if validate:
+        _check_sampling_temperature(args["temperature"], logits.shape[1])
     args["top_p"] = _per_row("top_p", top_p, batch, device, low=0.0, high=1.0, low_open=True, validate=validate)
     if isinstance(top_k, Tensor):
         if top_k.dtype.is_floating_point or top_k.numel() not in (1, batch):

@@ -20,7 +20,9 @@ The LLM side is first pulled back onto the SLM vocabulary:
 
 Then the modes mix ``lp_S = log_softmax(s / T_S)`` with ``lp_L``:
 
-- ``"linear"``: ``log(α·p_S + (1-α)·p_L)``, renormalized over the SLM vocabulary;
+- ``"linear"``: ``log(α·p_S + (1-α)·p_L)``, renormalized over the SLM vocabulary, computed in log
+  space as ``logaddexp(log α + lp_S, log(1-α) + lp_L)`` (``log 0 = -inf``), so ``α = 1`` gives
+  exactly ``lp_S`` and ``α = 0`` exactly ``lp_L`` (renormalized), however far apart the two sides are;
 - ``"geometric"``: ``log_softmax(α·lp_S + (1-α)·lp_L)``;
 - ``"logit"``: ``log_softmax(α·s/T_S + (1-α)·l̃)`` with ``l̃ = lp_L + lse(l / T_L)`` the LLM's raw
   logits (top-k logprobs count as logits) and the ``"zero"`` tail's fill 0 on that raw scale. Its
@@ -44,17 +46,51 @@ TOP_P_TOLERANCE = 1e-6
 Tensor = torch.Tensor
 
 
-def _log_mixture(a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
-    """``log(a·exp(lp_a) + (1-a)·exp(lp_b))`` with finite gradients in ``a`` everywhere.
+class _LogMixture(torch.autograd.Function):
+    """``log(a·exp(lp_a) + (1-a)·exp(lp_b))`` in log space, with the gradient written out.
 
-    ``log(a)`` never appears (so ``a`` may be exactly 0 or 1), and tokens where the mixture is 0
-    come out as ``-inf`` through a branch that carries no gradient (no ``0/0`` in backward).
+    Forward: ``logaddexp(log a + lp_a, log(1-a) + lp_b)`` with ``log 0 = -inf``, so ``a = 0`` and
+    ``a = 1`` are exact (at ``a = 1`` a token 120 nats below the other side's keeps its ``-120``).
+    Backward, with ``mix`` the result: ``∂/∂a = (p_a - p_b) / mix``, ``∂/∂lp_a = a·p_a / mix``,
+    ``∂/∂lp_b = (1-a)·p_b / mix``, each computed as ``exp`` of a log-space difference. Autograd
+    through the forward would form ``(1/a)·0`` at ``a = 0`` (NaN); this gives the one-sided derivative
+    there, which is finite whenever ``mix > 0`` (it is ``±inf`` only where the true value exceeds
+    float32, e.g. ``e^120``). Tokens with ``mix = 0`` (``-inf``) and entries whose incoming gradient
+    is 0 contribute nothing (no ``0·inf``).
     """
-    top = torch.maximum(lp_a, lp_b)
-    top = torch.where(top == -math.inf, 0.0, top)
-    inner = a * (lp_a - top).exp() + (1 - a) * (lp_b - top).exp()
-    dead = inner <= 0
-    return torch.where(dead, -math.inf, top + torch.where(dead, 1.0, inner).log())
+
+    @staticmethod
+    def forward(ctx, a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
+        mixed = torch.logaddexp(a.log() + lp_a, torch.log1p(-a) + lp_b)  # log(0) = -inf: exact ends
+        ctx.save_for_backward(a, lp_a, lp_b, mixed)
+        return mixed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, lp_a, lp_b, mixed = ctx.saved_tensors
+        alive = (mixed > -math.inf) & (grad != 0)
+        base = torch.where(alive, mixed, 0.0)
+        grad = torch.where(alive, grad, 0.0)
+
+        def share(log_weight: Tensor, lp: Tensor) -> Tensor:  # weight·p / mix, 0 off the living set
+            return torch.where(alive, (log_weight + lp - base).exp(), 0.0)
+
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        grad_a = grad_lp_a = grad_lp_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (grad * (share(zero, lp_a) - share(zero, lp_b))).sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_lp_a = (grad * share(a.log(), lp_a)).sum_to_size(lp_a.shape)
+        if ctx.needs_input_grad[2]:
+            grad_lp_b = (grad * share(torch.log1p(-a), lp_b)).sum_to_size(lp_b.shape)
+        return grad_a, grad_lp_a, grad_lp_b
+
+
+def _log_mixture(a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
+    """``log(a·exp(lp_a) + (1-a)·exp(lp_b))``, exact at ``a = 0`` and ``a = 1`` and with finite
+    gradients in ``a`` (one-sided at the ends) wherever the mixture is positive; see :class:`_LogMixture`.
+    Float32 tensors that broadcast together (e.g. ``a`` ``(B, 1)``, ``lp_*`` ``(B, V)``)."""
+    return _LogMixture.apply(a.float(), lp_a.float(), lp_b.float())
 
 
 def _log_product(a: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -103,7 +139,7 @@ def llm_logprobs_on_slm_vocab(
         lp_full = torch.full((batch, v_llm), -math.inf, device=lp_slm.device)
         lp_full.scatter_(1, llm.ids, llm.logprobs.float())
         reported = torch.zeros((batch, v_llm), dtype=torch.bool, device=lp_slm.device)
-        reported.scatter_(1, llm.ids, True)
+        reported.scatter_(1, llm.ids, llm.logprobs > -math.inf)  # a -inf entry is padding: not reported
         llm_shift = torch.zeros(batch, device=lp_slm.device)
         known = reported[:, columns] & mapped
     else:
@@ -121,7 +157,7 @@ def _aggregate_llm(lp_slm: Tensor, llm: Tensor | TopK, llm_to_slm: Tensor,
     batch, v_slm = lp_slm.shape
     if isinstance(llm, TopK):
         targets = llm_to_slm[llm.ids]
-        reported = targets >= 0
+        reported = (targets >= 0) & (llm.logprobs > -math.inf)  # a -inf entry is padding: not reported
         probs = torch.where(reported, llm.logprobs.float().exp(), 0.0)
         columns = targets.clamp(min=0)
         mass = torch.zeros(batch, v_slm, device=lp_slm.device).scatter_add_(1, columns, probs)
@@ -175,7 +211,8 @@ def mix(
     """
     a = alpha.float()[:, None]
     if mode == "linear":
-        # normalize in closed form, Z = α·Σp_S + (1-α)·Σp_L, so dZ/dα also counts tokens whose
+        # all in log space (exact at α = 0 and 1); normalize in closed form,
+        # log Z = logaddexp(log α + log Σp_S, log(1-α) + log Σp_L), so dZ/dα also counts tokens whose
         # mixture is 0 at α = 0 or 1 (a log-softmax would drop them from the gradient)
         log_z = _log_mixture(a, lp_slm.logsumexp(dim=-1, keepdim=True), lp_llm.logsumexp(dim=-1, keepdim=True))
         return _log_mixture(a, lp_slm, lp_llm) - log_z

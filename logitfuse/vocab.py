@@ -102,13 +102,31 @@ def _content_hash(slm_to_llm: torch.Tensor, v_llm: int, llm_to_slm: torch.Tensor
     return digest.hexdigest()
 
 
+def _check_one_to_one(slm_to_llm: torch.Tensor) -> None:
+    """Refuse a ``slm_to_llm`` that uses an LLM id twice: the fusion would count that LLM token's
+    probability once for each SLM token (at ``alpha = 0`` an LLM token of 0.987 became 0.498 + 0.498)."""
+    order = torch.argsort(slm_to_llm, stable=True)  # equal LLM ids: lower SLM id first
+    ids = slm_to_llm[order]
+    repeated = ((ids[1:] == ids[:-1]) & (ids[1:] >= 0)).nonzero()
+    if repeated.numel():
+        k = int(repeated[0])
+        raise ValueError(
+            f"slm_to_llm maps SLM ids {int(order[k])} and {int(order[k + 1])} both to LLM id {int(ids[k])}: "
+            "each LLM id may stand for one SLM token only, or the fusion counts its probability twice. Keep "
+            "one (e.g. the lowest SLM id) and set the others to -1; many-to-one belongs in llm_to_slm, the "
+            "hand-off of each LLM token's mass to one SLM token (VocabMap.from_tokenizers builds it)"
+        )
+
+
 class VocabMap:
     """A map from SLM token ids to LLM token ids, ``-1`` where the LLM has no such token.
 
     Parameters
     ----------
     slm_to_llm : torch.Tensor
-        ``(v_slm,)`` integer tensor; entry ``i`` is the LLM id for SLM id ``i`` or ``-1``.
+        ``(v_slm,)`` integer tensor; entry ``i`` is the LLM id for SLM id ``i`` or ``-1``. One-to-one:
+        no LLM id may appear twice (``ValueError``), since each mapped pair carries that LLM token's
+        whole probability.
     v_llm : int
         The LLM's vocabulary size (the width of its logits).
     llm_to_slm : torch.Tensor, optional
@@ -139,6 +157,7 @@ class VocabMap:
                 f"slm_to_llm holds ids outside [-1, v_llm={v_llm}): "
                 f"min {int(slm_to_llm.min())}, max {int(slm_to_llm.max())}"
             )
+        _check_one_to_one(slm_to_llm)
         if llm_to_slm is not None:
             llm_to_slm = llm_to_slm.detach().to("cpu", torch.int64).contiguous()
             if llm_to_slm.shape != (int(v_llm),) or llm_to_slm.min() < -1 or llm_to_slm.max() >= slm_to_llm.numel():
@@ -172,8 +191,11 @@ class VocabMap:
 
         ``v_slm`` / ``v_llm`` are the models' logit widths when larger than the tokenizers'
         vocabularies (embedding padding); the padded ids stay unmapped. When several tokens of one
-        side share a text, an ordinary token wins over a ``<0xNN>`` byte token, then the lowest id,
-        and each LLM id is used once, so the map stays one-to-one.
+        side share a normalized text, an ordinary token wins over a ``<0xNN>`` byte token, then the
+        lowest id, and each LLM id is used once, so the map stays one-to-one: on the SLM side the
+        winner keeps the exact mapping, the other SLM tokens of that text stay unmapped (``-1``,
+        the tail rule covers them); on the LLM side the others hand their mass to the winner's SLM
+        token through ``llm_to_slm``.
         """
         slm_norm, llm_norm = normalized_vocab(slm_tokenizer), normalized_vocab(llm_tokenizer)
         v_slm = max(v_slm or 0, max(slm_norm) + 1)
@@ -262,7 +284,10 @@ class VocabMap:
         llm_to_slm = tensors["llm_to_slm"].to(torch.int64) if "llm_to_slm" in tensors else None
         if metadata.get("hash") != _content_hash(slm_to_llm, v_llm, llm_to_slm):
             raise ValueError(f"{path} is corrupted: its content hash does not match the one stored with it")
-        return cls(slm_to_llm, v_llm, llm_to_slm)
+        try:
+            return cls(slm_to_llm, v_llm, llm_to_slm)
+        except ValueError as err:
+            raise ValueError(f"{path} holds an invalid VocabMap: {err}") from err
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VocabMap) and self.hash == other.hash

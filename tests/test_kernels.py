@@ -190,6 +190,24 @@ def test_fuse_every_mode_and_tail_with_masked_logits(mode, tail):
     assert_logprobs_close(OPS.fuse(**dense, mode=mode, tail=tail), want)
 
 
+@pytest.mark.parametrize("llm_kind", ["dense", "topk"])
+@pytest.mark.parametrize("tail", ["slm", "uniform", "zero"])
+def test_linear_mode_is_exact_at_the_ends_with_sides_hundreds_of_nats_apart(llm_kind, tail):
+    # scale 80: tokens lie hundreds of nats apart, far beyond float32's e^-104; at α = 1 (rows 1, 3)
+    # the fused row is the SLM's log-softmax exactly, at α = 0 (rows 0, 2) the LLM side's
+    case = make_case(4, 60, 64, llm_kind=llm_kind, map_kind="partial", seed=11, scale=80.0, k=8)
+    case["alpha"] = torch.tensor([0.0, 1.0, 0.0, 1.0], device=DEVICE)
+    want = reference.fuse_reference(**case, mode="linear", tail=tail)
+    lp_slm = reference.slm_logprobs(case["slm_logits"], case["slm_temperature"])
+    torch.testing.assert_close(want[1::2], lp_slm[1::2], atol=1e-4, rtol=1e-5)
+    assert_logprobs_close(OPS.fuse(**case, mode="linear", tail=tail), want)
+    targets = torch.arange(4, device=DEVICE) * 7
+    (loss_want, loss_got), (grad_want, grad_got) = _ce_both(case, targets, "linear", tail)
+    assert torch.isfinite(loss_want).all() and not torch.isnan(grad_want).any()
+    torch.testing.assert_close(loss_got, loss_want, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(grad_got, grad_want, atol=1e-3, rtol=1e-3)
+
+
 def test_fuse_topk_with_k_equal_to_v_equals_dense():
     case = make_case(3, 50, 50, temperatures=False)
     logprobs = case["llm"].log_softmax(-1)
