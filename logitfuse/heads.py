@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
+import operator
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
 from logitfuse import reference
-from logitfuse._io import atomic_write, atomic_write_text
+from logitfuse._io import atomic_write_folder, interrupted_folder_write
 from logitfuse.functional import _prepare
 from logitfuse.types import MODES, TAILS, TopK
 from logitfuse.vocab import VocabMap
@@ -22,7 +27,40 @@ from logitfuse.vocab import VocabMap
 _FORMAT = "logitfuse.head/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: ``config.json`` key holding the sha256 (hex) of ``model.safetensors``; heads saved before it existed lack it
+SHA256_KEY = "weights_sha256"
+MAX_VOCAB_SIZE = 1 << 24
+MAX_FEATURE_TOP_K = 1024
 Tensor = torch.Tensor
+
+
+def _int_argument(name: str, value: Any, low: int, high: int, fix: str) -> int:
+    """``value`` as an ``int`` in ``[low, high]``; ``TypeError`` for a float, bool or anything else."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        whole = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); {fix}") from None
+    if not low <= whole <= high:
+        raise ValueError(f"{name}={whole} is out of range: it must lie in [{low}, {high}]; {fix}")
+    return whole
+
+
+def _optional_str_argument(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
+    """``"name: n of size"`` for each tensor holding NaN or inf values."""
+    counts = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if t.is_floating_point()}
+    return [f"{name}: {count} of {tensors[name].numel()}" for name, count in counts.items() if count]
+
+
+def _file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Head(nn.Module):
@@ -34,17 +72,47 @@ class _Head(nn.Module):
     def __init__(self, v_slm: int, v_llm: int, *, mode: str, tail: str, slm_name: str | None,
                  llm_name: str | None, vocab_map_hash: str | None, llm_top_k: int | None = None):
         super().__init__()
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
-        if tail not in TAILS:
+        if not isinstance(tail, str) or tail not in TAILS:
             raise ValueError(f"tail={tail!r} is not one of {TAILS}")
-        if int(v_slm) < 1 or int(v_llm) < 1:
-            raise ValueError(f"v_slm and v_llm must be positive, got {v_slm} and {v_llm}")
-        self.v_slm, self.v_llm = int(v_slm), int(v_llm)
+        self.v_slm = _int_argument("v_slm", v_slm, 1, MAX_VOCAB_SIZE, "pass the SLM's vocabulary size (VocabMap.v_slm)")
+        self.v_llm = _int_argument("v_llm", v_llm, 1, MAX_VOCAB_SIZE, "pass the LLM's vocabulary size (VocabMap.v_llm)")
         self.mode, self.tail = mode, tail
-        self.slm_name, self.llm_name = slm_name, llm_name
-        self.vocab_map_hash = vocab_map_hash
-        self.llm_top_k = llm_top_k  # the LLM's input: None = dense logits, K = its top-K logprobs
+        self.slm_name = _optional_str_argument("slm_name", slm_name)
+        self.llm_name = _optional_str_argument("llm_name", llm_name)
+        self.vocab_map_hash = _optional_str_argument("vocab_map_hash", vocab_map_hash)
+        # the LLM's input: None = dense logits, K = its top-K logprobs
+        self.llm_top_k = None if llm_top_k is None else _int_argument(
+            "llm_top_k", llm_top_k, 1, self.v_llm, "pass how many top log-probabilities the LLM gives, or None for dense logits")
+
+    #: most parameters a head of this class may have without ``allow_large=True``
+    _max_parameters = 1_000_000
+
+    def _check_size(self, n_parameters: int, allow_large: bool, arguments: str) -> None:
+        """Refuse (before allocating) a head larger than the class means to be, unless ``allow_large``."""
+        if not allow_large and n_parameters > self._max_parameters:
+            raise ValueError(
+                f"{type(self).__name__}({arguments}) would have {n_parameters:,} parameters, more than the "
+                f"{self._max_parameters:,} it is meant to stay under; use smaller sizes, or pass allow_large=True"
+            )
+
+    def _checked_alpha(self, alpha: Tensor, non_finite_inputs: Callable[[Tensor], list[str]]) -> Tensor:
+        """``alpha`` if every entry is finite, else a ``ValueError`` naming the head, the rows and what is
+        not finite: ``non_finite_inputs(rows)`` names the inputs holding NaN/inf in those rows."""
+        bad = ~torch.isfinite(alpha)
+        if not bool(bad.any()):
+            return alpha
+        rows = bad.nonzero().flatten().tolist()
+        inputs = non_finite_inputs(bad)
+        weights = _non_finite_tensors(dict(self.named_parameters()))
+        causes = ([f"its inputs hold non-finite values ({', '.join(inputs)})"] if inputs else []) + (
+            [f"the head holds non-finite weights ({'; '.join(weights)}): load or re-train it"] if weights else [])
+        raise ValueError(
+            f"α is NaN: this {type(self).__name__} gave a non-finite α for rows {rows[:10]}"
+            f"{' and more' if len(rows) > 10 else ''}; "
+            + ("; ".join(causes) if causes else "the head or its inputs hold non-finite values")
+        )
 
     # ---------------------------------------------------------------- config and checks
     @property
@@ -108,14 +176,31 @@ class _Head(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
-        directory = Path(directory)
+        """Write ``model.safetensors`` and ``config.json`` (with the weights file's sha256) into ``directory``.
+
+        The pair is written as one: both files go to a temporary folder beside ``directory`` that then
+        replaces it (see :func:`logitfuse._io.atomic_write_folder`), so an interrupted save leaves the
+        previous head or the new one, never one head's config with another's weights. Refuses weights
+        holding NaN or inf (``ValueError``).
+        """
         config = self.config
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        non_finite = _non_finite_tensors(tensors)
+        if non_finite:
+            raise ValueError(
+                f"cannot save this {type(self).__name__}: its weights hold NaN or inf ({'; '.join(non_finite)}), "
+                "so its α would be NaN; re-train it (a lower learning rate or gradient clipping helps)"
+            )
         metadata = {"config": json.dumps(config, sort_keys=True)}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return directory
+
+        def write(folder: Path) -> None:
+            save_file(tensors, folder / WEIGHTS_NAME, metadata=metadata)
+            hashed = {**config, SHA256_KEY: _file_sha256((folder / WEIGHTS_NAME).read_bytes())}
+            (folder / CONFIG_NAME).write_text(json.dumps(hashed, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+        # config first: a folder that takes the files one at a time is never left with a config
+        # whose hash matches another head's weights
+        return atomic_write_folder(directory, write, (CONFIG_NAME, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
@@ -124,43 +209,78 @@ class _Head(nn.Module):
 
         Keyword arguments (``vocab_map``, ``v_slm``, ``v_llm``, ``slm_name``, ``llm_name``,
         ``mode``, ``tail``, ``llm_top_k``) describe the setting it will be used in; any mismatch raises a
-        ``ValueError`` that names it.
+        ``ValueError`` that names it. The files are checked first: ``config.json`` must hold every key
+        with a value of the right type and size, ``model.safetensors`` must match the sha256 recorded
+        in ``config.json`` (heads saved before the hash existed are loaded without that check), fit
+        the config and hold only finite numbers.
         """
-        config, tensors = _read_head_files(Path(directory))
+        directory = Path(directory)
+        config, tensors = _read_head_files(directory)
         if cls is not _Head and config["head_class"] != cls.__name__:
             raise ValueError(
                 f"{directory} holds a {config['head_class']}, not a {cls.__name__}; "
                 f"use logitfuse.load_head or {config['head_class']}.from_pretrained"
             )
         head_cls = _HEAD_CLASSES[config["head_class"]]
-        setting = ("mode", "tail", "slm_name", "llm_name", "vocab_map_hash", *head_cls._arch_keys)
+        config_path = directory / CONFIG_NAME
+        setting = ("v_slm", "v_llm", "mode", "tail", "slm_name", "llm_name", "vocab_map_hash", *head_cls._arch_keys)
+        missing = [key for key in setting if key not in config]
+        if missing:
+            raise ValueError(
+                f"{config_path} lacks {', '.join(map(repr, missing))} (a {head_cls.__name__} config holds "
+                f"{', '.join(setting)}); the file is damaged or was not written by save_pretrained: save the head again"
+            )
         kwargs = {key: config[key] for key in setting}
         kwargs["llm_top_k"] = config.get("llm_top_k")
-        head = head_cls(config["v_slm"], config["v_llm"], **kwargs)
         try:
-            head.load_state_dict(tensors)
-        except RuntimeError as err:
-            raise ValueError(f"{directory}/{WEIGHTS_NAME} does not fit its config.json: {err}") from err
+            with torch.device("meta"):  # checks every value, allocates nothing
+                skeleton = head_cls(**kwargs, allow_large=True)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{config_path}: {err} (fix it in the file, or save the head again)") from err
+        shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != shapes or not all(t.is_floating_point() for t in tensors.values()):
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit its config.json: the config asks for tensors "
+                             f"{shapes}, the file holds {found} (floating point only); save the head again")
+        non_finite = _non_finite_tensors(tensors)
+        if non_finite:
+            raise ValueError(f"{directory / WEIGHTS_NAME} holds NaN or inf weights ({'; '.join(non_finite)}): the head "
+                             "diverged in training or the file is corrupted; re-train it or restore a good copy")
+        head = head_cls(**kwargs, allow_large=True)
+        head.load_state_dict(tensors)
         head.check_compatible(**expected)
         return head.to(map_location).eval()
 
 
 def _read_head_files(directory: Path) -> tuple[dict, dict[str, Tensor]]:
+    """The config (checked for format and class) and the tensors (checked against the config's sha256)."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; a head folder holds {CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained)")
+            leftover = None if directory.is_dir() else interrupted_folder_write(directory)
+            hint = (f"; an interrupted save_pretrained left the previous head in {leftover}: rename that folder to "
+                    f"{directory.name}, or save the head again" if leftover else "")
+            raise FileNotFoundError(f"{path} is missing; a head folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                    f"(save_pretrained){hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}); save the head again") from err
     if not isinstance(config, dict) or config.get("format") != _FORMAT or config.get("head_class") not in _HEAD_CLASSES:
         raise ValueError(f"{config_path} is not a logitfuse head config (format {_FORMAT}, a known head_class)")
+    recorded = config.get(SHA256_KEY)
+    if recorded is not None and (not isinstance(recorded, str) or len(recorded) != 64
+                                 or any(c not in "0123456789abcdef" for c in recorded)):
+        raise ValueError(f"{config_path}: {SHA256_KEY}={recorded!r} is not a sha256 (64 lowercase hex digits); "
+                         "save the head again")
+    data = weights_path.read_bytes()  # hashed and parsed from the same bytes
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as err:
         raise ValueError(f"{weights_path} is not a readable safetensors file ({err}); save the head again") from err
+    if recorded is not None and _file_sha256(data) != recorded:
+        raise ValueError(f"{weights_path}: head weights do not match the sha256 in config.json: the file is corrupted "
+                         "or belongs to another head; re-save or re-train it")
     return config, tensors
 
 
@@ -186,16 +306,27 @@ class FusionHead(_Head):
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "linear", tail: str = "slm", top_k: int = 4,
                  hidden: int = 32, slm_hidden_size: int = 0, init_alpha: float = 0.5,
                  slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
-                 llm_top_k: int | None = None):
+                 llm_top_k: int | None = None, allow_large: bool = False):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
                          vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
+        self.top_k = _int_argument("top_k", top_k, 1, min(self.v_slm, MAX_FEATURE_TOP_K),
+                                   f"it is how many top log-probabilities of each model the head reads (4 by default), "
+                                   f"at most v_slm and {MAX_FEATURE_TOP_K}")
+        self.hidden = _int_argument("hidden", hidden, 1, 1 << 16, "it is the MLP's width (32 by default)")
+        self.slm_hidden_size = _int_argument("slm_hidden_size", slm_hidden_size, 0, 1 << 20,
+                                             "pass the SLM's hidden size (config.hidden_size), or 0 to not use it")
+        if isinstance(init_alpha, bool) or not isinstance(init_alpha, numbers.Real):
+            raise TypeError(f"init_alpha must be a float, got {init_alpha!r} ({type(init_alpha).__name__})")
         if not 0.0 < init_alpha < 1.0:
             raise ValueError(f"init_alpha must lie in (0, 1), got {init_alpha}")
-        self.top_k, self.hidden, self.slm_hidden_size, self.init_alpha = int(top_k), int(hidden), int(slm_hidden_size), float(init_alpha)
-        width = reference.num_fusion_features(self.top_k)
+        self.init_alpha = float(init_alpha)
+        top_k, hidden, slm_hidden_size = self.top_k, self.hidden, self.slm_hidden_size
+        width = reference.num_fusion_features(top_k) + (16 if slm_hidden_size else 0)
+        n_parameters = (16 * slm_hidden_size + 16 if slm_hidden_size else 0) + width * hidden + hidden * hidden + 3 * hidden + 1
+        self._check_size(n_parameters, allow_large, f"top_k={top_k}, hidden={hidden}, slm_hidden_size={slm_hidden_size}")
         self.project_hidden = nn.Linear(slm_hidden_size, 16) if slm_hidden_size else None
         self.mlp = nn.Sequential(
-            nn.Linear(width + (16 if slm_hidden_size else 0), hidden), nn.GELU(),
+            nn.Linear(width, hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, 1),
         )
@@ -208,8 +339,19 @@ class FusionHead(_Head):
         lp_slm, lp_llm, _ = self._aligned(slm_logits, llm, vocab_map)
         return reference.fusion_features(lp_slm, lp_llm, self.top_k)
 
+    def feature_names(self) -> list[str]:
+        """What each column of :meth:`features` is."""
+        names = []
+        for model in ("slm", "llm"):
+            names += [f"{model} entropy", f"{model} max log-probability"]
+            names += [f"{model} top-{rank} log-probability" for rank in range(1, self.top_k + 1)]
+        return names + ["argmax agreement", "log p_llm(slm argmax)", "log p_slm(llm argmax)"]
+
     def alpha_from_features(self, features: Tensor, slm_hidden: Tensor | None = None) -> Tensor:
-        """α ``(batch_size,)`` from precomputed features (what training on cached features uses)."""
+        """α ``(batch_size,)`` from precomputed features (what training on cached features uses).
+
+        Unlike :meth:`forward` and :meth:`alpha_from_aligned`, it does not check that α is finite
+        (that costs a host sync per training step)."""
         x = features.float() / 10.0  # entropies and log-probs are O(10): bring them to O(1)
         if self.project_hidden is not None:
             if slm_hidden is None:
@@ -218,12 +360,22 @@ class FusionHead(_Head):
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
     def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
-        return self.alpha_from_features(reference.fusion_features(lp_slm, lp_llm, self.top_k))
+        return self._checked_features_alpha(reference.fusion_features(lp_slm, lp_llm, self.top_k))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
-        """α ``(batch_size,)`` in ``(0, 1)`` for each row."""
-        return self.alpha_from_features(self.features(slm_logits, llm, vocab_map), slm_hidden)
+        """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN."""
+        return self._checked_features_alpha(self.features(slm_logits, llm, vocab_map), slm_hidden)
+
+    def _checked_features_alpha(self, features: Tensor, slm_hidden: Tensor | None = None) -> Tensor:
+        def non_finite_inputs(rows: Tensor) -> list[str]:
+            bad = ~torch.isfinite(features[rows]).all(dim=0)
+            names = [name for name, is_bad in zip(self.feature_names(), bad.tolist()) if is_bad]
+            if slm_hidden is not None and not bool(torch.isfinite(slm_hidden[rows]).all()):
+                names.append("slm_hidden")
+            return names
+
+        return self._checked_alpha(self.alpha_from_features(features, slm_hidden), non_finite_inputs)
 
 
 class PaperFusionHead(_Head):
@@ -236,23 +388,31 @@ class PaperFusionHead(_Head):
 
     _arch_keys = ("hidden",)
 
+    _max_parameters = 500_000_000  # 155M at a 152k vocabulary; 2 GB of float32 weights
+
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "logit", tail: str = "zero", hidden: int = 512,
                  slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
-                 llm_top_k: int | None = None):
+                 llm_top_k: int | None = None, allow_large: bool = False):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
                          vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
-        self.hidden = int(hidden)
+        self.hidden = hidden = _int_argument("hidden", hidden, 1, 1 << 16, "it is the first layer's width (512 in the paper)")
+        self._check_size(2 * self.v_slm * hidden + 17 * hidden + 33, allow_large, f"v_slm={self.v_slm}, hidden={hidden}")
         self.mlp = nn.Sequential(nn.Linear(2 * self.v_slm, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 1))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
-        """α ``(batch_size,)`` in ``(0, 1)`` for each row."""
+        """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN."""
         return self.alpha_from_aligned(*self._aligned(slm_logits, llm, vocab_map), slm_logits)
 
     def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
         llm_raw = (lp_llm + llm_shift[:, None]).clamp(min=-1e4)  # raw logit scale; -inf would poison the matmul
         x = torch.cat([slm_logits.float().clamp(min=-1e4), llm_raw], dim=-1)
-        return torch.sigmoid(self.mlp(x)).squeeze(-1)
+
+        def non_finite_inputs(rows: Tensor) -> list[str]:
+            sides = {"slm_logits": slm_logits, "llm (pulled back onto the SLM vocabulary)": llm_raw}
+            return [name for name, values in sides.items() if not bool(torch.isfinite(values[rows].clamp(min=-1e4)).all())]
+
+        return self._checked_alpha(torch.sigmoid(self.mlp(x)).squeeze(-1), non_finite_inputs)
 
 
 _HEAD_CLASSES: dict[str, type[_Head]] = {"FusionHead": FusionHead, "PaperFusionHead": PaperFusionHead}
