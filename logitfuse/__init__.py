@@ -15,6 +15,7 @@ from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.types import MODES, TAILS, RowStats, TopK
 from logitfuse.vocab import VocabMap
 from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
+from logitfuse.session import FusionSession, SessionStats
 from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.sketch import SketchResult, sketch_generate
 
@@ -39,6 +40,8 @@ __all__ = [
     "LLMBackendError",
     "LLMOutput",
     "OpenAICompatibleLLM",
+    "FusionSession",
+    "SessionStats",
     "CoGenesisLogitsProcessor",
     "SketchResult",
     "sketch_generate",

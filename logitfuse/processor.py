@@ -1,8 +1,9 @@
 """CoGenesis fused decoding as a transformers ``LogitsProcessor``.
 
 The SLM generates with its private prompt; at each step the processor reads the SLM's newly
-generated tokens off ``input_ids``, feeds them to the LLM backend (which only ever saw the public
-prompt), and returns the fused log-probabilities in place of the SLM's scores::
+generated tokens off ``input_ids`` and hands them, with the SLM's scores, to a
+:class:`logitfuse.FusionSession` (which feeds the LLM backend, that only ever saw the public prompt),
+and returns the fused log-probabilities in place of the SLM's scores::
 
     proc = CoGenesisLogitsProcessor(llm, public_prompt, alpha=0.25)
     slm.generate(**private_inputs, logits_processor=[proc])
@@ -16,28 +17,14 @@ from typing import Any, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from logitfuse.backends import LLMBackend, LLMOutput
-from logitfuse.functional import fuse, fuse_with_head
-from logitfuse.retokenize import IncrementalRetokenizer
-from logitfuse.schedules import Schedule, parse
-from logitfuse.types import MODES, TAILS, TopK
+from logitfuse.backends import LLMBackend
+from logitfuse.schedules import Schedule
+from logitfuse.session import FusionSession, SessionStats
 from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
 
 __all__ = ["CoGenesisLogitsProcessor"]
-
-
-def _is_identity(vocab_map: VocabMap) -> bool:
-    """Whether every SLM id maps to itself or to nothing (the same tokenizer, maybe padded)."""
-    ids = torch.arange(vocab_map.v_slm)
-    return bool(((vocab_map.slm_to_llm == ids) | (vocab_map.slm_to_llm == -1)).all())
-
-
-def _returns_dense(llm: LLMBackend) -> bool:
-    from logitfuse.backends import OpenAICompatibleLLM
-
-    return not isinstance(llm, OpenAICompatibleLLM)
 
 
 # transformers' decoding methods that call the logits processors once per kept token, on the real
@@ -87,16 +74,6 @@ def _unsafe_generate_mode() -> str | None:
     return None
 
 
-def _as_id_set(value: Any, name: str) -> frozenset[int]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return frozenset([value])
-    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return frozenset(value)
-    raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
-
-
 class CoGenesisLogitsProcessor(LogitsProcessor):
     r"""Fuse an LLM's next-token distribution into the SLM's at every decoding step (CoGenesis,
     [arXiv 2403.03129](https://arxiv.org/abs/2403.03129), logit-based variant).
@@ -142,21 +119,20 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     each row's former row by its public prompt and generated history and reorders the LLM's state
     the same way (a backend's ``reorder``; counted in ``stats["reorders"]``).
 
-    The state is explicit: :meth:`reset` before reusing one instance for another ``generate`` call
-    (a call whose ``input_ids`` do not continue the previous step's raises ``ValueError`` before
-    reading anything). :attr:`stats` counts ``steps``, ``llm_calls`` (backend requests),
-    ``llm_row_calls`` (rows consulted), ``saved_calls`` (row steps the schedule skipped),
-    ``fallbacks`` (rows whose LLM request failed and used the SLM alone), ``llm_tokens`` (tokens fed),
-    ``rollbacks`` (LLM tokens re-tokenized away), ``unmapped_tokens`` (with an identity map, generated
-    ids beyond the LLM's vocabulary, e.g. embedding padding, which the LLM cannot be given) and
-    ``reorders``. :attr:`alpha_history` holds the α of each step, ``(batch,)`` tensors (1 where the
+    The processor is a thin adapter: it turns ``input_ids`` into the tokens each row appended (and
+    beam reorders) and hands them to a :class:`logitfuse.FusionSession` (:attr:`session`), which holds
+    the LLM's state, the schedule, α and the fusion. The state is explicit: :meth:`reset` before
+    reusing one instance for another ``generate`` call (a call whose ``input_ids`` do not continue the
+    previous step's raises ``ValueError`` before reading anything). :attr:`stats` is the session's
+    :class:`logitfuse.SessionStats` (``steps``, ``llm_calls``, ``llm_row_calls``, ``saved_calls``,
+    ``fallbacks``, ``llm_tokens``, ``rollbacks``, ``unmapped_tokens``, ``reorders``; ``stats["steps"]``
+    works too). :attr:`alpha_history` holds the α of each step, ``(batch,)`` tensors (1 where the
     SLM decided alone). Tokens that an earlier logits processor set to ``-inf`` (``bad_words_ids``,
     ``min_new_tokens``...) stay at ``-inf`` after fusion.
 
     Example (offline: two tiny random models with one tokenizer):
 
-    >>> import sys; sys.path.insert(0, "tests")
-    >>> from tiny_models import byte_level_tokenizer, tiny_llama
+    >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
     >>> import logitfuse
     >>> tok = byte_level_tokenizer()
     >>> slm, llm = tiny_llama(len(tok), seed=0), logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
@@ -172,144 +148,65 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
                  schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
                  apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
                  llm_temperature: float = 1.0):
-        if not isinstance(llm, LLMBackend):
-            raise TypeError(f"llm must be a logitfuse LLM backend (HFLLM, OpenAICompatibleLLM), got {type(llm).__name__}")
-        if (head is None) == (alpha is None):
-            raise ValueError("pass exactly one of head= (a FusionHead predicting α per row) or alpha= (a fixed float in [0, 1])")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (1 = SLM only, 0 = LLM only)")
-        # with a head, its own setting is the default; without one, linear mode and the SLM-shaped tail
-        mode = mode if mode is not None else (getattr(head, "mode", None) or "linear")
-        tail = tail if tail is not None else (getattr(head, "tail", None) or "slm")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {MODES}")
-        if tail not in TAILS:
-            raise ValueError(f"tail={tail!r} is not one of {TAILS}")
-        if vocab_map is not None and not isinstance(vocab_map, VocabMap):
-            raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
-        if vocab_map is not None and vocab_map.v_llm != llm.vocab_size:
-            raise ValueError(
-                f"vocab_map was built for v_llm={vocab_map.v_llm} but the LLM has vocab_size={llm.vocab_size}; "
-                "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
-            )
-        if head is not None:
-            if not callable(head) or not hasattr(head, "check_compatible"):
-                raise TypeError(f"head must be a logitfuse.FusionHead or PaperFusionHead, got {type(head).__name__}")
-            head.check_compatible(vocab_map=vocab_map, v_llm=llm.vocab_size, mode=mode, tail=tail)
-        for name, value in (("slm_temperature", slm_temperature), ("llm_temperature", llm_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
-        if not isinstance(lookbehind, int) or isinstance(lookbehind, bool) or lookbehind < 0:
-            raise ValueError(f"lookbehind={lookbehind!r} must be an int >= 0 (LLM tokens re-encoded each step)")
-        if llm_temperature != 1.0 and not _returns_dense(llm):
-            raise ValueError(f"llm_temperature={llm_temperature!r} needs dense LLM logits; {type(llm).__name__} "
-                             "returns top-k log-probabilities (ask the server for that temperature instead)")
-        if vocab_map is None and slm_tokenizer is not None and llm.tokenizer is not None \
-                and slm_tokenizer is not llm.tokenizer and slm_tokenizer.get_vocab() != llm.tokenizer.get_vocab():
-            raise ValueError("slm_tokenizer and the LLM's tokenizer differ but vocab_map is None (the identity); pass "
-                             "vocab_map=logitfuse.VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)")
-        self.cross_tokenizer = vocab_map is not None and not _is_identity(vocab_map)
-        if self.cross_tokenizer:
-            if slm_tokenizer is None:
-                raise ValueError("vocab_map is not the identity (two tokenizers): pass slm_tokenizer= so the "
-                                 "generated text can be re-tokenized for the LLM")
-            if llm.tokenizer is None:
-                raise ValueError("vocab_map is not the identity (two tokenizers): the LLM backend needs tokenizer=")
-        texts = [public_prompt] if isinstance(public_prompt, str) else list(public_prompt) \
-            if isinstance(public_prompt, (list, tuple)) else []
-        if llm.tokenizer is None and any(isinstance(p, str) for p in texts):
-            raise ValueError(f"public_prompt is text but {type(llm).__name__} has no tokenizer to encode it; pass "
-                             "tokenizer= to the backend or give the public prompt as LLM token ids")
-        if apply_chat_template and llm.tokenizer is None:
-            raise ValueError("apply_chat_template=True needs the LLM backend's tokenizer (pass tokenizer= to the backend)")
-        self.llm, self.head, self.alpha = llm, head, alpha
-        self.vocab_map, self.mode, self.tail = vocab_map, mode, tail
-        self.schedule = parse(schedule)
-        self.slm_tokenizer = slm_tokenizer
-        if eos_token_id is None and slm_tokenizer is not None:
-            eos_token_id = getattr(slm_tokenizer, "eos_token_id", None)
-        self.eos_token_ids = _as_id_set(eos_token_id, "eos_token_id")
-        self.lookbehind = lookbehind
-        self.slm_temperature, self.llm_temperature = float(slm_temperature), float(llm_temperature)
-        self.public_prompts = self._format_prompts(public_prompt, apply_chat_template)
-        self.reset()
-
-    # ------------------------------------------------------------------ state
-    def _format_prompts(self, public_prompt: Any, apply_chat_template: bool) -> list[Any] | Any:
-        if isinstance(public_prompt, str):
-            prompts: Any = public_prompt
-        elif isinstance(public_prompt, Tensor):
-            prompts = public_prompt.tolist()
+        self.session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail,
+                                     schedule=schedule, slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
+                                     apply_chat_template=apply_chat_template, lookbehind=lookbehind,
+                                     slm_temperature=slm_temperature, llm_temperature=llm_temperature)
+        if isinstance(public_prompt, Tensor):
+            public_prompt = public_prompt.tolist()
+        if isinstance(public_prompt, str) or (isinstance(public_prompt, Sequence) and public_prompt
+                                              and all(isinstance(i, int) for i in public_prompt)):
+            self._one_prompt = True  # one prompt (text or ids) for every row
+            prompts = [public_prompt]
         elif isinstance(public_prompt, Sequence) and public_prompt:
+            self._one_prompt = False
             prompts = list(public_prompt)
         else:
             raise TypeError("public_prompt must be a str, a list of str (one per row), or LLM token ids")
-        if apply_chat_template:
-            tok = self.llm.tokenizer
+        if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
+            raise ValueError(f"public_prompt is text but {type(llm).__name__} has no tokenizer to encode it; pass "
+                             "tokenizer= to the backend or give the public prompt as LLM token ids")
+        self.public_prompts = [self.session.format_prompt(p) for p in prompts]
+        self.reset()
 
-            def fmt(text: Any) -> list[int]:
-                if not isinstance(text, str):
-                    raise TypeError("apply_chat_template=True needs text public prompts")
-                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-                if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5 returns a BatchEncoding
-                    ids = ids["input_ids"]
-                return [int(i) for i in ids]
+    # the session's configuration, for inspection
+    llm = property(lambda self: self.session.llm)
+    head = property(lambda self: self.session.head)
+    alpha = property(lambda self: self.session.alpha)
+    mode = property(lambda self: self.session.mode)
+    tail = property(lambda self: self.session.tail)
+    schedule = property(lambda self: self.session.schedule)
+    cross_tokenizer = property(lambda self: self.session.cross_tokenizer)
 
-            prompts = fmt(prompts) if isinstance(prompts, str) else [fmt(p) for p in prompts]
-        return prompts
+    @property
+    def stats(self) -> SessionStats:
+        return self.session.stats
 
-    def _rows_of_prompts(self, batch: int) -> list[Any]:
-        prompts = self.public_prompts
-        if isinstance(prompts, str) or (prompts and all(isinstance(i, int) for i in prompts)):
-            return [prompts] * batch  # one prompt for every row
-        if batch % len(prompts):
-            raise ValueError(
-                f"input_ids has {batch} rows but {len(prompts)} public prompts were given; pass one public "
-                "prompt per input row (or a single one for all)"
-            )
-        # generate() expands each input row num_beams (or num_return_sequences) times, consecutively
-        repeat = batch // len(prompts)
-        return [prompt for prompt in prompts for _ in range(repeat)]
-
-    def _follow_reordering(self, history: Tensor) -> None:
-        """Rows' generated histories changed since the last call: beam search reordered its beams.
-        Find each row's former row (the one with the same history) and reorder every per-row state."""
-        # rows with the same public prompt and the same generated history have identical states
-        former: dict[tuple[Any, tuple[int, ...]], int] = {}
-        for s, row in enumerate(self._history.tolist()):
-            former.setdefault((self._row_keys[s], tuple(row)), s)
-        order = [former.get((self._row_keys[r], tuple(row))) for r, row in enumerate(history.tolist())]
-        if any(s is None for s in order):
-            raise ValueError(
-                "the generated tokens in input_ids are not a continuation of the previous step's (a new "
-                "generation?); call reset() before reusing the processor"
-            )
-        self.llm.reorder(order)
-        self._pending = [list(self._pending[s]) for s in order]
-        self._rollback = [self._rollback[s] for s in order]
-        self._finished = [self._finished[s] for s in order]
-        self._row_keys = [self._row_keys[s] for s in order]
-        if self._retok is not None:
-            self._retok.reorder(order)
-        self.stats["reorders"] += 1
+    @property
+    def alpha_history(self) -> list[Tensor]:
+        """The α of each step, ``(batch,)`` tensors on the CPU (1 where the SLM decided alone)."""
+        return self.session.alpha_history
 
     def reset(self) -> None:
         """Forget the current generation (and the statistics); the next call starts a new one."""
         self._prompt_len: int | None = None
         self._seen = 0
-        self._step = 0
         self._history: Tensor | None = None
-        self._finished: list[bool] = []
-        self._pending: list[list[int]] = []
-        self._rollback: list[int] = []
-        self._llm_out: LLMOutput | None = None
-        self._retok: IncrementalRetokenizer | None = None
-        self._row_keys: list[Any] = []
-        self._map: list[int] = []
-        self._vocab_map: VocabMap | None = self.vocab_map
-        self.alpha_history: list[Tensor] = []  # α used per step, (batch,) on CPU; 1 = SLM alone
-        self.stats = {"steps": 0, "llm_calls": 0, "llm_row_calls": 0, "saved_calls": 0, "fallbacks": 0,
-                      "llm_tokens": 0, "rollbacks": 0, "unmapped_tokens": 0, "reorders": 0}
+        self._row_keys: list[int] = []
+        self.session.reset()
+
+    def _rows_of_prompts(self, batch: int) -> list[int]:
+        """Each row's index into :attr:`public_prompts`."""
+        if self._one_prompt:
+            return [0] * batch
+        if batch % len(self.public_prompts):
+            raise ValueError(
+                f"input_ids has {batch} rows but {len(self.public_prompts)} public prompts were given; pass one public "
+                "prompt per input row (or a single one for all)"
+            )
+        # generate() expands each input row num_beams (or num_return_sequences) times, consecutively
+        repeat = batch // len(self.public_prompts)
+        return [p for p in range(len(self.public_prompts)) for _ in range(repeat)]
 
     def _begin(self, input_ids: Tensor, scores: Tensor) -> None:
         unsafe = _unsafe_generate_mode()
@@ -320,34 +217,32 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
                 "candidate tokens that are not generated and kept yet (prompt lookup copies them from the private "
                 "prompt), so they could reach the LLM; use greedy decoding, sampling or beam search"
             )
-        batch = input_ids.shape[0]
-        rows = self._rows_of_prompts(batch)
-        if self._vocab_map is None:
-            self._vocab_map = VocabMap.identity(scores.shape[1], self.llm.vocab_size)
-        elif self._vocab_map.v_slm != scores.shape[1]:
-            raise ValueError(
-                f"the SLM's scores have vocabulary size {scores.shape[1]} but vocab_map was built for "
-                f"v_slm={self._vocab_map.v_slm}; build the map for this SLM"
-            )
-        retok = None
-        if self.cross_tokenizer:
-            retok = IncrementalRetokenizer(self.slm_tokenizer, self.llm.tokenizer, batch_size=batch,
-                                           lookbehind=self.lookbehind)
-        self.llm.start(rows)  # may raise (an empty prompt...): then nothing below has changed
-        self._retok = retok
-        self._row_keys = [p if isinstance(p, str) else tuple(p) for p in rows]
-        self._map = self._vocab_map.slm_to_llm.tolist()
+        keys = self._rows_of_prompts(input_ids.shape[0])
+        self.session.start([self.public_prompts[k] for k in keys], v_slm=scores.shape[1])
+        self._row_keys = keys
         self._prompt_len = self._seen = input_ids.shape[1]
-        self._finished = [False] * batch
-        self._pending = [[] for _ in range(batch)]
-        self._rollback = [0] * batch
 
-    # ------------------------------------------------------------------ reading input_ids
-    def _read_new_tokens(self, input_ids: Tensor) -> None:
-        batch, width = input_ids.shape
-        if batch != len(self._finished):
+    def _follow_reordering(self, history: Tensor) -> None:
+        """Rows' generated histories changed since the last call: beam search reordered its beams.
+        Find each row's former row (the one with the same prompt and history) and reorder the session."""
+        former: dict[tuple[int, tuple[int, ...]], int] = {}
+        for s, row in enumerate(self._history.tolist()):
+            former.setdefault((self._row_keys[s], tuple(row)), s)
+        order = [former.get((self._row_keys[r], tuple(row))) for r, row in enumerate(history.tolist())]
+        if any(s is None for s in order):
             raise ValueError(
-                f"input_ids has {batch} rows but this generation started with {len(self._finished)}; "
+                "the generated tokens in input_ids are not a continuation of the previous step's (a new "
+                "generation?); call reset() before reusing the processor"
+            )
+        self.session.reorder(order)
+        self._row_keys = [self._row_keys[s] for s in order]
+
+    def _appended(self, input_ids: Tensor) -> list[list[int]]:
+        """The tokens each row appended since the previous call (one column), after following beams."""
+        batch, width = input_ids.shape
+        if batch != self.session.batch_size:
+            raise ValueError(
+                f"input_ids has {batch} rows but this generation started with {self.session.batch_size}; "
                 "call reset() before reusing the processor"
             )
         if width != self._seen + 1:
@@ -361,109 +256,28 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             history = input_ids[:, self._prompt_len:self._prompt_len + self._history.shape[1]].detach().cpu()
             if not torch.equal(history, self._history):
                 self._follow_reordering(history)
-        new = input_ids[:, self._seen:].tolist()
         self._history = input_ids[:, self._prompt_len:].detach().cpu()
         self._seen = width
-        for r, tokens in enumerate(new):
-            for token in tokens:
-                if self._finished[r]:
-                    break
-                if token in self.eos_token_ids:
-                    self._finished[r] = True
-                    break
-                if self._retok is not None:
-                    rollback, llm_ids = self._retok.push(r, [token])
-                    if rollback:
-                        self.stats["rollbacks"] += rollback
-                        from_pending = min(rollback, len(self._pending[r]))
-                        if from_pending:
-                            del self._pending[r][-from_pending:]
-                        self._rollback[r] += rollback - from_pending
-                    self._pending[r].extend(llm_ids)
-                else:
-                    mapped = self._map[token] if 0 <= token < len(self._map) else -1
-                    # identity map: same ids; an id the LLM lacks (vocabulary padding) is skipped
-                    if mapped >= 0:
-                        self._pending[r].append(mapped)
-                    else:
-                        self.stats["unmapped_tokens"] += 1
+        return self._history[:, -1:].tolist()
 
-    # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        batch = scores.shape[0]
-        slm_logprobs = torch.log_softmax(scores.float() / self.slm_temperature, dim=-1)
-        if self.alpha == 1.0:  # the SLM alone: the LLM's answer would get weight 0, so never ask it
-            self.stats["steps"] += 1
-            self.alpha_history.append(torch.ones(batch))
-            return slm_logprobs
         if self._prompt_len is None:
             self._begin(input_ids, scores)
+            appended: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         else:
-            self._read_new_tokens(input_ids)
-        self.stats["steps"] += 1
-        device = scores.device
-        step = self._step
-        self._step += 1
-
-        entropy = None
-        if self.schedule.needs_entropy:
-            probs = slm_logprobs.exp()
-            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
-        wanted = torch.as_tensor(self.schedule.should_call(step, entropy), dtype=torch.bool, device=device)
-        wanted = wanted.expand(batch).clone()
-        active = torch.tensor([not f for f in self._finished], device=device)
-        call = wanted & active
-        self.stats["saved_calls"] += int((~wanted & active).sum())
-        if not bool(call.any()):
-            self.alpha_history.append(torch.ones(batch))
-            return slm_logprobs
-
-        if any(self._rollback):
-            self.llm.rollback(self._rollback)
-            self._rollback = [0] * batch
-        pending, self._pending = self._pending, [[] for _ in range(batch)]
-        self.stats["llm_tokens"] += sum(len(p) for p in pending)
-        out = self.llm.advance(pending, need=call.tolist())
-        self.stats["llm_calls"] += 1
-        self.stats["llm_row_calls"] += int(call.sum())
-        ok = out.ok.to(device) & call
-        self.stats["fallbacks"] += int((call & ~ok).sum())
-        if not bool(ok.any()):
-            self.alpha_history.append(torch.ones(batch))
-            return slm_logprobs
-
-        llm_next = out.next
-        if isinstance(llm_next, TopK):
-            llm_next = TopK(llm_next.ids.to(device), llm_next.logprobs.to(device))
-        else:
-            llm_next = llm_next.to(device)
-        options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
-                       llm_temperature=self.llm_temperature, validate=False)
-        if self.head is not None:
-            # rows whose LLM call failed are replaced by the SLM's row below, whatever their α
-            alpha, fused = fuse_with_head(scores, llm_next, self.head, **options)
-        else:
-            alpha = torch.full((batch,), float(self.alpha), device=device)
-            fused = fuse(scores, llm_next, alpha=alpha, **options)
-        self.alpha_history.append(torch.where(ok, alpha.float(), 1.0).cpu())
-        # a token an earlier processor banned (-inf: bad words, min_new_tokens' EOS...) stays banned,
-        # even where the LLM would give it mass
-        banned = scores == float("-inf")
-        if bool(banned.any()):
-            fused = torch.log_softmax(fused.masked_fill(banned, float("-inf")), dim=-1)
-        return torch.where(ok[:, None], fused, slm_logprobs)
+            appended = self._appended(input_ids)
+        return self.session.step(appended, scores)
 
     # ------------------------------------------------------------------ inspection
     def llm_token_ids(self, row: int) -> list[int] | None:
         """Cross-tokenizer mode: the row's generated text as LLM token ids so far (else ``None``)."""
-        return None if self._retok is None else self._retok.llm_ids(row)
+        return self.session.llm_token_ids(row)
 
     def generated_text(self, row: int) -> str | None:
         """Cross-tokenizer mode: the row's generated text the LLM has been given (else ``None``)."""
-        return None if self._retok is None else self._retok.text(row)
+        return self.session.generated_text(row)
 
     def __repr__(self) -> str:
         weight = f"head={type(self.head).__name__}" if self.head is not None else f"alpha={self.alpha}"
         return f"CoGenesisLogitsProcessor(llm={self.llm!r}, {weight}, mode={self.mode!r}, schedule={self.schedule.spec!r})"
-

@@ -19,8 +19,7 @@ Text is measured in raw bytes (:func:`token_bytes`), not ``tokenizer.decode``, b
 differ on edges (a sentencepiece decoder strips the first space of a string): the SLM's
 continuation ``"▁Hello"`` is the bytes ``b" Hello"``.
 
->>> import sys; sys.path.insert(0, "tests")
->>> from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer
+>>> from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer
 >>> slm_tok, llm_tok = sentencepiece_tokenizer(), byte_level_tokenizer()
 >>> retok = IncrementalRetokenizer(slm_tok, llm_tok, batch_size=1)
 >>> for slm_id in slm_tok.encode(" Dear friends, café", add_special_tokens=False):

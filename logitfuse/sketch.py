@@ -73,8 +73,7 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
 
     Example:
 
-    >>> import sys; sys.path.insert(0, "tests")
-    >>> from tiny_models import byte_level_tokenizer, tiny_llama
+        >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
     >>> import logitfuse
     >>> tok = byte_level_tokenizer()
     >>> llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)

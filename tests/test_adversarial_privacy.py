@@ -113,3 +113,13 @@ def test_alpha_one_never_contacts_the_llm(slm, llm_model, tok, served):
     assert torch.equal(fused, generate(slm, inputs, 6))
     assert len(server.received) == before and llm.audit_log == []
     assert proc.stats["steps"] == 6 and proc.stats["llm_calls"] == 0
+
+
+def test_a_head_with_nan_weights_stops_generation_with_an_error(slm, llm_model, tok):
+    """A broken head must not decode on silently (a NaN α once gave token 0 forever)."""
+    head = logitfuse.FusionHead(len(tok), len(tok))
+    with torch.no_grad():
+        next(head.parameters()).fill_(float("nan"))
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, head=head)
+    with pytest.raises(ValueError, match="α"):
+        generate(slm, _inputs(tok), 4, proc)

@@ -1,0 +1,377 @@
+"""The engine-independent core of fused decoding.
+
+A :class:`FusionSession` holds everything one fused generation needs besides the SLM itself: the
+LLM backend and what it has been fed, per row (pending tokens, rollbacks, the cross-tokenizer
+re-tokenizer, finished rows), the schedule, α (a fusion head or a fixed number), the fusion call and
+the statistics. An engine adapter (the transformers :class:`logitfuse.CoGenesisLogitsProcessor`, or
+any decode loop) talks to it in plain terms:
+
+``start(public_prompts, v_slm)``
+    One public prompt per row (text or LLM token ids); the LLM prefills them.
+``step(appended, slm_logits) -> fused log-probabilities``
+    ``appended[r]``: the SLM token ids row ``r`` kept since the previous step (the token chosen
+    from the previous step's output, or none at the first step); ``slm_logits``: the SLM's logits
+    ``(batch_size, v_slm)`` for the next position. Returns ``(batch_size, v_slm)`` float32
+    log-probabilities to choose the next token from; :attr:`alpha_history` gets this step's α.
+``reorder(rows)`` / ``finish(row)``
+    Beam search reordered its rows (row ``r`` continues former row ``rows[r]``); a row ended.
+
+Privacy: the session only ever hands the LLM the public prompts and the appended tokens. The
+adapter's job is to give it nothing else: only tokens the SLM generated and kept.
+
+>>> import torch, logitfuse
+>>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
+>>> tok = byte_level_tokenizer()
+>>> session = logitfuse.FusionSession(logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok), alpha=0.5)
+>>> session.start(["Write an invitation:"], v_slm=len(tok))
+>>> fused = session.step([[]], torch.randn(1, len(tok)))     # first position: nothing appended yet
+>>> fused = session.step([[fused.argmax().item()]], torch.randn(1, len(tok)))
+>>> session.stats.steps, session.stats.llm_calls
+(2, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from logitfuse.backends import LLMBackend, OpenAICompatibleLLM
+from logitfuse.functional import fuse, fuse_with_head
+from logitfuse.retokenize import IncrementalRetokenizer
+from logitfuse.schedules import Schedule, parse
+from logitfuse.types import MODES, TAILS, TopK
+from logitfuse.vocab import VocabMap
+
+Tensor = torch.Tensor
+
+__all__ = ["FusionSession", "SessionStats"]
+
+
+@dataclass
+class SessionStats:
+    """Counters of one fused generation.
+
+    Attributes:
+        steps: decoding steps (positions) fused or decided by the SLM alone.
+        llm_calls: backend requests (one per step that consulted any row).
+        llm_row_calls: rows consulted, summed over steps.
+        saved_calls: row steps the schedule skipped.
+        fallbacks: rows whose LLM request failed (they used the SLM alone).
+        llm_tokens: tokens fed to the LLM after the public prompts.
+        rollbacks: LLM tokens re-tokenized away (two tokenizers).
+        unmapped_tokens: with an identity map, generated ids beyond the LLM's vocabulary (padding).
+        reorders: beam reorderings followed.
+
+    ``stats["steps"]`` works as well as ``stats.steps``, and ``dict(stats)`` gives a plain dict.
+    """
+
+    steps: int = 0
+    llm_calls: int = 0
+    llm_row_calls: int = 0
+    saved_calls: int = 0
+    fallbacks: int = 0
+    llm_tokens: int = 0
+    rollbacks: int = 0
+    unmapped_tokens: int = 0
+    reorders: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+    def items(self) -> list[tuple[str, int]]:
+        return list(dataclasses.asdict(self).items())
+
+
+def _is_identity(vocab_map: VocabMap) -> bool:
+    """Whether every SLM id maps to itself or to nothing (the same tokenizer, maybe padded)."""
+    ids = torch.arange(vocab_map.v_slm)
+    return bool(((vocab_map.slm_to_llm == ids) | (vocab_map.slm_to_llm == -1)).all())
+
+
+def _as_id_set(value: Any, name: str) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return frozenset([value])
+    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return frozenset(value)
+    raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
+
+
+class FusionSession:
+    r"""Fused decoding state and step, for any SLM engine (see the module docstring).
+
+    Args:
+        llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`.
+        head (`FusionHead`, *optional*): predicts α per row; exclusive with ``alpha``.
+        alpha (`float`, *optional*): fixed SLM weight in ``[0, 1]`` (1 = SLM only: the LLM is never
+            contacted); exclusive with ``head``.
+        vocab_map (`VocabMap`, *optional*): SLM id -> LLM id; default the identity. A map that is not
+            the identity turns on cross-tokenizer decoding and needs ``slm_tokenizer``.
+        mode, tail (`str`, *optional*): as in :func:`logitfuse.fuse`; default the head's, or
+            ``"linear"`` and ``"slm"``.
+        schedule (`str` or `Schedule`, defaults to ``"always"``): when to consult the LLM.
+        slm_tokenizer (*optional*): the SLM's tokenizer (cross-tokenizer decoding; its
+            ``eos_token_id`` is the default ``eos_token_id``).
+        eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row.
+        apply_chat_template (`bool`, defaults to `False`): format text public prompts with the LLM
+            tokenizer's chat template (one user message, generation prompt added).
+        lookbehind (`int`, defaults to 4): LLM tokens re-encoded each step across tokenizers.
+        slm_temperature, llm_temperature (`float`, default 1.0): passed to :func:`logitfuse.fuse`.
+    """
+
+    def __init__(self, llm: LLMBackend, *, head: Any = None, alpha: float | None = None,
+                 vocab_map: VocabMap | None = None, mode: str | None = None, tail: str | None = None,
+                 schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
+                 apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
+                 llm_temperature: float = 1.0):
+        if not isinstance(llm, LLMBackend):
+            raise TypeError(f"llm must be a logitfuse LLM backend (HFLLM, OpenAICompatibleLLM), got {type(llm).__name__}")
+        if (head is None) == (alpha is None):
+            raise ValueError("pass exactly one of head= (a FusionHead predicting α per row) or alpha= (a fixed float in [0, 1])")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (1 = SLM only, 0 = LLM only)")
+        # with a head, its own setting is the default; without one, linear mode and the SLM-shaped tail
+        mode = mode if mode is not None else (getattr(head, "mode", None) or "linear")
+        tail = tail if tail is not None else (getattr(head, "tail", None) or "slm")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        if tail not in TAILS:
+            raise ValueError(f"tail={tail!r} is not one of {TAILS}")
+        if vocab_map is not None and not isinstance(vocab_map, VocabMap):
+            raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
+        if vocab_map is not None and vocab_map.v_llm != llm.vocab_size:
+            raise ValueError(
+                f"vocab_map was built for v_llm={vocab_map.v_llm} but the LLM has vocab_size={llm.vocab_size}; "
+                "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
+            )
+        if head is not None:
+            if not callable(head) or not hasattr(head, "check_compatible"):
+                raise TypeError(f"head must be a logitfuse.FusionHead or PaperFusionHead, got {type(head).__name__}")
+            head.check_compatible(vocab_map=vocab_map, v_llm=llm.vocab_size, mode=mode, tail=tail)
+        for name, value in (("slm_temperature", slm_temperature), ("llm_temperature", llm_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if not isinstance(lookbehind, int) or isinstance(lookbehind, bool) or lookbehind < 0:
+            raise ValueError(f"lookbehind={lookbehind!r} must be an int >= 0 (LLM tokens re-encoded each step)")
+        if llm_temperature != 1.0 and isinstance(llm, OpenAICompatibleLLM):
+            raise ValueError(f"llm_temperature={llm_temperature!r} needs dense LLM logits; {type(llm).__name__} "
+                             "returns top-k log-probabilities (ask the server for that temperature instead)")
+        if vocab_map is None and slm_tokenizer is not None and llm.tokenizer is not None \
+                and slm_tokenizer is not llm.tokenizer and slm_tokenizer.get_vocab() != llm.tokenizer.get_vocab():
+            raise ValueError("slm_tokenizer and the LLM's tokenizer differ but vocab_map is None (the identity); pass "
+                             "vocab_map=logitfuse.VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)")
+        self.cross_tokenizer = vocab_map is not None and not _is_identity(vocab_map)
+        if self.cross_tokenizer:
+            if slm_tokenizer is None:
+                raise ValueError("vocab_map is not the identity (two tokenizers): pass slm_tokenizer= so the "
+                                 "generated text can be re-tokenized for the LLM")
+            if llm.tokenizer is None:
+                raise ValueError("vocab_map is not the identity (two tokenizers): the LLM backend needs tokenizer=")
+        if apply_chat_template and llm.tokenizer is None:
+            raise ValueError("apply_chat_template=True needs the LLM backend's tokenizer (pass tokenizer= to the backend)")
+        self.llm, self.head, self.alpha = llm, head, alpha
+        self.vocab_map, self.mode, self.tail = vocab_map, mode, tail
+        self.schedule = parse(schedule)
+        self.slm_tokenizer = slm_tokenizer
+        if eos_token_id is None and slm_tokenizer is not None:
+            eos_token_id = getattr(slm_tokenizer, "eos_token_id", None)
+        self.eos_token_ids = _as_id_set(eos_token_id, "eos_token_id")
+        self.apply_chat_template = apply_chat_template
+        self.lookbehind = lookbehind
+        self.slm_temperature, self.llm_temperature = float(slm_temperature), float(llm_temperature)
+        self.reset()
+
+    @property
+    def slm_only(self) -> bool:
+        """A fixed α of 1: the LLM's answer would get weight 0, so it is never asked."""
+        return self.alpha == 1.0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._finished)
+
+    # ------------------------------------------------------------------ rows
+    def reset(self) -> None:
+        """Forget the current rows (and the statistics); :meth:`start` begins new ones."""
+        self._step = 0
+        self._finished: list[bool] = []
+        self._pending: list[list[int]] = []
+        self._rollback: list[int] = []
+        self._retok: IncrementalRetokenizer | None = None
+        self._map: list[int] = []
+        self._vocab_map: VocabMap | None = self.vocab_map
+        self.alpha_history: list[Tensor] = []  # α used per step, (batch,) on CPU; 1 = SLM alone
+        self.stats = SessionStats()
+
+    def format_prompt(self, prompt: Any) -> Any:
+        """A public prompt as the LLM gets it: ids as given; text as given, or (``apply_chat_template``)
+        inside the LLM tokenizer's chat template, as ids."""
+        if isinstance(prompt, Tensor):
+            prompt = prompt.tolist()
+        if not (self.apply_chat_template and isinstance(prompt, str)):
+            return prompt
+        ids = self.llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     tokenize=True)
+        if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def start(self, public_prompts: Sequence[Any], v_slm: int) -> None:
+        """Begin one row per public prompt (formatted by :meth:`format_prompt`); the LLM prefills them.
+
+        ``v_slm`` is the size of the SLM logits that :meth:`step` will get. Nothing is sent when the
+        session is SLM-only.
+        """
+        self.reset()
+        batch = len(public_prompts)
+        rows = [self.format_prompt(p) for p in public_prompts]
+        if self._vocab_map is None:
+            self._vocab_map = VocabMap.identity(v_slm, self.llm.vocab_size)
+        elif self._vocab_map.v_slm != v_slm:
+            raise ValueError(
+                f"the SLM's scores have vocabulary size {v_slm} but vocab_map was built for "
+                f"v_slm={self._vocab_map.v_slm}; build the map for this SLM"
+            )
+        retok = None
+        if self.cross_tokenizer:
+            retok = IncrementalRetokenizer(self.slm_tokenizer, self.llm.tokenizer, batch_size=batch,
+                                           lookbehind=self.lookbehind)
+        if not self.slm_only:
+            self.llm.start(rows)  # may raise (an empty prompt...): then nothing below has changed
+        self._retok = retok
+        self._map = self._vocab_map.slm_to_llm.tolist()
+        self._finished = [False] * batch
+        self._pending = [[] for _ in range(batch)]
+        self._rollback = [0] * batch
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Row ``r`` continues former row ``rows[r]`` (beam search); the LLM's state follows."""
+        rows = list(rows)
+        if len(rows) != self.batch_size or any(not 0 <= s < self.batch_size for s in rows):
+            raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
+        if not self.slm_only:
+            self.llm.reorder(rows)
+        self._pending = [list(self._pending[s]) for s in rows]
+        self._rollback = [self._rollback[s] for s in rows]
+        self._finished = [self._finished[s] for s in rows]
+        if self._retok is not None:
+            self._retok.reorder(rows)
+        self.stats.reorders += 1
+
+    def finish(self, row: int) -> None:
+        """Row ``row`` ended: it is not advanced on the LLM any more."""
+        self._finished[row] = True
+
+    def _append(self, row: int, token: int) -> None:
+        """One kept SLM token of ``row``, queued for the LLM (re-tokenized across tokenizers)."""
+        if self._finished[row]:
+            return
+        if token in self.eos_token_ids:
+            self._finished[row] = True
+            return
+        if self._retok is not None:
+            rollback, llm_ids = self._retok.push(row, [token])
+            if rollback:
+                self.stats.rollbacks += rollback
+                from_pending = min(rollback, len(self._pending[row]))
+                if from_pending:
+                    del self._pending[row][-from_pending:]
+                self._rollback[row] += rollback - from_pending
+            self._pending[row].extend(llm_ids)
+            return
+        mapped = self._map[token] if 0 <= token < len(self._map) else -1
+        # identity map: same ids; an id the LLM lacks (vocabulary padding) is skipped
+        if mapped >= 0:
+            self._pending[row].append(mapped)
+        else:
+            self.stats.unmapped_tokens += 1
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, appended: Sequence[Sequence[int]], slm_logits: Tensor) -> Tensor:
+        """Fused log-probabilities ``(batch_size, v_slm)`` for the next position of every row.
+
+        ``appended[r]`` are the SLM ids row ``r`` kept since the previous step. Tokens that the
+        engine masked to ``-inf`` in ``slm_logits`` (banned words, a minimum length) stay at ``-inf``.
+        """
+        batch = slm_logits.shape[0]
+        if batch != self.batch_size or len(appended) != batch:
+            raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
+                             f"started {self.batch_size} rows; call start() first")
+        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        self.stats.steps += 1
+        if self.slm_only:
+            self.alpha_history.append(torch.ones(batch))
+            return slm_logprobs
+        for r, tokens in enumerate(appended):
+            for token in tokens:
+                self._append(r, int(token))
+        device = slm_logits.device
+        step = self._step
+        self._step += 1
+
+        entropy = None
+        if self.schedule.needs_entropy:
+            probs = slm_logprobs.exp()
+            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
+        wanted = torch.as_tensor(self.schedule.should_call(step, entropy), dtype=torch.bool, device=device)
+        wanted = wanted.expand(batch).clone()
+        active = torch.tensor([not f for f in self._finished], device=device)
+        call = wanted & active
+        self.stats.saved_calls += int((~wanted & active).sum())
+        if not bool(call.any()):
+            self.alpha_history.append(torch.ones(batch))
+            return slm_logprobs
+
+        if any(self._rollback):
+            self.llm.rollback(self._rollback)
+            self._rollback = [0] * batch
+        pending, self._pending = self._pending, [[] for _ in range(batch)]
+        self.stats.llm_tokens += sum(len(p) for p in pending)
+        out = self.llm.advance(pending, need=call.tolist())
+        self.stats.llm_calls += 1
+        self.stats.llm_row_calls += int(call.sum())
+        ok = out.ok.to(device) & call
+        self.stats.fallbacks += int((call & ~ok).sum())
+        if not bool(ok.any()):
+            self.alpha_history.append(torch.ones(batch))
+            return slm_logprobs
+
+        llm_next = out.next
+        if isinstance(llm_next, TopK):
+            llm_next = TopK(llm_next.ids.to(device), llm_next.logprobs.to(device))
+        else:
+            llm_next = llm_next.to(device)
+        options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
+                       llm_temperature=self.llm_temperature, validate=False)
+        if self.head is not None:
+            # rows whose LLM call failed are replaced by the SLM's row below, whatever their α
+            alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options)
+        else:
+            alpha = torch.full((batch,), float(self.alpha), device=device)
+            fused = fuse(slm_logits, llm_next, alpha=alpha, **options)
+        self.alpha_history.append(torch.where(ok, alpha.float(), 1.0).cpu())
+        # a token the engine banned (-inf: bad words, min_new_tokens' EOS...) stays banned, even where
+        # the LLM would give it mass
+        banned = slm_logits == float("-inf")
+        if bool(banned.any()):
+            fused = torch.log_softmax(fused.masked_fill(banned, float("-inf")), dim=-1)
+        return torch.where(ok[:, None], fused, slm_logprobs)
+
+    # ------------------------------------------------------------------ inspection
+    def llm_token_ids(self, row: int) -> list[int] | None:
+        """Cross-tokenizer mode: the row's generated text as LLM token ids so far (else ``None``)."""
+        return None if self._retok is None else self._retok.llm_ids(row)
+
+    def generated_text(self, row: int) -> str | None:
+        """Cross-tokenizer mode: the row's generated text the LLM has been given (else ``None``)."""
+        return None if self._retok is None else self._retok.text(row)
