@@ -32,6 +32,7 @@ import codecs
 import functools
 import http.client
 import inspect
+import io
 import json
 import math
 import socket
@@ -39,6 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -65,6 +67,10 @@ class LLMBackendError(RuntimeError):
         self.status = status
         self.validation = validation  # the server refused the request's shape (400/422, or a 500
         # whose body reports a request validation error, as llama-cpp-python's server answers)
+
+
+class _UnmappedReplyError(LLMBackendError):
+    """A reply whose token strings map to no token of the tokenizer (likely the wrong ``tokenizer=``)."""
 
 
 def _is_validation_error(status: int, detail: str) -> bool:
@@ -365,6 +371,117 @@ class HFLLM(LLMBackend):
 
 # ====================================================================================== remote
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+#: a top-k reply is a few kB; anything past this is not one
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class _DeadlineSocket:
+    """A connected socket (plain or TLS) whose every blocking send and receive ends by ``deadline``
+    (a :func:`time.monotonic` time): each call first shrinks the socket timeout to the time left,
+    so a server that trickles its reply cannot hold a request past the deadline (a plain socket
+    timeout bounds each read, not the reply). ``http.client`` reads the status line, the headers
+    and the body through :meth:`makefile`, so all of them are covered."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock, self._deadline = sock, deadline
+        self._io_refs, self._closed = 0, False
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline reached")
+        self._sock.settimeout(left)
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, *args)
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        self._arm()
+        self._sock.sendall(data, *args)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"_DeadlineSocket.makefile supports mode 'rb' only, not {mode!r}")
+        self._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))  # type: ignore[arg-type]
+
+    def _decref_socketios(self) -> None:  # called by socket.SocketIO.close
+        self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._sock.close()
+
+    def close(self) -> None:  # the fd stays open while the response still reads from it
+        self._closed = True
+        if self._io_refs <= 0:
+            self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _DeadlineConnection:
+    """Mixin for ``http.client`` connections: connect within the time left to ``deadline``, then
+    do all I/O through a :class:`_DeadlineSocket`."""
+
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline reached before connecting")
+        self.timeout = left
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self._deadline)
+
+
+class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineRequest(urllib.request.Request):
+    """A request that must be answered in full by ``deadline`` (a :func:`time.monotonic` time)."""
+
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: _DeadlineRequest) -> Any:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=req.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: _DeadlineRequest) -> Any:
+        return self.do_open(functools.partial(_DeadlineHTTPSConnection, deadline=req.deadline), req,
+                            context=self._context)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the request carries the API key, which must not travel to another
+    address (urllib would resend the headers there, as a GET). The 3xx reaches the caller as an
+    ``HTTPError``."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _build_opener() -> urllib.request.OpenerDirector:
+    """urllib's usual opener (proxies from the environment included) with whole-request deadlines
+    and no redirects."""
+    return urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _RefuseRedirects)
+
+
+def _backoff_total(retries: int, backoff: float) -> float:
+    """The sleeps between ``retries + 1`` attempts (``min(backoff * 2**i, 2 s)`` before retry ``i + 1``)."""
+    return sum(min(backoff * 2 ** i, 2.0) for i in range(retries))
 
 
 def render_token_bytes(data: bytes) -> str:
@@ -485,8 +602,9 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
     Reads ``choices[0].logprobs.top_logprobs[0]``. Keys ``"token_id:123"`` (vLLM's and
     ``logitfuse serve``'s ``return_tokens_as_token_ids``) are read as ids. Other keys are token
     strings (llama.cpp's server, OpenAI): they need ``token_strings`` (a :class:`TokenStringMap`
-    of the LLM's tokenizer), which maps each to its id(s); keys that map to nothing are dropped.
-    Without ``token_strings`` such keys raise ``ValueError``, as does any malformed reply.
+    of the LLM's tokenizer), which maps each to its id(s); keys that map to nothing are dropped,
+    and keys that map to the same id add their probabilities. Without ``token_strings`` such keys
+    raise ``ValueError``, as does any malformed reply (an id named twice included).
     ``counts`` (a dict), when given, is incremented: ``"topk_entries"`` (keys read) and
     ``"topk_mapped"`` (keys that became ids).
     """
@@ -499,6 +617,7 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
     by_id = all(isinstance(k, str) and k.startswith(_TOKEN_ID_KEY) for k in top)
     pairs: list[tuple[int, float]] = []
     if by_id or token_strings is None:
+        seen: set[int] = set()
         for key, value in top.items():
             if not isinstance(key, str) or not key.startswith(_TOKEN_ID_KEY):
                 raise ValueError(
@@ -513,6 +632,9 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
             value = _check_logprob(value)
             if token < 0 or (vocab_size is not None and token >= vocab_size):
                 raise ValueError(f"top_logprobs holds token id {token} outside [0, {vocab_size})")
+            if token in seen:
+                raise ValueError(f"top_logprobs names token id {token} twice")
+            seen.add(token)
             pairs.append((token, value))
         mapped = len(pairs)
     else:
@@ -522,13 +644,24 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
                 raise ValueError("top_logprobs keys must be strings")
             checked[key] = _check_logprob(value)
         pairs, mapped = token_strings.map_pairs(checked)
-        if vocab_size is not None:
-            pairs = [p for p in pairs if p[0] < vocab_size]
+        pairs = _merge_same_ids(p for p in pairs if vocab_size is None or p[0] < vocab_size)
     if counts is not None:
         counts["topk_entries"] = counts.get("topk_entries", 0) + len(top)
         counts["topk_mapped"] = counts.get("topk_mapped", 0) + mapped
     pairs.sort(key=lambda p: -p[1])
     return pairs
+
+
+def _merge_same_ids(pairs: Any) -> list[tuple[int, float]]:
+    """One pair per id (two keys, e.g. two renderings of one token, can map to the same id): their
+    probabilities add up."""
+    merged: dict[int, float] = {}
+    for token, value in pairs:
+        if token in merged:
+            high, low = max(merged[token], value), min(merged[token], value)
+            value = high if low == -math.inf else min(high + math.log1p(math.exp(low - high)), 0.0)
+        merged[token] = value
+    return list(merged.items())
 
 
 class OpenAICompatibleLLM(LLMBackend):
@@ -567,15 +700,26 @@ class OpenAICompatibleLLM(LLMBackend):
             decoding, text prompts and token-string keys; without it the public prompt must be
             token ids and the server must return ``token_id:N`` keys.
         vocab_size (`int`, optional): the LLM's vocabulary size (default: ``len(tokenizer)``).
-        timeout (`float`, defaults to 30): seconds per HTTP attempt.
+        timeout (`float`, defaults to 30): deadline in seconds for one HTTP attempt as a whole:
+            connecting, sending and reading the entire reply (a server that trickles its reply
+            is cut off at ``timeout``, not at ``timeout`` per byte).
         retries (`int`, defaults to 2): extra attempts after a timeout, connection error, 5xx/429 or
-            malformed reply, with exponential backoff from ``backoff`` seconds.
+            malformed reply, with exponential backoff from ``backoff`` seconds (``min(backoff ·
+            2^i, 2)`` before retry ``i + 1``). One :meth:`advance` never takes longer than
+            :meth:`step_budget`: ``timeout × (retries + 1)`` plus those sleeps, whatever the
+            number of rows (rows queued behind ``max_concurrency`` share that budget; with
+            ``prompt_format="auto"``, a probe that gets no usable answer fails the other rows of
+            its step without sending them).
         on_failure (`str`, defaults to ``"fallback"``): ``"fallback"`` marks the row not ok for this
             step (the processor then uses the SLM alone and counts a fallback), ``"raise"`` raises
-            :class:`LLMBackendError`.
+            :class:`LLMBackendError`. A reply whose token strings map to no token of ``tokenizer``
+            (the wrong tokenizer) is such a failure too, never retried; under ``"fallback"`` it is
+            counted in ``stats["unmapped_answers"]`` and warned about once.
         temperature (`float`, defaults to 1.0): sent with the request (1 keeps the model's own
             distribution in servers that return processed log-probabilities).
-        api_key (`str`, optional): sent as ``Authorization: Bearer``; never logged.
+        api_key (`str`, optional): sent as ``Authorization: Bearer``; never logged. Redirects
+            are never followed (urllib would resend the key to the new address): a 3xx answer is
+            an error that names the address it pointed to, so ``base_url`` can be fixed.
         max_concurrency (`int`, defaults to 8): rows requested in parallel.
         prompt_format (`str`, defaults to ``"auto"``): ``"ids"``, ``"text"`` or ``"auto"`` (above).
         ties (`str`, defaults to ``"split"``): token strings shared by several ids: ``"split"`` or
@@ -633,8 +777,10 @@ class OpenAICompatibleLLM(LLMBackend):
         self._format: str | None = None if prompt_format == "auto" else prompt_format
         self._string_map: TokenStringMap | None = None
         self._lock = threading.Lock()
+        self._opener = _build_opener()
+        self._warned_unmapped = False
         self.stats = {"requests": 0, "attempts": 0, "failures": 0, "held_back": 0, "topk_entries": 0,
-                      "topk_mapped": 0, "topk_mapped_share": 1.0, "empty_answers": 0,
+                      "topk_mapped": 0, "topk_mapped_share": 1.0, "empty_answers": 0, "unmapped_answers": 0,
                       "prompt_format": self._format}
         self.reset()
 
@@ -700,61 +846,91 @@ class OpenAICompatibleLLM(LLMBackend):
         }
         return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
-    def _post_once(self, body: bytes) -> Any:
+    def _post_once(self, body: bytes, deadline: float) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            raw = response.read()
+        request = _DeadlineRequest(self.url, data=body, headers=headers, method="POST", deadline=deadline)
+        with self._opener.open(request, timeout=max(deadline - time.monotonic(), 1e-3)) as response:
+            raw = response.read(_MAX_REPLY_BYTES + 1)
+        if len(raw) > _MAX_REPLY_BYTES:
+            raise ValueError(f"the reply is larger than {_MAX_REPLY_BYTES >> 20} MiB")
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ValueError("the reply is not JSON") from None
 
-    def post(self, body: bytes, parse: Any = None) -> Any:
+    def step_budget(self) -> float:
+        """The most seconds one :meth:`advance` (or one :meth:`post`) takes, whatever the number of
+        rows: ``timeout × (retries + 1)`` plus the backoff sleeps between attempts."""
+        return self.timeout * (self.retries + 1) + _backoff_total(self.retries, self.backoff)
+
+    def post(self, body: bytes, parse: Any = None, *, deadline: float | None = None) -> Any:
         """POST ``body`` with retries; returns the parsed JSON reply (passed through ``parse`` when
         given; a ``ValueError`` from it counts as a malformed reply and is retried) or raises
         :class:`LLMBackendError`.
 
-        The error message names the URL, the attempt count and what went wrong (status, timeout,
-        connection error, malformed reply), never the request body.
+        Each attempt must be answered in full (connect, send, the whole reply) within ``timeout``
+        seconds, and all attempts end by ``deadline`` (a :func:`time.monotonic` time; default:
+        :meth:`step_budget` from now). Redirects are not followed (the request carries the API
+        key): a 3xx is an error, not retried. The error message names the URL, the attempt count
+        and what went wrong (status, timeout, connection error, malformed reply), never the
+        request body.
         """
-        attempts = self.retries + 1
-        problem = "no attempt made"
-        status, validation = None, False
-        for attempt in range(attempts):
+        deadline = time.monotonic() + self.step_budget() if deadline is None else deadline
+        problem = f"timed out: the step's time budget ({self.step_budget():g} s) ran out before this request was sent"
+        status, validation, made = None, False, 0
+        for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 2.0))
-            self.stats["attempts"] += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            made += 1
+            with self._lock:
+                self.stats["attempts"] += 1
             try:
-                reply = self._post_once(body)
+                reply = self._post_once(body, time.monotonic() + min(self.timeout, left))
                 return parse(reply) if parse is not None else reply
             except urllib.error.HTTPError as err:
-                detail = ""
-                try:
-                    detail = err.read(300).decode("utf-8", "replace").strip()
-                except Exception:  # noqa: BLE001 - the body is only for the message
-                    pass
-                problem = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
-                status, validation = err.code, _is_validation_error(err.code, detail)
+                problem, status, validation = self._http_problem(err)
                 if err.code not in _TRANSIENT_HTTP or validation:  # a refused request shape stays refused
                     break
             except (TimeoutError, socket.timeout):
-                problem, status = f"timed out after {self.timeout:g} s", None
+                problem, status = self._timed_out(), None
             except urllib.error.URLError as err:
                 reason = err.reason
                 status = None
                 if isinstance(reason, (TimeoutError, socket.timeout)):
-                    problem = f"timed out after {self.timeout:g} s"
+                    problem = self._timed_out()
                 else:
                     problem = f"connection failed ({type(reason).__name__}: {reason})"
             except (ConnectionError, http.client.HTTPException, OSError) as err:
                 problem, status = f"connection failed ({type(err).__name__})", None
             except ValueError as err:
                 problem, status = f"malformed reply ({err})", None
-        raise LLMBackendError(f"{self.url}: {problem} (after {attempt + 1} attempt{'s' if attempt else ''})", status,
+        raise LLMBackendError(f"{self.url}: {problem} (after {made} attempt{'' if made == 1 else 's'})", status,
                               validation)
+
+    def _timed_out(self) -> str:
+        return f"timed out: no complete reply within the deadline of timeout={self.timeout:g} s"
+
+    @staticmethod
+    def _http_problem(err: urllib.error.HTTPError) -> tuple[str, int, bool]:
+        """``(problem, status, validation)`` of an HTTP error reply."""
+        if 300 <= err.code < 400:
+            location = str(err.headers.get("Location", "") if err.headers else "")[:200] or "an unnamed address"
+            return (f"the server answered with a redirect (HTTP {err.code}) to {location}; redirects are not "
+                    "followed (the request carries the API key): point base_url at the final address"), err.code, False
+        detail = ""
+        try:
+            detail = err.read(300).decode("utf-8", "replace").strip()
+        except Exception:  # noqa: BLE001 - the body is only for the message
+            pass
+        finally:
+            err.close()
+        problem = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
+        return problem, err.code, _is_validation_error(err.code, detail)
 
     # ------------------------------------------------------------------ prompts and replies
     def row_text(self, r: int) -> str | None:
@@ -796,12 +972,20 @@ class OpenAICompatibleLLM(LLMBackend):
             self.stats["topk_entries"] += counts.get("topk_entries", 0)
             self.stats["topk_mapped"] += counts.get("topk_mapped", 0)
             self.stats["topk_mapped_share"] = self.stats["topk_mapped"] / max(self.stats["topk_entries"], 1)
+        strings = [key for key in top if key] if not by_id else []
+        if strings and not counts.get("topk_mapped", 0):
+            # "" keys (control tokens, cut characters) never map; real strings always do with the
+            # right tokenizer, so when none of them does, the tokenizer is not the server's
+            examples = ", ".join(repr(key[:20]) for key in strings[:3])
+            raise _UnmappedReplyError(
+                f"{self.url}: none of the {len(strings)} token strings in the reply ({examples}) is a token of "
+                "the tokenizer passed as tokenizer=; pass the served LLM's own tokenizer", 200)
         return pairs
 
-    def _request_row(self, body: bytes) -> list[tuple[int, float]]:
+    def _request_row(self, body: bytes, deadline: float) -> list[tuple[int, float]]:
         # a split token string can yield more than top_k pairs: the least likely ones beyond top_k
         # are cut (their probability joins the tail), as for any server that returns extra entries
-        return self.post(body, parse=self._parse)[: self.top_k]
+        return self.post(body, parse=self._parse, deadline=deadline)[: self.top_k]
 
     def _body(self, r: int, fmt: str) -> bytes | None:
         if fmt == "ids":
@@ -809,14 +993,14 @@ class OpenAICompatibleLLM(LLMBackend):
         text = self.row_text(r)
         return None if text is None else self.payload(text)
 
-    def _send(self, todo: list[int], bodies: dict[int, bytes]) -> dict[int, Any]:
+    def _send(self, todo: list[int], bodies: dict[int, bytes], deadline: float) -> dict[int, Any]:
         for r in todo:  # logged before sending, in row order
             self.audit_log.append(bodies[r].decode("utf-8"))
         self.stats["requests"] += len(todo)
 
         def run(r: int):
             try:
-                return self._request_row(bodies[r])
+                return self._request_row(bodies[r], deadline)
             except LLMBackendError as err:
                 return err
 
@@ -827,7 +1011,13 @@ class OpenAICompatibleLLM(LLMBackend):
         return dict(zip(todo, self._pool.map(run, todo)))
 
     def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
-        """Append the new tokens; request the top-k next tokens of the rows in ``need``."""
+        """Append the new tokens; request the top-k next tokens of the rows in ``need``.
+
+        Takes at most :meth:`step_budget` seconds, whatever the number of rows. Rows answer with
+        different numbers of entries; each keeps all of its own, and the shorter rows are padded
+        to the longest with ids they do not hold at logprob ``-inf`` (no probability).
+        """
+        deadline = time.monotonic() + self.step_budget()
         rows, need = self._check_new_tokens(new_tokens, need)
         for r, row in enumerate(rows):
             if row:
@@ -836,18 +1026,7 @@ class OpenAICompatibleLLM(LLMBackend):
         todo = [r for r in range(len(rows)) if need[r] and self._answer[r] is None]
         results: dict[int, Any] = {}
         if todo and self._format is None:
-            # capability probe ("auto"): one row as token ids; a request validation error (400/422;
-            # llama-cpp-python's server answers 500 with "validation error" in the body) means the
-            # server wants text, and then every later request is text
-            first = todo[0]
-            results.update(self._send([first], {first: self._body(first, "ids")}))
-            res = results[first]
-            if isinstance(res, LLMBackendError) and res.validation and self.tokenizer is not None:
-                self._format = "text"
-                del results[first]
-            elif not isinstance(res, LLMBackendError):
-                self._format = "ids"
-            self.stats["prompt_format"] = self._format
+            results = self._probe(todo, deadline)
             todo = [r for r in todo if r not in results]
         fmt = self._format or "ids"
         bodies = {}
@@ -857,11 +1036,45 @@ class OpenAICompatibleLLM(LLMBackend):
                 self.stats["held_back"] += 1
             else:
                 bodies[r] = body
-        results.update(self._send([r for r in todo if r in bodies], bodies))
+        results.update(self._send([r for r in todo if r in bodies], bodies, deadline))
+        self._take_results(results)
+        ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
+        return LLMOutput(_padded_topk([self._answer[r] if ok[r] else None for r in range(len(rows))]),
+                         torch.tensor(ok))
+
+    def _probe(self, todo: list[int], deadline: float) -> dict[int, Any]:
+        """``prompt_format="auto"``'s capability probe: the first row as token ids. A request
+        validation error (400/422; llama-cpp-python's server answers 500 with "validation error"
+        in the body) means the server wants text, and then every later request is text. Returns
+        the results known so far: the probe's row, or every row of ``todo`` when the server did
+        not answer usably (timeout, connection error, 429/5xx, malformed reply): those rows share
+        its failure instead of waiting out the same timeouts again, and the next step probes anew.
+        """
+        first = todo[0]
+        results = self._send([first], {first: self._body(first, "ids")}, deadline)
+        res = results[first]
+        if isinstance(res, LLMBackendError) and res.validation and self.tokenizer is not None:
+            self._format = "text"
+            results = {}
+        elif not isinstance(res, LLMBackendError):
+            self._format = "ids"
+        elif not res.validation and (res.status is None or res.status in _TRANSIENT_HTTP):
+            results = {r: res for r in todo}
+        self.stats["prompt_format"] = self._format
+        return results
+
+    def _take_results(self, results: dict[int, Any]) -> None:
+        """Store the answers; count failures and raise the first one under ``on_failure="raise"``."""
         failed = [r for r, res in results.items() if isinstance(res, LLMBackendError)]
         self.stats["failures"] += len(failed)
+        unmapped = [results[r] for r in failed if isinstance(results[r], _UnmappedReplyError)]
+        self.stats["unmapped_answers"] += len(unmapped)
         if failed and self.on_failure == "raise":
             raise results[failed[0]]
+        if unmapped and not self._warned_unmapped:
+            self._warned_unmapped = True
+            warnings.warn(f"{unmapped[0]}; until then every step uses the SLM alone (counted in "
+                          "stats['unmapped_answers']; this warning is shown once)", RuntimeWarning, stacklevel=3)
         for r, res in results.items():
             if isinstance(res, LLMBackendError):
                 continue
@@ -869,14 +1082,21 @@ class OpenAICompatibleLLM(LLMBackend):
                 self._answer[r] = res
             else:  # every returned entry was unmappable (e.g. only "" keys): nothing to fuse
                 self.stats["empty_answers"] += 1
-        ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
-        k = min((len(self._answer[r]) for r in range(len(rows)) if ok[r]), default=1)
-        ids = torch.zeros((len(rows), k), dtype=torch.long)
-        logprobs = torch.full((len(rows), k), -math.log(k) if k > 1 else 0.0)
-        ids[:] = torch.arange(k)
-        for r in range(len(rows)):
-            if ok[r]:
-                pairs = self._answer[r][:k]
-                ids[r] = torch.tensor([p[0] for p in pairs])
-                logprobs[r] = torch.tensor([p[1] for p in pairs])
-        return LLMOutput(TopK(ids, logprobs), torch.tensor(ok))
+
+
+def _padded_topk(answers: list[list[tuple[int, float]] | None]) -> TopK:
+    """One ``TopK`` for all rows: each row's ``(id, logprob)`` pairs, padded to the longest row
+    with the smallest ids the row does not hold, at logprob ``-inf`` (ids stay distinct within
+    a row; padding carries no probability). Rows without an answer (``None``) get placeholders
+    (ids ``0..k-1``, uniform), which the caller marks not ok."""
+    k = max((len(a) for a in answers if a is not None), default=1)
+    ids = torch.arange(k).repeat(len(answers), 1)
+    logprobs = torch.full((len(answers), k), -math.log(k) if k > 1 else 0.0)
+    for r, pairs in enumerate(answers):
+        if pairs is None:
+            continue
+        held = {p[0] for p in pairs}
+        pad = [i for i in range(k + len(pairs)) if i not in held][: k - len(pairs)]
+        ids[r] = torch.tensor([p[0] for p in pairs] + pad)
+        logprobs[r] = torch.tensor([p[1] for p in pairs] + [-math.inf] * len(pad))
+    return TopK(ids, logprobs)
