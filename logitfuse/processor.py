@@ -89,24 +89,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`.
         public_prompt (`str`, `list[str]`, `list[int]` or `list[list[int]]`): what the LLM may see:
             one prompt for all rows, or one per row; text or LLM token ids.
-        head (`FusionHead`, *optional*): predicts α per row; exclusive with ``alpha``.
-        alpha (`float`, *optional*): fixed SLM weight in ``[0, 1]`` (1 = SLM only); exclusive with ``head``.
-        vocab_map (`VocabMap`, *optional*): SLM id -> LLM id; default the identity. A map that is not
-            the identity turns on cross-tokenizer decoding and needs ``slm_tokenizer``.
-        mode (`str`, *optional*): ``"linear"``, ``"geometric"`` or ``"logit"``; default the head's
-            mode, or ``"linear"`` with a fixed ``alpha``.
-        tail (`str`, *optional*): where a top-k LLM's missing mass goes; default the head's tail, or
-            ``"slm"``.
-        schedule (`str` or `Schedule`, defaults to ``"always"``): ``"always"``,
-            ``"periodic(P, K, T)"`` or ``"entropy_gate(h)"``; steps without an LLM call use the SLM.
-        slm_tokenizer (*optional*): the SLM's tokenizer (needed for cross-tokenizer decoding; its
-            ``eos_token_id`` is the default for ``eos_token_id``).
-        eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row; after one, the row
-            is not advanced on the LLM any more (transformers pads finished rows).
-        apply_chat_template (`bool`, defaults to `False`): format a text ``public_prompt`` with the
-            LLM tokenizer's chat template (one user message, generation prompt added).
-        lookbehind (`int`, defaults to 4): LLM tokens re-encoded each step in cross-tokenizer mode.
-        slm_temperature, llm_temperature (`float`, default 1.0): passed to :func:`logitfuse.fuse`.
+        head, alpha, vocab_map, mode, tail, schedule, slm_tokenizer, eos_token_id,
+        apply_chat_template, lookbehind, slm_temperature, llm_temperature: as
+            :class:`logitfuse.FusionSession` (exactly one of ``head`` and ``alpha``).
 
     Generation modes that call logits processors on unverified candidate tokens, prompt lookup
     (``prompt_lookup_num_tokens``) and assisted decoding (``assistant_model``), are refused with a
@@ -120,15 +105,10 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     the same way (a backend's ``reorder``; counted in ``stats["reorders"]``).
 
     The processor is a thin adapter: it turns ``input_ids`` into the tokens each row appended (and
-    beam reorders) and hands them to a :class:`logitfuse.FusionSession` (:attr:`session`), which holds
-    the LLM's state, the schedule, α and the fusion. The state is explicit: :meth:`reset` before
-    reusing one instance for another ``generate`` call (a call whose ``input_ids`` do not continue the
-    previous step's raises ``ValueError`` before reading anything). :attr:`stats` is the session's
-    :class:`logitfuse.SessionStats` (``steps``, ``llm_calls``, ``llm_row_calls``, ``saved_calls``,
-    ``fallbacks``, ``llm_tokens``, ``rollbacks``, ``unmapped_tokens``, ``reorders``; ``stats["steps"]``
-    works too). :attr:`alpha_history` holds the α of each step, ``(batch,)`` tensors (1 where the
-    SLM decided alone). Tokens that an earlier logits processor set to ``-inf`` (``bad_words_ids``,
-    ``min_new_tokens``...) stay at ``-inf`` after fusion.
+    beam reorders) for a :class:`logitfuse.FusionSession` (:attr:`session`: the LLM's state, schedule,
+    α, fusion, :attr:`stats`, :attr:`alpha_history`). :meth:`reset` before reusing one instance for
+    another ``generate`` call (a call whose ``input_ids`` do not continue the previous step's raises
+    ``ValueError`` before reading anything).
 
     Example (offline: two tiny random models with one tokenizer):
 
