@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from logitfuse.backends import LLMBackend, OpenAICompatibleLLM
+from logitfuse.backends import LLMBackend
 from logitfuse.functional import fuse, fuse_with_head
 from logitfuse.retokenize import IncrementalRetokenizer
 from logitfuse.schedules import Schedule, parse
@@ -162,7 +162,7 @@ class FusionSession:
                 raise ValueError(f"{name}={value!r} must be a positive number")
         if not isinstance(lookbehind, int) or isinstance(lookbehind, bool) or lookbehind < 0:
             raise ValueError(f"lookbehind={lookbehind!r} must be an int >= 0 (LLM tokens re-encoded each step)")
-        if llm_temperature != 1.0 and isinstance(llm, OpenAICompatibleLLM):
+        if llm_temperature != 1.0 and llm.output_kind != "dense":
             raise ValueError(f"llm_temperature={llm_temperature!r} needs dense LLM logits; {type(llm).__name__} "
                              "returns top-k log-probabilities (ask the server for that temperature instead)")
         if vocab_map is None and slm_tokenizer is not None and llm.tokenizer is not None \

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import logitfuse
-from logitfuse.backends import parse_top_logprobs
+from logitfuse.backends import LLMBackend, LLMOutput, parse_top_logprobs
+from logitfuse.types import TopK
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,62 @@ def test_remote_reorder_and_rollback_need_no_server():
     llm.reorder([1, 1])
     llm.rollback([1, 2])
     assert llm._ids == [[3, 4], [3]] and llm.audit_log == []
+
+
+# ------------------------------------------------------------------- the declared output kind
+class FixedTopK(LLMBackend):
+    """A top-k backend that is not :class:`OpenAICompatibleLLM`: every row always answers
+    token 5 at 3/4 and token 9 at 1/4."""
+
+    output_kind = "topk"
+    vocab_size = 400
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def start(self, public_prompts):
+        self.rows = len(self.encode_prompts(public_prompts))
+
+    def advance(self, new_tokens, need=None):
+        rows, _ = self.check_new_tokens(new_tokens, need)
+        ids = torch.tensor([[5, 9]] * len(rows))
+        return LLMOutput(TopK(ids, torch.tensor([[0.75, 0.25]] * len(rows)).log()), torch.ones(len(rows), dtype=torch.bool))
+
+    def rollback(self, n):
+        pass
+
+    def reset(self):
+        self.rows = 0
+
+    @property
+    def batch_size(self):
+        return self.rows
+
+
+def test_backends_declare_what_advance_returns(model):
+    remote = logitfuse.OpenAICompatibleLLM("http://127.0.0.1:1", "m", top_k=2, vocab_size=50)
+    assert (logitfuse.HFLLM.output_kind, logitfuse.OpenAICompatibleLLM.output_kind) == ("dense", "topk")
+    assert logitfuse.HFLLM(model).output_kind == "dense" and remote.output_kind == "topk"
+    assert FixedTopK().greedy([1, 2], max_new_tokens=3) == [5, 5, 5]
+
+
+def test_a_backend_that_does_not_declare_its_output_cannot_be_built():
+    class Undeclared(FixedTopK):
+        output_kind = LLMBackend.output_kind  # the abstract one
+
+    class Misdeclared(FixedTopK):
+        output_kind = "logits"
+
+    with pytest.raises(TypeError, match="output_kind"):
+        Undeclared()
+    with pytest.raises(TypeError, match=r"output_kind='logits' must be one of \('dense', 'topk'\)"):
+        Misdeclared()
+
+
+def test_llm_temperature_is_refused_for_any_topk_backend_not_only_the_http_one(model):
+    """The session reads the backend's declared ``output_kind``, not its class."""
+    with pytest.raises(ValueError, match="llm_temperature=2.0 needs dense LLM logits; FixedTopK"):
+        logitfuse.FusionSession(FixedTopK(), alpha=0.5, llm_temperature=2.0)
+    logitfuse.FusionSession(FixedTopK(), alpha=0.5)  # temperature 1 is fine
+    logitfuse.FusionSession(logitfuse.HFLLM(model), alpha=0.5, llm_temperature=2.0)  # dense: allowed

@@ -10,6 +10,10 @@ MODULES = [
     "logitfuse.functional",
     "logitfuse.types",
     "logitfuse.vocab",
+    "logitfuse.backends",
+    "logitfuse.backends.hf",
+    "logitfuse.backends.openai",
+    "logitfuse.backends.strings",
     "logitfuse.heads",
     "logitfuse.train_fuser.data",
 ]

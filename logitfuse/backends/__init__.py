@@ -1,7 +1,23 @@
-"""LLM backends: the cloud side of fused decoding (being split into modules)."""
+"""LLM backends: the cloud side of fused decoding.
 
-from logitfuse.backends.openai import (HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM,
-                                       TokenStringMap, parse_top_logprobs, render_token_bytes)
+- :mod:`logitfuse.backends.base`: the interface (:class:`LLMBackend`, an abstract class whose
+  ``output_kind`` says whether :meth:`~LLMBackend.advance` returns dense logits or the top-k),
+  :class:`LLMOutput`, :class:`LLMBackendError`;
+- :mod:`logitfuse.backends.hf`: :class:`HFLLM`, a local transformers model with its own KV cache;
+- :mod:`logitfuse.backends.openai`: :class:`OpenAICompatibleLLM`, the LLM behind an
+  OpenAI-compatible ``/v1/completions`` endpoint, over :mod:`logitfuse.backends.transport`
+  (whole-request deadlines, no redirects);
+- :mod:`logitfuse.backends.strings`: token strings in a server's ``top_logprobs`` back to ids.
+
+>>> from logitfuse.backends import HFLLM, OpenAICompatibleLLM
+>>> HFLLM.output_kind, OpenAICompatibleLLM.output_kind
+('dense', 'topk')
+"""
+
+from logitfuse.backends.base import LLMBackend, LLMBackendError, LLMOutput
+from logitfuse.backends.hf import HFLLM
+from logitfuse.backends.openai import OpenAICompatibleLLM
+from logitfuse.backends.strings import TokenStringMap, parse_top_logprobs, render_token_bytes
 
 __all__ = ["HFLLM", "LLMBackend", "LLMBackendError", "LLMOutput", "OpenAICompatibleLLM", "TokenStringMap",
            "parse_top_logprobs", "render_token_bytes"]

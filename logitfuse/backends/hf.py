@@ -1,0 +1,182 @@
+"""HFLLM: a local transformers causal LM as the LLM side, with its own KV cache."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from logitfuse.backends.base import LLMBackend, LLMOutput
+
+Tensor = torch.Tensor
+
+__all__ = ["HFLLM"]
+
+
+class HFLLM(LLMBackend):
+    """A local transformers causal LM as the LLM side, with its own KV cache.
+
+    The public prompts are prefilled once (left padded); each :meth:`advance` feeds only the new
+    tokens (any number per row, in one forward) and never re-reads the prefix. Variable counts are
+    left-aligned inside the chunk with masked padding in front, so every row's last token sits in
+    the last column; :meth:`rollback` masks the dropped positions out (and crops the cache where
+    all rows end in dropped positions). Positions come from the attention mask, so a row's logits
+    equal those of a plain forward over its unpadded tokens.
+
+    Args:
+        model: a ``transformers`` causal LM (``AutoModelForCausalLM``), in eval mode.
+        tokenizer (optional): its tokenizer; needed for text prompts and cross-tokenizer decoding.
+        add_special_tokens (`bool`, defaults to `True`): passed to the tokenizer for text prompts
+            (set False for text that already went through a chat template).
+
+    Example:
+
+    >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
+    >>> import logitfuse
+    >>> tok = byte_level_tokenizer(); llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
+    >>> llm.start(["Write a short invitation.", "Dear friends,"])
+    >>> out = llm.advance([[72], [72, 295]])
+    >>> out.next.shape, out.ok.tolist()
+    (torch.Size([2, 400]), [True, True])
+    """
+
+    output_kind = "dense"
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, add_special_tokens: bool = True):
+        super().__init__()
+        if not callable(model) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+        self.model, self.tokenizer, self.add_special_tokens = model, tokenizer, add_special_tokens
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x calls the cache `cache`; earlier 5.x `past_key_values`
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self._pad_id = int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[0])
+
+    def reset(self) -> None:
+        """Drop the sequences and the KV cache (the audit log is kept)."""
+        self._cache = None
+        self._mask: Tensor | None = None  # (B, columns) 1 = real token, 0 = padding / rolled back
+        self._lengths: list[int] = []  # real tokens per row
+        self._last: Tensor | None = None  # (B, V) next-token logits
+        self._stale: list[bool] = []
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signatures
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor) -> Tensor:
+        mask = chunk_mask if self._mask is None else torch.cat([self._mask, chunk_mask], dim=1)
+        kwargs = {self._cache_kw: self._cache, "use_cache": True}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        self._mask = mask
+        return out.logits[:, -1, :].float()
+
+    def start(self, public_prompts: list[str] | list[list[int]]) -> None:
+        """Prefill the public prompts (one per row), left padded."""
+        rows = self.encode_prompts(public_prompts)
+        self.reset()
+        self.audit_log.append({"op": "start", "token_ids": [list(r) for r in rows]})
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.device
+        self._cache = self._new_cache()
+        self._last = self._forward(ids.to(device), mask.to(device), positions.to(device))
+        self._lengths = [len(r) for r in rows]
+        self._stale = [False] * len(rows)
+
+    def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append each row's new tokens in one forward; returns dense logits for every row."""
+        rows, need = self.check_new_tokens(new_tokens, need)
+        counts = [len(r) for r in rows]
+        if any(self._stale[r] and counts[r] == 0 and need[r] for r in range(len(rows))):
+            raise RuntimeError("HFLLM: a rolled-back row needs at least one new token before its logits are read")
+        if max(counts) > 0:
+            self.audit_log.append({"op": "advance", "token_ids": [list(r) for r in rows]})
+            width = max(counts)
+            batch = len(rows)
+            ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((batch, width), dtype=torch.long)
+            positions = torch.zeros((batch, width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                if row:
+                    ids[r, width - len(row):] = torch.tensor(row)
+                    mask[r, width - len(row):] = 1
+                    positions[r, width - len(row):] = torch.arange(self._lengths[r], self._lengths[r] + len(row))
+                positions[r, : width - len(row)] = self._lengths[r]
+            device = self.device
+            logits = self._forward(ids.to(device), mask.to(device), positions.to(device))
+            fed = torch.tensor([c > 0 for c in counts], device=device)
+            self._last = torch.where(fed[:, None], logits, self._last)
+            for r, c in enumerate(counts):
+                self._lengths[r] += c
+                if c:
+                    self._stale[r] = False
+        ok = torch.tensor([not s for s in self._stale], device=self._last.device)
+        return LLMOutput(self._last.clone(), ok)
+
+    def reorder(self, order: list[int]) -> None:
+        """Row ``r`` becomes former row ``order[r]`` (cache, mask and logits follow the beams)."""
+        if len(order) != self.batch_size or any(not 0 <= s < self.batch_size for s in order):
+            raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
+        self.audit_log.append({"op": "reorder", "rows": [int(s) for s in order]})
+        index = torch.tensor(order, device=self._mask.device)
+        self._cache.reorder_cache(index)
+        self._mask = self._mask.index_select(0, index)
+        self._last = self._last.index_select(0, index.to(self._last.device))
+        self._lengths = [self._lengths[s] for s in order]
+        self._stale = [self._stale[s] for s in order]
+
+    def rollback(self, n: list[int]) -> None:
+        """Drop the last ``n[r]`` tokens of each row (masked out; trailing dead columns cropped)."""
+        if len(n) != self.batch_size:
+            raise ValueError(f"rollback needs one count per row ({self.batch_size})")
+        if not any(n):
+            return
+        self.audit_log.append({"op": "rollback", "n": [int(x) for x in n]})
+        mask = self._mask.clone()
+        for r, count in enumerate(n):
+            if count < 0 or count > self._lengths[r]:
+                raise ValueError(f"rollback: row {r} has {self._lengths[r]} tokens, cannot drop {count}")
+            if count:
+                live = mask[r].nonzero().flatten()
+                mask[r, live[-count:]] = 0
+                self._lengths[r] -= count
+                self._stale[r] = True
+        # crop columns that are dead in every row at the end of the cache
+        alive = mask.any(dim=0).flatten().nonzero()
+        keep = int(alive[-1]) + 1 if alive.numel() else 0
+        drop = mask.shape[1] - keep
+        if drop > 0:
+            before = self._cache.get_seq_length()
+            self._cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
+            if self._cache.get_seq_length() != before - drop:
+                raise RuntimeError(f"HFLLM: cropping the KV cache by {drop} left "
+                                   f"{self._cache.get_seq_length()} of {before} positions")
+            mask = mask[:, :keep]
+        self._mask = mask
