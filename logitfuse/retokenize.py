@@ -59,14 +59,20 @@ def token_bytes_table(tokenizer: Any) -> tuple[bytes, ...]:
     """The bytes each token id stands for in running text (added tokens: their UTF-8 string).
 
     Byte-level ``Ġ`` and sentencepiece ``▁`` are spaces, ``<0xNN>`` is that byte; ids beyond the
-    tokenizer's vocabulary (embedding padding) stand for nothing. Cached per tokenizer object.
+    tokenizer's vocabulary (embedding padding) stand for nothing. The one token → bytes table of
+    the project (re-tokenization, token-string mapping, training alignment); cached here per
+    tokenizer object (an LRU cache of 16), never stored on the tokenizer.
     """
     return _table_for(id(tokenizer), tokenizer)
 
 
 def token_bytes(tokenizer: Any, ids: list[int]) -> bytes:
     """The raw bytes of a run of token ids, concatenated (no stripping, no clean-up)."""
-    table = token_bytes_table(tokenizer)
+    return _join(token_bytes_table(tokenizer), ids)
+
+
+def _join(table: tuple[bytes, ...], ids: list[int]) -> bytes:
+    """The bytes of ``ids`` in ``table`` (a :func:`token_bytes_table`), concatenated; ids outside it add nothing."""
     return b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids)
 
 
@@ -141,8 +147,7 @@ class IncrementalRetokenizer:
         return list(self.llm_tokenizer.encode(text, add_special_tokens=False))
 
     def _bytes(self, ids: list[int]) -> bytes:
-        table = self._llm_table
-        return b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids)
+        return _join(self._llm_table, ids)
 
     def _single_byte_ids(self) -> dict[int, int]:
         found: dict[int, int] = {}
@@ -174,9 +179,7 @@ class IncrementalRetokenizer:
     def push(self, row: int, slm_ids: list[int]) -> tuple[int, list[int]]:
         """Add the row's newly generated SLM ids; returns ``(rollback, new_llm_ids)``."""
         state = self._rows[row]
-        table = self._slm_table
-        data = b"".join(table[i] if 0 <= i < len(table) else b"" for i in slm_ids)
-        new_text = state.decoder.decode(data)
+        new_text = state.decoder.decode(_join(self._slm_table, slm_ids))
         if not new_text:
             return 0, []
         state.text.append(new_text)

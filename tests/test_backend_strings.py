@@ -252,3 +252,20 @@ def test_replacement_char_renderings_map_too(tok):
     cut = table.index(b"\xafve")
     assert smap.lookup("\ufffdve") == [cut]
     assert smap.lookup("ve") == [table.index(b"ve")]
+
+
+def test_one_token_bytes_table_and_nothing_is_stored_on_the_tokenizer(tok, sp_tok):
+    """Training alignment (train_fuser.scoring), token-string mapping and re-tokenization all read
+    retokenize.token_bytes_table, which caches beside the tokenizer, never on it."""
+    from logitfuse.train_fuser.scoring import align_response
+
+    before = (set(vars(tok)), set(vars(sp_tok)))
+    text = " Dear friends, café"
+    slm_ids, llm_ids, index = align_response(sp_tok, tok, text)
+    TokenStringMap(tok)
+    assert (set(vars(tok)), set(vars(sp_tok))) == before
+    assert token_bytes(sp_tok, slm_ids) == token_bytes(tok, llm_ids) == text.encode()
+    # an SLM token aligned to an LLM token starts at the same byte in both tokenizations
+    for i, j in enumerate(index.tolist()):
+        if j >= 0:
+            assert token_bytes(sp_tok, slm_ids[:i]) == token_bytes(tok, llm_ids[:j])

@@ -31,9 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from logitfuse import reference
 from logitfuse._io import atomic_write
+from logitfuse.retokenize import token_bytes_table
 from logitfuse.types import TopK
 from logitfuse.train_fuser.data import Example, render_prompt
-from logitfuse.vocab import VocabMap, normalized_vocab
+from logitfuse.vocab import VocabMap
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,9 @@ class Pair:
         return cls(slm, slm_tokenizer, llm, llm_tokenizer, vmap, slm_name, llm_name)
 
 
-def _token_bytes(tokenizer: Any) -> dict[int, bytes]:
-    cached = getattr(tokenizer, "_logitfuse_token_bytes", None)
-    if cached is None:
-        cached = {idx: text.encode() if isinstance(text, str) else text for idx, (_, text) in normalized_vocab(tokenizer).items()}
-        tokenizer._logitfuse_token_bytes = cached
-    return cached
-
-
 def _byte_starts(tokenizer: Any, ids: list[int], text: str) -> list[int]:
     """Byte offset in ``text`` where each token starts (``-1`` where that is not a clean boundary)."""
-    pieces = _token_bytes(tokenizer)
+    pieces = token_bytes_table(tokenizer)
     starts, offset = [], 0
     for idx in ids:
         starts.append(offset)
