@@ -193,3 +193,22 @@ def test_a_tuned_zoo_entry_merges_once_into_the_cache(trained, base_dir, data_fi
     # a changed adapter is a different model: the merge is redone, never trusted
     (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + "\n")
     assert not zoo.is_tuned_installed("tiny-tuned", tmp_path)
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b", "--head", "."],
+    ["train", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b", "--out", "."],
+    ["generate", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b", "--instruction", "Write a note: about Tom"],
+])
+def test_an_adapter_flag_without_an_adapter_is_a_one_line_error(command, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(zoo, "load", no_loading)
+    assert main([*command, "--adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: --adapter '{tmp_path}'" in err and "has no adapter_config.json" in err and "\n" not in err
+
+
+def test_tuned_names_are_zoo_names():
+    assert "smollm2-135m-cogenesis" in zoo.known_names() and zoo.TUNED["smollm2-135m-cogenesis"].base in zoo.REGISTRY
