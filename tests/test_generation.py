@@ -101,11 +101,21 @@ def test_llm_receives_exactly_the_generated_tokens(tok, slm, llm_model):
 
 
 def test_sampling_and_head(tok, slm, llm_model):
-    head = logitfuse.FusionHead(len(tok), len(tok))
-    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS, head=head)
-    torch.manual_seed(0)
-    out = generate(slm, private_batch(tok, PUBLICS), N_NEW, proc, do_sample=True, top_k=0)
+    """Sampling with a head uses the head's α: a head whose α is a constant (zero last layer) samples
+    exactly what the same constant as a fixed α samples, and not what the SLM alone samples."""
+    head = logitfuse.FusionHead(len(tok), len(tok), init_alpha=0.2)
+    constant = float(torch.sigmoid(head.mlp[-1].bias))  # the head's α whatever the features
+
+    def sample(**weight):
+        proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS, **weight)
+        torch.manual_seed(0)
+        return generate(slm, private_batch(tok, PUBLICS), N_NEW, proc, do_sample=True, top_k=0), proc
+
+    out, proc = sample(head=head)
     assert out.shape == (3, N_NEW) and proc.stats["llm_row_calls"] == 3 * N_NEW
+    assert all(torch.allclose(a, torch.full((3,), constant)) for a in proc.alpha_history)
+    assert torch.equal(out, sample(alpha=constant)[0])
+    assert not torch.equal(out, sample(alpha=1.0)[0])
 
 
 def test_finished_rows_stop_advancing(tok, slm, llm_model):
