@@ -5,10 +5,15 @@ and :data:`OPS` (the kernels, with the same signatures as the reference function
 :mod:`logitfuse.reference`) is built on first access.
 
 One file per op: :mod:`.row_stats`, :mod:`.mix` (``fuse``), :mod:`.sample` (``fuse_sample``),
-:mod:`.cross_entropy` (``fused_cross_entropy``); shared jit building blocks in :mod:`._common`.
+:mod:`.cross_entropy` (``fused_cross_entropy``), :mod:`.features` (``fusion_feature_stats``, a
+FusionHead's per-row statistics); shared jit building blocks in :mod:`._common`. The package imports
+nothing from ``logitfuse`` but :mod:`logitfuse.types`; which implementation runs is decided by the
+dispatcher, :func:`logitfuse.functional.ops_for`.
 Passes over a row (each module's docstring has the details):
 
 - ``row_stats``: 1 (online log-sum-exp and entropy; per-block top-k candidates merged in torch);
+- ``fusion_feature_stats``: 1 over the SLM row (``row_stats``), then 2 over the SLM row with the LLM
+  values gathered through the map (row scalars; then the pulled-back row's statistics);
 - ``fuse``: 2 in every mode and tail rule (row scalars and ``log Z``; then the write); a dense LLM
   row is also read once streamed for its log-sum-exp;
 - ``fused_cross_entropy``: 1 (``log Z`` and ``∂log Z/∂α`` online, then the target token alone);
@@ -38,12 +43,14 @@ def available() -> bool:
 @functools.lru_cache(maxsize=1)
 def _build_ops() -> SimpleNamespace:
     from .cross_entropy import fused_cross_entropy
+    from .features import fusion_feature_stats
     from .mix import fuse
     from .row_stats import row_stats
     from .sample import fuse_sample
 
     return SimpleNamespace(
-        fuse=fuse, fuse_sample=fuse_sample, fused_cross_entropy=fused_cross_entropy, row_stats=row_stats
+        fuse=fuse, fuse_sample=fuse_sample, fused_cross_entropy=fused_cross_entropy, row_stats=row_stats,
+        fusion_feature_stats=fusion_feature_stats,
     )
 
 

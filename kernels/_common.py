@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from logitfuse.reference import TAIL_FLOOR as _TAIL_FLOOR
+from logitfuse.types import TAIL_FLOOR as _TAIL_FLOOR
 from logitfuse.types import TopK
 
 NEG = tl.constexpr(float("-inf"))
@@ -80,8 +80,8 @@ def check_device(slm_logits: torch.Tensor, **others: torch.Tensor | None) -> tor
 
 
 def require_one_to_one(llm_to_slm) -> None:
-    """The kernels gather through one-to-one maps only; ``logitfuse.fuse`` & co route maps that
-    aggregate LLM tokens (``llm_to_slm``) to the reference."""
+    """The kernels gather through one-to-one maps only; the dispatcher (:mod:`logitfuse.functional`)
+    routes maps that aggregate LLM tokens (``llm_to_slm``) to the reference. A guard, not a fallback."""
     if llm_to_slm is not None:
         raise ValueError("the Triton kernels take one-to-one vocabulary maps; a map with llm_to_slm "
                          "runs on logitfuse.reference (logitfuse.fuse routes it there)")
@@ -110,6 +110,25 @@ def llm_arguments(llm, slm_to_llm: torch.Tensor):
     dense = llm.contiguous()
     # top-k pointers unused: point them at the map (int64) and the dense row
     return dense, dense.stride(0), dense.shape[1], slm_to_llm, dense, 0, 0, False
+
+
+def stats_buffers(batch: int, vocab: int, block: int, k: int, device: torch.device):
+    """Outputs of a row-statistics kernel: ``(lse, max_logprob, entropy)`` ``(B,)`` float32 and the
+    per-block top-``k`` candidates ``(cand_val, cand_id)`` ``(B, n_blocks·k)``."""
+    n_cand = triton.cdiv(vocab, block) * k
+    lse, max_logprob, entropy = (torch.empty(batch, dtype=torch.float32, device=device) for _ in range(3))
+    cand_val = torch.empty((batch, n_cand), dtype=torch.float32, device=device)
+    cand_id = torch.empty((batch, n_cand), dtype=torch.int64, device=device)
+    return lse, max_logprob, entropy, cand_val, cand_id
+
+
+def merge_candidates(cand_val: torch.Tensor, cand_id: torch.Tensor, lse: torch.Tensor, k: int):
+    """The top-``k`` ``(log-probabilities, ids)`` of each row from the per-block candidates (a stable
+    sort of a few hundred entries a row: candidates lie in increasing id order among equal values, so
+    ties go to the first index); empty slots (id -1) rank below every real one, ``-inf`` included."""
+    key = torch.where(cand_id >= 0, cand_val.clamp(min=torch.finfo(torch.float32).min), -torch.inf)
+    pick = key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    return cand_val.gather(1, pick) - lse[:, None], cand_id.gather(1, pick)
 
 
 def per_row(value: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -148,6 +167,41 @@ def _online_step(m, x):
     new_m = tl.maximum(m, tl.max(x, 0))
     base = tl.where(new_m == float("-inf"), 0.0, new_m)
     return new_m, tl.exp(m - base), tl.exp(x - base)
+
+
+@triton.jit
+def _stats_block(x, offs, valid, m, acc, wacc, cand_val_row, cand_id_row, slot, k, V):
+    """One block of row statistics (``x`` ``-inf`` on invalid lanes): the online log-sum-exp carries
+    the running max ``m``, ``acc = Σ e`` with ``e = exp(x - m)`` and ``wacc = Σ e·(x - m)`` (rescaled
+    when ``m`` grows), so the entropy needs no second pass; the block's ``k`` largest values (first
+    index on ties) go to the candidate slots ``slot .. slot + k``. Returns ``(m, acc, wacc)``."""
+    new_m = tl.maximum(m, tl.max(x, 0))
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)
+    scale = tl.exp(m - base)
+    # old terms: e·(x - m) becomes scale·e·(x - m + m - new_m)
+    wacc = tl.where(acc > 0, scale * (wacc + (m - base) * acc), 0.0)
+    acc = acc * scale
+    e = tl.exp(x - base)
+    acc += tl.sum(e, 0)
+    wacc += tl.sum(tl.where(e > 0, e * (x - base), 0.0), 0)
+    avail = valid
+    for j in range(0, k):
+        value = tl.max(tl.where(avail, x, float("-inf")), 0)
+        idx = tl.min(tl.where(avail & (x == value), offs, V), 0)
+        found = idx < V
+        tl.store(cand_val_row + slot + j, tl.where(found, value, float("-inf")))
+        tl.store(cand_id_row + slot + j, tl.where(found, idx, -1).to(tl.int64))
+        avail = avail & (offs != idx)
+    return new_m, acc, wacc
+
+
+@triton.jit
+def _store_stats(m, acc, wacc, lse_ptr, max_ptr, entropy_ptr):
+    """Write a row's log-sum-exp, max log-probability and entropy from :func:`_stats_block`'s sums."""
+    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(acc)
+    tl.store(lse_ptr, lse)
+    tl.store(max_ptr, m - lse)
+    tl.store(entropy_ptr, tl.log(acc) - wacc / acc)
 
 
 @triton.jit

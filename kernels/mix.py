@@ -79,14 +79,10 @@ def fuse_forward(slm_logits, llm, slm_to_llm, alpha, *, mode, tail, slm_temperat
 def fuse(slm_logits, llm, slm_to_llm, alpha, *, v_llm, mode, tail, slm_temperature, llm_temperature, llm_to_slm=None):
     """Same signature and result as :func:`logitfuse.reference.fuse_reference`, on the Triton kernel.
 
-    The kernel does not differentiate: when ``alpha`` needs a gradient (grad mode on), this falls back
-    to the reference so that autograd still works; train through :func:`fused_cross_entropy` instead.
+    The kernel does not differentiate in ``alpha``: the dispatcher (:mod:`logitfuse.functional`)
+    sends an ``alpha`` that needs a gradient to the reference; train through
+    :func:`fused_cross_entropy` instead.
     """
     require_one_to_one(llm_to_slm)
-    if torch.is_grad_enabled() and isinstance(alpha, torch.Tensor) and alpha.requires_grad:
-        from logitfuse.reference import fuse_reference
-
-        return fuse_reference(slm_logits, llm, slm_to_llm, alpha, v_llm=v_llm, mode=mode, tail=tail,
-                              slm_temperature=slm_temperature, llm_temperature=llm_temperature)
     return fuse_forward(slm_logits, llm, slm_to_llm, alpha, mode=mode, tail=tail,
                         slm_temperature=slm_temperature, llm_temperature=llm_temperature)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from logitfuse.reference import TOP_P_TOLERANCE
+from logitfuse.types import TOP_P_TOLERANCE
 
 from ._common import (MODE_CODES, TAIL_CODES, _at_index, _finish_lse, _load_block, _mix, _online_lse, _row_inputs,
                       _row_scalars, block_size, launch_inputs, per_row, require_one_to_one)

@@ -1,8 +1,17 @@
 """Public fusion functions: check the arguments once, then dispatch.
 
-CPU tensors go to the torch reference (:mod:`logitfuse.reference`); CUDA tensors go to the Triton
-kernels in :mod:`logitfuse.kernels` when Triton is importable. Nothing here touches a device at
-import time.
+The choice "kernel or reference" is made here and only here (:func:`ops_for`): CPU tensors go to
+the torch reference (:mod:`logitfuse.reference`); CUDA tensors go to the Triton kernels in
+:mod:`logitfuse.kernels` when Triton is importable, except for maps that aggregate LLM tokens and
+for an ``alpha`` that needs a gradient through :func:`fuse` (the kernel does not differentiate).
+Nothing here touches a device at import time.
+
+One fused step with a head (:func:`fuse_with_head`) aligns once: :func:`align` gives both
+distributions on the SLM vocabulary (:class:`~logitfuse.types.Aligned`), the head reads its α from
+that view and :func:`logitfuse.reference.mix` mixes the same view. On the kernel path no ``(B, V)``
+pulled-back LLM tensor is made: a :class:`~logitfuse.FusionHead` gets its per-row features from the
+``fusion_feature_stats`` kernel and the fuse kernel gathers the LLM side itself (see
+:func:`fuse_with_head`).
 """
 
 from __future__ import annotations
@@ -13,29 +22,33 @@ from types import SimpleNamespace
 import torch
 
 from logitfuse import reference
-from logitfuse.types import MODES, TAILS, RowStats, TopK
+from logitfuse.types import MODES, TAILS, Aligned, FeatureStats, RowStats, TopK
 from logitfuse.vocab import VocabMap, identity_map
 
 Tensor = torch.Tensor
 #: the largest float32: the fusion computes in float32, so larger inputs (or quotients) overflow to inf
 FLOAT32_MAX = torch.finfo(torch.float32).max
-_REFERENCE = SimpleNamespace(
+#: the torch implementations, with the same signatures as ``logitfuse.kernels.OPS``
+REFERENCE_OPS = SimpleNamespace(
     fuse=reference.fuse_reference,
     fuse_sample=reference.fuse_sample_reference,
     fused_cross_entropy=reference.fused_cross_entropy_reference,
     row_stats=reference.row_stats_reference,
+    fusion_feature_stats=reference.fusion_feature_stats_reference,
 )
 
 
-def _ops_for(args: dict) -> SimpleNamespace:
-    """The implementation for prepared ``args``: Triton kernels for CUDA tensors, the reference
-    elsewhere and for maps that aggregate LLM tokens (``llm_to_slm``), which the kernels do not do yet."""
-    if args["slm_logits"].device.type == "cuda" and "llm_to_slm" not in args:
+def ops_for(args: dict, *, alpha_grad: bool = False) -> SimpleNamespace:
+    """The implementation for ``args`` (as :func:`prepare_arguments` returns them):
+    ``logitfuse.kernels.OPS`` for CUDA tensors when Triton is importable, :data:`REFERENCE_OPS`
+    elsewhere, for maps that aggregate LLM tokens (``llm_to_slm``, which the kernels do not do yet),
+    and when ``alpha_grad`` (the caller needs autograd through the result in α)."""
+    if args["slm_logits"].device.type == "cuda" and "llm_to_slm" not in args and not alpha_grad:
         from logitfuse import kernels
 
         if kernels.available():
             return kernels.OPS
-    return _REFERENCE
+    return REFERENCE_OPS
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -158,8 +171,13 @@ def _check_sampling_temperature(temperature: Tensor, v_slm: int) -> None:
         )
 
 
-def _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate):
-    """Check everything ``fuse``-like functions share; returns the reference/kernel keyword arguments."""
+def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear", tail="slm", slm_temperature=1.0,
+                      llm_temperature=1.0, validate=True) -> dict:
+    """Check what :func:`fuse` and its siblings share (same arguments and errors) and return the
+    keyword arguments of the implementations in :data:`REFERENCE_OPS` / ``logitfuse.kernels.OPS``:
+    ``slm_logits``, ``llm``, ``slm_to_llm`` (the map on the logits' device), ``alpha``, ``v_llm``,
+    ``mode``, ``tail``, ``slm_temperature``, ``llm_temperature`` (float32 ``(batch_size,)``) and, for
+    a map across tokenizers, ``llm_to_slm``. Benchmarks and tests call the implementations with it."""
     slm_logits = _check_logits("slm_logits", slm_logits, validate)
     batch, v_slm = slm_logits.shape
     device = slm_logits.device
@@ -283,8 +301,65 @@ def fuse(
     >>> torch.allclose(fused.logsumexp(-1), torch.zeros(2), atol=1e-5)
     True
     """
-    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
-    return _ops_for(args).fuse(**args)
+    args = prepare_arguments(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    return ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
+
+
+def align(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    *,
+    vocab_map: VocabMap | None = None,
+    tail: str = "slm",
+    slm_temperature: float | Tensor = 1.0,
+    llm_temperature: float | Tensor = 1.0,
+    validate: bool = True,
+) -> Aligned:
+    """One step's two next-token distributions on the SLM vocabulary, computed once.
+
+    Arguments and checks as in :func:`fuse` (``alpha`` and ``mode`` do not enter: they act in the
+    mix). Returns an :class:`~logitfuse.types.Aligned`: the SLM's float32 log-probabilities at
+    ``slm_temperature`` and its log-sum-exp, the LLM's log-probabilities pulled back onto the SLM
+    vocabulary through ``vocab_map`` (the ``tail`` rule for tokens a top-k did not report) and its
+    log-sum-exp. A fusion head reads its α from it (``head.alpha_from_aligned``) and
+    :func:`logitfuse.reference.mix` mixes it; :func:`fuse_with_head` does both from one view.
+
+    Always computed in torch (on the tensors' device): the view is ``(batch_size, v_slm)`` by
+    definition. The CUDA kernels never build it; they gather the LLM side block by block.
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> slm, llm = torch.randn(2, 10), torch.randn(2, 10)
+    >>> view = logitfuse.align(slm, llm)
+    >>> torch.equal(logitfuse.reference.mix(view, torch.full((2,), 0.25), mode="linear"),
+    ...             logitfuse.fuse(slm, llm, alpha=0.25))
+    True
+    """
+    args = prepare_arguments(slm_logits, llm, vocab_map, 1.0, "linear", tail, slm_temperature, llm_temperature, validate)
+    return _align(args)
+
+
+def _align(args: dict) -> Aligned:
+    """:func:`logitfuse.reference.align` of prepared arguments."""
+    return reference.align(args["slm_logits"], args["llm"], args["slm_to_llm"], v_llm=args["v_llm"], tail=args["tail"],
+                           slm_temperature=args["slm_temperature"], llm_temperature=args["llm_temperature"],
+                           llm_to_slm=args.get("llm_to_slm"))
+
+
+def fusion_feature_stats(slm_logits: Tensor, llm: Tensor | TopK, *, vocab_map: VocabMap | None = None,
+                         tail: str = "slm", k: int = 4, validate: bool = True) -> FeatureStats:
+    """Per-row statistics of both distributions on the SLM vocabulary at temperature 1, what a
+    :class:`~logitfuse.FusionHead`'s features are made of (:class:`~logitfuse.types.FeatureStats`).
+
+    On CUDA the ``fusion_feature_stats`` kernel streams the pulled-back LLM side block by block, so
+    no ``(batch_size, v_slm)`` LLM tensor is made; elsewhere the reference computes them from
+    :func:`align`.
+    """
+    args = prepare_arguments(slm_logits, llm, vocab_map, 1.0, "linear", tail, 1.0, 1.0, validate)
+    for unused in ("alpha", "mode", "slm_temperature", "llm_temperature"):
+        del args[unused]
+    return ops_for(args).fusion_feature_stats(**args, k=k)
 
 
 def fuse_with_head(
@@ -301,10 +376,18 @@ def fuse_with_head(
 ) -> tuple[Tensor, Tensor]:
     """``(alpha, fused)``: the fusion head's α for these logits, and :func:`fuse` with that α.
 
-    The same as ``alpha = head(slm_logits, llm, vocab_map)`` then ``fuse(..., alpha=alpha)``, but
-    where both run on the torch reference (CPU tensors, or a map across tokenizers) and the head reads
-    the distributions the fusion mixes (its tail is ``tail``, temperatures 1), the LLM side is pulled
-    back onto the SLM vocabulary once instead of twice: most of the cost of either on a CPU.
+    Bit for bit the same as ``alpha = head(slm_logits, llm, vocab_map)`` then
+    ``fuse(..., alpha=alpha)``, with the step aligned once:
+
+    - on the torch reference (CPU tensors, or a map across tokenizers), :func:`align` builds the
+      view, ``head.alpha_from_aligned`` reads α from it and :func:`logitfuse.reference.mix` mixes
+      the same view. A head reads the distributions at temperature 1 with its own tail rule: where
+      ``tail`` or a temperature differs, the head gets its own view (two alignments, as asked);
+    - on the CUDA kernels, no ``(batch_size, v_slm)`` pulled-back LLM tensor is made for a
+      :class:`~logitfuse.FusionHead`: its per-row features come from the ``fusion_feature_stats``
+      kernel, then the fuse kernel mixes. A head whose input is the whole pulled-back vector
+      (:class:`~logitfuse.PaperFusionHead`) gets one :func:`align`, which the reference mix then
+      reuses instead of having the kernel gather the LLM side again.
 
     Example
     -------
@@ -314,18 +397,25 @@ def fuse_with_head(
     >>> torch.equal(fused, logitfuse.fuse(slm, llm, alpha=head(slm, llm)))
     True
     """
-    args = _prepare(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
-    shared = (_ops_for(args) is _REFERENCE and head.tail == tail
-              and bool((args["slm_temperature"] == 1).all()) and bool((args["llm_temperature"] == 1).all()))
-    if not shared:  # the arguments are checked already: only α is new
-        alpha = head(slm_logits, llm, vocab_map)
+    args = prepare_arguments(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
+    head.check_vocab_sizes(args["slm_logits"].shape[1], args["v_llm"])
+    ops = ops_for(args)
+    if ops is not REFERENCE_OPS and not head.needs_aligned_view:
+        alpha = head(slm_logits, llm, vocab_map)  # per-row features from a kernel, no (B, V) LLM tensor
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
         args["alpha"] = _per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
-        return alpha, _ops_for(args).fuse(**args)
-    lp_slm, lp_llm, llm_shift = head._aligned(slm_logits, llm, vocab_map)
-    alpha = head.alpha_from_aligned(lp_slm, lp_llm, llm_shift, slm_logits)
-    slm_shift = torch.logsumexp(args["slm_logits"].float(), dim=-1)
-    return alpha, reference.mix(lp_slm, lp_llm, alpha, mode=mode, slm_shift=slm_shift, llm_shift=llm_shift)
+        return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
+    aligned = _align(args)
+    same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
+    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map))
+    return alpha, reference.mix(aligned, alpha, mode=mode)
+
+
+def _is_one(temperature: float | Tensor) -> bool:
+    """Whether a temperature argument is 1 in every row (a float needs no device read)."""
+    if isinstance(temperature, Tensor):
+        return bool((temperature == 1).all())
+    return temperature == 1
 
 
 def fuse_sample(
@@ -364,7 +454,7 @@ def fuse_sample(
     >>> ids.shape
     torch.Size([3])
     """
-    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    args = prepare_arguments(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
     logits = args["slm_logits"]
     batch, device = logits.shape[0], logits.device
     args["temperature"] = _per_row("temperature", temperature, batch, device, low=0.0, high=float("inf"), validate=validate)
@@ -385,7 +475,7 @@ def fuse_sample(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
     args["uniform"] = torch.rand(batch, generator=generator, device=draw_on).to(device)
-    ids, logprobs = _ops_for(args).fuse_sample(**args)
+    ids, logprobs = ops_for(args).fuse_sample(**args)
     return (ids, logprobs) if return_logprobs else ids
 
 
@@ -416,7 +506,7 @@ def fused_cross_entropy(
     >>> loss.sum().backward(); alpha.grad.shape
     torch.Size([4])
     """
-    args = _prepare(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
+    args = prepare_arguments(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
     logits = args["slm_logits"]
     if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError("targets must be an integer tensor of shape (N,)")
@@ -432,7 +522,7 @@ def fused_cross_entropy(
                 f"targets holds ids outside [0, {logits.shape[1]}) that are not ignore_index={ignore_index}: "
                 f"{targets[bad][:5].tolist()}"
             )
-    return _ops_for(args).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
+    return ops_for(args).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
 
 
 def row_stats(logits: Tensor, k: int = 4) -> RowStats:
@@ -448,4 +538,4 @@ def row_stats(logits: Tensor, k: int = 4) -> RowStats:
     logits = _check_logits("logits", logits, validate=True)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return _ops_for({"slm_logits": logits}).row_stats(logits, k)
+    return ops_for({"slm_logits": logits}).row_stats(logits, k)

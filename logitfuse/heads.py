@@ -20,8 +20,8 @@ from torch import nn
 
 from logitfuse import reference
 from logitfuse._io import atomic_write_folder, interrupted_folder_write
-from logitfuse.functional import _prepare
-from logitfuse.types import MODES, TAILS, TopK
+from logitfuse.functional import align, fusion_feature_stats
+from logitfuse.types import MODES, TAILS, Aligned, TopK
 from logitfuse.vocab import VocabMap
 
 _FORMAT = "logitfuse.head/1"
@@ -63,11 +63,21 @@ def _file_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class _Head(nn.Module):
-    """What both heads share: the setting they were trained for, compatibility checks, persistence."""
+class BaseFusionHead(nn.Module):
+    """What both heads share: the setting they were trained for, compatibility checks, persistence.
+
+    A head maps one step's two distributions to the SLM weight α ``(batch_size,)``. It reads them at
+    temperature 1 with its own :attr:`tail` rule, either from an :class:`~logitfuse.types.Aligned`
+    view (:meth:`alpha_from_aligned`; :func:`logitfuse.fuse_with_head` passes the view it mixes) or
+    from the logits (``head(slm_logits, llm, vocab_map)``). Subclasses set
+    :attr:`needs_aligned_view` and implement :meth:`alpha_from_aligned` and ``forward``.
+    """
 
     #: constructor arguments that describe the architecture (saved in the config)
     _arch_keys: tuple[str, ...] = ()
+    #: whether the head's input is the whole ``(batch_size, v_slm)`` pulled-back view (the paper's
+    #: head) rather than per-row statistics, which the CUDA kernels compute without that tensor
+    needs_aligned_view: bool = True
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str, tail: str, slm_name: str | None,
                  llm_name: str | None, vocab_map_hash: str | None, llm_top_k: int | None = None):
@@ -150,28 +160,30 @@ class _Head(nn.Module):
                 + ". Train a head for this model pair (logitfuse train) or use a fixed alpha"
             )
 
-    def _prepared(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None) -> dict:
-        args = _prepare(slm_logits, llm, vocab_map, 1.0, self.mode, self.tail, 1.0, 1.0, validate=False)
-        if args["slm_logits"].shape[1] != self.v_slm or args["v_llm"] != self.v_llm:
+    def check_vocab_sizes(self, v_slm: int, v_llm: int) -> None:
+        """``ValueError`` unless the head was trained for these vocabulary sizes."""
+        if v_slm != self.v_slm or v_llm != self.v_llm:
             raise ValueError(
-                f"this head was trained for v_slm={self.v_slm}, v_llm={self.v_llm}; "
-                f"got v_slm={args['slm_logits'].shape[1]}, v_llm={args['v_llm']}"
+                f"this head was trained for v_slm={self.v_slm}, v_llm={self.v_llm}; got v_slm={v_slm}, v_llm={v_llm}"
             )
-        return args
 
-    def _aligned(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None):
-        """``(lp_slm, lp_llm, llm_shift)`` over the SLM vocabulary, as the fusion sees them."""
-        args = self._prepared(slm_logits, llm, vocab_map)
-        lp_slm = reference.slm_logprobs(args["slm_logits"], args["slm_temperature"])
-        lp_llm, shift = reference.llm_logprobs_on_slm_vocab(
-            lp_slm, args["llm"], args["slm_to_llm"], v_llm=args["v_llm"], tail=self.tail,
-            llm_temperature=args["llm_temperature"], llm_to_slm=args.get("llm_to_slm"),
-        )
-        return lp_slm, lp_llm, shift
+    def _check_inputs(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None) -> None:
+        """The vocabulary sizes these inputs imply (``vocab_map``'s, or the default identity's) are the head's."""
+        if vocab_map is not None:
+            self.check_vocab_sizes(vocab_map.v_slm, vocab_map.v_llm)
+        elif isinstance(slm_logits, Tensor) and slm_logits.dim() == 2:
+            v_llm = llm.shape[1] if isinstance(llm, Tensor) and llm.dim() == 2 else slm_logits.shape[1]
+            self.check_vocab_sizes(slm_logits.shape[1], v_llm)
 
-    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
-        """α ``(batch_size,)`` from what :meth:`_aligned` returns (and the raw SLM logits), so that a
-        caller who already pulled the LLM side back (``logitfuse.fuse_with_head``) need not do it twice."""
+    def aligned(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None) -> Aligned:
+        """The step as this head reads it: :func:`logitfuse.align` at temperature 1 with the head's tail."""
+        self._check_inputs(slm_logits, llm, vocab_map)
+        return align(slm_logits, llm, vocab_map=vocab_map, tail=self.tail, validate=False)
+
+    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
+        """α ``(batch_size,)`` in ``(0, 1)`` from an aligned view (``ValueError`` where it would be NaN),
+        so that a caller who aligned the step already (:func:`logitfuse.fuse_with_head`) need not again.
+        The view should be the head's own (:meth:`aligned`: temperature 1, the head's tail)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- persistence
@@ -204,7 +216,7 @@ class _Head(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                        **expected: Any) -> "_Head":
+                        **expected: Any) -> "BaseFusionHead":
         """Load a head saved by :meth:`save_pretrained`.
 
         Keyword arguments (``vocab_map``, ``v_slm``, ``v_llm``, ``slm_name``, ``llm_name``,
@@ -216,7 +228,7 @@ class _Head(nn.Module):
         """
         directory = Path(directory)
         config, tensors = _read_head_files(directory)
-        if cls is not _Head and config["head_class"] != cls.__name__:
+        if cls is not BaseFusionHead and config["head_class"] != cls.__name__:
             raise ValueError(
                 f"{directory} holds a {config['head_class']}, not a {cls.__name__}; "
                 f"use logitfuse.load_head or {config['head_class']}.from_pretrained"
@@ -284,7 +296,7 @@ def _read_head_files(directory: Path) -> tuple[dict, dict[str, Tensor]]:
     return config, tensors
 
 
-class FusionHead(_Head):
+class FusionHead(BaseFusionHead):
     """A small MLP from distribution features to the SLM weight α (a few thousand parameters).
 
     Features, computed on both models' distributions over the SLM vocabulary (the LLM's pulled
@@ -302,6 +314,7 @@ class FusionHead(_Head):
     """
 
     _arch_keys = ("top_k", "hidden", "slm_hidden_size", "init_alpha")
+    needs_aligned_view = False  # per-row statistics: computed by a kernel on CUDA
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "linear", tail: str = "slm", top_k: int = 4,
                  hidden: int = 32, slm_hidden_size: int = 0, init_alpha: float = 0.5,
@@ -335,9 +348,15 @@ class FusionHead(_Head):
         nn.init.constant_(self.mlp[-1].bias, math.log(init_alpha / (1 - init_alpha)))
 
     def features(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None) -> Tensor:
-        """``(batch_size, n_features)`` float32 inputs of the MLP (see the class docstring)."""
-        lp_slm, lp_llm, _ = self._aligned(slm_logits, llm, vocab_map)
-        return reference.fusion_features(lp_slm, lp_llm, self.top_k)
+        """``(batch_size, n_features)`` float32 inputs of the MLP (see the class docstring). On CUDA
+        their statistics come from a kernel that never makes the pulled-back LLM tensor."""
+        self._check_inputs(slm_logits, llm, vocab_map)
+        stats = fusion_feature_stats(slm_logits, llm, vocab_map=vocab_map, tail=self.tail, k=self.top_k, validate=False)
+        return reference.features_from_stats(stats, self.top_k)
+
+    def features_from_aligned(self, aligned: Aligned) -> Tensor:
+        """:meth:`features` from an aligned view (the reference path of :func:`logitfuse.fuse_with_head`)."""
+        return reference.fusion_features(aligned.slm_logprobs, aligned.llm_logprobs, self.top_k)
 
     def feature_names(self) -> list[str]:
         """What each column of :meth:`features` is."""
@@ -359,8 +378,8 @@ class FusionHead(_Head):
             x = torch.cat([x, self.project_hidden(slm_hidden.float())], dim=-1)
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
-    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
-        return self._checked_features_alpha(reference.fusion_features(lp_slm, lp_llm, self.top_k))
+    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
+        return self._checked_features_alpha(self.features_from_aligned(aligned))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
@@ -378,7 +397,7 @@ class FusionHead(_Head):
         return self._checked_alpha(self.alpha_from_features(features, slm_hidden), non_finite_inputs)
 
 
-class PaperFusionHead(_Head):
+class PaperFusionHead(BaseFusionHead):
     """The CoGenesis paper's head: an MLP over the two full-vocabulary logit vectors
     (``2·v_slm -> 512 -> 16 -> 1``, sigmoid). About ``1024·v_slm`` parameters: 155M at a 152k
     vocabulary. Kept for faithful comparison with :class:`FusionHead`.
@@ -402,22 +421,24 @@ class PaperFusionHead(_Head):
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None) -> Tensor:
         """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN."""
-        return self.alpha_from_aligned(*self._aligned(slm_logits, llm, vocab_map), slm_logits)
+        return self.alpha_from_aligned(self.aligned(slm_logits, llm, vocab_map))
 
-    def alpha_from_aligned(self, lp_slm: Tensor, lp_llm: Tensor, llm_shift: Tensor, slm_logits: Tensor) -> Tensor:
-        llm_raw = (lp_llm + llm_shift[:, None]).clamp(min=-1e4)  # raw logit scale; -inf would poison the matmul
-        x = torch.cat([slm_logits.float().clamp(min=-1e4), llm_raw], dim=-1)
+    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
+        # raw logit scales: the SLM's logits as given, the LLM's pulled-back log-probabilities + its lse
+        llm_raw = (aligned.llm_logprobs + aligned.llm_lse[:, None]).clamp(min=-1e4)  # -inf would poison the matmul
+        slm_raw = aligned.slm_logits.float().clamp(min=-1e4)
+        x = torch.cat([slm_raw, llm_raw], dim=-1)
 
         def non_finite_inputs(rows: Tensor) -> list[str]:
-            sides = {"slm_logits": slm_logits, "llm (pulled back onto the SLM vocabulary)": llm_raw}
-            return [name for name, values in sides.items() if not bool(torch.isfinite(values[rows].clamp(min=-1e4)).all())]
+            sides = {"slm_logits": slm_raw, "llm (pulled back onto the SLM vocabulary)": llm_raw}
+            return [name for name, values in sides.items() if not bool(torch.isfinite(values[rows]).all())]
 
         return self._checked_alpha(torch.sigmoid(self.mlp(x)).squeeze(-1), non_finite_inputs)
 
 
-_HEAD_CLASSES: dict[str, type[_Head]] = {"FusionHead": FusionHead, "PaperFusionHead": PaperFusionHead}
+_HEAD_CLASSES: dict[str, type[BaseFusionHead]] = {"FusionHead": FusionHead, "PaperFusionHead": PaperFusionHead}
 
 
 def load_head(directory: str | os.PathLike, **expected: Any) -> FusionHead | PaperFusionHead:
     """Load whichever head class ``directory`` holds; see :meth:`FusionHead.from_pretrained`."""
-    return _Head.from_pretrained(directory, **expected)
+    return BaseFusionHead.from_pretrained(directory, **expected)

@@ -36,17 +36,12 @@ import math
 
 import torch
 
-from logitfuse.types import RowStats, TopK
-
-#: floor on the LLM's leftover (tail) mass, so the tail rule never takes the log of 0
-TAIL_FLOOR = 1e-6
-#: a running mass within this of top_p counts as having reached it (float32 sums of exact halves)
-TOP_P_TOLERANCE = 1e-6
+from logitfuse.types import TAIL_FLOOR, TOP_P_TOLERANCE, Aligned, FeatureStats, RowStats, TopK
 
 Tensor = torch.Tensor
 
 
-class _LogMixture(torch.autograd.Function):
+class LogMixture(torch.autograd.Function):
     """``log(a·exp(lp_a) + (1-a)·exp(lp_b))`` in log space, with the gradient written out.
 
     Forward: ``logaddexp(log a + lp_a, log(1-a) + lp_b)`` with ``log 0 = -inf``, so ``a = 0`` and
@@ -86,11 +81,12 @@ class _LogMixture(torch.autograd.Function):
         return grad_a, grad_lp_a, grad_lp_b
 
 
-def _log_mixture(a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
+def log_mixture(a: Tensor, lp_a: Tensor, lp_b: Tensor) -> Tensor:
     """``log(a·exp(lp_a) + (1-a)·exp(lp_b))``, exact at ``a = 0`` and ``a = 1`` and with finite
-    gradients in ``a`` (one-sided at the ends) wherever the mixture is positive; see :class:`_LogMixture`.
-    Float32 tensors that broadcast together (e.g. ``a`` ``(B, 1)``, ``lp_*`` ``(B, V)``)."""
-    return _LogMixture.apply(a.float(), lp_a.float(), lp_b.float())
+    gradients in ``a`` (one-sided at the ends) wherever the mixture is positive; see :class:`LogMixture`.
+    Float32 tensors that broadcast together (e.g. ``a`` ``(B, 1)``, ``lp_*`` ``(B, V)``); the
+    trainer's cached linear-mode loss uses it on per-token numbers."""
+    return LogMixture.apply(a.float(), lp_a.float(), lp_b.float())
 
 
 def _log_product(a: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -105,6 +101,15 @@ def _log_product(a: Tensor, x: Tensor, y: Tensor) -> Tensor:
 def slm_logprobs(slm_logits: Tensor, slm_temperature: Tensor) -> Tensor:
     """``log_softmax(s / T_S)`` in float32, ``(B, V_S)``."""
     return torch.log_softmax(slm_logits.float() / slm_temperature[:, None], dim=-1)
+
+
+def slm_logprobs_and_lse(slm_logits: Tensor, slm_temperature: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log_softmax(s / T_S), logsumexp(s / T_S))`` with one log-sum-exp: the normalizer is read
+    back from the log-softmax at each row's maximum (``lse = max(s/T_S) - max(lp_S)``, exact up to
+    float32 rounding), which costs two max-reductions instead of a second log-sum-exp."""
+    scaled = slm_logits.float() / slm_temperature[:, None]
+    lp_slm = torch.log_softmax(scaled, dim=-1)
+    return lp_slm, scaled.amax(dim=-1) - lp_slm.amax(dim=-1)
 
 
 def llm_logprobs_on_slm_vocab(
@@ -195,33 +200,43 @@ def _with_tail(lp_slm: Tensor, lp_known: Tensor, known: Tensor, llm_shift: Tenso
     return torch.where(known, lp_known, lp_tail)
 
 
-def mix(
-    lp_slm: Tensor,
-    lp_llm: Tensor,
-    alpha: Tensor,
+def align(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
     *,
-    mode: str,
-    slm_shift: Tensor | None = None,
-    llm_shift: Tensor | None = None,
-) -> Tensor:
-    """Mix two log-distributions over the SLM vocabulary into fused log-probabilities ``(B, V_S)``.
+    v_llm: int,
+    tail: str,
+    slm_temperature: Tensor,
+    llm_temperature: Tensor,
+    llm_to_slm: Tensor | None = None,
+) -> Aligned:
+    """Both sides of one step on the SLM vocabulary (:class:`logitfuse.types.Aligned`), computed
+    once. Arguments as validated by ``logitfuse.align``; ``llm_to_slm`` as in
+    :func:`llm_logprobs_on_slm_vocab`."""
+    lp_slm, slm_lse = slm_logprobs_and_lse(slm_logits, slm_temperature)
+    lp_llm, llm_lse = llm_logprobs_on_slm_vocab(
+        lp_slm, llm, slm_to_llm, v_llm=v_llm, tail=tail, llm_temperature=llm_temperature, llm_to_slm=llm_to_slm
+    )
+    return Aligned(slm_logits, lp_slm, slm_lse, lp_llm, llm_lse, tail)
 
-    ``slm_shift`` / ``llm_shift`` ``(B,)`` move each side to its raw logit scale (used by
-    ``mode="logit"`` only; a per-row constant cancels in the other modes).
-    """
+
+def mix(aligned: Aligned, alpha: Tensor, *, mode: str) -> Tensor:
+    """Mix the two sides of ``aligned`` into fused log-probabilities ``(B, V_S)`` with the SLM
+    weight ``alpha`` ``(B,)``. ``mode="logit"`` moves each side to its raw logit scale with
+    ``aligned.slm_lse`` / ``aligned.llm_lse`` (a per-row constant cancels in the other modes)."""
+    lp_slm, lp_llm = aligned.slm_logprobs, aligned.llm_logprobs
     a = alpha.float()[:, None]
     if mode == "linear":
         # all in log space (exact at α = 0 and 1); normalize in closed form,
         # log Z = logaddexp(log α + log Σp_S, log(1-α) + log Σp_L), so dZ/dα also counts tokens whose
         # mixture is 0 at α = 0 or 1 (a log-softmax would drop them from the gradient)
-        log_z = _log_mixture(a, lp_slm.logsumexp(dim=-1, keepdim=True), lp_llm.logsumexp(dim=-1, keepdim=True))
-        return _log_mixture(a, lp_slm, lp_llm) - log_z
+        log_z = log_mixture(a, lp_slm.logsumexp(dim=-1, keepdim=True), lp_llm.logsumexp(dim=-1, keepdim=True))
+        return log_mixture(a, lp_slm, lp_llm) - log_z
     if mode == "geometric":
         mixed = _log_product(a, lp_slm, lp_llm)
     else:  # "logit"
-        slm_raw = lp_slm if slm_shift is None else lp_slm + slm_shift[:, None]
-        llm_raw = lp_llm if llm_shift is None else lp_llm + llm_shift[:, None]
-        mixed = _log_product(a, slm_raw, llm_raw)
+        mixed = _log_product(a, lp_slm + aligned.slm_lse[:, None], lp_llm + aligned.llm_lse[:, None])
     return torch.log_softmax(mixed, dim=-1)
 
 
@@ -238,15 +253,12 @@ def fuse_reference(
     llm_temperature: Tensor,
     llm_to_slm: Tensor | None = None,
 ) -> Tensor:
-    """Fused log-probabilities ``(B, V_S)`` float32. Arguments as validated by ``logitfuse.fuse``:
-    ``alpha``, ``slm_temperature`` and ``llm_temperature`` are float32 ``(B,)`` tensors;
-    ``llm_to_slm`` as in :func:`llm_logprobs_on_slm_vocab`."""
-    lp_slm = slm_logprobs(slm_logits, slm_temperature)
-    lp_llm, llm_shift = llm_logprobs_on_slm_vocab(
-        lp_slm, llm, slm_to_llm, v_llm=v_llm, tail=tail, llm_temperature=llm_temperature, llm_to_slm=llm_to_slm
-    )
-    slm_shift = torch.logsumexp(slm_logits.float() / slm_temperature[:, None], dim=-1)
-    return mix(lp_slm, lp_llm, alpha, mode=mode, slm_shift=slm_shift, llm_shift=llm_shift)
+    """Fused log-probabilities ``(B, V_S)`` float32: :func:`mix` of :func:`align`. Arguments as
+    validated by ``logitfuse.fuse``: ``alpha``, ``slm_temperature`` and ``llm_temperature`` are
+    float32 ``(B,)`` tensors; ``llm_to_slm`` as in :func:`llm_logprobs_on_slm_vocab`."""
+    aligned = align(slm_logits, llm, slm_to_llm, v_llm=v_llm, tail=tail, slm_temperature=slm_temperature,
+                    llm_temperature=llm_temperature, llm_to_slm=llm_to_slm)
+    return mix(aligned, alpha, mode=mode)
 
 
 def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -351,38 +363,73 @@ def fused_cross_entropy_reference(
 
 def row_stats_reference(logits: Tensor, k: int) -> RowStats:
     """Log-sum-exp, max log-probability, entropy (nats) and the top ``k`` log-probabilities and
-    ids of each row of ``logits`` ``(B, V)``; ``k`` is capped at ``V``."""
+    ids of each row of ``logits`` ``(B, V)``; ``k`` is capped at ``V``. The first id is the argmax's
+    first index among ties (as the kernel's), so that a head's argmax features do not depend on
+    how ``torch.topk`` orders ties."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits - lse[:, None]
     probs = logprobs.exp()
     entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(dim=-1)
     top = logprobs.topk(min(k, logits.shape[-1]), dim=-1)
-    return RowStats(lse, top.values[:, 0], entropy, top.values, top.indices)
+    # put the first maximal index in front: swap it with whatever topk put there (values are equal)
+    first = logprobs.argmax(dim=-1, keepdim=True)
+    ids = torch.where(top.indices == first, top.indices[:, :1], top.indices)
+    ids[:, :1] = first
+    return RowStats(lse, top.values[:, 0], entropy, top.values, ids)
 
 
-def fusion_features(lp_slm: Tensor, lp_llm: Tensor, k: int) -> Tensor:
-    """Features of the two distributions over the SLM vocabulary, ``(B, 2·(2+k) + 3)`` float32.
+def feature_stats(lp_slm: Tensor, lp_llm: Tensor, k: int) -> FeatureStats:
+    """:class:`~logitfuse.types.FeatureStats` of two distributions over the SLM vocabulary ``(B, V_S)``."""
+    slm, llm = row_stats_reference(lp_slm, k), row_stats_reference(lp_llm, k)
+    return FeatureStats(slm, llm, lp_llm.gather(1, slm.topk_ids[:, :1]).squeeze(1),
+                        lp_slm.gather(1, llm.topk_ids[:, :1]).squeeze(1))
+
+
+def fusion_feature_stats_reference(
+    slm_logits: Tensor,
+    llm: Tensor | TopK,
+    slm_to_llm: Tensor,
+    *,
+    v_llm: int,
+    tail: str,
+    k: int,
+    llm_to_slm: Tensor | None = None,
+) -> FeatureStats:
+    """:func:`feature_stats` of the step's two distributions at temperature 1 (what a fusion head
+    reads); arguments as for :func:`align`."""
+    ones = torch.ones(slm_logits.shape[0], device=slm_logits.device)
+    aligned = align(slm_logits, llm, slm_to_llm, v_llm=v_llm, tail=tail, slm_temperature=ones,
+                    llm_temperature=ones, llm_to_slm=llm_to_slm)
+    return feature_stats(aligned.slm_logprobs, aligned.llm_logprobs, k)
+
+
+def features_from_stats(stats: FeatureStats, k: int) -> Tensor:
+    """The head's feature matrix ``(B, 2·(2+k) + 3)`` float32 from :class:`~logitfuse.types.FeatureStats`.
 
     Per model: entropy, max log-probability, top-k log-probabilities. Then: whether the argmaxes
     agree, ``log p_L(argmax_S)`` and ``log p_S(argmax_L)`` (cross-probabilities, in log space).
     Log-probabilities are floored at -50 so that a masked token gives a finite feature.
     """
-    slm, llm = row_stats_reference(lp_slm, k), row_stats_reference(lp_llm, k)
     floor = -50.0
     parts = []
-    for stats in (slm, llm):
-        top = stats.topk_logprobs.clamp(min=floor)
+    for side in (stats.slm, stats.llm):
+        top = side.topk_logprobs.clamp(min=floor)
         if top.shape[-1] < k:  # a vocabulary smaller than k: pad with the floor
             top = torch.nn.functional.pad(top, (0, k - top.shape[-1]), value=floor)
-        parts += [stats.entropy[:, None], stats.max_logprob.clamp(min=floor)[:, None], top]
-    argmax_slm, argmax_llm = slm.topk_ids[:, :1], llm.topk_ids[:, :1]
+        parts += [side.entropy[:, None], side.max_logprob.clamp(min=floor)[:, None], top]
     parts += [
-        (argmax_slm == argmax_llm).float(),
-        lp_llm.gather(1, argmax_slm).clamp(min=floor),
-        lp_slm.gather(1, argmax_llm).clamp(min=floor),
+        (stats.slm.topk_ids[:, :1] == stats.llm.topk_ids[:, :1]).float(),
+        stats.llm_at_slm_argmax.clamp(min=floor)[:, None],
+        stats.slm_at_llm_argmax.clamp(min=floor)[:, None],
     ]
     return torch.cat(parts, dim=-1)
+
+
+def fusion_features(lp_slm: Tensor, lp_llm: Tensor, k: int) -> Tensor:
+    """Features of the two distributions over the SLM vocabulary, ``(B, 2·(2+k) + 3)`` float32
+    (:func:`features_from_stats` of :func:`feature_stats`)."""
+    return features_from_stats(feature_stats(lp_slm, lp_llm, k), k)
 
 
 def num_fusion_features(k: int) -> int:

@@ -1,4 +1,4 @@
-"""Small value types shared across logitfuse."""
+"""Small value types and constants shared across logitfuse (and the only module the kernels import)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import torch
 
 MODES = ("linear", "geometric", "logit")
 TAILS = ("slm", "uniform", "zero")
+#: floor on the LLM's leftover (tail) mass, so the tail rule never takes the log of 0
+TAIL_FLOOR = 1e-6
+#: a running mass within this of top_p counts as having reached it (float32 sums of exact halves)
+TOP_P_TOLERANCE = 1e-6
 
 
 class TopK(NamedTuple):
@@ -46,3 +50,60 @@ class RowStats(NamedTuple):
     entropy: torch.Tensor
     topk_logprobs: torch.Tensor
     topk_ids: torch.Tensor
+
+
+class Aligned(NamedTuple):
+    """One step's two next-token distributions on the SLM vocabulary, computed once
+    (:func:`logitfuse.align`); a fusion head's features and the mix (:func:`logitfuse.reference.mix`)
+    both read it.
+
+    Parameters
+    ----------
+    slm_logits : torch.Tensor
+        ``(batch_size, v_slm)`` the SLM's logits as given (not scaled; the paper's head reads them).
+    slm_logprobs : torch.Tensor
+        ``(batch_size, v_slm)`` float32 ``log_softmax(slm_logits / slm_temperature)``.
+    slm_lse : torch.Tensor
+        ``(batch_size,)`` float32 the SLM's normalizer, ``logsumexp(slm_logits / slm_temperature)``:
+        ``slm_logprobs + slm_lse[:, None]`` is the scaled SLM logits.
+    llm_logprobs : torch.Tensor
+        ``(batch_size, v_slm)`` float32 the LLM's log-probabilities pulled back onto the SLM
+        vocabulary through the vocabulary map (dense logits, or top-k with the tail rule for the
+        tokens the LLM did not report). Need not sum to 1 (LLM tokens without an SLM counterpart).
+    llm_lse : torch.Tensor
+        ``(batch_size,)`` float32 the LLM's log-sum-exp of ``llm / llm_temperature`` (0 for top-k
+        input): ``llm_logprobs + llm_lse[:, None]`` is on the LLM's raw logit scale.
+    tail : str
+        The tail rule that filled ``llm_logprobs``.
+
+    Example
+    -------
+    >>> import torch, logitfuse
+    >>> view = logitfuse.align(torch.randn(2, 6), torch.randn(2, 6), tail="slm")
+    >>> view.slm_logprobs.shape, view.llm_lse.shape
+    (torch.Size([2, 6]), torch.Size([2]))
+    """
+
+    slm_logits: torch.Tensor
+    slm_logprobs: torch.Tensor
+    slm_lse: torch.Tensor
+    llm_logprobs: torch.Tensor
+    llm_lse: torch.Tensor
+    tail: str
+
+
+class FeatureStats(NamedTuple):
+    """What a :class:`~logitfuse.FusionHead`'s features are made of, per row: the
+    :class:`RowStats` of both distributions on the SLM vocabulary (the LLM's pulled back, tail rule
+    applied, renormalized for its statistics) and the two cross log-probabilities.
+
+    ``llm_at_slm_argmax`` is the pulled-back LLM log-probability of the SLM's most likely token,
+    ``slm_at_llm_argmax`` the SLM log-probability of the pulled-back LLM's most likely token, both
+    ``(batch_size,)`` float32. Computed by ``fusion_feature_stats`` (the reference, or a kernel that
+    never makes the ``(batch_size, v_slm)`` pulled-back LLM tensor).
+    """
+
+    slm: RowStats
+    llm: RowStats
+    llm_at_slm_argmax: torch.Tensor
+    slm_at_llm_argmax: torch.Tensor

@@ -105,7 +105,7 @@ def test_import_needs_no_triton_and_queries_no_device():
 
 
 def test_cpu_tensors_dispatch_to_the_reference():
-    assert functional._ops_for({"slm_logits": torch.zeros(2, 3)}) is functional._REFERENCE
+    assert functional.ops_for({"slm_logits": torch.zeros(2, 3)}) is functional.REFERENCE_OPS
     assert kernels.available()
 
 
@@ -220,14 +220,17 @@ def test_fuse_topk_with_k_equal_to_v_equals_dense():
         assert_logprobs_close(OPS.fuse(**topk, mode=mode, tail="uniform"), OPS.fuse(**case, mode=mode, tail="uniform"))
 
 
-def test_fuse_with_alpha_needing_a_gradient_falls_back_to_the_reference():
+def test_only_the_dispatcher_chooses_the_reference_for_an_alpha_needing_a_gradient():
+    """The kernel op never falls back (its result has no graph); ``ops_for`` routes α-gradients to the reference."""
     case = make_case(3, 30, 30)
     alpha = case["alpha"].clone().requires_grad_(True)
     out = OPS.fuse(**dict(case, alpha=alpha), mode="geometric", tail="slm")
-    out[:, 0].sum().backward()
+    assert out.grad_fn is None
+    assert functional.ops_for(case, alpha_grad=True) is functional.REFERENCE_OPS
+    fused = functional.ops_for(case, alpha_grad=True).fuse(**dict(case, alpha=alpha), mode="geometric", tail="slm")
+    fused[:, 0].sum().backward()
     assert alpha.grad is not None and torch.isfinite(alpha.grad).all()
-    with torch.no_grad():
-        assert_logprobs_close(OPS.fuse(**dict(case, alpha=alpha), mode="geometric", tail="slm"), out.detach())
+    assert_logprobs_close(out, fused.detach())
 
 
 def test_fuse_accepts_non_contiguous_inputs():
@@ -533,7 +536,7 @@ def test_kernels_refuse_aggregating_maps_and_fuse_routes_them_to_the_reference()
     from logitfuse import VocabMap
 
     vmap = VocabMap(torch.tensor([0, 1, 2]), 4, llm_to_slm=torch.tensor([0, 1, 2, 2]))
-    args = functional._prepare(torch.randn(2, 3), torch.randn(2, 4), vmap, 0.5, "linear", "slm", 1.0, 1.0, True)
-    assert functional._ops_for(args) is functional._REFERENCE
+    args = functional.prepare_arguments(torch.randn(2, 3), torch.randn(2, 4), vmap, 0.5, "linear", "slm", 1.0, 1.0, True)
+    assert functional.ops_for(args) is functional.REFERENCE_OPS
     with pytest.raises(ValueError, match="one-to-one vocabulary maps"):
         kernels.OPS.fuse(**args)

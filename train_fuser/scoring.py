@@ -173,7 +173,7 @@ def linear_nll(alpha: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     ``p_fused(y) = (α p_S(y) + (1-α) p_L(y)) / (α + (1-α) Σ_i p_L(i))``.
     """
     log_ps, log_pl, log_mass = terms.unbind(-1)
-    return -reference._log_mixture(alpha, log_ps, log_pl) + reference._log_mixture(alpha, torch.zeros_like(log_mass), log_mass)
+    return -reference.log_mixture(alpha, log_ps, log_pl) + reference.log_mixture(alpha, torch.zeros_like(log_mass), log_mass)
 
 
 # ------------------------------------------------------------------------------ cache shards

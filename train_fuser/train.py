@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import logitfuse
-from logitfuse.heads import FusionHead, _Head
+from logitfuse.heads import BaseFusionHead, FusionHead
 from logitfuse.train_fuser.data import Example
 from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example
 
@@ -39,7 +39,7 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    head: _Head
+    head: BaseFusionHead
     train_nll: list[float] = field(default_factory=list)
     val_nll: list[float] = field(default_factory=list)
     best_epoch: int = 0
@@ -74,7 +74,7 @@ class _FromFeatures(torch.nn.Module):
         return self.head.alpha_from_features(features)
 
 
-def _fit(head: _Head, config: TrainConfig, train_epoch: Callable[[int], float],
+def _fit(head: BaseFusionHead, config: TrainConfig, train_epoch: Callable[[int], float],
          validate: Callable[[], float | None], desc: str, progress: bool) -> FitResult:
     """Epochs of ``train_epoch`` (returns the mean training NLL) with early stopping on
     ``validate()`` (``None``: no validation data, the training NLL stands in); keeps the best state."""
@@ -136,7 +136,7 @@ def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, ex
     return _fit(head, config, train_epoch, validate, f"fit {head.tail}", progress)
 
 
-def fit_streaming(head: _Head, pair: Pair, examples: list[Example], variant: Variant,
+def fit_streaming(head: BaseFusionHead, pair: Pair, examples: list[Example], variant: Variant,
                   config: TrainConfig = TrainConfig(), progress: bool = True, max_history: int | None = None) -> FitResult:
     """Train any head through :func:`logitfuse.fused_cross_entropy`, running both models each epoch
     (one example per step; no logits are cached)."""

@@ -22,7 +22,7 @@ import torch
 
 from logitfuse import reference
 from logitfuse.bench import common
-from logitfuse.functional import _prepare
+from logitfuse.functional import prepare_arguments
 from logitfuse.types import TopK
 from logitfuse.vocab import VocabMap
 
@@ -51,7 +51,7 @@ def make_inputs(batch: int, vocab: int, llm_kind: str, map_kind: str, device: to
         dense = torch.randn(batch, vocab, generator=g, device=device) * 3
         lp, ids = dense.log_softmax(-1).topk(TOP_K, dim=-1)
         llm = TopK(ids, lp)
-    args = _prepare(slm, llm, vmap, 0.5, "linear", "slm", 1.0, 1.0, validate=False)
+    args = prepare_arguments(slm, llm, vmap, 0.5, "linear", "slm", 1.0, 1.0, validate=False)
     return args
 
 

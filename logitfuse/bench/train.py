@@ -62,7 +62,7 @@ def _mem_available() -> int | None:
 def worker(path: str, n: int, vocab: int, device: torch.device, steps: int, warmup: int = 1) -> dict[str, Any]:
     """One configuration, in this process: returns step times and peak memory above the inputs."""
     from logitfuse import reference
-    from logitfuse.functional import _prepare, fused_cross_entropy
+    from logitfuse.functional import fused_cross_entropy, prepare_arguments
     from logitfuse.heads import FusionHead
     from logitfuse.train_fuser.scoring import linear_nll, linear_terms
     from logitfuse.vocab import VocabMap
@@ -89,7 +89,7 @@ def worker(path: str, n: int, vocab: int, device: torch.device, steps: int, warm
         feats = features_chunked()
         alpha = head.alpha_from_features(feats)
         if path == "naive":
-            args = _prepare(slm, llm, vmap, alpha, "linear", "slm", 1.0, 1.0, validate=False)
+            args = prepare_arguments(slm, llm, vmap, alpha, "linear", "slm", 1.0, 1.0, validate=False)
             loss = reference.fused_cross_entropy_reference(**args, targets=targets, ignore_index=-100).mean()
         elif device.type == "cuda":
             loss = fused_cross_entropy(slm, llm, targets, alpha=alpha, vocab_map=vmap, validate=False).mean()
