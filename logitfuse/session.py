@@ -96,6 +96,16 @@ def _is_identity(vocab_map: VocabMap) -> bool:
     return bool(((vocab_map.slm_to_llm == ids) | (vocab_map.slm_to_llm == -1)).all())
 
 
+def _keep_banned(fused: Tensor, slm_logits: Tensor) -> Tensor:
+    """``fused`` (owned: changed in place) with every token the engine banned in ``slm_logits``
+    (``-inf``: bad words, min_new_tokens' EOS...) at ``-inf`` too, even where the LLM gave it mass,
+    and the rows that had such a token renormalized; other rows are left exactly as they were. No
+    device read: the renormalizer is subtracted (0 in rows with nothing banned) instead of asked for."""
+    banned = slm_logits == float("-inf")
+    fused.masked_fill_(banned, float("-inf"))
+    return fused.sub_(torch.where(banned.any(dim=-1, keepdim=True), fused.logsumexp(dim=-1, keepdim=True), 0.0))
+
+
 def _as_id_set(value: Any, name: str) -> frozenset[int]:
     if value is None:
         return frozenset()
@@ -209,8 +219,25 @@ class FusionSession:
         self._retok: IncrementalRetokenizer | None = None
         self._map: list[int] = []
         self._vocab_map: VocabMap | None = self.vocab_map
-        self.alpha_history: list[Tensor] = []  # α used per step, (batch,) on CPU; 1 = SLM alone
-        self.stats = SessionStats()
+        self._alpha_history: list[Tensor] = []  # α per step, (batch,); on the device until read
+        self._stats = SessionStats()
+        self._device_fallbacks: Tensor | None = None  # fallbacks counted on the device, until read
+
+    @property
+    def stats(self) -> SessionStats:
+        """The counters (plain ints). Counts kept on the device during decoding (rows whose LLM
+        answer a device-side ``ok`` refused) are read here, not at every step."""
+        if self._device_fallbacks is not None:
+            self._stats.fallbacks += int(self._device_fallbacks)
+            self._device_fallbacks = None
+        return self._stats
+
+    @property
+    def alpha_history(self) -> list[Tensor]:
+        """α used per step, ``(batch_size,)`` float32 on the CPU each; 1 = the SLM alone. A head's α
+        stays on the device during decoding and is copied here when read."""
+        self._alpha_history[:] = [a if a.device.type == "cpu" else a.cpu() for a in self._alpha_history]
+        return self._alpha_history
 
     def format_prompt(self, prompt: Any) -> Any:
         """A public prompt as the LLM gets it: ids as given; text as given, or (``apply_chat_template``)
@@ -265,7 +292,7 @@ class FusionSession:
         self._finished = [self._finished[s] for s in rows]
         if self._retok is not None:
             self._retok.reorder(rows)
-        self.stats.reorders += 1
+        self._stats.reorders += 1
 
     def finish(self, row: int) -> None:
         """Row ``row`` ended: it is not advanced on the LLM any more."""
@@ -281,7 +308,7 @@ class FusionSession:
         if self._retok is not None:
             rollback, llm_ids = self._retok.push(row, [token])
             if rollback:
-                self.stats.rollbacks += rollback
+                self._stats.rollbacks += rollback
                 from_pending = min(rollback, len(self._pending[row]))
                 if from_pending:
                     del self._pending[row][-from_pending:]
@@ -293,7 +320,7 @@ class FusionSession:
         if mapped >= 0:
             self._pending[row].append(mapped)
         else:
-            self.stats.unmapped_tokens += 1
+            self._stats.unmapped_tokens += 1
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -308,9 +335,9 @@ class FusionSession:
             raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
                              f"started {self.batch_size} rows; call start() first")
         slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
-        self.stats.steps += 1
+        self._stats.steps += 1
         if self.slm_only:
-            self.alpha_history.append(torch.ones(batch))
+            self._alpha_history.append(torch.ones(batch))
             return slm_logprobs
         for r, tokens in enumerate(appended):
             for token in tokens:
@@ -323,49 +350,70 @@ class FusionSession:
         if self.schedule.needs_entropy:
             probs = slm_logprobs.exp()
             entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
-        wanted = torch.as_tensor(self.schedule.should_call(step, entropy), dtype=torch.bool, device=device)
-        wanted = wanted.expand(batch).clone()
-        active = torch.tensor([not f for f in self._finished], device=device)
-        call = wanted & active
-        self.stats.saved_calls += int((~wanted & active).sum())
-        if not bool(call.any()):
-            self.alpha_history.append(torch.ones(batch))
+        # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
+        # decides on the device (the entropy gate) is read here: the one read the step itself needs
+        decision = self.schedule.should_call(step, entropy)
+        if isinstance(decision, Tensor):
+            wanted = decision.to(torch.bool).expand(batch).tolist()
+        else:
+            wanted = [bool(decision)] * batch
+        active = [not f for f in self._finished]
+        call = [w and a for w, a in zip(wanted, active)]
+        self._stats.saved_calls += sum(a and not w for w, a in zip(wanted, active))
+        if not any(call):
+            self._alpha_history.append(torch.ones(batch))
             return slm_logprobs
 
         if any(self._rollback):
             self.llm.rollback(self._rollback)
             self._rollback = [0] * batch
         pending, self._pending = self._pending, [[] for _ in range(batch)]
-        self.stats.llm_tokens += sum(len(p) for p in pending)
-        out = self.llm.advance(pending, need=call.tolist())
-        self.stats.llm_calls += 1
-        self.stats.llm_row_calls += int(call.sum())
-        ok = out.ok.to(device) & call
-        self.stats.fallbacks += int((call & ~ok).sum())
-        if not bool(ok.any()):
-            self.alpha_history.append(torch.ones(batch))
+        self._stats.llm_tokens += sum(len(p) for p in pending)
+        out = self.llm.advance(pending, need=call)
+        self._stats.llm_calls += 1
+        self._stats.llm_row_calls += sum(call)
+        ok = self._answered_rows(out.ok, call, device)
+        if ok is False:
+            self._alpha_history.append(torch.ones(batch))
             return slm_logprobs
 
         llm_next = out.next
         if isinstance(llm_next, TopK):
-            llm_next = TopK(llm_next.ids.to(device), llm_next.logprobs.to(device))
+            llm_next = TopK(llm_next.ids.to(device, non_blocking=True), llm_next.logprobs.to(device, non_blocking=True))
         else:
-            llm_next = llm_next.to(device)
+            llm_next = llm_next.to(device, non_blocking=True)
         options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
                        llm_temperature=self.llm_temperature, validate=False)
         if self.head is not None:
             # rows whose LLM call failed are replaced by the SLM's row below, whatever their α
             alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options)
+            alpha = alpha.float()
         else:
-            alpha = torch.full((batch,), float(self.alpha), device=device)
-            fused = fuse(slm_logits, llm_next, alpha=alpha, **options)
-        self.alpha_history.append(torch.where(ok, alpha.float(), 1.0).cpu())
-        # a token the engine banned (-inf: bad words, min_new_tokens' EOS...) stays banned, even where
-        # the LLM would give it mass
-        banned = slm_logits == float("-inf")
-        if bool(banned.any()):
-            fused = torch.log_softmax(fused.masked_fill(banned, float("-inf")), dim=-1)
+            fused = fuse(slm_logits, llm_next, alpha=self.alpha, **options)
+            # where every row was answered the history entry is made on the host: no device read later
+            alpha = torch.full((batch,), float(self.alpha), device="cpu" if ok is True else device)
+        fused = _keep_banned(fused, slm_logits)
+        if ok is True:
+            self._alpha_history.append(alpha)
+            return fused
+        self._alpha_history.append(torch.where(ok, alpha, 1.0))
         return torch.where(ok[:, None], fused, slm_logprobs)
+
+    def _answered_rows(self, backend_ok: Tensor, call: list[bool], device: torch.device) -> bool | Tensor:
+        """Which called rows got a usable LLM answer: ``True`` (all of them), ``False`` (none), or a
+        ``(batch_size,)`` bool tensor on ``device``. Counts the others as fallbacks. A backend's ``ok``
+        on the CPU (an HTTP client) is read for free; one on a device stays there, counted lazily."""
+        if backend_ok.device.type == "cpu":
+            ok = [bool(o) and c for o, c in zip(backend_ok.tolist(), call)]
+            self._stats.fallbacks += sum(c and not o for o, c in zip(ok, call))
+            if all(ok) or not any(ok):
+                return all(ok)
+            return torch.tensor(ok).to(device, non_blocking=True)
+        called = torch.tensor(call).to(device, non_blocking=True)
+        ok = backend_ok.to(device, non_blocking=True) & called
+        failed = (called & ~ok).sum()
+        self._device_fallbacks = failed if self._device_fallbacks is None else self._device_fallbacks + failed
+        return ok
 
     # ------------------------------------------------------------------ inspection
     def llm_token_ids(self, row: int) -> list[int] | None:

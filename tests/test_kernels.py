@@ -23,7 +23,7 @@ import logitfuse
 from logitfuse import functional, reference
 from logitfuse.types import TopK
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="needs Triton: pip install triton (Linux)")
 import logitfuse.kernels as kernels  # noqa: E402
 
 OPS = kernels.OPS
@@ -84,6 +84,7 @@ def test_signatures_match_the_reference():
         (OPS.fuse_sample, reference.fuse_sample_reference),
         (OPS.fused_cross_entropy, reference.fused_cross_entropy_reference),
         (OPS.row_stats, reference.row_stats_reference),
+        (OPS.fusion_feature_stats, reference.fusion_feature_stats_reference),
     ]
     for op, ref in pairs:
         got = [(p.name, p.kind) for p in inspect.signature(op).parameters.values()]
@@ -282,6 +283,31 @@ def test_row_stats_matches_reference(batch, vocab, k, dtype):
             torch.testing.assert_close(picked, want.topk_logprobs, atol=atol, rtol=rtol)
         else:
             torch.testing.assert_close(got_field, want_field, atol=atol, rtol=rtol, msg=name)
+
+
+def test_row_stats_ties_put_the_first_index_first_across_blocks():
+    """Kernel and reference agree on the argmax among ties (a head's argmax features depend on it)."""
+    logits = torch.zeros(2, 5000, device=DEVICE)
+    logits[0, [4100, 17, 2500]] = 3.0  # three blocks of 2048 on a GPU (one block in the interpreter)
+    for stats in (reference.row_stats_reference(logits, 3), OPS.row_stats(logits, 3)):
+        assert stats.topk_ids[:, 0].tolist() == [17, 0]
+
+
+# ------------------------------------------------------------------------------------ head features
+@pytest.mark.parametrize("llm_kind,map_kind,tail,k", [
+    ("dense", "identity", "slm", 4), ("dense", "partial", "uniform", 3), ("dense", "partial", "zero", 1),
+    ("topk", "identity", "zero", 4), ("topk", "partial", "slm", 2), ("topk", "partial", "uniform", 8),
+])
+def test_fusion_feature_stats_match_the_reference(llm_kind, map_kind, tail, k):
+    """The head's statistics without the (B, V) pulled-back LLM tensor give the reference's features."""
+    case = make_case(3, 37, 45, llm_kind=llm_kind, map_kind=map_kind, temperatures=False, seed=k)
+    args = {name: case[name] for name in ("slm_logits", "llm", "slm_to_llm", "v_llm")}
+    want = reference.fusion_feature_stats_reference(**args, tail=tail, k=k)
+    got = OPS.fusion_feature_stats(**args, tail=tail, k=k)
+    torch.testing.assert_close(reference.features_from_stats(got, k), reference.features_from_stats(want, k),
+                               atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.slm.topk_ids[:, 0], want.slm.topk_ids[:, 0])
+    assert torch.equal(got.llm.topk_ids[:, 0], want.llm.topk_ids[:, 0])
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -523,12 +549,12 @@ def test_kernels_compile_for_a_real_gpu_target(tmp_path):
     """The interpreter accepts code the GPU compiler rejects (globals, loop-carried types): compile
     each kernel ahead of time for sm_90 (H100/H200) down to a cubin. Needs no GPU, only Triton's
     bundled ptxas; skipped where Triton has no CUDA backend."""
-    pytest.importorskip("triton.backends.nvidia")
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend: pip install triton (Linux)")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("Triton's ptxas is not available here")
+        pytest.skip("needs Triton's bundled ptxas: pip install triton (Linux x86-64)")
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
 
 

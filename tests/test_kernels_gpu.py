@@ -13,7 +13,7 @@ import logitfuse
 from logitfuse import functional, reference
 from logitfuse.types import TopK
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="needs Triton: pip install triton (Linux)")
 import logitfuse.kernels as kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -136,6 +136,74 @@ def test_row_stats_full_size():
     for name in ("lse", "max_logprob", "entropy", "topk_logprobs"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-3, rtol=1e-4, msg=name)
     assert (got.topk_ids == want.topk_ids).float().mean() > 0.99  # ties in random floats are rare
+
+
+@pytest.mark.parametrize("llm_kind,map_kind,tail", [("dense", "identity", "slm"), ("topk", "partial", "uniform"),
+                                                   ("dense", "partial", "zero")])
+def test_fusion_feature_stats_full_size(llm_kind, map_kind, tail):
+    case = make_case(B, V, V, llm_kind=llm_kind, map_kind=map_kind, dtype=torch.float32)
+    args = {name: case[name] for name in ("slm_logits", "llm", "slm_to_llm", "v_llm")}
+    want = reference.fusion_feature_stats_reference(**args, tail=tail, k=4)
+    got = kernels.OPS.fusion_feature_stats(**args, tail=tail, k=4)
+    torch.testing.assert_close(reference.features_from_stats(got, 4), reference.features_from_stats(want, 4),
+                               atol=1e-3, rtol=1e-4)
+
+
+def test_fuse_with_head_on_cuda_equals_head_then_fuse():
+    """The kernel path: a FusionHead's features from the feature kernel, the mix from the fuse kernel."""
+    case = make_case(8, V, V, llm_kind="topk", map_kind="partial", dtype=torch.float32)
+    vmap = logitfuse.VocabMap(case["slm_to_llm"].cpu(), V)
+    head = logitfuse.FusionHead(V, V, tail="slm").cuda()
+    with torch.no_grad():
+        alpha, fused = logitfuse.fuse_with_head(case["slm_logits"], case["llm"], head, vocab_map=vmap)
+        want_alpha = head(case["slm_logits"], case["llm"], vmap)
+        want = logitfuse.fuse(case["slm_logits"], case["llm"], alpha=want_alpha, vocab_map=vmap)
+        ref_alpha = head.alpha_from_aligned(logitfuse.align(case["slm_logits"], case["llm"], vocab_map=vmap))
+    assert torch.equal(alpha, want_alpha) and torch.equal(fused, want)
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-4, rtol=1e-4)
+
+
+class _FixedLLM(logitfuse.LLMBackend):
+    """A backend that answers every step with the same CUDA logits (its ok flags on the device too)."""
+
+    output_kind = "dense"
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.vocab_size = logits, logits.shape[1]
+
+    def start(self, public_prompts):
+        self.rows = len(public_prompts)
+
+    def advance(self, new_tokens, need=None):
+        return logitfuse.LLMOutput(self.logits, torch.ones(self.rows, dtype=torch.bool, device="cuda"))
+
+    def rollback(self, n):
+        pass
+
+    def reset(self):
+        pass
+
+    @property
+    def batch_size(self):
+        return self.rows
+
+
+def test_a_session_step_with_a_fixed_alpha_does_not_sync():
+    logits = torch.randn(4, V, device="cuda")
+    session = logitfuse.FusionSession(_FixedLLM(logits), alpha=0.5)
+    session.start([[1], [2], [3], [4]], v_slm=V)
+    slm = torch.randn(4, V, device="cuda")
+    slm[0, 5] = float("-inf")
+    session.step([[], [], [], []], slm)  # warm-up: the map's first copy to the GPU, the kernel's compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused = session.step([[7], [7], [7], [7]], slm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isneginf(fused[0, 5]) and session.stats.fallbacks == 0 and session.stats.llm_calls == 2
+    assert torch.equal(session.alpha_history[1], torch.full((4,), 0.5))
 
 
 def test_no_int32_overflow_when_batch_times_vocab_exceeds_2_31():
