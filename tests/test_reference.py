@@ -392,6 +392,17 @@ def test_row_stats():
     assert tiny.topk_ids.shape == (2, 1) and torch.all(tiny.entropy == 0)
 
 
+def test_row_stats_put_the_first_of_tied_maxima_first_and_keep_the_ids_distinct():
+    """A head's argmax features read ``topk_ids[:, 0]``: among ties it is the first index, on every device."""
+    logits = torch.zeros(3, 300)
+    logits[0, [250, 17, 130]] = 2.0
+    logits[1, [299, 3]] = 1.0
+    stats = logitfuse.row_stats(logits, k=4)
+    assert stats.topk_ids[:, 0].tolist() == [17, 3, 0]
+    assert all(len(set(row.tolist())) == 4 for row in stats.topk_ids)
+    assert set(stats.topk_ids[0, :3].tolist()) == {17, 130, 250} and set(stats.topk_ids[1, :2].tolist()) == {3, 299}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_alpha_gradient_is_finite_at_the_ends_and_with_masked_tokens(mode):
     """A head's sigmoid can saturate to exactly 0 or 1, and logits can be -inf: no NaN gradient."""
