@@ -10,9 +10,9 @@ SLM's vocabulary and mixed with a weight α (CoGenesis, arXiv 2403.03129).
 torch.Size([1, 8])
 """
 
-from logitfuse.functional import fuse, fuse_sample, fuse_with_head, fused_cross_entropy, row_stats
+from logitfuse.functional import align, fuse, fuse_sample, fuse_with_head, fused_cross_entropy, row_stats
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
-from logitfuse.types import MODES, TAILS, RowStats, TopK
+from logitfuse.types import MODES, TAILS, Aligned, RowStats, TopK
 from logitfuse.vocab import VocabMap
 from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
 from logitfuse.session import FusionSession, SessionStats
@@ -24,11 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "TAILS",
+    "Aligned",
     "FusionHead",
     "PaperFusionHead",
     "RowStats",
     "TopK",
     "VocabMap",
+    "align",
     "fuse",
     "fuse_sample",
     "fuse_with_head",
