@@ -16,18 +16,16 @@ pulled-back LLM tensor is made: a :class:`~logitfuse.FusionHead` gets its per-ro
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch
 
 from logitfuse import reference
-from logitfuse.types import MODES, TAILS, Aligned, FeatureStats, RowStats, TopK
-from logitfuse.vocab import VocabMap, identity_map
+from logitfuse.arguments import check_logits, check_sampling_temperature, per_row, prepare_arguments
+from logitfuse.types import Aligned, FeatureStats, RowStats, TopK
+from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
-#: the largest float32: the fusion computes in float32, so larger inputs (or quotients) overflow to inf
-FLOAT32_MAX = torch.finfo(torch.float32).max
 #: the torch implementations, with the same signatures as ``logitfuse.kernels.OPS``
 REFERENCE_OPS = SimpleNamespace(
     fuse=reference.fuse_reference,
@@ -39,7 +37,7 @@ REFERENCE_OPS = SimpleNamespace(
 
 
 def ops_for(args: dict, *, alpha_grad: bool = False) -> SimpleNamespace:
-    """The implementation for ``args`` (as :func:`prepare_arguments` returns them):
+    """The implementation for ``args`` (as :func:`logitfuse.arguments.prepare_arguments` returns them):
     ``logitfuse.kernels.OPS`` for CUDA tensors when Triton is importable, :data:`REFERENCE_OPS`
     elsewhere, for maps that aggregate LLM tokens (``llm_to_slm``, which the kernels do not do yet),
     and when ``alpha_grad`` (the caller needs autograd through the result in α)."""
@@ -49,193 +47,6 @@ def ops_for(args: dict, *, alpha_grad: bool = False) -> SimpleNamespace:
         if kernels.available():
             return kernels.OPS
     return REFERENCE_OPS
-
-
-# ---------------------------------------------------------------------------------- validation
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
-
-
-def _check_logits(name: str, logits: object, validate: bool) -> Tensor:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (batch_size, vocab_size), got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch_size, vocab_size), got {tuple(logits.shape)}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a float tensor (float32, bfloat16 or float16), got {logits.dtype}")
-    if logits.shape[1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
-    if validate:
-        if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-            raise ValueError(f"{name} contains NaN or +inf; -inf is allowed for masked tokens, NaN and +inf are not")
-        # only float64 can hold finite values that float32 cannot
-        if logits.dtype == torch.float64 and bool(((logits.abs() > FLOAT32_MAX) & torch.isfinite(logits)).any()):
-            raise ValueError(
-                f"{name} holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}), which the float32 fusion "
-                "would turn into ±inf; subtract each row's max (a log-softmax does not change) and pass float32"
-            )
-        dead = torch.isneginf(logits).all(dim=1)
-        if bool(dead.any()):
-            raise ValueError(
-                f"{name} row {int(dead.nonzero()[0])} is all -inf: no token is possible; "
-                "leave at least one token unmasked in every row"
-            )
-    return logits
-
-
-def _check_scaled(name: str, logits: Tensor, temperature_name: str, temperature: Tensor) -> None:
-    """``logits / temperature`` must not overflow float32 (a tiny temperature, or an infinite one,
-    would give ``inf - inf`` or ``-inf / inf``: NaN). Validate path only: it reads the logits."""
-    bad = ~torch.isfinite(temperature)
-    if bool(bad.any()):
-        raise ValueError(f"{temperature_name} must be finite, got {temperature[bad][0].item()!r}")
-    largest = torch.where(torch.isfinite(logits), logits.abs(), 0).amax(dim=1).float()
-    bad = torch.isinf(largest / temperature)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{temperature_name}={temperature[row].item():.3g} is too small: {name} / {temperature_name} overflows "
-            f"float32 (row {row}, largest |logit| {largest[row].item():.4g}); use at least "
-            f"{temperature_name}={largest[row].item() / FLOAT32_MAX:.3g} (for greedy decoding, fuse_sample's temperature=0)"
-        )
-
-
-def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
-    ids, logprobs = topk
-    if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
-        raise TypeError("llm=TopK(ids, logprobs) needs two tensors")
-    if ids.dim() != 2 or ids.shape != logprobs.shape:
-        raise ValueError(
-            f"llm.ids and llm.logprobs must both have shape (batch_size, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}"
-        )
-    if ids.shape[0] != batch:
-        raise ValueError(f"llm has batch size {ids.shape[0]} but slm_logits has {batch}; pass one row per sequence")
-    if ids.shape[1] == 0:
-        raise ValueError("llm is an empty top-k (k = 0); pass at least one (id, logprob) per row, or use alpha=1")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"llm.ids must be an integer tensor, got {ids.dtype}")
-    if not logprobs.dtype.is_floating_point:
-        raise TypeError(f"llm.logprobs must be a float tensor, got {logprobs.dtype}")
-    ids = ids.long()
-    if validate:
-        if bool(((ids < 0) | (ids >= v_llm)).any()):
-            raise ValueError(
-                f"llm.ids holds ids outside [0, {v_llm}) (min {int(ids.min())}, max {int(ids.max())}); "
-                "pass vocab_map= for the LLM's vocabulary"
-            )
-        if ids.shape[1] > 1 and bool((ids.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-            raise ValueError("llm.ids repeats an id within a row; each top-k id must appear once per row")
-        if bool((torch.isnan(logprobs) | (logprobs > 1e-4)).any()):
-            raise ValueError("llm.logprobs must be log-probabilities (<= 0, no NaN)")
-        if bool((logprobs.float().exp().sum(dim=-1) > 1.001).any()):
-            raise ValueError("llm.logprobs sum to more than probability 1 in some row; pass log-probabilities, not logits")
-    return TopK(ids.contiguous(), logprobs.contiguous())
-
-
-def _per_row(name: str, value: float | Tensor, batch: int, device: torch.device, *, low: float, high: float,
-             low_open: bool = False, validate: bool = True) -> Tensor:
-    """A float or a ``(batch_size,)`` / scalar tensor, as a float32 ``(batch_size,)`` tensor (graph kept)."""
-    if isinstance(value, Tensor):
-        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
-            raise ValueError(f"{name} must be a float or a tensor of shape ({batch},), got shape {tuple(value.shape)}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to({str(device)!r})")
-        row = value.float().expand(batch)
-        check = row.detach()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        check = row = torch.full((batch,), float(value), device=device)
-    else:
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if validate:
-        bad = torch.isnan(check) | (check > high) | ((check <= low) if low_open else (check < low))
-        if bool(bad.any()):
-            bracket = "(" if low_open else "["
-            raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {check[bad][0].item()!r}")
-    return row
-
-
-def _check_sampling_temperature(temperature: Tensor, v_slm: int) -> None:
-    """``fuse_sample``'s ``temperature`` divides fused log-probabilities, the largest of which is at
-    least ``-log(v_slm)``: a positive temperature below ``2·max(log v_slm, 1) / FLOAT32_MAX`` could
-    send every token to ``-inf`` (NaN probabilities), an infinite one gives ``-inf / inf``."""
-    bad = ~torch.isfinite(temperature)
-    if bool(bad.any()):
-        raise ValueError(f"temperature must be finite, got {temperature[bad][0].item()!r}")
-    floor = 2 * max(math.log(v_slm), 1.0) / FLOAT32_MAX
-    bad = (temperature > 0) & (temperature < floor)
-    if bool(bad.any()):
-        raise ValueError(
-            f"temperature={temperature[bad][0].item():.3g} is too small: the fused log-probabilities / temperature "
-            f"overflow float32; use temperature 0 for greedy, or at least {floor:.3g}"
-        )
-
-
-def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear", tail="slm", slm_temperature=1.0,
-                      llm_temperature=1.0, validate=True) -> dict:
-    """Check what :func:`fuse` and its siblings share (same arguments and errors) and return the
-    keyword arguments of the implementations in :data:`REFERENCE_OPS` / ``logitfuse.kernels.OPS``:
-    ``slm_logits``, ``llm``, ``slm_to_llm`` (the map on the logits' device), ``alpha``, ``v_llm``,
-    ``mode``, ``tail``, ``slm_temperature``, ``llm_temperature`` (float32 ``(batch_size,)``) and, for
-    a map across tokenizers, ``llm_to_slm``. Benchmarks and tests call the implementations with it."""
-    slm_logits = _check_logits("slm_logits", slm_logits, validate)
-    batch, v_slm = slm_logits.shape
-    device = slm_logits.device
-    _check_choice("mode", mode, MODES)
-    _check_choice("tail", tail, TAILS)
-    if vocab_map is not None and not isinstance(vocab_map, VocabMap):
-        raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
-    if isinstance(llm, TopK):
-        vocab_map = vocab_map or identity_map(v_slm, v_slm)
-        if llm.ids.device != device or llm.logprobs.device != device:
-            raise ValueError(f"llm top-k tensors are on {llm.ids.device}/{llm.logprobs.device}, slm_logits on {device}")
-        llm = _check_topk(llm, batch, vocab_map.v_llm, validate)
-        if llm_temperature != 1.0:
-            raise ValueError("llm_temperature applies to dense LLM logits only; ask the server for top-k logprobs at that temperature instead")
-    elif isinstance(llm, Tensor):
-        llm = _check_logits("llm", llm, validate)
-        if llm.shape[0] != batch:
-            raise ValueError(f"llm has batch size {llm.shape[0]} but slm_logits has {batch}; pass one row per sequence")
-        if llm.device != device:
-            raise ValueError(f"llm is on {llm.device} but slm_logits is on {device}; put both on one device")
-        if vocab_map is None and llm.shape[1] != v_slm:
-            raise ValueError(
-                f"slm_logits has vocabulary size {v_slm} but llm has {llm.shape[1]}, and no vocab_map was given: "
-                f"token ids mean the same text only within one tokenizer. If both models share a tokenizer and "
-                f"only the padding differs, pass vocab_map=VocabMap.identity({v_slm}, {llm.shape[1]}); otherwise "
-                "build one with VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)"
-            )
-        vocab_map = vocab_map or identity_map(v_slm, v_slm)
-        if llm.shape[1] != vocab_map.v_llm:
-            raise ValueError(
-                f"llm has vocabulary size {llm.shape[1]} but vocab_map was built for v_llm={vocab_map.v_llm}; "
-                "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
-            )
-    else:
-        raise TypeError(f"llm must be dense logits (a tensor) or logitfuse.TopK(ids, logprobs), got {type(llm).__name__}")
-    if vocab_map.v_slm != v_slm:
-        raise ValueError(
-            f"slm_logits has vocabulary size {v_slm} but vocab_map was built for v_slm={vocab_map.v_slm}; "
-            "build the map for this SLM (VocabMap.identity or VocabMap.from_tokenizers)"
-        )
-    args = dict(
-        slm_logits=slm_logits,
-        llm=llm,
-        slm_to_llm=vocab_map.on(device),
-        alpha=_per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate),
-        v_llm=vocab_map.v_llm,
-        mode=mode,
-        tail=tail,
-        slm_temperature=_per_row("slm_temperature", slm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
-        llm_temperature=_per_row("llm_temperature", llm_temperature, batch, device, low=0.0, high=float("inf"), low_open=True, validate=validate),
-    )
-    if validate:
-        _check_scaled("slm_logits", slm_logits, "slm_temperature", args["slm_temperature"].detach())
-        if isinstance(llm, Tensor):
-            _check_scaled("llm", llm, "llm_temperature", args["llm_temperature"].detach())
-    if vocab_map.llm_to_slm is not None:  # two tokenizers: LLM tokens hand their mass to SLM prefixes
-        args["llm_to_slm"] = vocab_map.on(device, "llm_to_slm")
-    return args
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -403,7 +214,7 @@ def fuse_with_head(
     if ops is not REFERENCE_OPS and not head.needs_aligned_view:
         alpha = head(slm_logits, llm, vocab_map)  # per-row features from a kernel, no (B, V) LLM tensor
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
-        args["alpha"] = _per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
+        args["alpha"] = per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
         return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
     aligned = _align(args)
     same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
@@ -457,10 +268,10 @@ def fuse_sample(
     args = prepare_arguments(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
     logits = args["slm_logits"]
     batch, device = logits.shape[0], logits.device
-    args["temperature"] = _per_row("temperature", temperature, batch, device, low=0.0, high=float("inf"), validate=validate)
+    args["temperature"] = per_row("temperature", temperature, batch, device, low=0.0, high=float("inf"), validate=validate)
     if validate:
-        _check_sampling_temperature(args["temperature"], logits.shape[1])
-    args["top_p"] = _per_row("top_p", top_p, batch, device, low=0.0, high=1.0, low_open=True, validate=validate)
+        check_sampling_temperature(args["temperature"], logits.shape[1])
+    args["top_p"] = per_row("top_p", top_p, batch, device, low=0.0, high=1.0, low_open=True, validate=validate)
     if isinstance(top_k, Tensor):
         if top_k.dtype.is_floating_point or top_k.numel() not in (1, batch):
             raise ValueError(f"top_k must be an int or an integer tensor of shape ({batch},)")
@@ -535,7 +346,7 @@ def row_stats(logits: Tensor, k: int = 4) -> RowStats:
     >>> round(stats.entropy.item(), 4)   # uniform over 4 tokens: log 4
     1.3863
     """
-    logits = _check_logits("logits", logits, validate=True)
+    logits = check_logits("logits", logits, validate=True)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     return ops_for({"slm_logits": logits}).row_stats(logits, k)
