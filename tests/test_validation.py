@@ -62,8 +62,18 @@ def test_fuse_rejects_bad_input(kwargs, error, message):
 def test_minus_inf_logits_are_allowed():
     masked = SLM.clone()
     masked[:, 3] = -math.inf
-    fused = logitfuse.fuse(masked, LLM, alpha=0.5, vocab_map=VMAP)
-    assert torch.isfinite(fused[:, :3]).all()
+    for mode in ("linear", "geometric", "logit"):
+        fused = logitfuse.fuse(masked, LLM, alpha=0.5, vocab_map=VMAP, mode=mode)
+        unmasked = torch.cat([fused[:, :3], fused[:, 4:]], dim=1)
+        assert torch.isfinite(unmasked).all(), mode
+        # the masked SLM token still gets the LLM's share in linear mode (a mixture), none otherwise
+        if mode == "linear":
+            p_llm = torch.softmax(LLM, -1)
+            expected = torch.log(0.5 * p_llm[:, 3]) - torch.log(0.5 + 0.5 * p_llm[:, :10].sum(-1))
+            assert torch.allclose(fused[:, 3], expected, atol=1e-5)
+        else:
+            assert torch.all(fused[:, 3] == -math.inf), mode
+        assert torch.allclose(fused.logsumexp(-1), torch.zeros(2), atol=1e-5)
 
 
 @pytest.mark.parametrize(
