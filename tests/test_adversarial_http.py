@@ -9,87 +9,21 @@ seconds), so shutting a server down ends its handlers too. The elapsed-time chec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 import logitfuse
 from logitfuse.backends import parse_top_logprobs
+from logitfuse.testing.servers import completion_reply, send_json, serving, trickle
 
 
 # ------------------------------------------------------------------------------------ servers
-class MisbehavingServer(ThreadingHTTPServer):
-    """Answers every request with ``behave(handler, body)``; records ``(method, path, headers,
-    body)`` of each request in ``received``."""
-
-    daemon_threads = True
-
-    def __init__(self, behave):
-        self.behave, self.received, self.stop = behave, [], threading.Event()
-        super().__init__(("127.0.0.1", 0), RecordingHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class RecordingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.received.append((self.command, self.path, dict(self.headers), body))
-        with contextlib.suppress(ConnectionError):
-            self.server.behave(self, body)
-
-    do_GET = do_POST
-
-
-@contextlib.contextmanager
-def serving(behave):
-    server = MisbehavingServer(behave)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.stop.set()
-        server.shutdown()
-        server.server_close()
-
-
-def reply_bytes(top: dict[str, float]) -> bytes:
-    return json.dumps({"choices": [{"text": "x", "index": 0, "finish_reason": "length",
-                                    "logprobs": {"top_logprobs": [top]}}]}).encode()
-
-
-def answer(handler, raw: bytes, status: int = 200, headers: dict | None = None):
-    handler.send_response(status)
-    for name, value in {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}.items():
-        handler.send_header(name, value)
-    handler.end_headers()
-    handler.wfile.write(raw)
-
-
-def trickle(handler, data: bytes, period: float = 0.3, limit_s: float = 12.0):
-    """Write ``data`` one byte per ``period`` seconds, for at most ``limit_s`` seconds."""
-    for i in range(min(len(data), int(limit_s / period))):
-        if handler.server.stop.wait(period):
-            return
-        handler.wfile.write(data[i:i + 1])
-        handler.wfile.flush()
-
-
 def trickle_body(handler, body):
-    raw = reply_bytes({"token_id:1": -0.5})
+    raw = completion_reply({"token_id:1": -0.5})
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(raw)))
@@ -99,7 +33,7 @@ def trickle_body(handler, body):
 
 
 def trickle_everything(handler, body):
-    raw = reply_bytes({"token_id:1": -0.5})
+    raw = completion_reply({"token_id:1": -0.5})
     trickle(handler, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
 
 
@@ -118,9 +52,9 @@ def remote(url, **kwargs):
 def test_a_redirect_is_refused_and_the_key_never_travels(status):
     """urllib followed a 301/302 to another address with the Bearer key (as a GET); now nothing
     is followed, the error names the address, and a redirect is not retried."""
-    with serving(lambda h, b: answer(h, reply_bytes({"token_id:1": -0.5}))) as elsewhere:
+    with serving(lambda h, b: send_json(h, completion_reply({"token_id:1": -0.5}))) as elsewhere:
         target = f"{elsewhere.url}/v1/completions"
-        with serving(lambda h, b: answer(h, b"", status, {"Location": target})) as server:
+        with serving(lambda h, b: send_json(h, b"", status, {"Location": target})) as server:
             llm = remote(server.url, api_key="sk-SECRET", on_failure="raise", retries=2)
             llm.start([[1, 2, 3]])
             with pytest.raises(logitfuse.LLMBackendError, match="redirect") as err:
@@ -190,7 +124,7 @@ def test_rows_queued_behind_max_concurrency_share_the_step_budget():
 def ragged(handler, body):
     """Row ``[..., n]`` gets ``n`` entries: ids 10, 11, ... at logprobs -1, -1.5, ..."""
     n = json.loads(body)["prompt"][-1]
-    answer(handler, reply_bytes({f"token_id:{10 + i}": -1.0 - 0.5 * i for i in range(n)}))
+    send_json(handler, completion_reply({f"token_id:{10 + i}": -1.0 - 0.5 * i for i in range(n)}))
 
 
 def test_a_short_answer_keeps_every_rows_entries():
@@ -243,7 +177,7 @@ def test_an_id_named_twice_is_a_malformed_reply():
 
 # ------------------------------------------------------------------------------------ wrong tokenizer
 def strings_server(keys):
-    return lambda handler, body: answer(handler, reply_bytes(keys))
+    return lambda handler, body: send_json(handler, completion_reply(keys))
 
 
 def test_token_strings_of_another_tokenizer_raise(tok):

@@ -1,0 +1,94 @@
+"""Fake OpenAI-compatible servers for tests: scripted (misbehaving) replies, every request recorded.
+
+:func:`serving` runs a standard-library HTTP server on ``127.0.0.1`` (a free port) in a daemon thread
+that answers each request with ``behave(handler, body)`` and records ``(method, path, headers,
+body)`` in ``server.received``. Handlers should wait on ``server.stop`` (never longer than a few
+seconds), so that leaving the ``with`` block ends them too. A real model behind the same API is
+:func:`logitfuse.server.serve_in_thread`.
+
+>>> import json, urllib.request
+>>> from logitfuse.testing.servers import completion_reply, send_json, serving
+>>> with serving(lambda handler, body: send_json(handler, completion_reply({"token_id:7": -0.1}))) as server:
+...     request = urllib.request.Request(server.url + "/v1/completions", data=b"{}", method="POST")
+...     reply = json.loads(urllib.request.urlopen(request, timeout=5).read())
+>>> reply["choices"][0]["logprobs"]["top_logprobs"], len(server.received)
+([{'token_id:7': -0.1}], 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+
+__all__ = ["FakeServer", "completion_reply", "send_json", "serving", "trickle"]
+
+Behaviour = Callable[[BaseHTTPRequestHandler, bytes], None]
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Answers every request with ``behave(handler, body)``; records each request in ``received``."""
+
+    daemon_threads = True
+
+    def __init__(self, behave: Behaviour):
+        self.behave, self.received, self.stop = behave, [], threading.Event()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.received.append((self.command, self.path, dict(self.headers), body))
+        with contextlib.suppress(ConnectionError):
+            self.server.behave(self, body)
+
+    do_GET = do_POST
+
+
+@contextlib.contextmanager
+def serving(behave: Behaviour) -> Iterator[FakeServer]:
+    """A :class:`FakeServer` running for the ``with`` block, then stopped (its handlers too)."""
+    server = FakeServer(behave)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def completion_reply(top: dict[str, float]) -> bytes:
+    """A ``/v1/completions`` reply body with one position of ``top_logprobs``."""
+    return json.dumps({"choices": [{"text": "x", "index": 0, "finish_reason": "length",
+                                    "logprobs": {"top_logprobs": [top]}}]}).encode()
+
+
+def send_json(handler: BaseHTTPRequestHandler, raw: bytes, status: int = 200, headers: dict | None = None) -> None:
+    """Answer with ``raw`` as a JSON body (extra ``headers`` override the defaults)."""
+    handler.send_response(status)
+    for name, value in {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(raw)
+
+
+def trickle(handler: BaseHTTPRequestHandler, data: bytes, period: float = 0.3, limit_s: float = 12.0) -> None:
+    """Write ``data`` one byte per ``period`` seconds, for at most ``limit_s`` seconds."""
+    for i in range(min(len(data), int(limit_s / period))):
+        if handler.server.stop.wait(period):
+            return
+        handler.wfile.write(data[i:i + 1])
+        handler.wfile.flush()
