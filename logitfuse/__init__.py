@@ -18,6 +18,7 @@ from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, Op
 from logitfuse.session import FusionSession, SessionStats
 from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.sketch import SketchResult, sketch_generate
+from logitfuse.llama_slm import LlamaCppSLM, SLMGeneration  # llama-cpp-python is imported only when used
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,6 @@ __all__ = [
     "CoGenesisLogitsProcessor",
     "SketchResult",
     "sketch_generate",
+    "LlamaCppSLM",
+    "SLMGeneration",
 ]
