@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import doctest
-import importlib
 
 import pytest
 import torch
@@ -344,10 +342,3 @@ def test_cross_tokenizer_needs_the_slm_tokenizer():
     llm = logitfuse.HFLLM(tiny_llama(len(bl), seed=3), bl)
     with pytest.raises(ValueError, match="slm_tokenizer"):
         logitfuse.CoGenesisLogitsProcessor(llm, PUBLIC, alpha=0.5, vocab_map=logitfuse.VocabMap.from_tokenizers(sp, bl))
-
-
-@pytest.mark.parametrize("name", ["logitfuse.schedules", "logitfuse.retokenize", "logitfuse.backends",
-                                  "logitfuse.processor", "logitfuse.sketch", "logitfuse.server"])
-def test_docstring_examples_run(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
