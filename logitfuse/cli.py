@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["UsageError", "build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "check_device", "check_model", "check_out_dir", "check_range", "main"]
 
 
 class UsageError(ValueError):
@@ -33,6 +33,87 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------- argument checks, shared
+# Subcommands call these before loading anything; each raises UsageError naming the flag and the fix.
+def check_range(flag: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, meaning: str = "") -> None:
+    """``value`` is finite and within ``[low, high]`` (``(low, high]`` with ``low_open``); ``None`` passes."""
+    if value is None:
+        return
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or value <= high
+    if value != value or value in (float("inf"), float("-inf")) or not (above and below):
+        if low is not None and high is not None:
+            bounds = f"lie in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            bounds = f"be {'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = f"be <= {high:g}"
+        raise UsageError(f"{flag} {value:g} must {bounds}" + (f" ({meaning})" if meaning else ""))
+
+
+def check_model(flag: str, value: str) -> str:
+    """``value`` is a zoo model name or a transformers model folder; returns the name a head records
+    for it (the zoo name, or the folder's name), as :func:`logitfuse.zoo.load` does."""
+    import os
+    from pathlib import Path
+
+    from logitfuse import zoo
+
+    if value in zoo.known_names():
+        return value
+    folder = Path(value).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{flag} {value!r} is a folder without config.json, not a transformers model folder "
+                             "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
+        return folder.name
+    near = ", ".join(zoo.known_names())
+    raise UsageError(f"{flag} {value!r} is neither a zoo model ({near}) nor an existing model folder"
+                     + ("" if os.sep in value else "; `logitfuse models list` shows the zoo"))
+
+
+def check_device(flag: str, value: str, *, allow_auto: bool = False) -> None:
+    """``value`` names a torch device that exists here (``cpu``, ``cuda``, ``cuda:N``, ``mps`` ...)."""
+    if allow_auto and value == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {value!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise UsageError(f"{flag} {value!r}: this torch has no {device.type} backend; use cpu or cuda[:N]")
+    if not backend.is_available():
+        raise UsageError(f"{flag} {value} but no {device.type} device is available here (no GPU, or a torch build "
+                         f"without {device.type} support); use {flag} cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise UsageError(f"{flag} {value}: this machine has {count()} {device.type} device(s), numbered from 0")
+
+
+def check_out_dir(flag: str, value: str, *, writable: bool = True) -> None:
+    """``value`` is a folder, or can be made one (it is not a file, nor under one); with ``writable``,
+    one this user may write in."""
+    import os
+    from pathlib import Path
+
+    folder = Path(value).expanduser()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{flag} {value!r}: {str(path)!r} is a file, not a folder; pick another folder")
+            if writable and not os.access(path, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {value!r}: {str(path)!r} is not writable by you; pick another folder")
+            return
 
 
 # ------------------------------------------------------------------------------------- serve
@@ -173,4 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m logitfuse.cli`: run the imported module's main, whose UsageError is the one the
+    # subcommands raise (this file as __main__ defines a second, distinct class)
+    from logitfuse.cli import main as _main
+
+    sys.exit(_main())

