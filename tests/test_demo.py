@@ -27,7 +27,7 @@ def test_demo_runs_side_by_side_on_tiny_models(model_dirs, capsys):
     assert code == 0
     out = capsys.readouterr().out
     for section in ("What the cloud LLM saw", "SLM alone, with the private context", "LLM alone, without it",
-                    "Fused, fixed alpha=0.25"):
+                    "Fused, fixed α 0.25"):
         assert section in out
     assert "4 steps, 4 LLM calls" in out
     # the LLM's section shows the task title only, never the private tail of the instruction
@@ -77,9 +77,94 @@ def test_generate_against_a_served_llm(model_dirs, tmp_path, capsys):
     assert prompts and all("Write a toast" in p and "Ann" not in p for p in prompts), prompts
 
 
-def test_a_url_llm_needs_its_tokenizer(model_dirs):
-    with pytest.raises(SystemExit, match="--llm-tokenizer"):
-        main(["generate", "--slm", str(model_dirs / "slm"), "--llm", "http://127.0.0.1:9", "--instruction", "x"])
+def test_a_url_llm_needs_its_tokenizer(model_dirs, capsys):
+    code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", "http://127.0.0.1:9", "--instruction", "x: y"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("logitfuse generate: error: --llm is a URL: pass --llm-tokenizer")
+
+
+def _generate(model_dirs, *extra):
+    return main(["generate", "--slm", str(model_dirs / "slm"), "--max-new-tokens", "3", "--color", "never", *extra])
+
+
+@pytest.fixture
+def recording_llm(model_dirs):
+    """The tiny LLM served on 127.0.0.1, keeping every /v1/completions body it receives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs / "llm")
+    server, url = serve_in_thread(model, AutoTokenizer.from_pretrained(model_dirs / "llm"), log_requests=True)
+    yield server, url
+    server.shutdown()
+    server.server_close()
+
+
+def test_generate_sends_only_the_public_prompt_and_says_so_first(model_dirs, recording_llm, capsys):
+    server, url = recording_llm
+    code = _generate(model_dirs, "--llm", url, "--llm-tokenizer", str(model_dirs / "llm"),
+                     "--instruction", "Thank my neighbour Zoe for feeding the cat", "--public", "A thank-you note",
+                     "--on-failure", "raise")
+    assert code == 0
+    err = capsys.readouterr().err
+    announced = err.index("will see: 'A thank-you note'")
+    assert announced < err.index("the LLM saw: 'A thank-you note'")
+    prompts = [sentencepiece_tokenizer().decode(json.loads(body)["prompt"]) for body in server.received]
+    assert prompts and all("A thank-you note" in p and "Zoe" not in p for p in prompts), prompts
+
+
+def test_generate_refuses_an_instruction_with_no_public_part(model_dirs, recording_llm, capsys):
+    server, url = recording_llm
+    code = _generate(model_dirs, "--llm", url, "--llm-tokenizer", str(model_dirs / "llm"), "--served-model", "m",
+                     "--instruction", "Thank my neighbour Zoe for feeding the cat")
+    assert code == 2 and server.received == []
+    err = capsys.readouterr().err
+    assert err.startswith("logitfuse generate: error: --instruction has no ': '") and "--public TEXT" in err
+
+
+def test_generate_with_alpha_1_never_contacts_the_llm(model_dirs, recording_llm, capsys):
+    server, url = recording_llm
+    code = _generate(model_dirs, "--llm", url, "--llm-tokenizer", str(model_dirs / "llm"), "--alpha", "1",
+                     "--instruction", "Write a toast: for Ann")
+    assert code == 0 and server.received == []
+    assert "SLM alone (--alpha 1), no LLM calls" in capsys.readouterr().err
+
+
+def test_generate_warns_when_the_llm_answered_no_step(model_dirs, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: every request is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = _generate(model_dirs, "--llm", f"http://127.0.0.1:{port}", "--llm-tokenizer", str(model_dirs / "llm"),
+                     "--served-model", "m", "--alpha", "0.5", "--instruction", "Write a toast: for Ann")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"warning: the LLM answered none of 3 steps (http://127.0.0.1:{port} unreachable?): this text is the SLM " \
+           "alone" in err
+    assert "3 fallbacks" in err and "the LLM answered none: SLM alone]" in err
+
+
+def test_generate_uses_the_shipped_head_of_the_pair_by_default(model_dirs, tmp_path, capsys):
+    """Folders named like the shipped pair get its head by default (which cannot fit tiny models: it
+    says so and falls back on a fixed α); another pair has none and says that."""
+    for name, source in (("smollm2-135m", "slm"), ("qwen2.5-coder-0.5b", "llm")):
+        (tmp_path / name).symlink_to(model_dirs / source, target_is_directory=True)
+    code = main(["generate", "--slm", str(tmp_path / "smollm2-135m"), "--llm", str(tmp_path / "qwen2.5-coder-0.5b"),
+                 "--instruction", "Write a toast: for Ann", "--max-new-tokens", "2", "--color", "never"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "the shipped head does not fit these models" in err and "fixed α 0.25 (the shipped head does not fit)" in err
+    assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--instruction", "Write a toast: for Ann") == 0
+    assert "fixed α 0.25 (no head is shipped for slm + llm)" in capsys.readouterr().err
+
+
+def test_generate_uses_a_head_given_with_head(model_dirs, tmp_path, capsys):
+    slm_tok, llm_tok = byte_level_tokenizer(), sentencepiece_tokenizer()
+    vmap = vocab_map_for(tiny_llama(len(slm_tok)), slm_tok, len(llm_tok), llm_tok)
+    FusionHead(vmap.v_slm, vmap.v_llm, vocab_map_hash=vmap.hash).save_pretrained(tmp_path / "run" / "dense")
+    code = _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--head", str(tmp_path / "run" / "dense"),
+                     "--instruction", "Write a toast: for Ann")
+    assert code == 0 and "; trained head run/dense;" in capsys.readouterr().err
 
 
 def test_colour_by_alpha_marks_each_token():

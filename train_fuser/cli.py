@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from logitfuse import zoo
 from logitfuse._io import atomic_write_text
+from logitfuse.cli import UsageError, check_device, check_model, check_out_dir, check_range
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
 from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming, first_examples, plot_alpha_trace,
@@ -39,6 +40,56 @@ def load_pair(args: argparse.Namespace) -> Pair:
 
 def split_path(data: str | None, split: str) -> Path:
     return bundled_split(split) if data is None else Path(data) / SPLITS[split]
+
+
+def _check_common(args: argparse.Namespace, split: str) -> None:
+    """The arguments `train` and `eval` share, checked before any model loads (``UsageError``)."""
+    check_model("--slm", args.slm)
+    check_model("--llm", args.llm)
+    if args.adapter is not None:  # a LoRA adapter folder: its files are there
+        try:
+            zoo.adapter_sha256(args.adapter)
+        except zoo.ZooError as err:
+            raise UsageError(f"--adapter {args.adapter!r}: {err}") from None
+    if args.data is not None and not split_path(args.data, split).is_file():
+        raise UsageError(f"--data {args.data!r} has no {SPLITS[split]}; pass the folder that holds "
+                         f"context_aware_{{dev,test}}.json, or leave --data out for the bundled copy")
+    check_range("--max-examples", args.max_examples, low=2 if split == "dev" else 1,
+                meaning="training needs 2: one to fit on, one to validate on" if split == "dev" else "")
+    check_range("--llm-top-k", args.llm_top_k, low=1)
+    check_range("--max-history", args.max_history, low=0)
+    check_range("--paper-examples", args.paper_examples, low=1)
+    check_device("--device", args.device)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    _check_common(args, "dev")
+    check_out_dir("--out", args.out)
+    check_range("--feature-k", args.feature_k, low=1)
+    check_range("--lr", args.lr, low=0, low_open=True)
+    check_range("--max-epochs", args.max_epochs, low=1)
+    check_range("--patience", args.patience, low=1)
+    check_range("--paper-epochs", args.paper_epochs, low=1)
+    check_range("--seed", args.seed, low=0)
+
+
+def _heads_root(value: str) -> Path:
+    """--head: a `logitfuse train` output folder or its heads/ folder."""
+    root = Path(value).expanduser()
+    return root / HEADS_DIR if (root / HEADS_DIR).is_dir() else root
+
+
+def _check_eval(args: argparse.Namespace) -> Path:
+    """Check `eval`'s arguments; returns the folder that holds the trained heads."""
+    _check_common(args, "test")
+    heads_root = _heads_root(args.head)
+    names = [v.name for v in default_variants(args.llm_top_k)]
+    if not any((heads_root / name / "config.json").is_file() for name in names):
+        what = "does not exist" if not heads_root.exists() else "holds no trained heads"
+        raise UsageError(f"--head {args.head!r} {what} (expected folders named {names} with a config.json); pass "
+                         "the --out folder of `logitfuse train` (with the same --llm-top-k)")
+    check_out_dir("--out", args.out or str(heads_root.parent))
+    return heads_root
 
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
@@ -68,6 +119,7 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
 
 
 def run_train(args: argparse.Namespace) -> int:
+    _check_train(args)
     out = Path(args.out)
     pair = load_pair(args)
     examples = load_examples(split_path(args.data, "dev"), max_examples=args.max_examples)
@@ -102,8 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    heads_root = Path(args.head)
-    heads_root = heads_root / HEADS_DIR if (heads_root / HEADS_DIR).is_dir() else heads_root
+    heads_root = _check_eval(args)
     out = Path(args.out or heads_root.parent)
     pair = load_pair(args)
     variants = default_variants(args.llm_top_k)
@@ -111,8 +162,6 @@ def run_eval(args: argparse.Namespace) -> int:
     for variant in variants:
         if (heads_root / variant.name).is_dir():
             heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
-    if not heads:
-        raise SystemExit(f"no trained heads under {heads_root} (expected folders named {[v.name for v in variants]})")
     examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
     cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
                                   llm_with_context=not args.no_llm_context, max_history=args.max_history)

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from logitfuse.bench import BENCHMARKS
+from logitfuse.cli import UsageError, check_device, check_out_dir, check_range
 
 _HELP = {
     "kernels": "fused mix: Triton kernel vs eager vs torch.compile, bandwidth vs copy",
@@ -20,8 +21,42 @@ def _module(name: str):
     return importlib.import_module(f"logitfuse.bench.{name}")
 
 
+# the count-like options of the benchmarks (dest -> smallest value); absent ones are skipped
+_LOWEST = {"batch": 1, "vocab": 2, "n": 1, "new_tokens": 1, "paper_tokens": 0, "copy_mib": 1, "steps": 1,
+           "warmup": 0, "tiny_vocab": 2, "threads": 1}
+
+
+def _check_zoo_model(flag: str, name: str) -> None:
+    from logitfuse import zoo
+
+    if name not in zoo.REGISTRY:
+        raise UsageError(f"{flag} {name!r} is not a zoo model ({', '.join(zoo.REGISTRY)}); or pass --tiny")
+    if not zoo.is_installed(name):
+        raise UsageError(f"{flag} {name} is not installed: run `logitfuse models install {name}` (or pass --tiny)")
+
+
+def check_args(name: str, args: argparse.Namespace) -> None:
+    """A benchmark's arguments, checked before it builds or loads anything (``UsageError``)."""
+    check_device("--device", args.device, allow_auto=True)
+    check_out_dir("--out", args.out)
+    for dest, low in _LOWEST.items():
+        value = getattr(args, dest, None)
+        for item in value if isinstance(value, list) else [value]:
+            check_range("--" + dest.replace("_", "-"), item, low=low)
+    for structure in getattr(args, "compile_only", None) or []:
+        if structure.count(":") != 1:
+            raise UsageError(f"--compile-only {structure!r} is not LLM:MAP, e.g. dense:identity or topk:cross")
+    if name == "decode" and not args.tiny:
+        _check_zoo_model("--slm", args.slm)
+        if args.llm is not None:
+            _check_zoo_model("--llm", args.llm)
+        elif not args.quick:  # the default LLM of a full run
+            _check_zoo_model("--llm (default)", "qwen2.5-coder-0.5b")
+
+
 def _runner(name: str):
     def run(args: argparse.Namespace) -> int:
+        check_args(name, args)
         # for the JSON's command line: what followed the benchmark's name (`logitfuse bench NAME ...`
         # or `python -m logitfuse.bench.cli NAME ...`)
         argv = sys.argv[1:]
@@ -62,17 +97,27 @@ def replot(paths: list[str], out_dir: str | None = None) -> list[str]:
 
 
 def _run_replot(args: argparse.Namespace) -> int:
-    for png in replot(args.files, args.out):
+    from pathlib import Path
+
+    for file in args.files:
+        if not Path(file).is_file():
+            raise UsageError(f"{file!r} is not a file; pass JSON files written by `logitfuse bench NAME`")
+    if args.out is not None:
+        check_out_dir("--out", args.out)
+    try:
+        pngs = replot(args.files, args.out)
+    except (ValueError, KeyError, TypeError, ModuleNotFoundError) as err:
+        raise UsageError(f"not a benchmark JSON written by `logitfuse bench NAME` ({type(err).__name__}: {err})") from None
+    for png in pngs:
         print(f"wrote {png}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m logitfuse.bench.cli NAME [options]`` without the main CLI."""
-    parser = argparse.ArgumentParser(prog="logitfuse")
-    add_bench_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    """``python -m logitfuse.bench.cli NAME [options]``: the same as ``logitfuse bench NAME [options]``."""
+    from logitfuse.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
