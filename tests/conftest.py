@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests without CUDA, with the reason in the report."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a lent device)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

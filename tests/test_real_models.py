@@ -17,7 +17,7 @@ pytestmark = pytest.mark.real_models
 
 def _installed_or_skip(name):
     if not zoo.is_installed(name):
-        pytest.skip(f"{name} is not installed under {zoo.home()}; run `logitfuse models install {name}`")
+        pytest.skip(f"needs the real models: run `logitfuse models install {name}` (looked in {zoo.home()})")
     return zoo.path(name)
 
 
