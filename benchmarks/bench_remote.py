@@ -5,7 +5,8 @@ batch 1, greedy, a fixed number of new tokens, for:
 
 - `slm-only`: the SLM alone (no processor), the floor;
 - `hfllm`: the LLM in-process (transformers, its own KV cache, dense logits);
-- `llama.cpp`: the LLM behind `python -m llama_cpp.server` on 127.0.0.1 (the zoo's GGUF file,
+- `llama.cpp`: the LLM behind llama.cpp's server (`logitfuse.engines.LlamaCppServer`, which starts
+  `python -m logitfuse.engines_server`: llama.cpp's extra CPU weight buffers off) on 127.0.0.1 (the zoo's GGUF file,
   text prompts re-sent each step, its prompt cache reusing the prefix; top-k log-probabilities).
 
 Writes benchmarks/results/remote.json and prints a Markdown table. Needs

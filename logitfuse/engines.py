@@ -2,8 +2,10 @@
 
 :class:`LlamaCppServer` runs llama.cpp's OpenAI-compatible server (``pip install
 "llama-cpp-python[server]"``, ``python -m llama_cpp.server``) on a GGUF file, on ``127.0.0.1`` and a
-free port, waits until it answers, and always stops it (a context manager). :class:`RecordingProxy`
-is a tiny standard-library HTTP proxy that records every request body it forwards: put it between a
+free port, waits until it answers, and always stops it (a context manager). By default it starts
+the server through :mod:`logitfuse.engines_server`, which turns llama.cpp's extra CPU weight buffers
+off (on VMs that report Intel AMX but fault on it, the plain server dies at its first request).
+:class:`RecordingProxy` is a tiny standard-library HTTP proxy that records every request body it forwards: put it between a
 backend and a server to audit what the server received.
 
 >>> from logitfuse.engines import llama_cpp_missing
@@ -65,6 +67,12 @@ class LlamaCppServer:
         n_ctx (`int`, defaults to 2048): context length.
         n_threads (`int`, optional): CPU threads (default: llama.cpp's choice).
         extra_args: more ``python -m llama_cpp.server`` arguments.
+        extra_buffers (`bool`, defaults to `False`): let llama.cpp use its extra CPU weight buffers
+            (repacked weights, Intel AMX tiles), i.e. run plain ``python -m llama_cpp.server``. Off by
+            default, like :class:`logitfuse.LlamaCppSLM`'s: the server is started through
+            ``python -m logitfuse.engines_server``, which loads the model with ``use_extra_bufts=False``
+            (where a VM announces AMX but does not allow it, the first completion kills the server;
+            see :mod:`logitfuse.engines_server`).
         startup_timeout (`float`, defaults to 180): seconds to wait for ``GET /v1/models``.
         log_path (optional): where the server's stdout/stderr go (default a temporary file; read
             it with :meth:`log_text`).
@@ -75,8 +83,11 @@ class LlamaCppServer:
 
     def __init__(self, model_path: str | os.PathLike, *, alias: str = "llm", port: int | None = None,
                  n_ctx: int = 2048, n_threads: int | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout: float = 180.0, log_path: str | os.PathLike | None = None):
-        self.model_path, self.alias = str(model_path), alias
+                 extra_buffers: bool = False, startup_timeout: float = 180.0,
+                 log_path: str | os.PathLike | None = None):
+        if not isinstance(extra_buffers, bool):
+            raise TypeError(f"extra_buffers must be True or False, got {extra_buffers!r}")
+        self.model_path, self.alias, self.extra_buffers = str(model_path), alias, extra_buffers
         self.port = port or free_port()
         self.n_ctx, self.n_threads, self.extra_args = n_ctx, n_threads, list(extra_args)
         self.startup_timeout = float(startup_timeout)
@@ -90,7 +101,9 @@ class LlamaCppServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.model_path, "--model_alias", self.alias,
+        """The server's command line (``logitfuse.engines_server`` unless ``extra_buffers``)."""
+        module = "llama_cpp.server" if self.extra_buffers else "logitfuse.engines_server"
+        cmd = [sys.executable, "-m", module, "--model", self.model_path, "--model_alias", self.alias,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
         if self.n_threads:
             cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
