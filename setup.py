@@ -1,7 +1,7 @@
 """Packaging for logitfuse.
 
-One distribution, three packages. ``kernels/`` and ``train_fuser/`` live at the top of the
-repository but install as ``logitfuse.kernels`` and ``logitfuse.train_fuser``: listing the packages
+One distribution, four folders. ``kernels/``, ``train_fuser/`` and ``benchmarks/`` live at the top of the
+repository but install as ``logitfuse.kernels``, ``logitfuse.train_fuser`` and ``logitfuse.bench``: listing the packages
 explicitly (instead of ``find_packages()``) keeps a top-level ``kernels`` package out of the wheel,
 where it would collide with the unrelated ``kernels`` distribution on PyPI.
 """
@@ -20,6 +20,7 @@ setup(
         "logitfuse": "logitfuse",
         "logitfuse.kernels": "kernels",
         "logitfuse.train_fuser": "train_fuser",
+        "logitfuse.bench": "benchmarks",
     },
     package_data={"logitfuse.train_fuser": ["data/*.json", "data/*.md", "heads/*/*/*", "adapters/*/*"]},
     install_requires=[
