@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from logitfuse import reference
-from logitfuse._io import atomic_write_folder, interrupted_folder_write
+from logitfuse.fileio import atomic_write_folder, interrupted_folder_write
 from logitfuse.functional import align, fusion_feature_stats
 from logitfuse.types import MODES, TAILS, Aligned, TopK
 from logitfuse.vocab import VocabMap
@@ -191,7 +191,7 @@ class BaseFusionHead(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` (with the weights file's sha256) into ``directory``.
 
         The pair is written as one: both files go to a temporary folder beside ``directory`` that then
-        replaces it (see :func:`logitfuse._io.atomic_write_folder`), so an interrupted save leaves the
+        replaces it (see :func:`logitfuse.fileio.atomic_write_folder`), so an interrupted save leaves the
         previous head or the new one, never one head's config with another's weights. Refuses weights
         holding NaN or inf (``ValueError``).
         """

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from logitfuse._io import atomic_write
+from logitfuse.fileio import atomic_write
 
 _FORMAT = "logitfuse.VocabMap/1"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

@@ -45,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from logitfuse._io import atomic_write
+from logitfuse.fileio import atomic_write
 from logitfuse.cli import UsageError, check_out_dir
 
 __all__ = [

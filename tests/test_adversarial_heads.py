@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import logitfuse
-import logitfuse._io as file_io
+import logitfuse.fileio as file_io
 from logitfuse import FusionHead, PaperFusionHead, VocabMap, train_fuser
 from logitfuse.heads import SHA256_KEY
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from logitfuse import zoo
-from logitfuse._io import atomic_write_text
+from logitfuse.fileio import atomic_write_text
 from logitfuse.cli import UsageError, check_device, check_model, check_out_dir, check_range
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import logitfuse
-from logitfuse._io import atomic_write, atomic_write_text
+from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.heads import FusionHead, PaperFusionHead
 from logitfuse.train_fuser.data import Example
 from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example

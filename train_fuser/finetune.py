@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logitfuse._io import atomic_write, atomic_write_text
+from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.train_fuser.data import Example, bundled_split, load_examples, render_prompt
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "encode_example", "finetune", "add_subcommand"]

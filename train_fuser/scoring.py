@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from logitfuse import reference
-from logitfuse._io import atomic_write
+from logitfuse.fileio import atomic_write
 from logitfuse.retokenize import token_bytes_table
 from logitfuse.types import TopK
 from logitfuse.train_fuser.data import Example, render_prompt

@@ -1,4 +1,8 @@
-"""Crash-safe writes: write beside the target (a file, or a whole folder), then rename it into place."""
+"""Crash-safe writes: write beside the target (a file, or a whole folder), then rename it into place.
+
+Everything in the package that writes a file the user keeps (heads, vocabulary maps, zoo markers,
+training records) goes through here, so that a crash leaves the old file or the new one, never half.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,20 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def ordinary_mode(base: int) -> int:
+    """``base`` less the process umask: the mode a plain ``open`` (``0o666``) or ``mkdir`` (``0o777``)
+    would have given; temporary files and folders are created private (``0o600``/``0o700``).
+
+    >>> previous = os.umask(0o022)
+    >>> oct(ordinary_mode(0o666)), oct(ordinary_mode(0o777))
+    ('0o644', '0o755')
+    >>> _ = os.umask(previous)
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -22,9 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, ordinary_mode(0o666))  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -107,11 +123,9 @@ def atomic_write_folder(directory: str | os.PathLike, write: Callable[[Path], No
         written = sorted(path.name for path in tmp.iterdir())
         if written != sorted(names):
             raise RuntimeError(f"the writer created {written} in {tmp}, not the expected {sorted(names)}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 (and some writers 0600): give the usual permissions
+        os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes 0700 (and some writers 0600): give the usual permissions
         for name in names:
-            os.chmod(tmp / name, 0o666 & ~umask)
+            os.chmod(tmp / name, ordinary_mode(0o666))
         swappable = (not directory.is_symlink() and directory != Path.cwd()
                      and set(os.listdir(directory)) <= set(names))
         if not (swappable and _swap_in(tmp, directory, prefix)):
