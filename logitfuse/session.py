@@ -40,6 +40,7 @@ import torch
 
 from logitfuse.backends import LLMBackend
 from logitfuse.functional import fuse, fuse_with_head
+from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.retokenize import IncrementalRetokenizer
 from logitfuse.schedules import Schedule, parse
 from logitfuse.types import MODES, TAILS, TopK
@@ -246,11 +247,10 @@ class FusionSession:
             prompt = prompt.tolist()
         if not (self.apply_chat_template and isinstance(prompt, str)):
             return prompt
-        ids = self.llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     tokenize=True)
-        if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        if not has_chat_template(self.llm.tokenizer):
+            raise ValueError("apply_chat_template=True but the LLM backend's tokenizer has no chat template; pass "
+                             "apply_chat_template=False (the text as it is), or the prompt as token ids")
+        return render_prompt(self.llm.tokenizer, [{"role": "user", "content": prompt}])
 
     def start(self, public_prompts: Sequence[Any], v_slm: int) -> None:
         """Begin one row per public prompt (formatted by :meth:`format_prompt`); the LLM prefills them.

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from logitfuse.backends import LLMBackend
+from logitfuse.prompts import has_chat_template, render_prompt
 
 __all__ = ["FINAL_PROMPT", "OUTLINE_PROMPT", "SketchResult", "sketch_generate"]
 
@@ -44,10 +45,7 @@ class SketchResult:
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5: a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    return render_prompt(tokenizer, [{"role": "user", "content": text}])
 
 
 def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_context: str, *,
@@ -73,7 +71,7 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
 
     Example:
 
-        >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
+    >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
     >>> import logitfuse
     >>> tok = byte_level_tokenizer()
     >>> llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
@@ -96,7 +94,7 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
     # 1. the LLM: public instruction only
     llm_tok = llm.tokenizer
     outline_text = outline_prompt.format(instruction=public_instruction)
-    if apply_chat_template and getattr(llm_tok, "chat_template", None):
+    if apply_chat_template and has_chat_template(llm_tok):
         llm_prompt: Any = _chat_ids(llm_tok, outline_text)
     else:
         llm_prompt = outline_text
@@ -106,7 +104,7 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
 
     # 2. the SLM: private context + instruction + outline, on the device
     final_text = final_prompt.format(context=private_context, instruction=public_instruction, outline=outline)
-    if apply_chat_template and getattr(slm_tokenizer, "chat_template", None):
+    if apply_chat_template and has_chat_template(slm_tokenizer):
         prompt_ids = _chat_ids(slm_tokenizer, final_text)
     else:
         prompt_ids = list(slm_tokenizer.encode(final_text))
