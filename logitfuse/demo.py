@@ -24,8 +24,9 @@ from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.cli import UsageError, check_device, check_model, check_range
 from logitfuse.heads import load_head
 from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.prompts import (bundled_split, load_examples, private_messages, public_instruction, public_messages,
+                               render_prompt, shipped_path)
 from logitfuse.schedules import parse as parse_schedule
-from logitfuse.train_fuser.data import PRIVATE_SYSTEM, PUBLIC_SYSTEM, bundled_split, load_examples, public_instruction, render_prompt
 from logitfuse.vocab import VocabMap
 
 DEFAULT_SLM = "smollm2-135m"
@@ -34,9 +35,7 @@ DEFAULT_LLM = "qwen2.5-coder-0.5b"
 
 def bundled_head_dir(slm_name: str, llm_name: str, variant: str = "dense") -> Path | None:
     """The head shipped for a model pair, trained with `logitfuse train` (``None`` when there is none)."""
-    from logitfuse import train_fuser
-
-    folder = Path(train_fuser.__file__).parent / "heads" / f"{slm_name}__{llm_name}" / variant
+    folder = shipped_path("heads", f"{slm_name}__{llm_name}", variant)
     return folder if (folder / "config.json").is_file() else None
 
 
@@ -390,9 +389,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"logitfuse generate: the cloud LLM ({args.llm}) will see: {plan.public!r}, then the text generated "
               "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
     slm, slm_tok, _ = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
-    private_messages = [{"role": "system", "content": PRIVATE_SYSTEM},
-                        {"role": "user", "content": f"## Context\n{plan.context}\n\n## Task\n{args.instruction}"}]
-    private_ids = render_prompt(slm_tok, private_messages)
+    private_ids = render_prompt(slm_tok, private_messages(args.instruction, plan.context))
     if slm_only:
         alone = generate_alone(slm, slm_tok, private_ids, args.max_new_tokens, **_sampling(args))
         print(alone.text)
@@ -401,10 +398,9 @@ def run_generate(args: argparse.Namespace) -> int:
         return 0
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
-    public_messages = [{"role": "system", "content": PUBLIC_SYSTEM}, {"role": "user", "content": plan.public}]
     head, alpha, weight = _weight(plan, vmap)
     proc = CoGenesisLogitsProcessor(
-        llm, render_prompt(llm_tok, public_messages), head=head, alpha=alpha, vocab_map=vmap,
+        llm, render_prompt(llm_tok, public_messages(plan.public)), head=head, alpha=alpha, vocab_map=vmap,
         mode=None if head else (args.mode or "linear"), tail=None if head else (args.tail or "slm"),
         schedule=args.schedule, slm_tokenizer=slm_tok,
     )
