@@ -7,6 +7,14 @@ downloaded), so tests, docstring examples and users' own tests can run fused dec
 2
 """
 
-from logitfuse.testing.models import CORPUS, byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+import importlib
 
 __all__ = ["CORPUS", "byte_level_tokenizer", "sentencepiece_tokenizer", "tiny_llama"]
+
+
+def __getattr__(name: str):
+    # imported on first use: importing a transformers model class imports Triton, and the pytest
+    # plugin logitfuse.testing.doctests must load before tests/conftest.py picks Triton's interpreter
+    if name in __all__:
+        return getattr(importlib.import_module("logitfuse.testing.models"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
