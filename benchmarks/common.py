@@ -1,14 +1,15 @@
 """Shared pieces of the benchmarks: machine and version info, timing, JSON and PNG writing.
 
-Timing habits (gpt-fast, STYLE.md): warm-up iterations are dropped, the device is synchronized
-before every clock read, medians are reported. On CUDA the kernel benchmarks use
-``triton.testing.do_bench`` (median); on CPU a repeat loop around ``time.perf_counter``.
-Nothing here touches a device at import time.
+Timing habits (gpt-fast, STYLE.md), kept in one place: :func:`measure` drops warm-up calls,
+synchronizes the device before every clock read (:func:`now`) and reports the median of the
+repeats; :class:`CallTimer` times the calls of something that runs inside a loop the benchmark does
+not own (a processor inside ``generate``). Single operations on CUDA go through
+``triton.testing.do_bench`` instead (:func:`time_fn`). Nothing here touches a device at import time,
+and matplotlib (the optional ``bench`` extra) is imported only to draw.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -17,10 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from logitfuse.fileio import atomic_write, atomic_write_text
 
 DEFAULT_OUT = "benchmarks/results"
 
@@ -37,32 +41,83 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------ timing
-def time_cpu(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, min_time_s: float = 0.0,
-             device: torch.device | None = None) -> dict[str, float]:
-    """Median/min/max seconds of ``fn()`` over ``repeat`` calls after ``warmup`` dropped calls
-    (more calls while the total stays under ``min_time_s``). Synchronizes ``device`` around each call."""
-    device = device or torch.device("cpu")
+def now(device: torch.device | None = None) -> float:
+    """``time.perf_counter()`` after the work queued on ``device`` has finished (CUDA is asynchronous).
+
+    >>> now(torch.device("cpu")) <= now()
+    True
+    """
+    if device is not None:
+        synchronize(device)
+    return time.perf_counter()
+
+
+def measure(fn: Callable[[], Any], device: torch.device | None = None, *, warmup: int = 1, repeat: int = 5,
+            min_time_s: float = 0.0) -> dict[str, Any]:
+    """Seconds per call of ``fn()``: the one timing helper of the benchmarks.
+
+    ``warmup`` calls are made and dropped (caches, thread pools, lazy compilation), then ``fn`` runs
+    ``repeat`` times (more while their total stays under ``min_time_s``, at most 1000), each call
+    between two clock reads taken after synchronizing ``device`` (:func:`now`). Reports the median,
+    the minimum and the maximum, the number of timed calls and every time.
+
+    >>> calls = []
+    >>> timing = measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeat=3)
+    >>> len(calls), timing["n"], len(timing["times_s"]), timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+    (5, 3, 3, True)
+    """
     for _ in range(warmup):
         fn()
-    synchronize(device)
     times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < repeat or (time.perf_counter() - start_all) < min_time_s and len(times) < 1000:
-        synchronize(device)
-        t0 = time.perf_counter()
+    started = now(device)
+    while len(times) < repeat or (now() - started < min_time_s and len(times) < 1000):
+        t0 = now(device)
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+        times.append(now(device) - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times),
+            "times_s": times}
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> dict[str, float]:
-    """Median seconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, a repeat loop on CPU."""
+class CallTimer:
+    """Wraps a callable and records the seconds of each call (device synchronized around it).
+
+    For time spent inside a loop the benchmark does not own (a processor's calls inside
+    ``generate``, a backend's ``advance`` inside the processor): :attr:`times_s` per call,
+    :attr:`seconds` in total.
+
+    >>> double = CallTimer(lambda x: 2 * x)
+    >>> double(3), double(4), len(double.times_s), double.seconds >= 0
+    (6, 8, 2, True)
+    """
+
+    def __init__(self, fn: Callable[..., Any], device: torch.device | None = None):
+        self.fn, self.device, self.times_s = fn, device, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = now(self.device)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.times_s.append(now(self.device) - t0)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.times_s)
+
+    @property
+    def calls(self) -> int:
+        return len(self.times_s)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> dict[str, Any]:
+    """Median seconds of a single operation ``fn()`` (a kernel, a sampling step): on CUDA
+    ``triton.testing.do_bench`` (which also flushes the L2 cache between calls), elsewhere :func:`measure`."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -73,7 +128,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False)
             ms = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])
         ms = float(ms[0] if isinstance(ms, (list, tuple)) else ms)
         return {"median_s": ms / 1e3, "timer": "triton.testing.do_bench(median)"}
-    out = time_cpu(fn, warmup=1, repeat=3 if quick else 7, min_time_s=0.0 if quick else 0.5, device=device)
+    out = measure(fn, device, warmup=1, repeat=3 if quick else 7, min_time_s=0.0 if quick else 0.5)
     out["timer"] = "perf_counter repeat loop (median)"
     return out
 
@@ -149,17 +204,19 @@ def machine_line(info: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ output
 def command_line(name: str, argv: list[str] | None) -> str:
+    """The command a JSON records.
+
+    >>> command_line("decode", ["--quick", "--threads", "1"])
+    'logitfuse bench decode --quick --threads 1'
+    """
     args = " ".join(argv) if argv else ""
     return f"logitfuse bench {name} {args}".strip()
 
 
 def write_json(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any]) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stem}.json"
+    """``out_dir/stem.json``, written atomically, with the time of writing added."""
     payload.setdefault("written_utc", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(Path(out_dir) / f"{stem}.json", json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def report(args, name: str, argv: list[str] | None, started: float, machine: dict[str, Any], stem: str,
@@ -206,15 +263,22 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str) -> Path | None:
         return None
     import matplotlib.pyplot as plt
 
-    path = Path(out_dir) / f"{stem}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(Path(out_dir) / f"{stem}.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """``columns``: (key, header) pairs; floats printed with 3 significant digits."""
+    """``columns``: (key, header) pairs; floats printed with 3 significant digits, missing values as —.
+
+    >>> print(markdown_table([{"B": 1, "ms": 0.123456}, {"B": 8}], [("B", "batch"), ("ms", "ms")]))
+    | batch | ms |
+    |---|---|
+    | 1 | 0.123 |
+    | 8 | — |
+    """
     def fmt(v: Any) -> str:
         if v is None:
             return "—"
@@ -228,15 +292,16 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
     return "\n".join(lines)
 
 
-def add_common_args(parser) -> None:
+def add_common_args(parser, *, device: str = "auto") -> None:
+    """The options every benchmark takes (``device``: the default of ``--device``)."""
     parser.add_argument("--quick", action="store_true", help="small grid for a CPU run in a few minutes")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG (default {DEFAULT_OUT})")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    parser.add_argument("--device", default=device, help=f"auto (CUDA when available), cpu or cuda[:N] (default {device})")
     parser.add_argument("--tag", default="", help="suffix of the output file names (keeps several runs apart)")
     parser.add_argument("--no-plot", action="store_true",
                         help="write the JSON only (redraw later with `logitfuse bench plot FILE.json`)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's). On a shared, loaded CPU, 1 avoids OpenMP "
+                        help="torch CPU threads (default: torch's; `remote` gives llama.cpp as many). On a shared, loaded CPU, 1 avoids OpenMP "
                              "oversubscription, which can slow small ops 10-20x")
 
 
@@ -246,11 +311,3 @@ def setup(args) -> torch.device:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
 
-
-def run_standalone(name: str, doc: str, add_args: Callable, execute: Callable, argv: list[str] | None) -> int:
-    """``main()`` of a benchmark module run on its own (``python benchmarks/bench_NAME.py ...``):
-    its parser (first paragraph of ``doc`` as the description), then ``execute(args, argv)``."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog=f"logitfuse bench {name}", description=doc.split("\n\n")[0])
-    add_args(parser)
-    return execute(parser.parse_args(argv), argv)

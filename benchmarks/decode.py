@@ -4,12 +4,13 @@ batch size; plus a baseline shaped like the CoGenesis paper's code at batch 1: e
 re-reads the whole prefix (no KV cache) and a :class:`~logitfuse.PaperFusionHead` over both full
 logit vectors (2V -> 512 -> 16 -> 1) picks α.
 
-How it is measured (gpt-fast habits): greedy decoding, EOS disabled so every row runs all steps,
-one short warm-up generation dropped, the device synchronized before each clock read. A recorder
-``LogitsProcessor`` stamps the clock at every step, so per-step latency is the median gap between
+How it is measured (gpt-fast habits, the clocks of :mod:`logitfuse.bench.common`): greedy
+decoding, EOS disabled so every row runs all steps, one short warm-up generation of each kind
+dropped, the device synchronized before each clock read. A recorder ``LogitsProcessor`` stamps the
+clock at every step, so per-step latency is the median gap between
 consecutive steps (prefill excluded) and tokens/s = batch · (steps - 1) / (last stamp - first stamp).
 In the fused run the LLM backend's ``start``/``advance`` and the processor's call are also timed
-inside the same loop: fusion overhead = processor time - LLM time (α head + fusion + bookkeeping),
+inside the same loop (:class:`~logitfuse.bench.common.CallTimer`): fusion overhead = processor time - LLM time (α head + fusion + bookkeeping),
 reported over the step's SLM + LLM time; and the back-to-back ratio fused step / (SLM-alone step +
 LLM-alone step).
 """
@@ -18,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from logitfuse.backends import HFLLM
 from logitfuse.bench import common
 from logitfuse.functional import fuse
-from logitfuse.backends import HFLLM
 from logitfuse.heads import FusionHead, PaperFusionHead
 from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.vocab import VocabMap
@@ -118,7 +118,7 @@ class Setup:
         return [list(self.public_ids) for _ in range(batch)]
 
 
-# ------------------------------------------------------------------------------------ timing helpers
+# ------------------------------------------------------------------------------------ clocks in the loop
 class StepClock(LogitsProcessor):
     """Stamps the clock (device synchronized) at every step; returns the scores unchanged."""
 
@@ -126,43 +126,28 @@ class StepClock(LogitsProcessor):
         self.device, self.stamps = device, []
 
     def __call__(self, input_ids, scores):
-        common.synchronize(self.device)
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(common.now(self.device))
         return scores
 
 
-class Timed(LogitsProcessor):
-    """Wraps a processor and adds up the seconds spent in its calls."""
+class TimedProcessor(LogitsProcessor):
+    """Wraps a processor; :attr:`timer` (a :class:`~logitfuse.bench.common.CallTimer`) times its calls."""
 
     def __init__(self, inner, device: torch.device):
-        self.inner, self.device, self.seconds, self.calls = inner, device, 0.0, 0
+        self.timer = common.CallTimer(inner, device)
 
     def __call__(self, input_ids, scores):
-        common.synchronize(self.device)
-        t0 = time.perf_counter()
-        out = self.inner(input_ids, scores)
-        common.synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
+        return self.timer(input_ids, scores)
 
 
-def time_backend(llm: HFLLM, device: torch.device) -> dict[str, float]:
+def time_backend(llm: HFLLM, device: torch.device) -> list[common.CallTimer]:
     """Time ``llm.start`` and ``llm.advance`` inside the processor's calls (instance attributes)."""
-    totals = {"start_s": 0.0, "advance_s": 0.0}
+    timers = []
     for name in ("start", "advance"):
-        method = getattr(llm, name)
-
-        def wrapped(*a, _m=method, _k=f"{name}_s", **kw):
-            common.synchronize(device)
-            t0 = time.perf_counter()
-            out = _m(*a, **kw)
-            common.synchronize(device)
-            totals[_k] += time.perf_counter() - t0
-            return out
-
-        setattr(llm, name, wrapped)
-    return totals
+        timer = common.CallTimer(getattr(llm, name), device)
+        setattr(llm, name, timer)
+        timers.append(timer)
+    return timers
 
 
 def step_figures(stamps: list[float], batch: int) -> dict[str, float]:
@@ -190,18 +175,16 @@ def run_llm_alone(s: Setup, batch: int, new_tokens: int) -> dict[str, Any]:
         llm.start(s.public_batch(batch))
         nxt = llm._last.argmax(-1)
         for _ in range(new_tokens):
-            common.synchronize(s.device)
-            stamps.append(time.perf_counter())
+            stamps.append(common.now(s.device))
             out = llm.advance([[int(t)] for t in nxt.tolist()])
             nxt = out.next.argmax(-1)
-        common.synchronize(s.device)
-        stamps.append(time.perf_counter())
+        stamps.append(common.now(s.device))
     return step_figures(stamps, batch)
 
 
 def run_fused(s: Setup, batch: int, new_tokens: int, head_kind: str) -> dict[str, Any]:
     llm = HFLLM(s.llm_model, s.llm_tok)
-    backend_times = time_backend(llm, s.device)
+    backend_timers = time_backend(llm, s.device)
     kwargs: dict[str, Any] = {}
     if head_kind == "head":
         kwargs["head"] = FusionHead(s.v_slm, s.v_llm).to(s.device)
@@ -211,19 +194,18 @@ def run_fused(s: Setup, batch: int, new_tokens: int, head_kind: str) -> dict[str
         kwargs.update(vocab_map=s.vmap, slm_tokenizer=s.slm_tok, eos_token_id=[])
     proc = CoGenesisLogitsProcessor(llm, s.public_batch(batch), **kwargs)
     clock = StepClock(s.device)
-    timed = Timed(proc, s.device)
+    timed = TimedProcessor(proc, s.device)
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = common.now(s.device)
         s.slm.generate(**s.private_batch(batch), max_new_tokens=new_tokens, do_sample=False,
                        logits_processor=LogitsProcessorList([clock, timed]), pad_token_id=s.pad_slm)
-        common.synchronize(s.device)
-        total = time.perf_counter() - t0
+        total = common.now(s.device) - t0
     out = step_figures(clock.stamps, batch)
-    llm_s = backend_times["start_s"] + backend_times["advance_s"]
-    overhead_s = timed.seconds - llm_s
+    llm_s = sum(timer.seconds for timer in backend_timers)
+    overhead_s = timed.timer.seconds - llm_s
     models_s = total - overhead_s  # SLM forwards + generate's own work + LLM forwards
-    out.update(total_s=total, processor_s=timed.seconds, llm_s=llm_s, fusion_overhead_s=overhead_s,
-               fusion_overhead_ms_per_step=overhead_s / max(timed.calls, 1) * 1e3,
+    out.update(total_s=total, processor_s=timed.timer.seconds, llm_s=llm_s, fusion_overhead_s=overhead_s,
+               fusion_overhead_ms_per_step=overhead_s / max(timed.timer.calls, 1) * 1e3,
                fusion_overhead_frac_in_loop=overhead_s / models_s, llm_calls=proc.stats["llm_calls"])
     return out
 
@@ -281,9 +263,9 @@ def run(*, quick: bool, device: torch.device, tiny: bool = False, slm: str = "sm
     run_fused(s, 1, 3, head)
     rows = []
     for batch in batches:
-        for name, fn in (("slm", lambda: run_slm_alone(s, batch, new_tokens)),
-                         ("llm", lambda: run_llm_alone(s, batch, new_tokens)),
-                         ("fused", lambda: run_fused(s, batch, new_tokens, head))):
+        for name, fn in (("slm", lambda b=batch: run_slm_alone(s, b, new_tokens)),
+                         ("llm", lambda b=batch: run_llm_alone(s, b, new_tokens)),
+                         ("fused", lambda b=batch: run_fused(s, b, new_tokens, head))):
             row = {"config": name, "B": batch, "new_tokens": new_tokens, **fn()}
             rows.append(row)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -358,10 +340,3 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     stem = f"decode_{device.type}" + ("_tiny" if args.tiny else "") + ("_quick" if args.quick else "")
     return common.report(args, "decode", argv, started, info, stem, result, plot, TABLE_COLUMNS)
 
-
-def main(argv: list[str] | None = None) -> int:
-    return common.run_standalone("decode", __doc__, add_args, execute, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

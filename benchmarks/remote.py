@@ -1,145 +1,157 @@
-"""Fused decoding with the LLM behind llama.cpp's server vs the same LLM in-process (HFLLM), on CPU.
+"""Remote-LLM decoding benchmark: fused decoding with the LLM behind llama.cpp's server vs the same
+LLM in-process (:class:`~logitfuse.HFLLM`), batch 1, on one machine.
 
-Per-step latency and tokens/s of `slm.generate(..., logits_processor=[CoGenesisLogitsProcessor])`,
-batch 1, greedy, a fixed number of new tokens, for:
+Per-step latency and tokens/s of ``slm.generate(..., logits_processor=[CoGenesisLogitsProcessor])``,
+greedy, exactly ``--new-tokens`` new tokens, for three paths:
 
-- `slm-only`: the SLM alone (no processor), the floor;
-- `hfllm`: the LLM in-process (transformers, its own KV cache, dense logits);
-- `llama.cpp`: the LLM behind llama.cpp's server (`logitfuse.engines.LlamaCppServer`, which starts
-  `python -m logitfuse.engines_server`: llama.cpp's extra CPU weight buffers off) on 127.0.0.1 (the zoo's GGUF file,
-  text prompts re-sent each step, its prompt cache reusing the prefix; top-k log-probabilities).
+- ``slm-only``: the SLM alone (no processor), the floor;
+- ``hfllm (in-process)``: the LLM in transformers, its own KV cache, dense logits;
+- ``llama.cpp server (top-K)``: the LLM behind llama.cpp's server
+  (:class:`logitfuse.engines.LlamaCppServer`, which starts ``python -m logitfuse.engines_server``:
+  llama.cpp's extra CPU weight buffers off) on 127.0.0.1, serving the zoo's GGUF file of ``--llm``;
+  text prompts re-sent each step, its prompt cache reusing the prefix; top-K log-probabilities.
 
-Writes benchmarks/results/remote.json and prints a Markdown table. Needs
-`pip install "llama-cpp-python[server]==0.3.36"` and the zoo models installed.
+How it is measured (:func:`logitfuse.bench.common.measure`): per path one whole generation is
+dropped (caches, thread pools, the server's prompt cache), then ``--reps`` generations are timed,
+each with a fresh processor built before the clock starts; the median is reported. Every LLM call
+(the backend's ``advance``) is timed inside the loop (:class:`~logitfuse.bench.common.CallTimer`).
+llama.cpp runs with as many threads as torch (``--threads``).
 
-    python benchmarks/bench_remote.py --slm smollm2-135m --llm smollm2-135m --new-tokens 32 --threads 2
+Needs ``pip install "logitfuse[engine]"`` (llama-cpp-python's server) and the zoo models installed
+(``logitfuse models install NAME``); both are checked before anything loads.
+
+    logitfuse bench remote --slm smollm2-135m --llm smollm2-135m --new-tokens 32 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-import logitfuse
-from logitfuse import zoo
-from logitfuse.engines import LlamaCppServer
+from logitfuse.bench import common
 
 PRIVATE = "My name is Martin Keller; I sell houses on Maple Drive and my party is on Saturday at 4 pm."
 PUBLIC = "Write a short invitation to a garden party."
 
 
-class Timed:
-    """Wraps a backend's advance() to time each LLM call."""
+def time_path(name: str, generate: Callable[[Any], int], make_processor: Callable[[], tuple[Any, Any]],
+              reps: int, device: torch.device) -> dict[str, Any]:
+    """Time ``generate(processor)`` (returns the tokens it produced): one dropped run, then ``reps``.
 
-    def __init__(self, llm):
-        self.llm, self.times = llm, []
-        self._advance = llm.advance
+    ``make_processor()`` gives ``(processor or None, CallTimer of the LLM calls or None)``; one pair
+    per run is built before anything is timed.
+    """
+    runs = [make_processor() for _ in range(reps + 1)]
+    produced: list[int] = []
 
-        def advance(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return self._advance(*args, **kwargs)
-            finally:
-                self.times.append(time.perf_counter() - t0)
+    def once() -> None:
+        processor, _ = runs[len(produced)]
+        produced.append(generate(processor))
 
-        llm.advance = advance
+    timing = common.measure(once, device, warmup=1, repeat=reps)
+    timed_runs = list(zip(runs[1:], produced[1:], timing["times_s"]))
+    (best_proc, _), tokens, _ = min(timed_runs, key=lambda run: run[2])
+    calls = [1e3 * t for (_, timer), _, _ in timed_runs if timer is not None for t in timer.times_s]
+    seconds = timing["median_s"]
+    return {"path": name, "tokens": tokens, "seconds_median": seconds, "tokens_per_s": tokens / seconds,
+            "step_ms": 1e3 * seconds / tokens, "llm_call_ms_mean": statistics.mean(calls) if calls else None,
+            "llm_call_ms_p50": statistics.median(calls) if calls else None, "reps": timing["n"],
+            "stats": dict(best_proc.stats) if best_proc is not None else {}}
 
 
-def run_once(slm, inputs, n_new, proc, eos):
+def run(*, slm: str, llm: str, device: torch.device, new_tokens: int, reps: int, top_k: int, alpha: float,
+        n_ctx: int, log=print) -> dict[str, Any]:
+    import logitfuse
+    from logitfuse import zoo
+    from logitfuse.engines import LlamaCppServer
+
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = slm.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                           logits_processor=[proc] if proc is not None else None, pad_token_id=eos)
-    elapsed = time.perf_counter() - t0
-    return elapsed, out.shape[1] - inputs["input_ids"].shape[1]
-
-
-def measure(name, slm, inputs, n_new, make_proc, eos, reps):
-    rows = []
-    for rep in range(reps + 1):  # the first run warms up (caches, thread pools, server prompt cache)
-        proc, timed = make_proc()
-        elapsed, produced = run_once(slm, inputs, n_new, proc, eos)
-        if rep == 0:
-            continue
-        rows.append({"seconds": elapsed, "tokens": produced,
-                     "llm_call_ms": [1e3 * t for t in timed.times] if timed else [],
-                     "stats": dict(proc.stats) if proc is not None else {}})
-    best = min(rows, key=lambda r: r["seconds"])
-    secs = statistics.median(r["seconds"] for r in rows)
-    calls = [t for r in rows for t in r["llm_call_ms"]]
-    return {"path": name, "tokens": best["tokens"], "seconds_median": secs,
-            "tokens_per_s": best["tokens"] / secs, "step_ms": 1e3 * secs / best["tokens"],
-            "llm_call_ms_mean": statistics.mean(calls) if calls else None,
-            "llm_call_ms_p50": statistics.median(calls) if calls else None, "reps": len(rows),
-            "stats": best["stats"]}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slm", default="smollm2-135m")
-    parser.add_argument("--llm", default="smollm2-135m", help="zoo name: its GGUF is served, its folder runs in-process")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=512, help="llama.cpp context (its per-request cost grows with it)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "remote.json"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    slm, slm_tok, _ = zoo.load(args.slm, install=False, progress=False)
-    llm_model, llm_tok, _ = zoo.load(args.llm, install=False, progress=False)
+    slm_model, slm_tok, _ = zoo.load(slm, device=str(device), install=False, progress=False)
+    llm_model, llm_tok, _ = zoo.load(llm, device=str(device), install=False, progress=False)
+    log(f"models {slm} / {llm} on {device} (loaded in {time.perf_counter() - t0:.1f} s)")
     messages = [{"role": "system", "content": PRIVATE}, {"role": "user", "content": PUBLIC}]
-    inputs = slm_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = slm_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(device)
     eos = slm_tok.eos_token_id
-    same_tok = slm_tok.get_vocab() == llm_tok.get_vocab()
-    vmap = None if same_tok else logitfuse.VocabMap.from_tokenizers(slm_tok, llm_tok)
+    vmap = None if slm_tok.get_vocab() == llm_tok.get_vocab() else logitfuse.VocabMap.from_tokenizers(slm_tok, llm_tok)
 
-    def processor(llm):
-        return logitfuse.CoGenesisLogitsProcessor(llm, PUBLIC, alpha=args.alpha, apply_chat_template=True,
-                                                  vocab_map=vmap, slm_tokenizer=slm_tok)
+    def generate(processor) -> int:
+        with torch.no_grad():
+            out = slm_model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     logits_processor=[processor] if processor is not None else None, pad_token_id=eos)
+        return out.shape[1] - inputs["input_ids"].shape[1]
 
-    results = [measure("slm-only", slm, inputs, args.new_tokens, lambda: (None, None), eos, args.reps)]
+    def fused(backend) -> tuple[Any, common.CallTimer]:
+        timer = common.CallTimer(backend.advance, device)
+        backend.advance = timer
+        return logitfuse.CoGenesisLogitsProcessor(backend, PUBLIC, alpha=alpha, apply_chat_template=True,
+                                                  vocab_map=vmap, slm_tokenizer=slm_tok), timer
 
-    def hf_proc():
-        llm = logitfuse.HFLLM(llm_model, llm_tok)
-        timed = Timed(llm)
-        return processor(llm), timed
+    rows = [time_path("slm-only", generate, lambda: (None, None), reps, device),
+            time_path("hfllm (in-process)", generate, lambda: fused(logitfuse.HFLLM(llm_model, llm_tok)), reps, device)]
+    log(rows[0])
+    log(rows[1])
+    with LlamaCppServer(zoo.gguf_path(llm), alias="llm", n_ctx=n_ctx, n_threads=torch.get_num_threads()) as server:
+        def remote():
+            return fused(logitfuse.OpenAICompatibleLLM(server.url, "llm", top_k=top_k, tokenizer=llm_tok,
+                                                       prompt_format="text", on_failure="raise"))
 
-    results.append(measure("hfllm (in-process)", slm, inputs, args.new_tokens, hf_proc, eos, args.reps))
-
-    with LlamaCppServer(zoo.gguf_path(args.llm), alias="llm", n_ctx=args.n_ctx, n_threads=args.threads) as server:
-        def remote_proc():
-            llm = logitfuse.OpenAICompatibleLLM(server.url, "llm", top_k=args.top_k, tokenizer=llm_tok,
-                                                prompt_format="text", on_failure="raise")
-            timed = Timed(llm)
-            proc = processor(llm)
-            return proc, timed
-
-        results.append(measure(f"llama.cpp server (top-{args.top_k})", slm, inputs, args.new_tokens,
-                               remote_proc, eos, args.reps))
-
-    record = {"command": "python benchmarks/bench_remote.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "slm": args.slm, "llm": args.llm, "new_tokens": args.new_tokens, "batch": 1, "alpha": args.alpha,
-              "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "torch": torch.__version__, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print("| path | tokens/s | ms/step | LLM call ms (mean / p50) |")
-    print("| --- | ---: | ---: | ---: |")
-    for r in results:
-        call = "-" if r["llm_call_ms_mean"] is None else f"{r['llm_call_ms_mean']:.1f} / {r['llm_call_ms_p50']:.1f}"
-        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.1f} | {call} |")
-    print(f"\nwritten {args.out}")
+        rows.append(time_path(f"llama.cpp server (top-{top_k})", generate, remote, reps, device))
+        log(rows[-1])
+    return {"models": {"slm": slm, "llm": llm, "llm_gguf": zoo.gguf_path(llm).name,
+                       "vocab_map": "identity" if vmap is None else "cross"}, "rows": rows}
 
 
-if __name__ == "__main__":
-    main()
+def plot(result: dict[str, Any], out_dir: str, stem: str):
+    fig, axes = common.new_figure(ncols=2)
+    if fig is None:
+        return None
+    rows = result["rows"]
+    names = [r["path"] for r in rows]
+    axes[0].bar(names, [r["tokens_per_s"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    axes[0].set_ylabel("tokens/s (B=1)")
+    axes[0].set_title("fused decoding, LLM in-process vs served")
+    with_calls = [r for r in rows if r["llm_call_ms_p50"] is not None]
+    axes[1].bar([r["path"] for r in with_calls], [r["llm_call_ms_p50"] for r in with_calls], color="C1")
+    axes[1].set_ylabel("LLM call ms (median)")
+    axes[1].set_title("one LLM step")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    m = result["models"]
+    fig.suptitle(f"SLM {m['slm']} / LLM {m['llm']}", fontsize=8)
+    return common.save_figure(fig, out_dir, stem)
+
+
+TABLE_COLUMNS = [("path", "path"), ("tokens_per_s", "tokens/s"), ("step_ms", "ms/step"),
+                 ("llm_call_ms_mean", "LLM call ms (mean)"), ("llm_call_ms_p50", "LLM call ms (median)")]
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_common_args(parser, device="cpu")
+    parser.add_argument("--slm", default="smollm2-135m", help="zoo name of the SLM (default smollm2-135m)")
+    parser.add_argument("--llm", default="smollm2-135m",
+                        help="zoo name of the LLM: its GGUF is served, its folder runs in-process (default smollm2-135m)")
+    parser.add_argument("--new-tokens", type=int, help="new tokens per generation (default 8 with --quick, else 32)")
+    parser.add_argument("--reps", type=int, help="timed generations per path, after one dropped (default 1 with --quick, else 2)")
+    parser.add_argument("--top-k", type=int, default=20, help="log-probabilities per step from the server (default 20)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="fixed fusion weight of the SLM (default 0.5)")
+    parser.add_argument("--n-ctx", type=int, default=512, help="llama.cpp context (its per-request cost grows with it; default 512)")
+
+
+def execute(args: argparse.Namespace, argv: list[str]) -> int:
+    started = time.perf_counter()
+    device = common.setup(args)
+    info = common.machine_info(device)
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    reps = args.reps or (1 if args.quick else 2)
+    result = run(slm=args.slm, llm=args.llm, device=device, new_tokens=new_tokens, reps=reps, top_k=args.top_k,
+                 alpha=args.alpha, n_ctx=args.n_ctx)
+    stem = "remote" + ("_quick" if args.quick else "")
+    return common.report(args, "remote", argv, started, info, stem, result, plot, TABLE_COLUMNS, batch=1,
+                         new_tokens=new_tokens, reps=reps, top_k=args.top_k, alpha=args.alpha, n_ctx=args.n_ctx,
+                         llama_cpp_threads=torch.get_num_threads())

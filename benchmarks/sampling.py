@@ -11,7 +11,6 @@ a CPU user gets, so the CPU figures compare two torch pipelines.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -68,12 +67,12 @@ def run(*, quick: bool, device: torch.device, batches=None, vocabs=None, llm_kin
                                    top_p=torch.full((batch,), TOP_P, device=device))
                 uniform = torch.rand(batch, device=device, generator=gen)
                 impls = [
-                    ("fused", lambda: fused_sample(**sample_args, uniform=uniform)),
-                    ("mix_then_sort", lambda: sort_top_p_sample(fuse(**args), TOP_P, gen)),
+                    ("fused", lambda a=sample_args, u=uniform: fused_sample(**a, uniform=u)),
+                    ("mix_then_sort", lambda a=args: sort_top_p_sample(fuse(**a), TOP_P, gen)),
                 ]
                 if fs is not None:
                     impls.append(("mix_then_flashinfer",
-                                  lambda: fs.top_p_sampling_from_probs(fuse(**args).softmax(-1), TOP_P, generator=gen)))
+                                  lambda a=args: fs.top_p_sampling_from_probs(fuse(**a).softmax(-1), TOP_P, generator=gen)))
                 row: dict[str, Any] = dict(llm=llm_kind, B=batch, V=vocab, top_p=TOP_P)
                 for name, fn in impls:
                     try:
@@ -129,10 +128,3 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     stem = f"sampling_{device.type}" + ("_quick" if args.quick else "")
     return common.report(args, "sampling", argv, started, info, stem, result, plot, TABLE_COLUMNS, mode="linear", tail="slm")
 
-
-def main(argv: list[str] | None = None) -> int:
-    return common.run_standalone("sampling", __doc__, add_args, execute, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -85,7 +84,7 @@ def worker(path: str, n: int, vocab: int, device: torch.device, steps: int, warm
         with torch.no_grad():
             return torch.cat([head.features(slm[i:i + CHUNK], llm[i:i + CHUNK], vmap) for i in range(0, n, CHUNK)])
 
-    def step() -> float:
+    def step() -> float:  # one AdamW step; returns the loss
         feats = features_chunked()
         alpha = head.alpha_from_features(feats)
         if path == "naive":
@@ -103,21 +102,16 @@ def worker(path: str, n: int, vocab: int, device: torch.device, steps: int, warm
         opt.step()
         return float(loss.detach())
 
-    times = []
-    for i in range(steps + warmup):  # the first `warmup` steps are dropped
-        common.synchronize(device)
-        t0 = time.perf_counter()
-        loss = step()
-        common.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    losses = []
+    timing = common.measure(lambda: losses.append(step()), device, warmup=warmup, repeat=steps)
+    loss = losses[-1]
     if device.type == "cuda":
         peak_above = torch.cuda.max_memory_allocated(device) - base
         meter = "torch.cuda.max_memory_allocated - allocated after inputs"
     else:
         peak_above = _rss_bytes() - base
         meter = "ru_maxrss - ru_maxrss after inputs (subprocess)"
-    return {"path": path, "N": n, "V": vocab, "step_ms": statistics.median(times) * 1e3, "steps": len(times), "warmup_steps": warmup,
+    return {"path": path, "N": n, "V": vocab, "step_ms": timing["median_s"] * 1e3, "steps": timing["n"], "warmup_steps": warmup,
             "peak_above_inputs_mib": peak_above / 2**20, "inputs_mib": 2 * n * vocab * 4 / 2**20,
             "peak_total_mib": (peak_above + 2 * n * vocab * 4) / 2**20, "loss": loss, "meter": meter}
 
@@ -217,15 +211,18 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     return common.report(args, "train", argv, started, info, stem, result, plot, TABLE_COLUMNS, mode="linear", tail="slm")
 
 
-def main(argv: list[str] | None = None) -> int:
+def worker_main(argv: list[str] | None = None) -> int:
+    """``python -m logitfuse.bench.train --worker PATH N V DEVICE STEPS THREADS WARMUP``: one
+    configuration in a fresh process (:func:`run_subprocess`); prints its row as one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        path, n, vocab, device, steps, threads, warmup = argv[1:8]
-        torch.set_num_threads(int(threads))
-        print(json.dumps(worker(path, int(n), int(vocab), torch.device(device), int(steps), int(warmup))))
-        return 0
-    return common.run_standalone("train", __doc__, add_args, execute, argv)
+    if argv[:1] != ["--worker"] or len(argv) != 8:
+        print("internal entry point of `logitfuse bench train` (run that instead)", file=sys.stderr)
+        return 2
+    path, n, vocab, device, steps, threads, warmup = argv[1:8]
+    torch.set_num_threads(int(threads))
+    print(json.dumps(worker(path, int(n), int(vocab), torch.device(device), int(steps), int(warmup))))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(worker_main())

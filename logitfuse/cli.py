@@ -7,7 +7,7 @@ sets ``func`` on its parser (listed in ``_SUBCOMMANDS``), so a new command never
     logitfuse serve --model DIR [--host 127.0.0.1] [--port 8000] [--top-k-max 20]
     logitfuse train ... / logitfuse eval ...      (logitfuse.train_fuser.cli)
     logitfuse models {list,install,path}          (logitfuse.zoo)
-    logitfuse bench {kernels,sampling,decode,train,plot}   (logitfuse.bench)
+    logitfuse bench {kernels,sampling,decode,train,remote,plot}   (logitfuse.bench: benchmarks/)
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def _add_demo_generate(subparsers: argparse._SubParsersAction) -> None:
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     from logitfuse.bench.cli import add_bench_subcommand
 
-    add_bench_subcommand(subparsers)  # `bench {kernels,sampling,decode,train,plot}`
+    add_bench_subcommand(subparsers)  # `bench {kernels,sampling,decode,train,remote,plot}`
 
 
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
