@@ -33,8 +33,9 @@ python -c 'import sys, torch, triton, transformers; print("python", sys.version.
 "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
 
 # logitfuse is copied in, not installed. An editable install without build isolation works offline when
-# setuptools is present; otherwise assemble the package layout (kernels/ and train_fuser/ become
-# logitfuse.kernels / logitfuse.train_fuser, as setup.py's package_dir does) in a temp folder on PYTHONPATH,
+# setuptools is present; otherwise assemble the package layout (kernels/, train_fuser/ and the benchmark
+# modules of benchmarks/ become logitfuse.kernels / logitfuse.train_fuser / logitfuse.bench, as setup.py's
+# package_dir does) in a temp folder on PYTHONPATH,
 # and run the benchmarks from that folder: `python -m` puts the current folder first on sys.path, where
 # the repository's own logitfuse/ (without kernels/) would shadow the assembled package.
 BENCH_DIR="$PWD"
@@ -43,6 +44,7 @@ if ! pip install --no-deps --no-build-isolation --no-index -q -e . ; then
     cp -r logitfuse "$SHIM/logitfuse"
     cp -r kernels "$SHIM/logitfuse/kernels"
     cp -r train_fuser "$SHIM/logitfuse/train_fuser"
+    mkdir "$SHIM/logitfuse/bench" && cp benchmarks/*.py "$SHIM/logitfuse/bench/"  # the code, not the results
     export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
     BENCH_DIR="$SHIM"
     echo "editable install failed: using PYTHONPATH=$SHIM"
