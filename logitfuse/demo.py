@@ -12,8 +12,7 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import torch
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.cli import UsageError, check_device, check_model, check_range
+from logitfuse.demo_generation import fuse_on_engine, generate_alone, load_slm, slm_alone, vocab_map_for
 from logitfuse.heads import load_head
-from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.llama_slm import LlamaCppSLM, llama_cpp_python_missing
 from logitfuse.prompts import (bundled_split, load_examples, private_messages, public_instruction, public_messages,
                                render_prompt, shipped_path)
 from logitfuse.schedules import parse as parse_schedule
@@ -37,59 +37,6 @@ def bundled_head_dir(slm_name: str, llm_name: str, variant: str = "dense") -> Pa
     """The head shipped for a model pair, trained with `logitfuse train` (``None`` when there is none)."""
     folder = shipped_path("heads", f"{slm_name}__{llm_name}", variant)
     return folder if (folder / "config.json").is_file() else None
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    seconds: float
-    alpha: list[float] = field(default_factory=list)  # per generated token (fused runs only)
-    stats: dict[str, int] = field(default_factory=dict)
-
-
-def _generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, processor=None,
-              **sampling: Any) -> tuple[list[int], float]:
-    inputs = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    started = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                             logits_processor=[processor] if processor is not None else None, pad_token_id=pad,
-                             **sampling)
-    return out[0, inputs.shape[1]:].tolist(), time.perf_counter() - started
-
-
-def _strip_eos(ids: list[int], tokenizer: Any) -> list[int]:
-    special = set(tokenizer.all_special_ids)
-    while ids and ids[-1] in special:
-        ids = ids[:-1]
-    return ids
-
-
-def generate_alone(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, **sampling: Any) -> Generation:
-    ids, seconds = _generate(model, tokenizer, prompt_ids, max_new_tokens, **sampling)
-    ids = _strip_eos(ids, tokenizer)
-    return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, seconds)
-
-
-def generate_fused(slm: Any, slm_tokenizer: Any, private_ids: list[int], processor: CoGenesisLogitsProcessor,
-                   max_new_tokens: int, **sampling: Any) -> Generation:
-    """Run ``slm.generate`` on the private prompt with ``processor`` fusing in the LLM."""
-    processor.reset()
-    ids, seconds = _generate(slm, slm_tokenizer, private_ids, max_new_tokens, processor, **sampling)
-    alpha = [float(a[0]) for a in processor.alpha_history]
-    ids = _strip_eos(ids, slm_tokenizer)
-    return Generation(slm_tokenizer.decode(ids, skip_special_tokens=True), ids, seconds, alpha[: len(ids)],
-                      dict(processor.stats))
-
-
-def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokenizer: Any) -> VocabMap:
-    """Identity for one tokenizer on both sides, else the exact-text map between the two."""
-    v_slm = slm.get_output_embeddings().weight.shape[0]
-    if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
-        return VocabMap.identity(v_slm, llm_vocab_size, n_shared=min(len(slm_tokenizer), v_slm, llm_vocab_size))
-    return VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer, v_slm=v_slm, v_llm=llm_vocab_size)
 
 
 # ------------------------------------------------------------------------------------ output
@@ -203,8 +150,28 @@ def _choose_weight(args: argparse.Namespace, plan: _Plan, variant: str) -> None:
         plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}"
 
 
+def _check_slm_engine(args: argparse.Namespace) -> None:
+    """--slm-engine llama.cpp runs a zoo model's GGUF file on the CPU, as it is."""
+    if args.slm_engine != "llama.cpp":
+        return
+    missing = llama_cpp_python_missing()
+    if missing:
+        raise UsageError(f"--slm-engine llama.cpp {missing} (or use --slm-engine transformers)")
+    gguf_models = [spec.name for spec in zoo.list_models()]
+    if args.slm not in gguf_models:
+        raise UsageError(f"--slm-engine llama.cpp runs a zoo model's GGUF file, and --slm {args.slm!r} is none of "
+                         f"{', '.join(gguf_models)}; pass one of them, or --slm-engine transformers")
+    if args.adapter is not None:
+        raise UsageError("--adapter is a LoRA adapter for the transformers SLM; llama.cpp runs the GGUF file as it "
+                         "is: drop --adapter, or use --slm-engine transformers")
+    if args.device != "cpu":
+        raise UsageError(f"--device {args.device}: --slm-engine llama.cpp runs on the CPU; pass --device cpu (the "
+                         "default), or use --slm-engine transformers")
+
+
 def _check_common(args: argparse.Namespace) -> None:
     check_range("--max-new-tokens", args.max_new_tokens, low=1)
+    _check_slm_engine(args)
     if args.adapter is not None:  # a LoRA adapter folder: its files are there
         try:
             zoo.adapter_sha256(args.adapter)
@@ -308,29 +275,30 @@ def _llm_silence(stats: dict[str, int], where: str) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     plan = _check_demo(args)
     color = use_color(args.color)
-    print(f"logitfuse demo: on-device SLM {args.slm} (sees the private context), cloud LLM {args.llm} "
-          f"(sees only the public task title)", flush=True)
-    slm, slm_tok, _ = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    print(f"logitfuse demo: on-device SLM {args.slm} in {args.slm_engine} (sees the private context), cloud LLM "
+          f"{args.llm} (sees only the public task title)", flush=True)
+    example = plan.example
+    slm, slm_tok, private_ids = load_slm(args.slm, example.private_messages(args.max_history), engine=args.slm_engine,
+                                         max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
+                                         adapter=args.adapter)
     llm_model, llm_tok, _ = zoo.load(args.llm, dtype=args.dtype, device=args.device)
     llm = HFLLM(llm_model, llm_tok)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
-    example = plan.example
-    private_ids = render_prompt(slm_tok, example.private_messages(args.max_history))
     public_ids = render_prompt(llm_tok, example.public_messages())
     head, alpha, weight = _weight(plan, vmap)
-    proc = CoGenesisLogitsProcessor(llm, public_ids, head=head, alpha=alpha, vocab_map=vmap, slm_tokenizer=slm_tok,
-                                    schedule=args.schedule)
-    sampling = dict(do_sample=False, repetition_penalty=args.repetition_penalty)
+    greedy = dict(do_sample=False, repetition_penalty=args.repetition_penalty)
+    sampling = dict(repetition_penalty=args.repetition_penalty) if isinstance(slm, LlamaCppSLM) else greedy
 
     print(_section("What the cloud LLM saw (all of it)", llm_tok.decode(public_ids)))
     print(_section("Kept on the device (not shown in full)",
                    f"profile of {len(example.additional_profile)} characters, {len(example.profile)} writing samples, "
                    f"the full instruction: {example.instruction!r}"))
-    slm_alone = generate_alone(slm, slm_tok, private_ids, args.max_new_tokens, **sampling)
-    print(_section(f"SLM alone, with the private context ({slm_alone.seconds:.1f} s)", slm_alone.text), flush=True)
-    llm_alone = generate_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, **sampling)
+    alone = slm_alone(slm, slm_tok, private_ids, args.max_new_tokens, **sampling)
+    print(_section(f"SLM alone, with the private context ({alone.seconds:.1f} s)", alone.text), flush=True)
+    llm_alone = generate_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, **greedy)
     print(_section(f"LLM alone, without it ({llm_alone.seconds:.1f} s)", llm_alone.text), flush=True)
-    fused = generate_fused(slm, slm_tok, private_ids, proc, args.max_new_tokens, **sampling)
+    fused = fuse_on_engine(slm, slm_tok, private_ids, llm, public_ids, args.max_new_tokens, sampling, head=head,
+                           alpha=alpha, vocab_map=vmap, schedule=args.schedule)
     print(_section(f"Fused, {weight} ({fused.seconds:.1f} s)", colour_by_alpha(slm_tok, fused.token_ids, fused.alpha, color)))
     print(legend(color), end="")
     mean_alpha = sum(fused.alpha) / max(len(fused.alpha), 1)
@@ -370,7 +338,10 @@ def served_model_name(base_url: str, timeout: float = 10.0) -> str:
                          "--served-model NAME") from None
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+def _sampling(args: argparse.Namespace, slm: Any) -> dict[str, Any]:
+    """Greedy at --temperature 0, else sampling with --temperature and --top-p from --seed, for the SLM's engine."""
+    if isinstance(slm, LlamaCppSLM):
+        return {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     sampling: dict[str, Any] = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         torch.manual_seed(args.seed)
@@ -388,10 +359,12 @@ def run_generate(args: argparse.Namespace) -> int:
         served = args.served_model or (served_model_name(args.llm) if _is_url(args.llm) else None)
         print(f"logitfuse generate: the cloud LLM ({args.llm}) will see: {plan.public!r}, then the text generated "
               "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
-    slm, slm_tok, _ = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
-    private_ids = render_prompt(slm_tok, private_messages(args.instruction, plan.context))
+    slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
+                                         engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                         device=args.device, adapter=args.adapter,
+                                         torch_llm=not (slm_only or _is_url(args.llm)))
     if slm_only:
-        alone = generate_alone(slm, slm_tok, private_ids, args.max_new_tokens, **_sampling(args))
+        alone = slm_alone(slm, slm_tok, private_ids, args.max_new_tokens, **_sampling(args, slm))
         print(alone.text)
         print(f"[{len(alone.token_ids)} tokens, SLM alone (--alpha 1), no LLM calls, {alone.seconds:.1f} s; "
               "the LLM saw nothing]", file=sys.stderr)
@@ -399,12 +372,10 @@ def run_generate(args: argparse.Namespace) -> int:
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = _weight(plan, vmap)
-    proc = CoGenesisLogitsProcessor(
-        llm, render_prompt(llm_tok, public_messages(plan.public)), head=head, alpha=alpha, vocab_map=vmap,
-        mode=None if head else (args.mode or "linear"), tail=None if head else (args.tail or "slm"),
-        schedule=args.schedule, slm_tokenizer=slm_tok,
-    )
-    fused = generate_fused(slm, slm_tok, private_ids, proc, args.max_new_tokens, **_sampling(args))
+    fused = fuse_on_engine(slm, slm_tok, private_ids, llm, render_prompt(llm_tok, public_messages(plan.public)),
+                           args.max_new_tokens, _sampling(args, slm), head=head, alpha=alpha, vocab_map=vmap,
+                           mode=None if head else (args.mode or "linear"), tail=None if head else (args.tail or "slm"),
+                           schedule=args.schedule)
     print(colour_by_alpha(slm_tok, fused.token_ids, fused.alpha, use_color(args.color)))
     silence = _llm_silence(fused.stats, args.llm)
     print(f"[{fused.stats['steps']} steps, {fused.stats['llm_calls']} LLM calls, {fused.stats['fallbacks']} fallbacks, "
@@ -433,6 +404,8 @@ def _shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="always", help='"always", "periodic(P, K, T)" or "entropy_gate(h)"')
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the local models (default cpu)")
+    parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="run the SLM in transformers, or in llama.cpp from the zoo's GGUF file")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
 
 

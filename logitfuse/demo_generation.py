@@ -1,0 +1,124 @@
+"""The on-device SLM of `logitfuse demo` and `logitfuse generate`, on either engine.
+
+- ``transformers``: ``model.generate`` with a :class:`CoGenesisLogitsProcessor` fusing in the LLM;
+- ``llama.cpp``: the zoo's GGUF file in a :class:`LlamaCppSLM`, fused by its own decode loop.
+
+Both give the text, the generated ids, the seconds and, fused, the α per token and the session's
+counters, so the commands print either the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from logitfuse import zoo
+from logitfuse.llama_slm import LlamaCppSLM, generate_fused_llama_cpp
+from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.prompts import render_prompt
+from logitfuse.vocab import VocabMap
+
+__all__ = ["Generation", "fuse_on_engine", "generate_alone", "generate_fused", "load_slm", "slm_alone", "vocab_map_for"]
+
+
+@dataclass
+class Generation:
+    """One run of a model: its text, generated ids (no end-of-generation id) and wall time; fused runs add α
+    per token and the counters."""
+
+    text: str
+    token_ids: list[int]
+    seconds: float
+    alpha: list[float] = field(default_factory=list)  # per generated token (fused runs only)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, processor=None,
+              **sampling: Any) -> tuple[list[int], float]:
+    inputs = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                             logits_processor=[processor] if processor is not None else None, pad_token_id=pad,
+                             **sampling)
+    return out[0, inputs.shape[1]:].tolist(), time.perf_counter() - started
+
+
+def _strip_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    special = set(tokenizer.all_special_ids)
+    while ids and ids[-1] in special:
+        ids = ids[:-1]
+    return ids
+
+
+def generate_alone(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, **sampling: Any) -> Generation:
+    ids, seconds = _generate(model, tokenizer, prompt_ids, max_new_tokens, **sampling)
+    ids = _strip_eos(ids, tokenizer)
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, seconds)
+
+
+def generate_fused(slm: Any, slm_tokenizer: Any, private_ids: list[int], processor: CoGenesisLogitsProcessor,
+                   max_new_tokens: int, **sampling: Any) -> Generation:
+    """Run ``slm.generate`` on the private prompt with ``processor`` fusing in the LLM."""
+    processor.reset()
+    ids, seconds = _generate(slm, slm_tokenizer, private_ids, max_new_tokens, processor, **sampling)
+    alpha = [float(a[0]) for a in processor.alpha_history]
+    ids = _strip_eos(ids, slm_tokenizer)
+    return Generation(slm_tokenizer.decode(ids, skip_special_tokens=True), ids, seconds, alpha[: len(ids)],
+                      dict(processor.stats))
+
+
+def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transformers", max_new_tokens: int,
+             dtype: str = "float32", device: str = "cpu", adapter: str | None = None,
+             torch_llm: bool = True) -> tuple[Any, Any, list[int]]:
+    """``(slm, tokenizer, private prompt ids)`` for zoo model or folder ``name``.
+
+    ``engine="transformers"``: the transformers model (``dtype``, ``device``, LoRA ``adapter``).
+    ``engine="llama.cpp"``: a :class:`LlamaCppSLM` on the zoo's GGUF file, its context sized for the
+    prompt and ``max_new_tokens`` (of the transformers folder only the tokenizer is loaded). With a
+    torch LLM in the same process (``torch_llm``) llama.cpp takes half the cores and torch at most the rest.
+    """
+    if engine == "transformers":
+        slm, tokenizer, _ = zoo.load(name, dtype=dtype, device=device, adapter=adapter)
+        return slm, tokenizer, render_prompt(tokenizer, messages)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(name, install=True))
+    ids = render_prompt(tokenizer, messages)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    threads = max(1, cores // 2)
+    if torch_llm:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - threads)))
+    slm = LlamaCppSLM(zoo.gguf_path(name), tokenizer=tokenizer, n_ctx=len(ids) + max_new_tokens + 8, n_threads=threads)
+    return slm, tokenizer, ids
+
+
+def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], max_new_tokens: int, **sampling: Any) -> Any:
+    """The SLM alone on either engine (a :class:`Generation` or :class:`~logitfuse.SLMGeneration`)."""
+    if isinstance(slm, LlamaCppSLM):
+        return slm.generate(private_ids, max_new_tokens=max_new_tokens, **sampling)
+    return generate_alone(slm, tokenizer, private_ids, max_new_tokens, **sampling)
+
+
+def fuse_on_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
+                   max_new_tokens: int, sampling: dict[str, Any], **fusion: Any) -> Any:
+    """Fused generation on either engine; ``fusion``: head, alpha, vocab_map, mode, tail, schedule."""
+    if isinstance(slm, LlamaCppSLM):
+        return generate_fused_llama_cpp(slm, llm, private_ids, public_ids, max_new_tokens=max_new_tokens, **fusion,
+                                        **sampling)
+    processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, **fusion)
+    return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
+
+
+def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokenizer: Any) -> VocabMap:
+    """Identity for one tokenizer on both sides, else the exact-text map between the two (``slm``: the
+    transformers model or a :class:`LlamaCppSLM`)."""
+    v_slm = slm.vocab_size if isinstance(slm, LlamaCppSLM) else slm.get_output_embeddings().weight.shape[0]
+    if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
+        return VocabMap.identity(v_slm, llm_vocab_size, n_shared=min(len(slm_tokenizer), v_slm, llm_vocab_size))
+    return VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer, v_slm=v_slm, v_llm=llm_vocab_size)
