@@ -24,8 +24,15 @@ from logitfuse.cli import UsageError, check_device, check_model, check_range
 from logitfuse.demo_generation import fuse_on_engine, generate_alone, load_slm, slm_alone, vocab_map_for
 from logitfuse.heads import load_head
 from logitfuse.llama_slm import LlamaCppSLM, llama_cpp_python_missing
-from logitfuse.prompts import (bundled_split, load_examples, private_messages, public_instruction, public_messages,
-                               render_prompt, shipped_path)
+from logitfuse.prompts import (
+    bundled_split,
+    load_examples,
+    private_messages,
+    public_instruction,
+    public_messages,
+    render_prompt,
+    shipped_path,
+)
 from logitfuse.schedules import parse as parse_schedule
 from logitfuse.vocab import VocabMap
 

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
+from test_adversarial_cli import assert_usage_error, no_loading  # noqa: F401  (a fixture)
 
 from logitfuse import zoo
 from logitfuse.cli import main
-
-from test_adversarial_cli import assert_usage_error, no_loading  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
