@@ -34,7 +34,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19", "peft>=0.13"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24", "tokenizers>=0.19", "peft>=0.13", "ruff>=0.6"],
         "models": ["gguf>=0.10", "accelerate>=0.30"],
         "finetune": ["peft>=0.13"],  # LoRA: logitfuse finetune, --adapter, tuned zoo entries (tested with 0.21.2)
         "bench": ["matplotlib>=3.7"],

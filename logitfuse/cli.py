@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["UsageError", "build_parser", "check_device", "check_model", "check_out_dir", "check_range", "main"]
 

@@ -27,7 +27,8 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = ["LlamaCppServer", "RecordingProxy", "free_port", "llama_cpp_missing"]
 
@@ -109,7 +110,7 @@ class LlamaCppServer:
             cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
         return cmd + self.extra_args
 
-    def start(self) -> "LlamaCppServer":
+    def start(self) -> LlamaCppServer:
         """Start the server and wait until it answers (raises ``RuntimeError`` with the log's tail
         if it exits or does not answer within ``startup_timeout``)."""
         if self.process is not None:
@@ -161,7 +162,7 @@ class LlamaCppServer:
         except OSError:
             return ""
 
-    def __enter__(self) -> "LlamaCppServer":
+    def __enter__(self) -> LlamaCppServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -228,7 +229,7 @@ class RecordingProxy(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self) -> "RecordingProxy":
+    def __enter__(self) -> RecordingProxy:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import runpy
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["disable_extra_buffers", "main", "split_launcher_args"]
 

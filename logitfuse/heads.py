@@ -216,7 +216,7 @@ class BaseFusionHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                        **expected: Any) -> "BaseFusionHead":
+                        **expected: Any) -> BaseFusionHead:
         """Load a head saved by :meth:`save_pretrained`.
 
         Keyword arguments (``vocab_map``, ``v_slm``, ``v_llm``, ``slm_name``, ``llm_name``,

@@ -29,7 +29,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ class LlamaCppSLM:
     def __del__(self) -> None:
         self.close()
 
-    def __enter__(self) -> "LlamaCppSLM":
+    def __enter__(self) -> LlamaCppSLM:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -12,7 +12,8 @@ and returns the fused log-probabilities in place of the SLM's scores::
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from transformers import LogitsProcessor

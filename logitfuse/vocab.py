@@ -173,7 +173,7 @@ class VocabMap:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def identity(cls, v_slm: int, v_llm: int, *, n_shared: int | None = None) -> "VocabMap":
+    def identity(cls, v_slm: int, v_llm: int, *, n_shared: int | None = None) -> VocabMap:
         """Same tokenizer on both sides: id ``i`` maps to ``i``. Vocabulary sizes may differ by
         padding; ids at or beyond ``n_shared`` (default: the smaller size) are unmapped."""
         n_shared = min(v_slm, v_llm) if n_shared is None else n_shared
@@ -185,7 +185,7 @@ class VocabMap:
     @classmethod
     def from_tokenizers(
         cls, slm_tokenizer: Any, llm_tokenizer: Any, *, v_slm: int | None = None, v_llm: int | None = None
-    ) -> "VocabMap":
+    ) -> VocabMap:
         """Map tokens whose normalized text is identical (see :func:`normalized_vocab`), and every
         other LLM token to the longest SLM token its text starts with (``llm_to_slm``).
 
@@ -266,7 +266,7 @@ class VocabMap:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "VocabMap":
+    def load(cls, path: str | os.PathLike) -> VocabMap:
         """Read a map written by :meth:`save`; a damaged file raises ``ValueError``."""
         from safetensors import safe_open
 

@@ -111,7 +111,7 @@ def test_generate_mistakes(case, folders, no_loading, capsys):
     argv, *fragments = case
     argv = [a.format(**{n: _f(folders, n) for n in ("empty", "missing", "head", "other-head", "llm")}) for a in argv]
     base = {"--slm": _f(folders, "slm"), "--llm": _f(folders, "llm"), "--instruction": "Write a toast: for Ann"}
-    for flag, value in zip(argv[::2], argv[1::2]):
+    for flag, _value in zip(argv[::2], argv[1::2]):
         base.pop(flag, None)
     code = main(["generate", *[x for kv in base.items() for x in kv], *argv])
     assert_usage_error(code, capsys.readouterr().err, "generate", *fragments)

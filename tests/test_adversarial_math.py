@@ -83,7 +83,7 @@ def test_cross_entropy_at_alpha_one_is_120_not_inf(ops):
 @pytest.mark.parametrize("target", [0, 1])
 def test_alpha_gradient_at_the_ends_is_finite_where_the_derivative_is(ops, alpha, target):
     # 50 nats apart: every one-sided derivative at α = 0 and 1 fits in float32 (the largest is ~e^50)
-    s, l = torch.tensor([[0.0, -50.0]]), torch.tensor([[-50.0, 0.0]])
+    s, l = torch.tensor([[0.0, -50.0]]), torch.tensor([[-50.0, 0.0]])  # noqa: E741 (the formulas' names)
     p_s = torch.tensor([0.0, -50.0], dtype=torch.float64).softmax(-1)[target]
     p_l = torch.tensor([-50.0, 0.0], dtype=torch.float64).softmax(-1)[target]
     # loss = -log(α p_S + (1-α) p_L) + log Z, Z = α + (1-α) = 1: d loss / dα = -(p_S - p_L) / mixture

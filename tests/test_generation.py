@@ -6,15 +6,21 @@ import codecs
 
 import pytest
 import torch
+from generation_helpers import (
+    PRIVATE,
+    PUBLIC,
+    chat_ids,
+    generate,
+    hf_streams,
+    left_pad,
+    private_prompt_ids,
+)
+from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 import logitfuse
-from generation_helpers import (
-    PRIVATE, PUBLIC, chat_ids, generate, hf_streams, left_pad, private_prompt_ids,
-)
-from logitfuse.retokenize import token_bytes
 import logitfuse.schedules
+from logitfuse.retokenize import token_bytes
 from logitfuse.schedules import parse
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 N_NEW = 12
 
@@ -102,7 +108,7 @@ def test_sampling_and_head(tok, slm, llm_model):
     """Sampling with a head uses the head's α: a head whose α is a constant (zero last layer) samples
     exactly what the same constant as a fixed α samples, and not what the SLM alone samples."""
     head = logitfuse.FusionHead(len(tok), len(tok), init_alpha=0.2)
-    constant = float(torch.sigmoid(head.mlp[-1].bias))  # the head's α whatever the features
+    constant = float(torch.sigmoid(head.mlp[-1].bias.detach()))  # the head's α whatever the features
 
     def sample(**weight):
         proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLICS, **weight)

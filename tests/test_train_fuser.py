@@ -9,13 +9,12 @@ import torch
 from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 import logitfuse
-from logitfuse import FusionHead, TopK, VocabMap
-from logitfuse.train_fuser import data as data_mod
+from logitfuse import FusionHead, VocabMap
 from logitfuse.train_fuser.cli import add_subcommands, score_split
-from logitfuse.train_fuser.data import Example, bundled_split, load_examples, public_instruction
+from logitfuse.train_fuser.data import bundled_split, load_examples, public_instruction
 from logitfuse.train_fuser.evaluate import evaluate_cached
 from logitfuse.train_fuser.scoring import (
-    Pair, Scored, Variant, align_response, cache_example, default_variants, linear_nll, linear_terms, read_shards,
+    Pair, Scored, Variant, align_response, cache_example, default_variants, linear_nll, linear_terms,
 )
 from logitfuse.train_fuser.train import TrainConfig, fit_cached
 

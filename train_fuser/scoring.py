@@ -72,7 +72,7 @@ class Pair:
     llm_name: str | None = None
 
     @classmethod
-    def build(cls, slm, slm_tokenizer, llm, llm_tokenizer, slm_name=None, llm_name=None) -> "Pair":
+    def build(cls, slm, slm_tokenizer, llm, llm_tokenizer, slm_name=None, llm_name=None) -> Pair:
         v_slm, v_llm = slm.get_output_embeddings().weight.shape[0], llm.get_output_embeddings().weight.shape[0]
         if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
             vmap = VocabMap.identity(v_slm, v_llm, n_shared=min(len(slm_tokenizer), v_slm, v_llm))

@@ -101,9 +101,10 @@ def _fit(head: BaseFusionHead, config: TrainConfig, train_epoch: Callable[[int],
 
 
 def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
-               config: TrainConfig = TrainConfig(), progress: bool = True) -> FitResult:
+               config: TrainConfig | None = None, progress: bool = True) -> FitResult:
     """Train ``head`` (linear mode) on cached ``features`` ``(N, F)`` and ``terms`` ``(N, 3)``;
     ``example`` ``(N,)`` says which example each position belongs to (for the validation split)."""
+    config = config or TrainConfig()
     if head.mode != "linear":
         raise ValueError(f"cached training computes the linear-mode loss; this head has mode={head.mode!r} (train it with fit_streaming)")
     torch.manual_seed(config.seed)
@@ -137,9 +138,10 @@ def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, ex
 
 
 def fit_streaming(head: BaseFusionHead, pair: Pair, examples: list[Example], variant: Variant,
-                  config: TrainConfig = TrainConfig(), progress: bool = True, max_history: int | None = None) -> FitResult:
+                  config: TrainConfig | None = None, progress: bool = True, max_history: int | None = None) -> FitResult:
     """Train any head through :func:`logitfuse.fused_cross_entropy`, running both models each epoch
     (one example per step; no logits are cached)."""
+    config = config or TrainConfig()
     torch.manual_seed(config.seed)
     rank, world = _distributed()
     train_ids, val_ids = split_examples(len(examples), config.val_fraction, config.seed)

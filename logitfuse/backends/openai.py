@@ -264,7 +264,7 @@ class OpenAICompatibleLLM(LLMBackend):
                 problem, status, validation = self._http_problem(err)
                 if err.code not in TRANSIENT_HTTP or validation:  # a refused request shape stays refused
                     break
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 problem, status = self._timed_out(), None
             except urllib.error.URLError as err:
                 reason = err.reason

@@ -88,7 +88,7 @@ class TokenStringMap:
         self.ambiguous = sum(1 for ids in self._targets.values() if len(ids) > 1)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, *, ties: str = "split") -> "TokenStringMap":
+    def for_tokenizer(cls, tokenizer: Any, *, ties: str = "split") -> TokenStringMap:
         """The cached map of ``tokenizer`` (one per tokenizer object and tie rule)."""
         return _string_map(id(tokenizer), tokenizer, ties)
 

@@ -43,7 +43,7 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return fast
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_level_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on :data:`CORPUS` (256 byte symbols + merges + 3 special tokens)."""
     tokenizer = Tokenizer(models.BPE())
@@ -57,7 +57,7 @@ def byte_level_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentencepiece_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A sentencepiece-style BPE: ``▁`` marks spaces, and 256 ``<0xNN>`` tokens cover any byte."""
     trained = Tokenizer(models.BPE())

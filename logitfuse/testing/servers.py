@@ -21,7 +21,7 @@ import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["FakeServer", "completion_reply", "send_json", "serving", "trickle"]
 
