@@ -39,12 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from logitfuse.types import TAIL_FLOOR as _TAIL_FLOOR
+from logitfuse import types
 from logitfuse.types import TopK
 
 NEG = tl.constexpr(float("-inf"))
 #: the reference's floor on the LLM tail mass, as a compile-time constant
-TAIL_FLOOR = tl.constexpr(_TAIL_FLOOR)
+TAIL_FLOOR = tl.constexpr(types.TAIL_FLOOR)
 
 MODE_CODES = {"linear": 0, "geometric": 1, "logit": 2}
 TAIL_CODES = {"slm": 0, "uniform": 1, "zero": 2}

@@ -256,6 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     # `python -m logitfuse.cli`: run the imported module's main, whose UsageError is the one the
     # subcommands raise (this file as __main__ defines a second, distinct class)
-    from logitfuse.cli import main as _main
+    import logitfuse.cli
 
-    sys.exit(_main())
+    sys.exit(logitfuse.cli.main())
