@@ -39,6 +39,7 @@ setup(
         "finetune": ["peft>=0.13"],  # LoRA: logitfuse finetune, --adapter, tuned zoo entries (tested with 0.21.2)
         "bench": ["matplotlib>=3.7"],
         "engine": ["llama-cpp-python[server]==0.3.36"],
+        "judge": ["rouge-score>=0.1.2"],  # logitfuse judge: ROUGE-L against the reference responses
     },
     entry_points={"console_scripts": ["logitfuse=logitfuse.cli:main"]},
 )

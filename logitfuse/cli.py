@@ -215,6 +215,12 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     add_bench_subcommand(subparsers)  # `bench {kernels,sampling,decode,train,remote,plot}`
 
 
+def _add_judge(subparsers: argparse._SubParsersAction) -> None:
+    from logitfuse.judge_cli import add_judge_subcommand
+
+    add_judge_subcommand(subparsers)  # `judge`: generate per system, score with an LLM judge
+
+
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
     from logitfuse.zoo import add_models_subcommand
 
@@ -224,7 +230,7 @@ def _add_models(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------- main
 # Each registrar adds one or more subparsers and sets `func` (args -> exit status) on them.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo_generate, _add_serve, _add_train_eval, _add_models, _add_bench,
+    _add_demo_generate, _add_serve, _add_train_eval, _add_models, _add_bench, _add_judge,
 ]
 
 

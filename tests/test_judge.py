@@ -1,0 +1,244 @@
+"""`logitfuse judge` and logitfuse.judge: the rating rule, the cache, both-orders pairwise wins, the
+remote-judge refusal, retries against misbehaving servers, mean ± SE, an end-to-end run against a fake
+judge, and the evaluated LLM seeing only the public prompt during generation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.request
+
+import pytest
+
+from logitfuse.backends import HFLLM
+from logitfuse.cli import main
+from logitfuse.demo_generation import vocab_map_for
+from logitfuse.judge import (Judge, JudgeClient, JudgeError, JudgmentCache, both_orders, judge_records, mean_se,
+                             parse_preference, parse_rating)
+from logitfuse.judge_cli import Models, generate_records
+from logitfuse.prompts import Example, bundled_split, load_examples
+from logitfuse.testing.generation import hf_streams
+from logitfuse.testing.servers import send_json, serving, trickle
+
+CANARY = "Zq7CanaryXv42"
+
+
+def example(tid: str = "u1") -> Example:
+    return Example(tid, "Write a toast for my sister: mention our trip to Rome", "To my sister, and Rome!",
+                   (("Trip notes", f"Rome with Anna, door code {CANARY}"),), f"Martin ({tid}), 34, code {CANARY}")
+
+
+def chat_reply(content: str) -> bytes:
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def prompt_of(body: bytes) -> str:
+    return json.loads(body)["messages"][-1]["content"]
+
+
+def fair_judge(handler, body):
+    """Rates by the response's length; prefers the longer response whichever position it is in."""
+    prompt = prompt_of(body)
+    if "## Response A" in prompt:
+        a, b = re.search(r"## Response A\n(.*)\n\n## Response B\n(.*)\n\n## What to judge", prompt, re.S).groups()
+        send_json(handler, chat_reply("Reasons.\nPreferred: " + ("A" if len(a) > len(b) else "B")))
+    else:
+        response = re.search(r"## The response to judge\n(.*)\n\n## What to judge", prompt, re.S).group(1)
+        send_json(handler, chat_reply(f"Fine.\nRating: {min(10, 1 + len(response.split()))}"))
+
+
+# ------------------------------------------------------------------------------------ parsing and stats
+@pytest.mark.parametrize("answer, rating", [
+    ("Good text.\nRating: 7", 7),
+    ("**Rating:** 8/10", 8),
+    ("rating: 10\n\n", 10),
+    ("Rating: 3\nOn reflection it is better.\nRating: 9", 9),  # several: the final line counts
+    ("Rating: 9\nThank you.", None),  # a rating that is not the last line does not count
+    ("Rating: seven", None),
+    ("Rating: 7.5", None),
+    ("I would give it 8.", None),
+    ("", None),
+    ("Rating: 0", None),  # out of range: unparseable, never clipped
+    ("Rating: 11", None),
+])
+def test_parse_rating_reads_only_a_final_in_range_rating_line(answer, rating):
+    assert parse_rating(answer) == rating
+
+
+def test_parse_preference_and_the_both_orders_rule():
+    assert [parse_preference(a) for a in ("x\nPreferred: A", "Preferred: **B**", "Preferred: tie", "A is better")] == \
+        ["A", "B", "tie", None]
+    assert both_orders("A", "B") == "win" and both_orders("B", "A") == "loss"
+    assert both_orders("A", "A") == both_orders("B", "B") == both_orders("tie", "B") == "tie"
+    assert both_orders(None, "B") is None
+
+
+def test_mean_and_standard_error():
+    mean, se, n = mean_se([1, 2, 3, 4])
+    assert (mean, n) == (2.5, 4) and se == pytest.approx(math.sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3 / 4))
+    assert mean_se([5]) == (5.0, 0.0, 1)
+    assert math.isnan(mean_se([])[0])
+
+
+# ------------------------------------------------------------------------------------ cache and pairwise
+def records_for(systems: dict[str, str], tids=("u1", "u2")) -> list[dict]:
+    return [{"tid": tid, "system": s, "text": text} for s, text in systems.items() for tid in tids]
+
+
+def test_cache_rerun_sends_nothing_and_a_new_system_only_its_calls(tmp_path):
+    examples = {t: example(t) for t in ("u1", "u2")}
+    first = records_for({"slm": "Cheers to Anna and Rome, my dear sister", "llm": "A toast."})
+    added = first + records_for({"fused-alpha0.5": "To Anna: Rome, pasta and us."})
+    cache_file = tmp_path / "judgments.jsonl"
+    with serving(fair_judge) as server:
+        def run(records, pairs=()):
+            judge = Judge(JudgeClient(server.url, "judge").chat, "judge", JudgmentCache(cache_file))
+            return judge_records(records, examples, judge, pairs=pairs, progress=False)
+
+        results = run(first)
+        assert len(server.received) == 2 * 2 * 2  # systems x examples x rubrics
+        assert results["systems"]["slm"]["quality"]["mean"] > results["systems"]["llm"]["quality"]["mean"]
+        again = run(first)
+        assert len(server.received) == 8 and again["judge_calls"] == {"requests": 0, "cached": 8}
+        assert again["systems"] == results["systems"]
+        run(added, pairs=[("fused-alpha0.5", "slm")])
+        assert len(server.received) == 8 + 2 * 2 + 2 * 2  # its ratings, and each pair asked in both orders
+    text = cache_file.read_text()
+    assert CANARY not in text and "Rome" not in text  # keys are hashes; the fake answers hold no prompt text
+    assert all(re.fullmatch(r"[0-9a-f]{64}", json.loads(line)["key"]) for line in text.splitlines())
+
+
+def test_a_position_biased_judge_wins_nothing(tmp_path):
+    examples = {t: example(t) for t in ("u1", "u2")}
+    records = records_for({"fused": "A long, personal toast for Anna about Rome.", "slm": "Toast."})
+    pairs = [("fused", "slm")]
+    with serving(lambda h, b: send_json(h, chat_reply("Preferred: A"))) as biased:
+        judge = Judge(JudgeClient(biased.url, "judge").chat, "judge")
+        outcome = judge_records(records, examples, judge, rubrics=(), pairs=pairs, progress=False)["pairwise"]
+    assert outcome["fused vs slm"] | {} == {"win": 0, "loss": 0, "tie": 2, "unparseable": 0, "n": 2,
+                                             "win_rate": 0.0, "loss_rate": 0.0}
+    with serving(fair_judge) as fair:  # a consistent preference does count
+        judge = Judge(JudgeClient(fair.url, "judge").chat, "judge")
+        outcome = judge_records(records, examples, judge, rubrics=(), pairs=pairs, progress=False)["pairwise"]
+    assert outcome["fused vs slm"]["win"] == 2 and outcome["fused vs slm"]["win_rate"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ HTTP
+def test_retries_a_transient_error_then_answers():
+    calls = []
+
+    def flaky(handler, body):
+        calls.append(1)
+        if len(calls) == 1:
+            send_json(handler, b'{"error": "busy"}', status=503)
+        else:
+            send_json(handler, chat_reply("Rating: 6"))
+
+    with serving(flaky) as server:
+        client = JudgeClient(server.url, "judge", retries=2, backoff=0.01)
+        assert client.chat([{"role": "user", "content": CANARY}]) == "Rating: 6"
+    assert client.attempts == 2
+    assert json.loads(server.received[0][3])["temperature"] == 0
+    assert server.received[0][1] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("behave, attempts, problem", [
+    (lambda h, b: send_json(h, b"not json"), 2, "malformed reply"),
+    (lambda h, b: send_json(h, b'{"error": "bad"}', status=400), 1, "HTTP 400"),  # a refused request: not retried
+    (lambda h, b: send_json(h, b"", status=302, headers={"Location": "http://elsewhere"}), 1, "redirect"),
+    (lambda h, b: trickle(h, b"HTTP/1.1 200 OK\r\n", period=0.2, limit_s=5), 2, "timeout"),
+])
+def test_a_misbehaving_judge_fails_with_a_clear_error(behave, attempts, problem):
+    with serving(behave) as server:
+        client = JudgeClient(server.url, "judge", timeout=0.5, retries=1, backoff=0.01)
+        with pytest.raises(JudgeError, match=problem) as err:
+            client.chat([{"role": "user", "content": f"profile {CANARY}"}])
+    assert client.attempts == attempts and len(server.received) == attempts
+    assert CANARY not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ the command
+@pytest.fixture()
+def generations(tmp_path):
+    tids = [e.tid for e in load_examples(bundled_split("test"), max_examples=2)]
+    path = tmp_path / "generations.jsonl"
+    texts = {"slm": "Dear friends, thank you all for coming today", "llm": "Hello.",
+             "fused-alpha0.25": "Dear friends and family, thank you for coming to celebrate with us today"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in records_for(texts, tids)))
+    return path
+
+
+def test_judge_refuses_a_remote_judge_before_sending_anything(tmp_path, generations, capsys, monkeypatch):
+    opened = []
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", lambda *a, **k: opened.append(a))
+    out = tmp_path / "out"
+    code = main(["judge", "--generations", str(generations), "--out", str(out),
+                 "--judge-url", "http://203.0.113.7:8080", "--judge-model", "judge"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("logitfuse judge: error: --judge-url")
+    assert "--allow-remote-judge" in err
+    assert opened == [] and not out.exists()
+
+
+def test_judge_end_to_end_on_a_generations_file(tmp_path, generations, capsys):
+    out = tmp_path / "out"
+    argv = ["judge", "--generations", str(generations), "--out", str(out), "--judge-model", "judge"]
+    with serving(fair_judge) as server:
+        assert main(argv + ["--judge-url", server.url]) == 0
+        sent = len(server.received)
+        assert sent == 3 * 2 * 2 + 2 * 2 * 2  # ratings, then fused vs slm and vs llm in both orders
+        assert main(argv + ["--judge-url", server.url]) == 0
+        assert len(server.received) == sent  # the second run is answered from the cache
+    results = json.loads((out / "results.json").read_text())
+    fused = results["systems"]["fused-alpha0.25"]
+    assert fused["quality"]["n"] == 2 and fused["unparseable"] == {"quality": 0, "personalization": 0}
+    assert results["pairwise"]["fused-alpha0.25 vs llm"]["win_rate"] == 1.0
+    assert 0 < fused["rouge_l"]["mean"] <= 1 and fused["length_words"]["mean"] == 13
+    table = (out / "results.md").read_text()
+    assert "| fused-alpha0.25 (logit fusion, fixed α) |" in table and "± " in table and "win rate" in table
+    assert (out / "results.png").is_file() or "no plot" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ privacy
+def test_generation_keeps_the_context_away_from_the_evaluated_llm(tok, slm, llm_model):
+    seen = []
+    hook = llm_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"][0].tolist()),
+                                               with_kwargs=True)
+    try:
+        llm = HFLLM(llm_model, tok)
+        models = Models(slm, tok, llm_model, tok, llm, vocab_map_for(slm, tok, llm.vocab_size, tok))
+        public_systems = {"slm": (None, "always"), "llm": (None, "always"), "sketch": (None, "always"),
+                          "fused-alpha0.5": (0.5, "always")}
+        records = generate_records([example()], models, public_systems, max_new_tokens=3, progress=False)
+        assert [r["system"] for r in records] == list(public_systems)
+        reached = [tok.decode(ids) for ids in seen] + [tok.decode(ids) for ids in hf_streams(llm.audit_log)]
+        assert seen and all(CANARY not in text and "Rome" not in text for text in reached)
+        generate_records([example()], models, {"llm+context": (None, "always")}, max_new_tokens=1, progress=False)
+        assert CANARY in tok.decode(seen[-1])  # the leaking reference does read it: the check can fail
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--judge-url", "http://127.0.0.1:9"], "--judge-url needs --judge-model"),
+    (["--judge-url", "ftp://127.0.0.1:9", "--judge-model", "j"], "needs http(s)://"),
+    (["--judge-model", "j"], "--judge-model without --judge-url"),
+    (["--max-history", "-1"], "--max-history -1 must be >= 0"),
+])
+def test_judge_usage_errors_are_one_line(tmp_path, generations, capsys, extra, message):
+    assert main(["judge", "--generations", str(generations), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_judge_names_unknown_tids_and_missing_models(tmp_path, capsys):
+    stray = tmp_path / "g.jsonl"
+    stray.write_text(json.dumps({"tid": "nobody", "system": "slm", "text": "x"}) + "\n")
+    assert main(["judge", "--generations", str(stray), "--out", str(tmp_path / "o")]) == 2
+    assert "tids not in the test split" in capsys.readouterr().err
+    assert main(["judge", "--out", str(tmp_path / "o")]) == 2
+    assert "pass --slm and --llm" in capsys.readouterr().err
+    assert main(["judge", "--out", str(tmp_path / "o"), "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
+                 "--systems", "slm,oracle"]) == 2
+    assert "--systems 'slm,oracle': ['oracle']" in capsys.readouterr().err
