@@ -15,6 +15,10 @@ accepted draw one more from the last p. Greedy: accept while the fused argmax eq
 SLM's argmax). The tokens are distributed exactly as per-step fusion's (greedy: identical). Rejected
 drafts are rolled back in both caches.
 
+Overlap (per-step fusion, on by default): the LLM's request for a position is issued in a thread as
+soon as the token before it is chosen, while the SLM computes its forward for that position, so a
+step costs about max(SLM, LLM) plus fusion instead of the sum.
+
 Privacy: drafts that end up rejected are SLM text the LLM sees although the output does not hold
 it. Speculation is therefore opt-in (``speculate=0`` by default) and counted in the statistics
 (``draft_tokens_sent``, ``draft_tokens_kept``, ``draft_tokens_discarded``) and the backend's audit log.
@@ -34,6 +38,7 @@ True
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -257,24 +262,45 @@ class _Chooser:
         return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, logits: Tensor,
-              pad_id: int) -> None:
-    batch = logits.shape[0]
+def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Any,
+              private_ids_on_device: Tensor, pad_id: int, overlap: bool) -> None:
+    """Per-step fusion. With ``overlap`` the LLM's request for the next position runs in a thread
+    while the SLM computes its forward for it (and the LLM's prefill while the SLM's runs)."""
+    batch, device = private_ids_on_device.shape[0], private_ids_on_device.device
     appended: list[list[int]] = [[] for _ in range(batch)]
-    while True:
-        fused = session.step(appended, logits)
-        alpha = session.alpha_history[-1].tolist()
-        tokens = chooser.choose(fused).tolist()
-        appended = [[] for _ in range(batch)]
-        for r in range(batch):
-            if rows.running(r):
-                rows.add(r, [tokens[r]], [alpha[r]])
-                appended[r] = [tokens[r]]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
+
+        def first_request():
+            start()
+            return session.request(appended)
+
+        if overlap:
+            request = pool.submit(first_request)
+            logits = slm.prefill()
+            request = request.result()
+        else:
+            start()
+            logits = slm.prefill()
+        while True:
+            fused = session.complete(request, logits) if overlap else session.step(appended, logits)
+            alpha = session.alpha_history[-1].tolist()
+            tokens = chooser.choose(fused).tolist()
+            appended = [[] for _ in range(batch)]
+            for r in range(batch):
+                if rows.running(r):
+                    rows.add(r, [tokens[r]], [alpha[r]])
+                    appended[r] = [tokens[r]]
+                else:
+                    tokens[r] = pad_id
+            if rows.done():
+                return
+            fed = torch.tensor(tokens, device=device)
+            if overlap:
+                request = pool.submit(session.request, appended)
+                logits = slm.append(fed)
+                request = request.result()
             else:
-                tokens[r] = pad_id
-        if rows.done():
-            return
-        logits = slm.append(torch.tensor(tokens, device=logits.device))
+                logits = slm.append(fed)
 
 
 def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, logits: Tensor,
@@ -373,7 +399,7 @@ def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
 def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, max_new_tokens: int,
              head: Any = None, alpha: float | None = None, vocab_map: Any = None, mode: str | None = None,
              tail: str | None = None, schedule: Any = "always", temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None, speculate: int = 0, overlap: bool = False,
+             top_p: float = 1.0, generator: torch.Generator | None = None, speculate: int = 0, overlap: bool = True,
              eos_token_id: Any = None, attention_mask: Any = None, slm_tokenizer: Any = None,
              apply_chat_template: bool = False, pad_token_id: int | None = None) -> FusedGeneration:
     r"""Fused generation with our own decode loop over the SLM's KV cache (see the module docstring).
@@ -395,8 +421,12 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
             fusion). Needs one tokenizer (an identity map), ``schedule="always"`` and a backend with
             ``score`` (:class:`logitfuse.HFLLM`); otherwise ``ValueError`` before anything is sent.
             Rejected drafts are seen by the LLM: opt-in, counted in :attr:`FusedGeneration.stats`.
-        overlap (`bool`, defaults to `False`): running the LLM request while the SLM computes is not
-            implemented yet; ``True`` raises ``ValueError``.
+        overlap (`bool`, defaults to `True`): per-step fusion issues the LLM's request for a position
+            (in a thread) as soon as the token before it is chosen, and runs the SLM's forward for that
+            position meanwhile, so a step costs about max(SLM, LLM) instead of their sum (the same
+            tokens, requests and statistics as without). Not with ``speculate`` (the LLM's call needs
+            the draft) nor with ``schedule="entropy_gate(h)"`` (whether to call needs the SLM's logits):
+            there the two run one after the other.
         eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row (kept in its output).
         attention_mask: with a tensor ``private_input_ids``: 1 for real tokens, 0 for left padding.
         pad_token_id (`int`, *optional*): fed to the SLM for finished rows; default the SLM config's, or 0.
@@ -404,9 +434,8 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
     """
-    if overlap:
-        raise ValueError("overlap=True is not implemented yet (the LLM request runs after the SLM's forward); "
-                         "pass overlap=False")
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}")
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "tokens to generate per row")
     speculate = _check_int("speculate", speculate, 0, "draft tokens per LLM call; 0 = per-step fusion")
     temperature = _check_number("temperature", temperature, 0.0)
@@ -427,13 +456,17 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     if speculate and not session.slm_only:
         _check_speculation(session, v_slm)
     publics = _public_rows(public_prompt, batch)
-    session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
     rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
     chooser = _Chooser(temperature, top_k, top_p, generator)
     cache = _SLMCache(slm, ids, mask)
-    logits = cache.prefill()
+
+    def start() -> None:
+        session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
+
     if speculate and not session.slm_only:
-        _speculative(cache, session, rows, chooser, logits, pad_id, speculate)
+        start()
+        _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate)
     else:
-        _per_step(cache, session, rows, chooser, logits, pad_id)
+        overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
+        _per_step(cache, session, rows, chooser, start, ids, pad_id, overlap)
     return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))

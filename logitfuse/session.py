@@ -13,6 +13,11 @@ any decode loop) talks to it in plain terms:
     from the previous step's output, or none at the first step); ``slm_logits``: the SLM's logits
     ``(batch_size, v_slm)`` for the next position. Returns ``(batch_size, v_slm)`` float32
     log-probabilities to choose the next token from; :attr:`alpha_history` gets this step's α.
+``request(appended)`` then ``complete(request, slm_logits)``
+    :meth:`step` in two halves: the LLM call needs no SLM logits, so a decode loop can run it while
+    the SLM computes them (:func:`logitfuse.generate`'s ``overlap``).
+``step_many(appended, drafts, slm_logits)`` / ``accept_drafts(kept)``
+    Speculative fusion: one LLM call scores an SLM draft; the rejected tokens are rolled back.
 ``reorder(rows)`` / ``finish(row)``
     Beam search reordered its rows (row ``r`` continues former row ``rows[r]``); a row ended.
 
@@ -38,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from logitfuse.backends import LLMBackend
+from logitfuse.backends import LLMBackend, LLMOutput
 from logitfuse.functional import fuse, fuse_with_head
 from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.retokenize import IncrementalRetokenizer
@@ -48,7 +53,7 @@ from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
 
-__all__ = ["FusionSession", "SessionStats"]
+__all__ = ["FusionSession", "SessionStats", "StepRequest"]
 
 
 @dataclass
@@ -97,6 +102,15 @@ class SessionStats:
 
     def items(self) -> list[tuple[str, int]]:
         return list(dataclasses.asdict(self).items())
+
+
+@dataclass
+class StepRequest:
+    """What :meth:`FusionSession.request` asked the LLM: the rows called (``None``: no call) and the
+    backend's answer, for :meth:`FusionSession.complete`."""
+
+    call: list[bool] | None
+    out: LLMOutput | None
 
 
 def _is_identity(vocab_map: VocabMap) -> bool:
@@ -340,27 +354,39 @@ class FusionSession:
 
         ``appended[r]`` are the SLM ids row ``r`` kept since the previous step. Tokens that the
         engine masked to ``-inf`` in ``slm_logits`` (banned words, a minimum length) stay at ``-inf``.
+        The same as :meth:`request` then :meth:`complete`.
         """
         batch = slm_logits.shape[0]
         if batch != self.batch_size or len(appended) != batch:
             raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
                              f"started {self.batch_size} rows; call start() first")
-        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        entropy = None
+        if self.schedule.needs_entropy and not self.slm_only:
+            slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+            probs = slm_logprobs.exp()
+            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
+        return self.complete(self.request(appended, entropy=entropy), slm_logits)
+
+    @torch.no_grad()
+    def request(self, appended: Sequence[Sequence[int]], *, entropy: Tensor | None = None) -> StepRequest:
+        """The LLM side of one step: queue ``appended`` (as in :meth:`step`), decide which rows ask the
+        LLM and ask it. It does not need the SLM's logits for the position, so a decode loop can run it
+        (in a thread) while the SLM computes them, then pass both to :meth:`complete`. A schedule that
+        reads the SLM's entropy (``entropy_gate``) needs ``entropy`` ``(batch_size,)``: use :meth:`step`."""
+        batch = self.batch_size
+        if len(appended) != batch:
+            raise ValueError(f"request got {len(appended)} token lists, but the session started {batch} rows; "
+                             "call start() first")
+        if self.schedule.needs_entropy and entropy is None and not self.slm_only:
+            raise ValueError(f"schedule {self.schedule.spec!r} reads the SLM's entropy; use step(appended, slm_logits)")
         self._stats.steps += 1
         if self.slm_only:
-            self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
+            return StepRequest(None, None)
         for r, tokens in enumerate(appended):
             for token in tokens:
                 self._append(r, int(token))
-        device = slm_logits.device
         step = self._step
         self._step += 1
-
-        entropy = None
-        if self.schedule.needs_entropy:
-            probs = slm_logprobs.exp()
-            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
         decision = self.schedule.should_call(step, entropy)
@@ -372,9 +398,7 @@ class FusionSession:
         call = [w and a for w, a in zip(wanted, active)]
         self._stats.saved_calls += sum(a and not w for w, a in zip(wanted, active))
         if not any(call):
-            self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
-
+            return StepRequest(None, None)
         if any(self._rollback):
             self.llm.rollback(self._rollback)
             self._rollback = [0] * batch
@@ -383,12 +407,24 @@ class FusionSession:
         out = self.llm.advance(pending, need=call)
         self._stats.llm_calls += 1
         self._stats.llm_row_calls += sum(call)
-        ok = self._answered_rows(out.ok, call, device)
+        return StepRequest(call, out)
+
+    @torch.no_grad()
+    def complete(self, request: StepRequest, slm_logits: Tensor) -> Tensor:
+        """The fused log-probabilities ``(batch_size, v_slm)`` of the step :meth:`request` asked for,
+        from the SLM's logits ``(batch_size, v_slm)`` for that position."""
+        batch = slm_logits.shape[0]
+        if batch != self.batch_size:
+            raise ValueError(f"complete got {batch} rows of logits, but the session started {self.batch_size} rows")
+        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        if request.out is None:
+            self._alpha_history.append(torch.ones(batch))
+            return slm_logprobs
+        ok = self._answered_rows(request.out.ok, request.call, slm_logits.device)
         if ok is False:
             self._alpha_history.append(torch.ones(batch))
             return slm_logprobs
-
-        alpha, fused = self._fuse(slm_logits, out.next, host_alpha=ok is True)
+        alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True)
         if ok is True:
             self._alpha_history.append(alpha)
             return fused

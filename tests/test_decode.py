@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import logitfuse
 from generation_helpers import PRIVATE, PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
 from logitfuse.decode import speculative_accept
+from logitfuse.server import serve_in_thread
 from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 N_NEW = 10
@@ -86,6 +88,52 @@ def test_a_list_of_rows_is_left_padded(tok, slm, llm_model):
     llm = logitfuse.HFLLM(llm_model, tok)
     from_lists = logitfuse.generate(slm, llm, rows, PUBLICS[:2], alpha=0.4, max_new_tokens=4).sequences
     assert from_lists == fused(slm, llm, left_pad(rows), PUBLICS[:2], alpha=0.4, max_new_tokens=4).sequences
+
+
+# ------------------------------------------------------------------ overlap
+def test_overlap_sends_the_same_requests_to_a_served_llm(tok, slm, llm_model):
+    """Against an HTTP server: with and without overlap, the same tokens, α, statistics and request bodies."""
+    server, url = serve_in_thread(llm_model, tok, model_name="tiny")
+    try:
+        inputs = private_batch(tok, 2)
+        runs = []
+        for overlap in (True, False):
+            remote = logitfuse.OpenAICompatibleLLM(url, "tiny", tokenizer=tok)
+            out = fused(slm, remote, inputs, PUBLICS[:2], alpha=0.3, max_new_tokens=6, overlap=overlap)
+            runs.append((out.sequences, out.alpha, dict(out.stats), remote.audit_log))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert runs[0] == runs[1]
+    assert runs[0][2]["llm_calls"] == 6 and runs[0][2]["fallbacks"] == 0
+
+
+def test_overlap_runs_the_llm_request_while_the_slm_computes(tok, llm_model):
+    """Each LLM request and the SLM forward of the same position meet at a barrier: both must be
+    running at once (run one after the other, the first to arrive would wait alone and the barrier
+    break after its timeout). The output is the one without overlap."""
+    slm = tiny_llama(len(tok), seed=0)
+    barrier = threading.Barrier(2, timeout=20)
+    meetings = []
+
+    class MeetingLLM(logitfuse.HFLLM):
+        def advance(self, new_tokens, need=None):
+            meetings.append(barrier.wait())
+            return super().advance(new_tokens, need)
+
+    def meet(module, args):
+        barrier.wait()  # returns None: the forward's arguments stay as they are
+
+    inputs = private_batch(tok, 2)
+    hook = slm.register_forward_pre_hook(meet)
+    try:
+        out = fused(slm, MeetingLLM(llm_model, tok), inputs, PUBLICS[:2], alpha=0.3, max_new_tokens=5)
+    finally:
+        hook.remove()
+    assert len(meetings) == 5  # one request per position, each met by the SLM's forward for it
+    plain = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, PUBLICS[:2], alpha=0.3, max_new_tokens=5,
+                  overlap=False)
+    assert out.sequences == plain.sequences
 
 
 # ------------------------------------------------------------------ speculative fusion: greedy
@@ -255,7 +303,6 @@ def test_refusals_are_clear_and_send_nothing(tok, slm, llm_model):
     llm = logitfuse.HFLLM(llm_model, tok)
     cases = [
         (dict(speculate=2, schedule="periodic(2, 3, 1)"), "schedule='always'"),
-        (dict(overlap=True), "overlap"),
         (dict(speculate=-1), "speculate"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(temperature=-1.0), "temperature"),
@@ -271,6 +318,9 @@ def test_refusals_are_clear_and_send_nothing(tok, slm, llm_model):
                            attention_mask=inputs["attention_mask"])
     with pytest.raises(ValueError, match="vocabulary"):
         logitfuse.generate(slm, llm, [[1, 2, 10_000]], PUBLIC, alpha=0.5, max_new_tokens=4)
+    with pytest.raises(TypeError, match="overlap"):
+        logitfuse.generate(slm, llm, inputs["input_ids"], PUBLICS[:2], alpha=0.5, max_new_tokens=4,
+                           attention_mask=inputs["attention_mask"], overlap="yes")
     assert llm.audit_log == []
 
 
