@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 
@@ -337,3 +338,44 @@ def test_speculation_refuses_two_tokenizers_and_backends_without_score(tok, slm)
     with pytest.raises(ValueError, match="scores a draft"):
         logitfuse.generate(slm, remote, [chat_ids(tok, PRIVATE)], PUBLIC, alpha=0.5, max_new_tokens=4, speculate=2)
     assert remote.audit_log == []
+
+
+# ------------------------------------------------------------------ privacy
+CANARY = "Zq8WkP3xLm2T"
+
+
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_the_private_prompt_never_reaches_the_llm(tok, slm, llm_model, speculate):
+    """A canary in the private prompts: the LLM gets the public prompts, then only generated tokens
+    and (speculating) drafts, never a run of the private prompt."""
+    private = [private_prompt_ids(tok, f"{CANARY} is my door code, {CANARY}.", q) for q in PUBLICS[:2]]
+    publics = [chat_ids(tok, q) for q in PUBLICS[:2]]
+    llm = logitfuse.HFLLM(llm_model, tok)
+    out = logitfuse.generate(slm, llm, private, publics, alpha=0.9, max_new_tokens=N_NEW, speculate=speculate,
+                             temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert llm.audit_log[0] == {"op": "start", "token_ids": publics}
+    for entry in llm.audit_log[1:]:
+        for row in entry.get("token_ids", []):
+            assert CANARY not in tok.decode(row)
+            assert not any(row[i:i + 4] == p[j:j + 4] for p in private for j in range(len(p) - 3)
+                           for i in range(len(row) - 3))
+    assert sent_tokens_check(llm.audit_log, publics, out.sequences) == out.stats.draft_tokens_discarded
+    assert (out.stats.draft_tokens_sent > 0) == (speculate > 0)
+
+
+def test_overlap_sends_only_public_and_generated_text_to_a_server(tok, slm, llm_model):
+    server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
+    try:
+        private = [private_prompt_ids(tok, f"{CANARY} is my door code.", PUBLIC)]
+        remote = logitfuse.OpenAICompatibleLLM(url, "tiny", tokenizer=tok)
+        out = logitfuse.generate(slm, remote, private, PUBLIC, alpha=0.5, max_new_tokens=6, overlap=True)
+        bodies = list(server.received)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(bodies) == out.stats.llm_calls == 6
+    prompts = [json.loads(body)["prompt"] for body in bodies]
+    assert all(CANARY.encode() not in body for body in bodies)
+    assert all(CANARY not in tok.decode(prompt) for prompt in prompts)
+    public = tok.encode(PUBLIC)
+    assert all(prompt[:len(public)] == public for prompt in prompts)
