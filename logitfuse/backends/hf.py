@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
