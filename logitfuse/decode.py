@@ -41,7 +41,7 @@ import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -263,11 +263,12 @@ class _Chooser:
         return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Any,
-              private_ids_on_device: Tensor, pad_id: int, overlap: bool) -> None:
-    """Per-step fusion. With ``overlap`` the LLM's request for the next position runs in a thread
-    while the SLM computes its forward for it (and the LLM's prefill while the SLM's runs)."""
-    batch, device = private_ids_on_device.shape[0], private_ids_on_device.device
+def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Callable[[], None],
+              pad_id: int, overlap: bool) -> None:
+    """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
+    next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
+    while the SLM's runs)."""
+    batch, device = slm.ids.shape[0], slm.ids.device
     appended: list[list[int]] = [[] for _ in range(batch)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
 
@@ -421,6 +422,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         speculate (`int`, defaults to 0): draft this many SLM tokens per LLM call (exact speculative
             fusion). Needs one tokenizer (an identity map), ``schedule="always"`` and a backend with
             ``score`` (:class:`logitfuse.HFLLM`); otherwise ``ValueError`` before anything is sent.
+            With ``alpha=1`` (the SLM alone, the LLM never asked) there is nothing to speculate on.
             Rejected drafts are seen by the LLM: opt-in, counted in :attr:`FusedGeneration.stats`.
         overlap (`bool`, defaults to `True`): per-step fusion issues the LLM's request for a position
             (in a thread) as soon as the token before it is chosen, and runs the SLM's forward for that
@@ -469,5 +471,5 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate)
     else:
         overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
-        _per_step(cache, session, rows, chooser, start, ids, pad_id, overlap)
+        _per_step(cache, session, rows, chooser, start, pad_id, overlap)
     return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))
