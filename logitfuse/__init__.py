@@ -17,6 +17,7 @@ from logitfuse.vocab import VocabMap
 from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
 from logitfuse.session import FusionSession, SessionStats
 from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.decode import FusedGeneration, generate
 from logitfuse.sketch import SketchResult, sketch_generate
 from logitfuse.llama_slm import LlamaCppSLM, SLMGeneration  # llama-cpp-python is imported only when used
 
@@ -46,6 +47,8 @@ __all__ = [
     "FusionSession",
     "SessionStats",
     "CoGenesisLogitsProcessor",
+    "FusedGeneration",
+    "generate",
     "SketchResult",
     "sketch_generate",
     "LlamaCppSLM",

@@ -288,6 +288,14 @@ def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return keep
 
 
+def sampling_weights(logprobs: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """The distribution :func:`sample_from_logprobs` draws from, ``(B, V)``, unnormalized: the
+    probabilities at ``temperature`` (1 in greedy rows) with the tokens top-k and top-p remove at 0."""
+    scaled = logprobs / torch.where(temperature == 0, 1.0, temperature)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.where(sampling_mask(probs, top_k, top_p), probs, 0.0)
+
+
 def sample_from_logprobs(
     logprobs: Tensor, uniform: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor
 ) -> Tensor:
@@ -298,9 +306,7 @@ def sample_from_logprobs(
     itself). ``temperature[b] == 0`` means greedy (argmax) for that row.
     """
     greedy = temperature == 0
-    scaled = logprobs / torch.where(greedy, 1.0, temperature)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
-    weights = torch.where(sampling_mask(probs, top_k, top_p), probs, 0.0)
+    weights = sampling_weights(logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
     cdf = weights.cumsum(dim=-1)
     target = uniform.float()[:, None] * cdf[:, -1:]
     # first index whose cdf exceeds the target; rounding at u -> 1 falls back to the last survivor

@@ -13,6 +13,11 @@ any decode loop) talks to it in plain terms:
     from the previous step's output, or none at the first step); ``slm_logits``: the SLM's logits
     ``(batch_size, v_slm)`` for the next position. Returns ``(batch_size, v_slm)`` float32
     log-probabilities to choose the next token from; :attr:`alpha_history` gets this step's α.
+``request(appended)`` then ``complete(request, slm_logits)``
+    :meth:`step` in two halves: the LLM call needs no SLM logits, so a decode loop can run it while
+    the SLM computes them (:func:`logitfuse.generate`'s ``overlap``).
+``step_many(appended, drafts, slm_logits)`` / ``accept_drafts(kept)``
+    Speculative fusion: one LLM call scores an SLM draft; the rejected tokens are rolled back.
 ``reorder(rows)`` / ``finish(row)``
     Beam search reordered its rows (row ``r`` continues former row ``rows[r]``); a row ended.
 
@@ -39,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from logitfuse.backends import LLMBackend
+from logitfuse.backends import LLMBackend, LLMOutput
 from logitfuse.functional import fuse, fuse_with_head
 from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.retokenize import IncrementalRetokenizer
@@ -49,7 +54,7 @@ from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
 
-__all__ = ["FusionSession", "SessionStats"]
+__all__ = ["FusionSession", "SessionStats", "StepRequest"]
 
 
 @dataclass
@@ -57,7 +62,8 @@ class SessionStats:
     """Counters of one fused generation.
 
     Attributes:
-        steps: decoding steps (positions) fused or decided by the SLM alone.
+        steps: decoding steps (positions) fused or decided by the SLM alone (with speculative
+            fusion, the positions decided in the longest row).
         llm_calls: backend requests (one per step that consulted any row).
         llm_row_calls: rows consulted, summed over steps.
         saved_calls: row steps the schedule skipped.
@@ -66,6 +72,10 @@ class SessionStats:
         rollbacks: LLM tokens re-tokenized away (two tokenizers).
         unmapped_tokens: with an identity map, generated ids beyond the LLM's vocabulary (padding).
         reorders: beam reorderings followed.
+        draft_tokens_sent: speculative fusion (:meth:`FusionSession.step_many`): SLM draft tokens
+            sent to the LLM to be scored.
+        draft_tokens_kept: drafts accepted (they are in the output).
+        draft_tokens_discarded: drafts rejected (the LLM saw them; the output does not hold them).
 
     ``stats["steps"]`` works as well as ``stats.steps``, and ``dict(stats)`` gives a plain dict.
     """
@@ -79,6 +89,9 @@ class SessionStats:
     rollbacks: int = 0
     unmapped_tokens: int = 0
     reorders: int = 0
+    draft_tokens_sent: int = 0
+    draft_tokens_kept: int = 0
+    draft_tokens_discarded: int = 0
 
     def __getitem__(self, name: str) -> int:
         if name not in self.__dataclass_fields__:
@@ -90,6 +103,15 @@ class SessionStats:
 
     def items(self) -> list[tuple[str, int]]:
         return list(dataclasses.asdict(self).items())
+
+
+@dataclass
+class StepRequest:
+    """What :meth:`FusionSession.request` asked the LLM: the rows called (``None``: no call) and the
+    backend's answer, for :meth:`FusionSession.complete`."""
+
+    call: list[bool] | None
+    out: LLMOutput | None
 
 
 def _is_identity(vocab_map: VocabMap) -> bool:
@@ -218,6 +240,8 @@ class FusionSession:
         self._finished: list[bool] = []
         self._pending: list[list[int]] = []
         self._rollback: list[int] = []
+        self._drafted: list[int] = []  # draft tokens of the last step_many, per row, until accept_drafts
+        self._decided: list[int] = []  # speculative fusion: positions decided per row
         self._retok: IncrementalRetokenizer | None = None
         self._map: list[int] = []
         self._vocab_map: VocabMap | None = self.vocab_map
@@ -280,6 +304,7 @@ class FusionSession:
         self._finished = [False] * batch
         self._pending = [[] for _ in range(batch)]
         self._rollback = [0] * batch
+        self._decided = [0] * batch
 
     def reorder(self, rows: Sequence[int]) -> None:
         """Row ``r`` continues former row ``rows[r]`` (beam search); the LLM's state follows."""
@@ -330,27 +355,39 @@ class FusionSession:
 
         ``appended[r]`` are the SLM ids row ``r`` kept since the previous step. Tokens that the
         engine masked to ``-inf`` in ``slm_logits`` (banned words, a minimum length) stay at ``-inf``.
+        The same as :meth:`request` then :meth:`complete`.
         """
         batch = slm_logits.shape[0]
         if batch != self.batch_size or len(appended) != batch:
             raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
                              f"started {self.batch_size} rows; call start() first")
-        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        entropy = None
+        if self.schedule.needs_entropy and not self.slm_only:
+            slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+            probs = slm_logprobs.exp()
+            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
+        return self.complete(self.request(appended, entropy=entropy), slm_logits)
+
+    @torch.no_grad()
+    def request(self, appended: Sequence[Sequence[int]], *, entropy: Tensor | None = None) -> StepRequest:
+        """The LLM side of one step: queue ``appended`` (as in :meth:`step`), decide which rows ask the
+        LLM and ask it. It does not need the SLM's logits for the position, so a decode loop can run it
+        (in a thread) while the SLM computes them, then pass both to :meth:`complete`. A schedule that
+        reads the SLM's entropy (``entropy_gate``) needs ``entropy`` ``(batch_size,)``: use :meth:`step`."""
+        batch = self.batch_size
+        if len(appended) != batch:
+            raise ValueError(f"request got {len(appended)} token lists, but the session started {batch} rows; "
+                             "call start() first")
+        if self.schedule.needs_entropy and entropy is None and not self.slm_only:
+            raise ValueError(f"schedule {self.schedule.spec!r} reads the SLM's entropy; use step(appended, slm_logits)")
         self._stats.steps += 1
         if self.slm_only:
-            self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
+            return StepRequest(None, None)
         for r, tokens in enumerate(appended):
             for token in tokens:
                 self._append(r, int(token))
-        device = slm_logits.device
         step = self._step
         self._step += 1
-
-        entropy = None
-        if self.schedule.needs_entropy:
-            probs = slm_logprobs.exp()
-            entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
         decision = self.schedule.should_call(step, entropy)
@@ -362,9 +399,7 @@ class FusionSession:
         call = [w and a for w, a in zip(wanted, active)]
         self._stats.saved_calls += sum(a and not w for w, a in zip(wanted, active))
         if not any(call):
-            self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
-
+            return StepRequest(None, None)
         if any(self._rollback):
             self.llm.rollback(self._rollback)
             self._rollback = [0] * batch
@@ -373,12 +408,34 @@ class FusionSession:
         out = self.llm.advance(pending, need=call)
         self._stats.llm_calls += 1
         self._stats.llm_row_calls += sum(call)
-        ok = self._answered_rows(out.ok, call, device)
+        return StepRequest(call, out)
+
+    @torch.no_grad()
+    def complete(self, request: StepRequest, slm_logits: Tensor) -> Tensor:
+        """The fused log-probabilities ``(batch_size, v_slm)`` of the step :meth:`request` asked for,
+        from the SLM's logits ``(batch_size, v_slm)`` for that position."""
+        batch = slm_logits.shape[0]
+        if batch != self.batch_size:
+            raise ValueError(f"complete got {batch} rows of logits, but the session started {self.batch_size} rows")
+        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        if request.out is None:
+            self._alpha_history.append(torch.ones(batch))
+            return slm_logprobs
+        ok = self._answered_rows(request.out.ok, request.call, slm_logits.device)
         if ok is False:
             self._alpha_history.append(torch.ones(batch))
             return slm_logprobs
+        alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True)
+        if ok is True:
+            self._alpha_history.append(alpha)
+            return fused
+        self._alpha_history.append(torch.where(ok, alpha, 1.0))
+        return torch.where(ok[:, None], fused, slm_logprobs)
 
-        llm_next = out.next
+    def _fuse(self, slm_logits: Tensor, llm_next: Any, *, host_alpha: bool) -> tuple[Tensor, Tensor]:
+        """``(alpha (rows,), fused (rows, v_slm))`` of one batch of positions; a fixed α is made on the
+        host when ``host_alpha`` (no device read later)."""
+        device = slm_logits.device
         if isinstance(llm_next, TopK):
             llm_next = TopK(llm_next.ids.to(device, non_blocking=True), llm_next.logprobs.to(device, non_blocking=True))
         else:
@@ -386,19 +443,99 @@ class FusionSession:
         options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
                        llm_temperature=self.llm_temperature, validate=False)
         if self.head is not None:
-            # rows whose LLM call failed are replaced by the SLM's row below, whatever their α
+            # rows whose LLM call failed are replaced by the SLM's row by the caller, whatever their α
             alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options)
             alpha = alpha.float()
         else:
             fused = fuse(slm_logits, llm_next, alpha=self.alpha, **options)
-            # where every row was answered the history entry is made on the host: no device read later
-            alpha = torch.full((batch,), float(self.alpha), device="cpu" if ok is True else device)
-        fused = _keep_banned(fused, slm_logits)
+            alpha = torch.full((slm_logits.shape[0],), float(self.alpha), device="cpu" if host_alpha else device)
+        return alpha, _keep_banned(fused, slm_logits)
+
+    # ------------------------------------------------------------------ speculative fusion
+    @torch.no_grad()
+    def step_many(self, appended: Sequence[Sequence[int]], drafts: Sequence[Sequence[int]],
+                  slm_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused log-probabilities at ``n + 1`` positions of every row from one LLM call
+        (speculative fusion; the backend's ``score``).
+
+        ``appended[r]``: the SLM ids row ``r`` kept since the previous step (as in :meth:`step`);
+        ``drafts[r]``: the ``n`` tokens the SLM drafted after them (the same ``n`` for every row
+        still running; finished rows' drafts are ignored); ``slm_logits`` ``(batch_size, n + 1,
+        v_slm)``: the SLM's logits after ``appended`` and after each draft token. Returns
+        ``(fused, alpha)``: ``(batch_size, n + 1, v_slm)`` float32 log-probabilities and the α of
+        each position ``(batch_size, n + 1)`` on the CPU (not added to :attr:`alpha_history`).
+
+        The drafts are sent to the LLM now: call :meth:`accept_drafts` with how many of each row's
+        drafts were kept; the others are rolled back before the next LLM call. Needs one tokenizer
+        (an identity map), the ``"always"`` schedule and a backend with ``supports_score``.
+        """
+        batch, positions, v_slm = slm_logits.shape
+        if batch != self.batch_size or len(appended) != batch or len(drafts) != batch:
+            raise ValueError(f"step_many got {batch} rows of logits, {len(appended)} appended and {len(drafts)} draft "
+                             f"lists, but the session started {self.batch_size} rows; call start() first")
+        if self._drafted:
+            raise RuntimeError("step_many: call accept_drafts(kept) for the previous drafts first")
+        if self.cross_tokenizer or self.schedule.spec != "always" or not self.llm.supports_score:
+            raise ValueError("speculative fusion needs one tokenizer (an identity vocabulary map), schedule='always' "
+                             f"and a backend that can score drafts (supports_score); got "
+                             f"{type(self.llm).__name__} with schedule {self.schedule.spec!r}")
+        active = [not f for f in self._finished]
+        if any(a and len(d) != positions - 1 for a, d in zip(active, drafts)):
+            raise ValueError(f"drafts must hold {positions - 1} tokens per running row (slm_logits has {positions} positions)")
+        if self.slm_only:
+            raise ValueError("step_many: alpha=1 never asks the LLM, so there is nothing to score; use step()")
+        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        for r, tokens in enumerate(appended):
+            for token in tokens:
+                self._append(r, int(token))
+        rows = [[] for _ in range(batch)]
+        for r in range(batch):
+            if active[r]:
+                mapped = [self._map[int(t)] if 0 <= int(t) < len(self._map) else -1 for t in drafts[r]]
+                if min(mapped, default=0) < 0:
+                    raise ValueError(f"drafts[{r}] holds SLM ids the LLM vocabulary lacks; speculative fusion needs "
+                                     "every SLM id mapped to itself")
+                rows[r] = self._pending[r] + mapped
+        if any(self._rollback):
+            self.llm.rollback(self._rollback)
+            self._rollback = [0] * batch
+        out = self.llm.score(rows, need=active)
+        self._pending = [[] for _ in range(batch)]
+        self._drafted = [positions - 1 if a else 0 for a in active]
+        stats = self._stats
+        stats.llm_calls += 1
+        stats.llm_row_calls += sum(active)
+        stats.llm_tokens += sum(len(r) for r in rows)
+        stats.draft_tokens_sent += sum(self._drafted)
+        device = slm_logits.device
+        ok = self._answered_rows(out.ok, active, device)
+        if ok is False:
+            return slm_logprobs, torch.ones(batch, positions)
+        llm_next = out.next[:, -positions:].flatten(0, 1)
+        alpha, fused = self._fuse(slm_logits.flatten(0, 1), llm_next, host_alpha=True)
+        fused, alpha = fused.view(batch, positions, v_slm), alpha.view(batch, positions).cpu()
         if ok is True:
-            self._alpha_history.append(alpha)
-            return fused
-        self._alpha_history.append(torch.where(ok, alpha, 1.0))
-        return torch.where(ok[:, None], fused, slm_logprobs)
+            return fused, alpha
+        return torch.where(ok[:, None, None], fused, slm_logprobs), torch.where(ok.cpu()[:, None], alpha, 1.0)
+
+    def accept_drafts(self, kept: Sequence[int], decided: Sequence[int] | None = None) -> None:
+        """After :meth:`step_many`: row ``r`` kept its first ``kept[r]`` drafts; the rest are rolled back
+        on the LLM before its next call (and counted as discarded). ``decided[r]``: the tokens the
+        row took from this step (default ``kept[r] + 1``: the kept drafts and the token after them),
+        for :attr:`stats` ``.steps``."""
+        if len(kept) != len(self._drafted):
+            raise ValueError(f"accept_drafts needs one count per row ({len(self._drafted)}) after step_many")
+        for r, (k, sent) in enumerate(zip(kept, self._drafted)):
+            if not 0 <= k <= sent:
+                raise ValueError(f"kept[{r}]={k} must be in [0, {sent}] (the drafts row {r} sent)")
+            self._rollback[r] += sent - k
+            self._stats.draft_tokens_kept += k
+            self._stats.draft_tokens_discarded += sent - k
+            if not self._finished[r]:
+                self._decided[r] += k + 1 if decided is None else decided[r]
+        # steps: the positions decided in the longest row (one LLM call decides several)
+        self._stats.steps = max(self._stats.steps, max(self._decided, default=0))
+        self._drafted = []
 
     def _answered_rows(self, backend_ok: Tensor, call: list[bool], device: torch.device) -> bool | Tensor:
         """Which called rows got a usable LLM answer: ``True`` (all of them), ``False`` (none), or a

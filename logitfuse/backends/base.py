@@ -15,6 +15,9 @@ interface is small:
 ``rollback(n)``
     Drop the last ``n[r]`` tokens of row ``r`` (re-tokenization); an ``advance`` with at least one
     token for that row must follow before its next-token information is used.
+``score(new_tokens, need=None) -> LLMOutput`` (optional, ``supports_score``)
+    Like ``advance``, but the next-token information at every appended position, in one call:
+    speculative fusion scores a whole SLM draft at once (:func:`logitfuse.generate`).
 ``reorder(order)``
     Row ``r`` becomes a copy of former row ``order[r]`` (beam search).
 ``reset()``, ``audit_log``, ``tokenizer``, ``vocab_size``.
@@ -139,6 +142,16 @@ class LLMBackend(abc.ABC):
     @abc.abstractmethod
     def batch_size(self) -> int:
         """The number of rows (0 before :meth:`start`)."""
+
+    #: whether :meth:`score` is implemented (speculative fusion needs it)
+    supports_score: bool = False
+
+    def score(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append each row's new tokens and return the next-token information at every appended
+        position (speculative fusion: one call scores a whole draft). ``next`` is ``(B, 1 + W, ...)``,
+        ``W`` the most new tokens of a row, each row's positions right-aligned (see
+        :meth:`logitfuse.HFLLM.score`). Backends that cannot set :attr:`supports_score` False."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score several positions in one call")
 
     def reorder(self, order: list[int]) -> None:
         """Make row ``r`` a copy of former row ``order[r]`` (beam search reordering its beams)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -11,7 +12,7 @@ from logitfuse.backends.base import LLMBackend, LLMOutput
 
 Tensor = torch.Tensor
 
-__all__ = ["HFLLM"]
+__all__ = ["HFLLM", "drop_last_tokens"]
 
 
 class HFLLM(LLMBackend):
@@ -83,14 +84,15 @@ class HFLLM(LLMBackend):
             return DynamicCache()
 
     @torch.inference_mode()
-    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor) -> Tensor:
+    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor, *, every_position: bool = False) -> Tensor:
+        """Logits after the chunk's last column ``(B, V)``, or after every column ``(B, W, V)``."""
         mask = chunk_mask if self._mask is None else torch.cat([self._mask, chunk_mask], dim=1)
         kwargs = {self._cache_kw: self._cache, "use_cache": True}
-        if self._keep_kw:
+        if self._keep_kw and not every_position:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         self._mask = mask
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if every_position else out.logits[:, -1, :].float()
 
     def start(self, public_prompts: list[str] | list[list[int]]) -> None:
         """Prefill the public prompts (one per row), left padded."""
@@ -110,6 +112,27 @@ class HFLLM(LLMBackend):
         self._lengths = [len(r) for r in rows]
         self._stale = [False] * len(rows)
 
+    def _chunk(self, rows: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, mask, positions)`` ``(B, W)`` for appending ``rows``: right-aligned, masked padding in front."""
+        width, batch = max(len(r) for r in rows), len(rows)
+        ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            if row:
+                ids[r, width - len(row):] = torch.tensor(row)
+                mask[r, width - len(row):] = 1
+                positions[r, width - len(row):] = torch.arange(self._lengths[r], self._lengths[r] + len(row))
+            positions[r, : width - len(row)] = self._lengths[r]
+        device = self.device
+        return ids.to(device), mask.to(device), positions.to(device)
+
+    def _appended(self, counts: list[int]) -> None:
+        for r, c in enumerate(counts):
+            self._lengths[r] += c
+            if c:
+                self._stale[r] = False
+
     def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
         """Append each row's new tokens in one forward; returns dense logits for every row."""
         rows, need = self.check_new_tokens(new_tokens, need)
@@ -118,27 +141,36 @@ class HFLLM(LLMBackend):
             raise RuntimeError("HFLLM: a rolled-back row needs at least one new token before its logits are read")
         if max(counts) > 0:
             self.audit_log.append({"op": "advance", "token_ids": [list(r) for r in rows]})
-            width = max(counts)
-            batch = len(rows)
-            ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-            mask = torch.zeros((batch, width), dtype=torch.long)
-            positions = torch.zeros((batch, width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                if row:
-                    ids[r, width - len(row):] = torch.tensor(row)
-                    mask[r, width - len(row):] = 1
-                    positions[r, width - len(row):] = torch.arange(self._lengths[r], self._lengths[r] + len(row))
-                positions[r, : width - len(row)] = self._lengths[r]
-            device = self.device
-            logits = self._forward(ids.to(device), mask.to(device), positions.to(device))
-            fed = torch.tensor([c > 0 for c in counts], device=device)
+            logits = self._forward(*self._chunk(rows))
+            fed = torch.tensor([c > 0 for c in counts], device=logits.device)
             self._last = torch.where(fed[:, None], logits, self._last)
-            for r, c in enumerate(counts):
-                self._lengths[r] += c
-                if c:
-                    self._stale[r] = False
+            self._appended(counts)
         ok = torch.tensor([not s for s in self._stale], device=self._last.device)
         return LLMOutput(self._last.clone(), ok)
+
+    supports_score = True
+
+    def score(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append each row's new tokens in one forward and return the logits at every appended
+        position: ``next`` is ``(B, 1 + W, V)`` with ``W`` the most new tokens of a row; row ``r``'s
+        are right-aligned, ``next[r, W - n_r + i]`` the logits after its first ``i`` new tokens
+        (``i = 0``: before any, what :meth:`advance` would have returned; not meaningful for a row
+        rolled back since its last new token)."""
+        rows, need = self.check_new_tokens(new_tokens, need)
+        counts = [len(r) for r in rows]
+        if any(self._stale[r] and counts[r] == 0 and need[r] for r in range(len(rows))):
+            raise RuntimeError("HFLLM: a rolled-back row needs at least one new token before its logits are read")
+        width = max(counts)
+        if width == 0:
+            return LLMOutput(self._last.clone()[:, None], torch.ones(len(rows), dtype=torch.bool))
+        self.audit_log.append({"op": "score", "token_ids": [list(r) for r in rows]})
+        logits = torch.cat([self._last[:, None], self._forward(*self._chunk(rows), every_position=True)], dim=1)
+        for r, c in enumerate(counts):
+            logits[r, width - c] = self._last[r]  # the position before the row's first new token
+        fed = torch.tensor([c > 0 for c in counts], device=logits.device)
+        self._last = torch.where(fed[:, None], logits[:, -1], self._last)
+        self._appended(counts)
+        return LLMOutput(logits, torch.ones(len(rows), dtype=torch.bool, device=logits.device))
 
     def reorder(self, order: list[int]) -> None:
         """Row ``r`` becomes former row ``order[r]`` (cache, mask and logits follow the beams)."""
@@ -158,25 +190,33 @@ class HFLLM(LLMBackend):
             raise ValueError(f"rollback needs one count per row ({self.batch_size})")
         if not any(n):
             return
-        self.audit_log.append({"op": "rollback", "n": [int(x) for x in n]})
-        mask = self._mask.clone()
         for r, count in enumerate(n):
             if count < 0 or count > self._lengths[r]:
                 raise ValueError(f"rollback: row {r} has {self._lengths[r]} tokens, cannot drop {count}")
+        self.audit_log.append({"op": "rollback", "n": [int(x) for x in n]})
+        for r, count in enumerate(n):
             if count:
-                live = mask[r].nonzero().flatten()
-                mask[r, live[-count:]] = 0
                 self._lengths[r] -= count
                 self._stale[r] = True
-        # crop columns that are dead in every row at the end of the cache
-        alive = mask.any(dim=0).flatten().nonzero()
-        keep = int(alive[-1]) + 1 if alive.numel() else 0
-        drop = mask.shape[1] - keep
-        if drop > 0:
-            before = self._cache.get_seq_length()
-            self._cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
-            if self._cache.get_seq_length() != before - drop:
-                raise RuntimeError(f"HFLLM: cropping the KV cache by {drop} left "
-                                   f"{self._cache.get_seq_length()} of {before} positions")
-            mask = mask[:, :keep]
-        self._mask = mask
+        self._mask = drop_last_tokens(self._cache, self._mask, n, who="HFLLM")
+
+
+def drop_last_tokens(cache: Any, mask: Tensor, n: Sequence[int], *, who: str) -> Tensor:
+    """Mask out the last ``n[r]`` live positions of each row of a left-padded KV ``cache`` and its
+    attention ``mask`` ``(B, columns)``; columns dead in every row at the end are cropped from the
+    cache. Returns the new mask (``mask`` itself is not changed)."""
+    mask = mask.clone()
+    for r, count in enumerate(n):
+        if count:
+            live = mask[r].nonzero().flatten()
+            mask[r, live[-count:]] = 0
+    alive = mask.any(dim=0).flatten().nonzero()
+    keep = int(alive[-1]) + 1 if alive.numel() else 0
+    drop = mask.shape[1] - keep
+    if drop > 0:
+        before = cache.get_seq_length()
+        cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
+        if cache.get_seq_length() != before - drop:
+            raise RuntimeError(f"{who}: cropping the KV cache by {drop} left {cache.get_seq_length()} of {before} positions")
+        mask = mask[:, :keep]
+    return mask

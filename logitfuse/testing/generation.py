@@ -60,7 +60,7 @@ def hf_streams(audit_log: list) -> list[list[int]]:
     for entry in audit_log:
         if entry["op"] == "start":
             rows = [list(r) for r in entry["token_ids"]]
-        elif entry["op"] == "advance":
+        elif entry["op"] in ("advance", "score"):
             for row, new in zip(rows, entry["token_ids"]):
                 row.extend(new)
         elif entry["op"] == "reorder":

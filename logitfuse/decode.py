@@ -1,0 +1,475 @@
+"""Our own fused decode loop: :func:`generate`, with exact speculative fusion (``speculate=K``).
+
+A small loop in the manner of gpt-fast over a transformers SLM and its KV cache: prefill the private
+prompt once, then one forward per token (:class:`_SLMCache`), with a :class:`logitfuse.FusionSession`
+for the LLM side (the backend's state, α, fusion). Per step the session returns the fused
+log-probabilities and the token is chosen as :func:`logitfuse.fuse_sample` chooses it (greedy argmax,
+or temperature, top-k then top-p from an explicit ``torch.Generator``).
+
+With ``speculate=K`` the SLM drafts K tokens alone, the LLM scores all K + 1 positions in one call
+(``LLMBackend.score``), the session fuses each position, and the drafts are accepted by the
+speculative-sampling rule with the SLM's distribution q as the draft and the fused distribution p as
+the target (both after the same temperature, top-k and top-p): accept x with probability
+min(1, p(x) / q(x)); at the first rejection draw from norm(max(0, p - q)) and stop; if all K are
+accepted draw one more from the last p. Greedy: accept while the fused argmax equals the draft (the
+SLM's argmax). The tokens are distributed exactly as per-step fusion's (greedy: identical). Rejected
+drafts are rolled back in both caches.
+
+Overlap (per-step fusion, on by default): the LLM's request for a position is issued in a thread as
+soon as the token before it is chosen, while the SLM computes its forward for that position, so a
+step costs about max(SLM, LLM) plus fusion instead of the sum.
+
+Privacy: drafts that end up rejected are SLM text the LLM sees although the output does not hold
+it. Speculation is therefore opt-in (``speculate=0`` by default) and counted in the statistics
+(``draft_tokens_sent``, ``draft_tokens_kept``, ``draft_tokens_discarded``) and the backend's audit log.
+
+>>> import torch, logitfuse
+>>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
+>>> tok = byte_level_tokenizer()
+>>> slm, llm = tiny_llama(len(tok), seed=0), logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
+>>> private = tok(["Martin sells houses. Write an invitation:"], return_tensors="pt")
+>>> out = logitfuse.generate(slm, llm, private["input_ids"], "Write an invitation:", alpha=0.5,
+...                          max_new_tokens=6, speculate=2)
+>>> out.sequences == logitfuse.generate(slm, llm, private["input_ids"], "Write an invitation:",
+...                                     alpha=0.5, max_new_tokens=6).sequences
+True
+"""
+
+from __future__ import annotations
+
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from collections.abc import Callable, Sequence
+
+import torch
+
+from logitfuse.backends.hf import drop_last_tokens
+from logitfuse.reference import sample_from_logprobs, sampling_weights
+from logitfuse.session import FusionSession, SessionStats
+
+Tensor = torch.Tensor
+
+__all__ = ["FusedGeneration", "generate"]
+
+
+@dataclass
+class FusedGeneration:
+    """What :func:`generate` returns.
+
+    Attributes:
+        sequences: the generated SLM token ids of each row (ending with the EOS token where the row
+            stopped at one; no padding).
+        alpha: per row, the α used for each generated token (1 = the SLM alone).
+        stats: the session's counters (:class:`logitfuse.SessionStats`; with ``speculate``, the
+            ``draft_tokens_*`` counts).
+        stopped: per row, ``"eos"`` or ``"length"``.
+    """
+
+    sequences: list[list[int]]
+    alpha: list[list[float]]
+    stats: SessionStats
+    stopped: list[str]
+
+
+class _SLMCache:
+    """The SLM's KV cache over left-padded private prompts, one column appended per forward; dropped
+    positions are masked out (and cropped where every row dropped them), as in :class:`logitfuse.HFLLM`.
+    Positions come from each row's count of live tokens, so every row's logits are those of a plain
+    forward over its own tokens. Nothing here is ever sent anywhere."""
+
+    def __init__(self, model: Any, input_ids: Tensor, attention_mask: Tensor):
+        from transformers import DynamicCache
+
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        try:
+            self.cache = DynamicCache(config=model.config)
+        except TypeError:  # older signatures
+            self.cache = DynamicCache()
+        self.ids, self.mask = input_ids, attention_mask
+        self.lengths = attention_mask.sum(dim=1)
+
+    @torch.inference_mode()
+    def _forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        kwargs = {self._cache_kw: self.cache, "use_cache": True}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def prefill(self) -> Tensor:
+        """The logits ``(B, V)`` for the first new position."""
+        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)  # as transformers' generate
+        return self._forward(self.ids, positions)
+
+    def append(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row ``(B,)``; the logits ``(B, V)`` for the position after it."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        logits = self._forward(tokens[:, None], self.lengths[:, None].clone())
+        self.lengths = self.lengths + 1
+        return logits
+
+    def drop(self, n: Sequence[int]) -> None:
+        """Forget the last ``n[r]`` tokens of each row (rejected drafts)."""
+        if any(n):
+            self.mask = drop_last_tokens(self.cache, self.mask, n, who="logitfuse.generate")
+            self.lengths = self.lengths - torch.tensor(n, device=self.lengths.device)
+
+
+# ------------------------------------------------------------------------- argument checks
+def _check_private(slm: Any, private_input_ids: Any, attention_mask: Any, pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``(B, L)`` on the SLM's device, left padded, checked."""
+    if not callable(slm) or not hasattr(slm, "config") or not hasattr(slm, "get_output_embeddings"):
+        raise TypeError(f"slm must be a transformers causal LM (AutoModelForCausalLM), got {type(slm).__name__}")
+    device = next(slm.parameters()).device
+    if isinstance(private_input_ids, Tensor):
+        ids = private_input_ids
+        if ids.dim() == 1:
+            ids = ids[None]
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    elif isinstance(private_input_ids, Sequence) and private_input_ids and all(
+            isinstance(row, Sequence) and not isinstance(row, str) and row for row in private_input_ids):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with private_input_ids as a tensor; lists of ids are left padded here")
+        width = max(len(row) for row in private_input_ids)
+        ids = torch.full((len(private_input_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(private_input_ids):
+            ids[r, width - len(row):] = torch.tensor([int(i) for i in row])
+            mask[r, width - len(row):] = 1
+    else:
+        raise TypeError("private_input_ids must be a (batch, length) tensor of SLM token ids, or a list of non-empty "
+                        "lists of ids (one per row)")
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"private_input_ids must be a (batch, length) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but private_input_ids has {tuple(ids.shape)}")
+    mask = mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()) or bool((mask.sum(1) == 0).any()):
+        raise ValueError("attention_mask must hold 0s and 1s with at least one 1 per row")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("private_input_ids must be left padded (attention_mask 0...0 1...1 per row); "
+                         "tokenize with padding_side='left'")
+    vocab = int(slm.get_output_embeddings().weight.shape[0])
+    live = ids[mask.bool()]
+    if bool(((live < 0) | (live >= vocab)).any()):
+        raise ValueError(f"private_input_ids holds ids outside the SLM's vocabulary [0, {vocab})")
+    return ids.long().to(device), mask.to(device)
+
+
+def _public_rows(public_prompt: Any, batch: int) -> list[Any]:
+    if isinstance(public_prompt, Tensor):
+        public_prompt = public_prompt.tolist()
+    if isinstance(public_prompt, str) or (isinstance(public_prompt, Sequence) and public_prompt
+                                          and all(isinstance(i, int) for i in public_prompt)):
+        return [public_prompt] * batch
+    if isinstance(public_prompt, Sequence) and len(public_prompt) == batch:
+        return list(public_prompt)
+    raise ValueError(f"public_prompt must be one prompt (text or LLM token ids) for every row, or a list of "
+                     f"{batch} (one per row of private_input_ids)")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = float("inf")) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be a number in [{low}, {high}]")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, low: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low} ({fix})")
+    return value
+
+
+def _check_speculation(session: FusionSession, v_slm: int) -> None:
+    """Refuse, before anything is sent, what speculative fusion cannot do exactly."""
+    llm = session.llm
+    if session.cross_tokenizer:
+        raise ValueError("speculate > 0 needs one tokenizer on both sides (an identity vocabulary map); across "
+                         "tokenizers use speculate=0 (per-step fusion)")
+    if session.schedule.spec != "always":
+        raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
+                         "skips the LLM already saves calls: use speculate=0 with it")
+    if not llm.supports_score:
+        raise ValueError(f"speculate > 0 needs a backend that scores a draft in one call (LLMBackend.score); "
+                         f"{type(llm).__name__} does not yet: use speculate=0")
+    if v_slm > llm.vocab_size:
+        raise ValueError(f"speculate > 0 needs every SLM id in the LLM's vocabulary; the SLM has {v_slm} ids, the "
+                         f"LLM {llm.vocab_size}: use speculate=0")
+
+
+# ------------------------------------------------------------------------- the loop
+class _Rows:
+    """The generated tokens, α and stop reason of each row."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos: frozenset[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.alpha: list[list[float]] = [[] for _ in range(batch)]
+        self.stopped: list[str | None] = [None] * batch
+        self.max_new_tokens, self.eos = max_new_tokens, eos
+
+    def running(self, r: int) -> bool:
+        return self.stopped[r] is None
+
+    def add(self, r: int, tokens: list[int], alpha: list[float]) -> int:
+        """Append what row ``r`` may still take of ``tokens``; returns how many were taken."""
+        taken = 0
+        for token, a in zip(tokens, alpha):
+            self.tokens[r].append(token)
+            self.alpha[r].append(a)
+            taken += 1
+            if token in self.eos:
+                self.stopped[r] = "eos"
+                break
+            if len(self.tokens[r]) == self.max_new_tokens:
+                self.stopped[r] = "length"
+                break
+        return taken
+
+    def done(self) -> bool:
+        return all(s is not None for s in self.stopped)
+
+
+class _Chooser:
+    """Token choice as :func:`logitfuse.fuse_sample` makes it, from explicit ``generator`` draws."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+        self.greedy = temperature == 0
+        self.generator = generator
+        self.settings = (temperature, top_k, top_p)
+
+    def warp(self, rows: int) -> dict[str, Tensor]:
+        temperature, top_k, top_p = self.settings
+        return dict(temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k),
+                    top_p=torch.full((rows,), top_p))
+
+    def uniform(self, batch: int) -> Tensor:
+        return torch.rand(batch, generator=self.generator)
+
+    def choose(self, logprobs: Tensor) -> Tensor:
+        """One token per row ``(B,)`` from log-probabilities ``(B, V)``."""
+        if self.greedy:
+            return logprobs.argmax(dim=-1)
+        rows = logprobs.shape[0]
+        return sample_from_logprobs(logprobs.cpu(), self.uniform(rows), **self.warp(rows)).to(logprobs.device)
+
+    def probs(self, logprobs: Tensor) -> Tensor:
+        """The normalized distribution ``(B, V)`` that :meth:`choose` draws from."""
+        weights = sampling_weights(logprobs.cpu(), **self.warp(logprobs.shape[0]))
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Callable[[], None],
+              pad_id: int, overlap: bool) -> None:
+    """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
+    next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
+    while the SLM's runs)."""
+    batch, device = slm.ids.shape[0], slm.ids.device
+    appended: list[list[int]] = [[] for _ in range(batch)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
+
+        def first_request():
+            start()
+            return session.request(appended)
+
+        if overlap:
+            request = pool.submit(first_request)
+            logits = slm.prefill()
+            request = request.result()
+        else:
+            start()
+            logits = slm.prefill()
+        while True:
+            fused = session.complete(request, logits) if overlap else session.step(appended, logits)
+            alpha = session.alpha_history[-1].tolist()
+            tokens = chooser.choose(fused).tolist()
+            appended = [[] for _ in range(batch)]
+            for r in range(batch):
+                if rows.running(r):
+                    rows.add(r, [tokens[r]], [alpha[r]])
+                    appended[r] = [tokens[r]]
+                else:
+                    tokens[r] = pad_id
+            if rows.done():
+                return
+            fed = torch.tensor(tokens, device=device)
+            if overlap:
+                request = pool.submit(session.request, appended)
+                logits = slm.append(fed)
+                request = request.result()
+            else:
+                logits = slm.append(fed)
+
+
+def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, logits: Tensor,
+                 pad_id: int, k: int) -> None:
+    batch, device = logits.shape[0], logits.device
+    appended: list[list[int]] = [[] for _ in range(batch)]
+    while True:
+        left = max(rows.max_new_tokens - len(t) for r, t in enumerate(rows.tokens) if rows.running(r))
+        n = min(k, left - 1)
+        # the SLM drafts n tokens alone (finished rows are fed padding)
+        running = torch.tensor([rows.running(r) for r in range(batch)])
+        slm_logits, drafts = [logits], torch.full((batch, n), pad_id, dtype=torch.long)
+        for i in range(n):
+            q = torch.log_softmax(slm_logits[-1].float() / session.slm_temperature, dim=-1)
+            drafts[:, i] = torch.where(running, chooser.choose(q).cpu(), pad_id)
+            slm_logits.append(slm.append(drafts[:, i].to(device)))
+        stacked = torch.stack(slm_logits, dim=1)
+        draft_lists = [drafts[r].tolist() if rows.running(r) else [] for r in range(batch)]
+        fused, alpha = session.step_many(appended, draft_lists, stacked)
+        # accept or reject each row's drafts (all rows at once)
+        accepted, after = _accept(chooser, drafts, stacked, fused, session.slm_temperature)
+        kept, taken, chosen = [0] * batch, [0] * batch, [pad_id] * batch
+        for r in range(batch):
+            if rows.running(r):
+                a, token = int(accepted[r]), int(after[r])
+                taken[r] = rows.add(r, draft_lists[r][:a] + [token], alpha[r, :a + 1].tolist())
+                kept[r] = min(a, taken[r])
+                if rows.running(r):
+                    chosen[r] = token
+        session.accept_drafts(kept, taken)
+        slm.drop([n - kept[r] for r in range(batch)])
+        for r in range(batch):
+            if not rows.running(r):
+                session.finish(r)
+        if rows.done():
+            return
+        appended = [[chosen[r]] if rows.running(r) else [] for r in range(batch)]
+        logits = slm.append(torch.tensor(chosen, device=device))
+
+
+def _accept(chooser: _Chooser, drafts: Tensor, slm_logits: Tensor, fused: Tensor,
+            slm_temperature: float) -> tuple[Tensor, Tensor]:
+    """``(accepted, token)`` ``(B,)`` each: how many of its ``drafts`` ``(B, n)`` each row accepts, and
+    the token after them (the correction at the first rejection, or one more from the last fused
+    distribution). ``slm_logits`` and ``fused`` are ``(B, n + 1, V)``: the SLM's logits and the fused
+    log-probabilities at each position."""
+    batch, positions, vocab = fused.shape
+    drafts = drafts.to(fused.device)
+    if chooser.greedy:
+        best = fused.argmax(dim=-1)
+        accepted = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)
+        return accepted.cpu(), best.gather(1, accepted[:, None].to(best.device))[:, 0].cpu()
+    p = chooser.probs(fused.flatten(0, 1)).view(batch, positions, vocab)
+    q = chooser.probs(torch.log_softmax(slm_logits.flatten(0, 1).float() / slm_temperature, dim=-1))
+    q = q.view(batch, positions, vocab)
+    return speculative_accept(p, q, drafts.cpu(), chooser.uniform(batch * (positions - 1)).view(batch, positions - 1),
+                              chooser.uniform(batch))
+
+
+def speculative_accept(p: Tensor, q: Tensor, drafts: Tensor, accept_uniform: Tensor,
+                       draw_uniform: Tensor) -> tuple[Tensor, Tensor]:
+    """The speculative-sampling rule, per row: ``(accepted (B,), token (B,))``.
+
+    ``p`` ``(B, n + 1, V)``: the target (fused) distributions; ``q`` ``(B, n + 1, V)``: the draft's
+    (its last position is not read); ``drafts`` ``(B, n)``: the drafted ids (each drawn from its
+    ``q``). Draft ``i`` is accepted when ``accept_uniform[:, i] * q_i(x_i) < p_i(x_i)`` (probability
+    ``min(1, p/q)``), up to the first rejection; there the token is drawn with ``draw_uniform``
+    ``(B,)`` from ``norm(max(0, p_i - q_i))``; if all are accepted, from ``p_n``.
+
+    >>> import torch
+    >>> p = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]]); q = torch.tensor([[[1.0, 0.0, 0.0], [1/3] * 3]])
+    >>> speculative_accept(p, q, torch.tensor([[0]]), torch.tensor([[0.4]]), torch.tensor([0.9]))  # kept
+    (tensor([1]), tensor([2]))
+    >>> speculative_accept(p, q, torch.tensor([[0]]), torch.tensor([[0.6]]), torch.tensor([0.9]))  # rejected
+    (tensor([0]), tensor([1]))
+    """
+    n = drafts.shape[1]
+    index = drafts[:, :, None]
+    ok = accept_uniform * q[:, :n].gather(2, index)[:, :, 0] < p[:, :n].gather(2, index)[:, :, 0]
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)
+    at = accepted[:, None, None].expand(-1, 1, p.shape[2])
+    p_at, q_at = p.gather(1, at)[:, 0], q.gather(1, at)[:, 0]
+    residual = torch.where((accepted < n)[:, None], (p_at - q_at).clamp(min=0), p_at)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)  # p == q: rounding only
+    return accepted, _draw(residual, draw_uniform)
+
+
+def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
+    """One id per row drawn by inverse CDF from unnormalized ``weights`` ``(B, V)`` (as sampling draws)."""
+    rows = weights.shape[0]
+    return sample_from_logprobs(weights.log(), uniform, temperature=torch.ones(rows),
+                                top_k=torch.zeros(rows, dtype=torch.long), top_p=torch.ones(rows))
+
+
+# ------------------------------------------------------------------------- public entry point
+def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, max_new_tokens: int,
+             head: Any = None, alpha: float | None = None, vocab_map: Any = None, mode: str | None = None,
+             tail: str | None = None, schedule: Any = "always", temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, speculate: int = 0, overlap: bool = True,
+             eos_token_id: Any = None, attention_mask: Any = None, slm_tokenizer: Any = None,
+             apply_chat_template: bool = False, pad_token_id: int | None = None) -> FusedGeneration:
+    r"""Fused generation with our own decode loop over the SLM's KV cache (see the module docstring).
+
+    Args:
+        slm: a transformers causal LM (the on-device model), in eval mode. It alone reads
+            ``private_input_ids``.
+        llm (`LLMBackend`): the LLM side (:class:`logitfuse.HFLLM`, :class:`logitfuse.OpenAICompatibleLLM`).
+        private_input_ids: ``(batch, length)`` SLM token ids, left padded (with ``attention_mask``),
+            or a list of id lists (left padded here).
+        public_prompt: what the LLM may see: one prompt (text or LLM ids) for all rows, or one per row.
+        max_new_tokens (`int`): tokens to generate at most per row.
+        head, alpha, vocab_map, mode, tail, schedule, slm_tokenizer, apply_chat_template: as
+            :class:`logitfuse.FusionSession` (exactly one of ``head`` and ``alpha``).
+        temperature (`float`, defaults to 0): 0 is greedy; else sample with ``top_k`` (0 = off) then
+            ``top_p`` (1 = off) on the fused distribution, by :func:`logitfuse.fuse_sample`'s rules.
+        generator (`torch.Generator`, *optional*): the sampling draws (the same state, the same tokens).
+        speculate (`int`, defaults to 0): draft this many SLM tokens per LLM call (exact speculative
+            fusion). Needs one tokenizer (an identity map), ``schedule="always"`` and a backend with
+            ``score`` (:class:`logitfuse.HFLLM`); otherwise ``ValueError`` before anything is sent.
+            With ``alpha=1`` (the SLM alone, the LLM never asked) there is nothing to speculate on.
+            Rejected drafts are seen by the LLM: opt-in, counted in :attr:`FusedGeneration.stats`.
+        overlap (`bool`, defaults to `True`): per-step fusion issues the LLM's request for a position
+            (in a thread) as soon as the token before it is chosen, and runs the SLM's forward for that
+            position meanwhile, so a step costs about max(SLM, LLM) instead of their sum (the same
+            tokens, requests and statistics as without). Not with ``speculate`` (the LLM's call needs
+            the draft) nor with ``schedule="entropy_gate(h)"`` (whether to call needs the SLM's logits):
+            there the two run one after the other.
+        eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row (kept in its output).
+        attention_mask: with a tensor ``private_input_ids``: 1 for real tokens, 0 for left padding.
+        pad_token_id (`int`, *optional*): fed to the SLM for finished rows; default the SLM config's, or 0.
+
+    Returns:
+        :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
+    """
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "tokens to generate per row")
+    speculate = _check_int("speculate", speculate, 0, "draft tokens per LLM call; 0 = per-step fusion")
+    temperature = _check_number("temperature", temperature, 0.0)
+    top_p = _check_number("top_p", top_p, 0.0, 1.0)
+    if top_p == 0.0:
+        raise ValueError("top_p=0 keeps no token; pass a number in (0, 1] (1 = off)")
+    top_k = _check_int("top_k", top_k, 0, "0 = off")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if pad_token_id is None:
+        pad_token_id = getattr(slm.config, "pad_token_id", None) if hasattr(slm, "config") else None
+    pad_id = int(pad_token_id) if pad_token_id is not None else 0
+    ids, mask = _check_private(slm, private_input_ids, attention_mask, pad_id)
+    batch, v_slm = ids.shape[0], int(slm.get_output_embeddings().weight.shape[0])
+    session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
+                            slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
+                            apply_chat_template=apply_chat_template)
+    if speculate and not session.slm_only:
+        _check_speculation(session, v_slm)
+    publics = _public_rows(public_prompt, batch)
+    rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
+    chooser = _Chooser(temperature, top_k, top_p, generator)
+    cache = _SLMCache(slm, ids, mask)
+
+    def start() -> None:
+        session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
+
+    if speculate and not session.slm_only:
+        start()
+        _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate)
+    else:
+        overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
+        _per_step(cache, session, rows, chooser, start, pad_id, overlap)
+    return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))
