@@ -350,3 +350,13 @@ def row_stats(logits: Tensor, k: int = 4) -> RowStats:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     return ops_for({"slm_logits": logits}).row_stats(logits, k)
+
+
+def keep_banned(fused: Tensor, slm_logits: Tensor) -> Tensor:
+    """``fused`` log-probabilities (owned: changed in place) with every token the engine banned in ``slm_logits``
+    (``-inf``: bad words, min_new_tokens' EOS...) at ``-inf`` too, even where the LLM gave it mass,
+    and the rows that had such a token renormalized; other rows are left exactly as they were. No
+    device read: the renormalizer is subtracted (0 in rows with nothing banned) instead of asked for."""
+    banned = slm_logits == float("-inf")
+    fused.masked_fill_(banned, float("-inf"))
+    return fused.sub_(torch.where(banned.any(dim=-1, keepdim=True), fused.logsumexp(dim=-1, keepdim=True), 0.0))

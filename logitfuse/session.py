@@ -37,7 +37,6 @@ adapter's job is to give it nothing else: only tokens the SLM generated and kept
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Sequence
@@ -45,64 +44,16 @@ from collections.abc import Sequence
 import torch
 
 from logitfuse.backends import LLMBackend, LLMOutput
-from logitfuse.functional import fuse, fuse_with_head
+from logitfuse.functional import fuse, fuse_with_head, keep_banned
 from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.retokenize import IncrementalRetokenizer
 from logitfuse.schedules import Schedule, parse
-from logitfuse.types import MODES, TAILS, TopK
+from logitfuse.types import MODES, TAILS, SessionStats, TopK
 from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
 
 __all__ = ["FusionSession", "SessionStats", "StepRequest"]
-
-
-@dataclass
-class SessionStats:
-    """Counters of one fused generation.
-
-    Attributes:
-        steps: decoding steps (positions) fused or decided by the SLM alone (with speculative
-            fusion, the positions decided in the longest row).
-        llm_calls: backend requests (one per step that consulted any row).
-        llm_row_calls: rows consulted, summed over steps.
-        saved_calls: row steps the schedule skipped.
-        fallbacks: rows whose LLM request failed (they used the SLM alone).
-        llm_tokens: tokens fed to the LLM after the public prompts.
-        rollbacks: LLM tokens re-tokenized away (two tokenizers).
-        unmapped_tokens: with an identity map, generated ids beyond the LLM's vocabulary (padding).
-        reorders: beam reorderings followed.
-        draft_tokens_sent: speculative fusion (:meth:`FusionSession.step_many`): SLM draft tokens
-            sent to the LLM to be scored.
-        draft_tokens_kept: drafts accepted (they are in the output).
-        draft_tokens_discarded: drafts rejected (the LLM saw them; the output does not hold them).
-
-    ``stats["steps"]`` works as well as ``stats.steps``, and ``dict(stats)`` gives a plain dict.
-    """
-
-    steps: int = 0
-    llm_calls: int = 0
-    llm_row_calls: int = 0
-    saved_calls: int = 0
-    fallbacks: int = 0
-    llm_tokens: int = 0
-    rollbacks: int = 0
-    unmapped_tokens: int = 0
-    reorders: int = 0
-    draft_tokens_sent: int = 0
-    draft_tokens_kept: int = 0
-    draft_tokens_discarded: int = 0
-
-    def __getitem__(self, name: str) -> int:
-        if name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def keys(self) -> list[str]:
-        return list(self.__dataclass_fields__)
-
-    def items(self) -> list[tuple[str, int]]:
-        return list(dataclasses.asdict(self).items())
 
 
 @dataclass
@@ -112,22 +63,6 @@ class StepRequest:
 
     call: list[bool] | None
     out: LLMOutput | None
-
-
-def _is_identity(vocab_map: VocabMap) -> bool:
-    """Whether every SLM id maps to itself or to nothing (the same tokenizer, maybe padded)."""
-    ids = torch.arange(vocab_map.v_slm)
-    return bool(((vocab_map.slm_to_llm == ids) | (vocab_map.slm_to_llm == -1)).all())
-
-
-def _keep_banned(fused: Tensor, slm_logits: Tensor) -> Tensor:
-    """``fused`` (owned: changed in place) with every token the engine banned in ``slm_logits``
-    (``-inf``: bad words, min_new_tokens' EOS...) at ``-inf`` too, even where the LLM gave it mass,
-    and the rows that had such a token renormalized; other rows are left exactly as they were. No
-    device read: the renormalizer is subtracted (0 in rows with nothing banned) instead of asked for."""
-    banned = slm_logits == float("-inf")
-    fused.masked_fill_(banned, float("-inf"))
-    return fused.sub_(torch.where(banned.any(dim=-1, keepdim=True), fused.logsumexp(dim=-1, keepdim=True), 0.0))
 
 
 def _as_id_set(value: Any, name: str) -> frozenset[int]:
@@ -203,7 +138,7 @@ class FusionSession:
                 and slm_tokenizer is not llm.tokenizer and slm_tokenizer.get_vocab() != llm.tokenizer.get_vocab():
             raise ValueError("slm_tokenizer and the LLM's tokenizer differ but vocab_map is None (the identity); pass "
                              "vocab_map=logitfuse.VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)")
-        self.cross_tokenizer = vocab_map is not None and not _is_identity(vocab_map)
+        self.cross_tokenizer = vocab_map is not None and not vocab_map.is_identity
         if self.cross_tokenizer:
             if slm_tokenizer is None:
                 raise ValueError("vocab_map is not the identity (two tokenizers): pass slm_tokenizer= so the "
@@ -449,7 +384,7 @@ class FusionSession:
         else:
             fused = fuse(slm_logits, llm_next, alpha=self.alpha, **options)
             alpha = torch.full((slm_logits.shape[0],), float(self.alpha), device="cpu" if host_alpha else device)
-        return alpha, _keep_banned(fused, slm_logits)
+        return alpha, keep_banned(fused, slm_logits)
 
     # ------------------------------------------------------------------ speculative fusion
     @torch.no_grad()

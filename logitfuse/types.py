@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -107,3 +109,51 @@ class FeatureStats(NamedTuple):
     llm: RowStats
     llm_at_slm_argmax: torch.Tensor
     slm_at_llm_argmax: torch.Tensor
+
+
+@dataclass
+class SessionStats:
+    """Counters of one fused generation.
+
+    Attributes:
+        steps: decoding steps (positions) fused or decided by the SLM alone (with speculative
+            fusion, the positions decided in the longest row).
+        llm_calls: backend requests (one per step that consulted any row).
+        llm_row_calls: rows consulted, summed over steps.
+        saved_calls: row steps the schedule skipped.
+        fallbacks: rows whose LLM request failed (they used the SLM alone).
+        llm_tokens: tokens fed to the LLM after the public prompts.
+        rollbacks: LLM tokens re-tokenized away (two tokenizers).
+        unmapped_tokens: with an identity map, generated ids beyond the LLM's vocabulary (padding).
+        reorders: beam reorderings followed.
+        draft_tokens_sent: speculative fusion (``FusionSession.step_many``): SLM draft tokens
+            sent to the LLM to be scored.
+        draft_tokens_kept: drafts accepted (they are in the output).
+        draft_tokens_discarded: drafts rejected (the LLM saw them; the output does not hold them).
+
+    ``stats["steps"]`` works as well as ``stats.steps``, and ``dict(stats)`` gives a plain dict.
+    """
+
+    steps: int = 0
+    llm_calls: int = 0
+    llm_row_calls: int = 0
+    saved_calls: int = 0
+    fallbacks: int = 0
+    llm_tokens: int = 0
+    rollbacks: int = 0
+    unmapped_tokens: int = 0
+    reorders: int = 0
+    draft_tokens_sent: int = 0
+    draft_tokens_kept: int = 0
+    draft_tokens_discarded: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+    def items(self) -> list[tuple[str, int]]:
+        return list(dataclasses.asdict(self).items())

@@ -238,6 +238,12 @@ class VocabMap:
         return self.slm_to_llm.numel()
 
     @property
+    def is_identity(self) -> bool:
+        """Whether every SLM id maps to itself or to nothing (one tokenizer, maybe padded)."""
+        ids = torch.arange(self.v_slm)
+        return bool(((self.slm_to_llm == ids) | (self.slm_to_llm == -1)).all())
+
+    @property
     def coverage(self) -> float:
         """Share of SLM tokens that have an LLM counterpart."""
         return (self.slm_to_llm >= 0).sum().item() / self.v_slm
