@@ -98,13 +98,15 @@ def _one(system: str, example: Example, models: Models, max_new_tokens: int, max
 
 def generate_records(examples: list[Example], models: Models, systems: dict[str, tuple[float | None, str]], *,
                      max_new_tokens: int, max_history: int = 2, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, progress: bool = True, on_example=None) -> list[dict[str, Any]]:
+                     seed: int = 0, progress: bool = True, on_example=None,
+                     done: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """One record ``{"tid", "system", "text", "tokens"}`` per example and system.
 
     ``systems``: name -> ``(alpha, schedule)``; ``alpha`` is the fused systems' fixed α (``None``:
     the head; ignored by the others). Greedy at ``temperature`` 0, else sampled from ``seed`` (reset
     per example and system, so a system's text does not depend on which systems ran before it).
-    ``on_example(records)`` is called after each example (to save progress).
+    ``on_example(records)`` is called after each example (to save progress). Records in ``done``
+    (an interrupted run's) are kept and their (tid, system) not generated again.
     """
     import torch
     from tqdm.auto import tqdm
@@ -112,9 +114,12 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
     sampling: dict[str, Any] = {"do_sample": temperature > 0}
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p)
-    records = []
+    records = list(done)
+    have = {(r["tid"], r["system"]) for r in records}
     for index, example in enumerate(tqdm(examples, desc="generating", unit="example", disable=not progress)):
         for name, (alpha, schedule) in systems.items():
+            if (example.tid, name) in have:
+                continue
             torch.manual_seed(seed + index)
             text, tokens = _one(name, example, models, max_new_tokens, max_history, sampling, alpha, schedule)
             records.append({"tid": example.tid, "system": name, "text": text, "tokens": tokens})
@@ -235,6 +240,8 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
     check_range("--temperature", args.temperature, low=0, meaning="0 = greedy")
     check_range("--top-p", args.top_p, low=0, high=1, low_open=True)
     check_device("--device", args.device)
+    if args.resume and not (Path(args.out).expanduser() / "generations.jsonl").is_file():
+        raise UsageError(f"--resume: {args.out!r} has no generations.jsonl to continue; drop --resume")
     if args.head is not None and not (Path(args.head).expanduser() / "config.json").is_file():
         raise UsageError(f"--head {args.head!r} is not a head folder (no config.json); pass one written by "
                          "`logitfuse train`, or leave --head out for the head shipped with the pair")
@@ -285,6 +292,7 @@ def _plot(results: dict[str, Any], path: Path) -> str:
                yerr=[s["se"] for s in stats], capsize=3, label=metric)
     ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(systems))], systems, rotation=20, ha="right")
     ax.set_ylabel("judge rating (1-10)" if metrics != ["rouge_l"] else "ROUGE-L F1")
+    ax.set_ylim(0, 10 if metrics != ["rouge_l"] else 1)
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -298,12 +306,14 @@ def run_judge(args: argparse.Namespace) -> int:
     examples, records, systems = _check(args)
     out = Path(args.out).expanduser()
     if records is None:
+        done = _read_generations(str(out / "generations.jsonl")) if args.resume else []
         models = _load_models(args, systems)
         print(f"logitfuse judge: generating {len(systems)} systems x {len(examples)} examples "
               f"(the LLM backend sees only the public task titles)", file=sys.stderr, flush=True)
         records = generate_records(examples, models, systems, max_new_tokens=args.max_new_tokens,
                                    max_history=args.max_history, temperature=args.temperature, top_p=args.top_p,
-                                   seed=args.seed, on_example=lambda done: _write_jsonl(out / "generations.jsonl", done))
+                                   seed=args.seed, done=done,
+                                   on_example=lambda so_far: _write_jsonl(out / "generations.jsonl", so_far))
     judge = None
     if args.judge_url is not None:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.judge_timeout, retries=args.judge_retries)
@@ -319,6 +329,7 @@ def run_judge(args: argparse.Namespace) -> int:
         return 1
     results["judge"] = {"url": args.judge_url, "model": args.judge_model} if judge else None
     results["notes"] = system_notes(names)
+    results["arguments"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     header = "# Judged evaluation\n\n" + (f"Judge: {args.judge_model} at temperature 0; mean ± standard error."
                                          if judge else "No judge: reference-based scores only.")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
@@ -351,6 +362,8 @@ def add_judge_subcommand(subparsers: Any) -> None:
     parser.add_argument("--max-examples", type=int, default=20, help="examples to generate for (default 20)")
     parser.add_argument("--max-history", type=int, default=2, help="writing-history items in the prompts (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="max length of every response (default 128)")
+    parser.add_argument("--resume", action="store_true", help="keep OUT/generations.jsonl (an interrupted run with "
+                        "the same settings) and generate only what it lacks")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

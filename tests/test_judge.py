@@ -4,6 +4,7 @@ judge, and the evaluated LLM seeing only the public prompt during generation."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -194,7 +195,11 @@ def test_judge_end_to_end_on_a_generations_file(tmp_path, generations, capsys):
     fused = results["systems"]["fused-alpha0.25"]
     assert fused["quality"]["n"] == 2 and fused["unparseable"] == {"quality": 0, "personalization": 0}
     assert results["pairwise"]["fused-alpha0.25 vs llm"]["win_rate"] == 1.0
-    assert 0 < fused["rouge_l"]["mean"] <= 1 and fused["length_words"]["mean"] == 13
+    assert fused["length_words"]["mean"] == 13
+    if importlib.util.find_spec("rouge_score"):  # the judge extra; without it results name what is missing
+        assert 0 < fused["rouge_l"]["mean"] <= 1 and results["missing"] == []
+    else:
+        assert "rouge_l" not in fused and "rouge-score" in results["missing"][0]
     table = (out / "results.md").read_text()
     assert "| fused-alpha0.25 (logit fusion, fixed α) |" in table and "± " in table and "win rate" in table
     assert (out / "results.png").is_file() or "no plot" in capsys.readouterr().err
@@ -214,6 +219,9 @@ def test_generation_keeps_the_context_away_from_the_evaluated_llm(tok, slm, llm_
         assert [r["system"] for r in records] == list(public_systems)
         reached = [tok.decode(ids) for ids in seen] + [tok.decode(ids) for ids in hf_streams(llm.audit_log)]
         assert seen and all(CANARY not in text and "Rome" not in text for text in reached)
+        again = generate_records([example(), example("u2")], models, public_systems, max_new_tokens=3, progress=False,
+                                 done=records)  # resuming: only the new example is generated
+        assert again[:4] == records and [r["tid"] for r in again[4:]] == ["u2"] * 4
         generate_records([example()], models, {"llm+context": (None, "always")}, max_new_tokens=1, progress=False)
         assert CANARY in tok.decode(seen[-1])  # the leaking reference does read it: the check can fail
     finally:
