@@ -38,6 +38,8 @@ BASE_SYSTEMS = {
     "sketch": "LLM outline from the public task, SLM writes with the context",
     "fused-alpha": "logit fusion, fixed α",
     "fused-head": "logit fusion, trained head",
+    "reference": "the dataset's response (--sanity)",
+    "off-task": "another user's reference response (--sanity: should score low)",
 }
 
 
@@ -128,6 +130,18 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
     return records
 
 
+def sanity_records(tids: list[str], examples: dict[str, Example]) -> list[dict[str, Any]]:
+    """Two judge checks per example: ``reference`` (the dataset's response) and ``off-task`` (the
+    dataset's response to the next example's task, another user's: a good text that answers the
+    wrong task; a judge worth using rates it lower)."""
+    records = []
+    for i, tid in enumerate(tids):
+        other = examples[tids[(i + 1) % len(tids)]].response
+        records += [{"tid": tid, "system": "reference", "text": examples[tid].response},
+                    {"tid": tid, "system": "off-task", "text": other}]
+    return records
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -198,9 +212,9 @@ def _systems(args: argparse.Namespace) -> dict[str, tuple[float | None, str]]:
     from logitfuse.schedules import parse as parse_schedule
 
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in BASE_SYSTEMS]
+    unknown = [s for s in chosen if s not in BASE_SYSTEMS or s in ("reference", "off-task")]
     if unknown or not chosen:
-        raise UsageError(f"--systems {args.systems!r}: {unknown or 'empty'}; pick from {','.join(BASE_SYSTEMS)}")
+        raise UsageError(f"--systems {args.systems!r}: {unknown or 'empty'}; pick from {','.join(list(BASE_SYSTEMS)[:6])}")
     systems = {s: (None, "always") for s in chosen if not s.startswith("fused")}
     alphas = ([args.alpha] if "fused-alpha" in chosen else []) + list(args.extra_alpha)
     for alpha in alphas:
@@ -318,11 +332,15 @@ def run_judge(args: argparse.Namespace) -> int:
     if args.judge_url is not None:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.judge_timeout, retries=args.judge_retries)
         judge = Judge(client.chat, args.judge_model, JudgmentCache(args.cache or out / "judgments.jsonl"))
+    by_tid = {e.tid: e for e in examples}
+    if args.sanity:
+        records = [r for r in records if r["system"] not in ("reference", "off-task")]
+        records += sanity_records(list(dict.fromkeys(r["tid"] for r in records)), by_tid)
     names = list(dict.fromkeys(r["system"] for r in records))
     pairs = [] if args.no_pairwise else [(f, s) for f in names if f.startswith("fused") for s in ("slm", "llm")
                                          if s in names]
     try:
-        results = judge_records(records, {e.tid: e for e in examples}, judge, pairs=pairs,
+        results = judge_records(records, by_tid, judge, pairs=pairs,
                                 max_history=args.max_history)
     except JudgeError as err:
         print(f"logitfuse judge: error: {err} (the answers so far are cached; run again to resume)", file=sys.stderr)
@@ -356,7 +374,8 @@ def add_judge_subcommand(subparsers: Any) -> None:
     parser.add_argument("--extra-alpha", type=float, action="append", default=[], help="another fixed-α system (repeatable)")
     parser.add_argument("--extra-schedule", action="append", default=[],
                         help='another fused-head system with this LLM schedule, e.g. "periodic(4, 1, 0)" (repeatable)')
-    parser.add_argument("--systems", default=",".join(BASE_SYSTEMS), help=f"which of {','.join(BASE_SYSTEMS)} (default all)")
+    generated = ",".join(list(BASE_SYSTEMS)[:6])
+    parser.add_argument("--systems", default=generated, help=f"which of {generated} (default all)")
     parser.add_argument("--data", default=None, help="folder with the CoGenesis split files (default: the bundled copy)")
     parser.add_argument("--split", default="test", choices=sorted(SPLITS), help="split (default test)")
     parser.add_argument("--max-examples", type=int, default=20, help="examples to generate for (default 20)")
@@ -379,4 +398,6 @@ def add_judge_subcommand(subparsers: Any) -> None:
     parser.add_argument("--judge-retries", type=int, default=2, help="retries per judge request (default 2)")
     parser.add_argument("--cache", default=None, help="judgment cache, JSONL (default OUT/judgments.jsonl)")
     parser.add_argument("--no-pairwise", action="store_true", help="skip the pairwise preferences")
+    parser.add_argument("--sanity", action="store_true", help="also rate the dataset's response (reference) and "
+                        "another user's (off-task): a check of the judge itself")
     parser.set_defaults(func=run_judge)

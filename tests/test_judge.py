@@ -200,6 +200,12 @@ def test_judge_end_to_end_on_a_generations_file(tmp_path, generations, capsys):
         assert 0 < fused["rouge_l"]["mean"] <= 1 and results["missing"] == []
     else:
         assert "rouge_l" not in fused and "rouge-score" in results["missing"][0]
+    assert "reference" not in results["systems"]
+    with serving(fair_judge) as server:  # --sanity: the dataset's response and another user's, rated too
+        assert main(argv + ["--judge-url", server.url, "--sanity"]) == 0
+        assert len(server.received) == 2 * 2 * 2  # only the two new systems' ratings
+    systems = json.loads((out / "results.json").read_text())["systems"]
+    assert systems["reference"]["quality"]["n"] == systems["off-task"]["quality"]["n"] == 2
     table = (out / "results.md").read_text()
     assert "| fused-alpha0.25 (logit fusion, fixed α) |" in table and "± " in table and "win rate" in table
     assert (out / "results.png").is_file() or "no plot" in capsys.readouterr().err
