@@ -293,10 +293,14 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
 
     Returns ``{"systems": {system: {metric: {"mean", "se", "n"}, "unparseable": {rubric: n}}},
     "pairwise": {"X vs Y": {"win", "loss", "tie", "unparseable", "n", "win_rate", "loss_rate"}},
-    "judge_calls": {...}}``; metrics are ``rouge_l``, ``length_words`` and (with a judge) each rubric.
+    "judge_calls": {...}, "missing": [...]}``; metrics are ``length_words``, ``rouge_l`` (when
+    ``rouge-score`` is installed; else named in ``missing``) and, with a judge, each rubric.
     """
+    import importlib.util
+
     from tqdm.auto import tqdm
 
+    with_rouge = importlib.util.find_spec("rouge_score") is not None
     by_system: dict[str, dict[str, str]] = {}
     for record in records:
         by_system.setdefault(record["system"], {})[record["tid"]] = record["text"]
@@ -305,11 +309,12 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
     bar = tqdm(total=jobs, desc="judging", unit="call", disable=not progress or not jobs)
     systems: dict[str, Any] = {}
     for system, texts in by_system.items():
-        scores: dict[str, list[float]] = {"rouge_l": [], "length_words": []}
+        scores: dict[str, list[float]] = {"rouge_l": [], "length_words": []} if with_rouge else {"length_words": []}
         unparseable = dict.fromkeys(rubrics if judge else (), 0)
         for tid, text in texts.items():
             example = examples[tid]
-            scores["rouge_l"].append(rouge_l(text, example.response))
+            if with_rouge:
+                scores["rouge_l"].append(rouge_l(text, example.response))
             scores["length_words"].append(len(text.split()))
             for rubric in rubrics if judge else ():
                 rating = parse_rating(judge.ask(rating_messages(example, text, rubric, max_history=max_history)))
@@ -333,7 +338,9 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
         pairwise[f"{x} vs {y}"] = {**outcomes, "n": n, "win_rate": outcomes["win"] / n if n else math.nan,
                                    "loss_rate": outcomes["loss"] / n if n else math.nan}
     bar.close()
-    return {"systems": systems, "pairwise": pairwise, "judge_calls": dict(judge.counts) if judge else {}}
+    return {"systems": systems, "pairwise": pairwise, "judge_calls": dict(judge.counts) if judge else {},
+            "missing": [] if with_rouge else ["ROUGE-L: the rouge-score package is not installed "
+                                              "(pip install 'logitfuse[judge]')"]}
 
 
 def _cell(stat: dict[str, float] | None, digits: int = 2) -> str:
@@ -352,8 +359,8 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
     for system, stats in results["systems"].items():
         label = system + (f" ({notes[system]})" if notes.get(system) else "")
         bad = ", ".join(f"{r} {stats['unparseable'][r]}" for r in rubrics) or "–"
-        cells = [_cell(stats.get(r)) for r in rubrics] + [_cell(stats["rouge_l"], 3), _cell(stats["length_words"], 1)]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {stats['rouge_l']['n']} | {bad} |")
+        cells = [_cell(stats.get(r)) for r in rubrics + ["rouge_l"]] + [_cell(stats["length_words"], 1)]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {stats['length_words']['n']} | {bad} |")
     if results["pairwise"]:
         lines += ["", "Pairwise (a win counts only when the judge prefers it in both orders):", "",
                   "| pair | win rate | loss rate | wins | losses | ties or inconsistent | unparseable | n |",
@@ -361,6 +368,7 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
         for pair, p in results["pairwise"].items():
             lines.append(f"| {pair} | {p['win_rate']:.2f} | {p['loss_rate']:.2f} | {p['win']} | {p['loss']} | "
                          f"{p['tie']} | {p['unparseable']} | {p['n']} |")
+    lines += [f"\nNot scored: {missing}" for missing in results.get("missing", [])]
     calls = results.get("judge_calls") or {}
     if calls:
         lines += ["", f"Judge calls: {calls.get('requests', 0)} sent, {calls.get('cached', 0)} answered from the cache."]
