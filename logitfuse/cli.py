@@ -4,8 +4,9 @@ One subcommand per module of work; each is registered by a ``_add_<name>(subpars
 sets ``func`` on its parser (listed in ``_SUBCOMMANDS``), so a new command never touches :func:`main`.
 
     logitfuse demo | generate ...                 (logitfuse.demo)
-    logitfuse serve --model DIR [--host 127.0.0.1] [--port 8000] [--top-k-max 20]
-    logitfuse train ... / logitfuse eval ...      (logitfuse.train_fuser.cli)
+    logitfuse serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
+    logitfuse train ... / eval ... / finetune ... (logitfuse.train_fuser.cli)
+    logitfuse judge ...                           (logitfuse.judge_cli)
     logitfuse models {list,install,path}          (logitfuse.zoo)
     logitfuse bench {kernels,sampling,decode,train,remote,plot}   (logitfuse.bench: benchmarks/)
 """
