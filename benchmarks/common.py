@@ -257,6 +257,33 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 3.6):
     return fig, axes[0]
 
 
+def plot_per_vocab_size(rows: list[dict], out_dir: str | os.PathLike, stem: str, *, impls, metric: str, ylabel: str,
+                        title: str, keep=lambda row: True, hline: tuple[float, str] | None = None) -> Path | None:
+    """One log-log panel per LLM input (dense, top-k): ``row[f"{impl}_{metric}"]`` against the
+    vocabulary size, a line per implementation and batch size (``impls``: ``(name, style)`` pairs;
+    ``keep`` filters rows; ``hline``: a reference level and its label). ``title`` is formatted with
+    ``llm_kind``."""
+    fig, axes = new_figure(ncols=2)
+    if fig is None:
+        return save_figure(fig, out_dir, stem)
+    for ax, llm_kind in zip(axes, ("dense", "topk")):
+        for impl, style in impls:
+            key = f"{impl}_{metric}"
+            for batch in sorted({r["B"] for r in rows}):
+                pts = [(r["V"], r[key]) for r in rows if r["llm"] == llm_kind and r["B"] == batch and key in r and keep(r)]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), style, label=f"{impl} B={batch}", markersize=4)
+        if hline is not None:
+            ax.axhline(hline[0], color="k", lw=0.8, label=hline[1])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.format(llm_kind=llm_kind))
+        ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, out_dir, stem)
+
+
 def save_figure(fig, out_dir: str | os.PathLike, stem: str) -> Path | None:
     if fig is None:
         print("matplotlib not installed: no plot written (pip install matplotlib)", file=sys.stderr)

@@ -129,25 +129,10 @@ def run(*, quick: bool, device: torch.device, batches=None, vocabs=None, llm_kin
 
 
 def plot(result: dict[str, Any], out_dir: str, stem: str):
-    fig, axes = common.new_figure(ncols=2)
-    if fig is None:
-        return None
-    rows = result["rows"]
-    for ax, llm_kind in zip(axes, ("dense", "topk")):
-        for impl, style in (("triton", "-o"), ("compiled", "--s"), ("eager", ":^")):
-            for batch in sorted({r["B"] for r in rows}):
-                pts = [(r["V"], r[f"{impl}_gbps"]) for r in rows
-                       if r["llm"] == llm_kind and r["map"] == "identity" and r["B"] == batch and f"{impl}_gbps" in r]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), style, label=f"{impl} B={batch}", markersize=4)
-        ax.axhline(result["copy_bandwidth_gbps"], color="k", lw=0.8, label="copy bandwidth")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("effective GB/s")
-        ax.set_title(f"fuse, {llm_kind} LLM, identity map")
-        ax.legend(fontsize=6, ncol=2)
-    return common.save_figure(fig, out_dir, stem)
+    return common.plot_per_vocab_size(
+        result["rows"], out_dir, stem, impls=(("triton", "-o"), ("compiled", "--s"), ("eager", ":^")), metric="gbps",
+        ylabel="effective GB/s", title="fuse, {llm_kind} LLM, identity map", keep=lambda r: r["map"] == "identity",
+        hline=(result["copy_bandwidth_gbps"], "copy bandwidth"))
 
 
 TABLE_COLUMNS = [("llm", "LLM"), ("map", "map"), ("B", "B"), ("V", "V"), ("triton_ms", "Triton ms"),

@@ -90,23 +90,9 @@ def run(*, quick: bool, device: torch.device, batches=None, vocabs=None, llm_kin
 
 
 def plot(result: dict[str, Any], out_dir: str, stem: str):
-    fig, axes = common.new_figure(ncols=2)
-    if fig is None:
-        return None
-    rows = result["rows"]
-    for ax, llm_kind in zip(axes, ("dense", "topk")):
-        for impl, style in (("fused", "-o"), ("mix_then_sort", "--s"), ("mix_then_flashinfer", ":^")):
-            for batch in sorted({r["B"] for r in rows}):
-                pts = [(r["V"], r[f"{impl}_ms"]) for r in rows if r["llm"] == llm_kind and r["B"] == batch and f"{impl}_ms" in r]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), style, label=f"{impl} B={batch}", markersize=4)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("median ms per call")
-        ax.set_title(f"top-p {TOP_P} sampling, {llm_kind} LLM")
-        ax.legend(fontsize=6)
-    return common.save_figure(fig, out_dir, stem)
+    return common.plot_per_vocab_size(
+        result["rows"], out_dir, stem, impls=(("fused", "-o"), ("mix_then_sort", "--s"), ("mix_then_flashinfer", ":^")),
+        metric="ms", ylabel="median ms per call", title=f"top-p {TOP_P} sampling, {{llm_kind}} LLM")
 
 
 TABLE_COLUMNS = [("llm", "LLM"), ("B", "B"), ("V", "V"), ("fused_ms", "fused ms"), ("mix_then_sort_ms", "mix + sort ms"),
