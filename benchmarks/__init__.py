@@ -1,4 +1,4 @@
-"""Benchmarks of logitfuse: ``logitfuse bench {kernels,sampling,decode,train,remote}``.
+"""Benchmarks of logitfuse: ``logitfuse bench {kernels,sampling,decode,train,remote,speculate}``.
 
 The source lives in the repository's top-level ``benchmarks/`` folder, next to the results
 (``benchmarks/results/``, ``benchmarks/RESULTS.md``) and the GPU script (``benchmarks/gpu_check.sh``),
@@ -12,4 +12,4 @@ and writes one JSON (machine, versions, command, rows) and one PNG plot (matplot
 importing this package costs nothing, and no benchmark module needs an optional package to import.
 """
 
-BENCHMARKS = ("kernels", "sampling", "decode", "train", "remote")
+BENCHMARKS = ("kernels", "sampling", "decode", "train", "remote", "speculate")

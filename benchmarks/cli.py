@@ -1,4 +1,4 @@
-"""``logitfuse bench {kernels,sampling,decode,train,remote,plot}``: register with :func:`add_bench_subcommand`.
+"""``logitfuse bench {kernels,sampling,decode,train,remote,speculate,plot}``: register with :func:`add_bench_subcommand`.
 
 Each benchmark module (``logitfuse.bench.NAME``, source ``benchmarks/NAME.py``) provides
 ``add_args(parser)``, ``execute(args, argv)`` and ``plot(result, out_dir, stem)``; this module adds
@@ -21,6 +21,7 @@ _HELP = {
     "decode": "tokens/s: SLM alone, LLM alone, fused (CoGenesisLogitsProcessor), paper-shaped loop",
     "train": "peak memory and step time: O(N) fused cross-entropy vs naive (N, V) log-probs",
     "remote": "tokens/s at batch 1: fused decoding with the LLM behind llama.cpp's server vs in-process",
+    "speculate": "logitfuse.generate: speculate=K vs per-step (overlap on/off) vs the processor, same-tokenizer pair",
 }
 
 
@@ -30,7 +31,8 @@ def _module(name: str):
 
 # the count-like options of the benchmarks (dest -> smallest value); absent ones are skipped
 _LOWEST = {"batch": 1, "vocab": 2, "n": 1, "new_tokens": 1, "paper_tokens": 0, "copy_mib": 1, "steps": 1,
-           "warmup": 0, "tiny_vocab": 2, "threads": 1, "reps": 1, "top_k": 1, "n_ctx": 64}
+           "warmup": 0, "tiny_vocab": 2, "threads": 1, "reps": 1, "top_k": 1, "n_ctx": 64, "examples": 1,
+           "speculate": 0, "max_history": 0}
 
 
 def _check_zoo_model(flag: str, name: str, *, or_tiny: bool = True) -> None:
@@ -62,6 +64,51 @@ def check_args(name: str, args: argparse.Namespace) -> None:
             _check_zoo_model("--llm (default)", "qwen2.5-coder-0.5b")
     if name == "remote":
         _check_remote(args)
+    if name == "speculate":
+        _check_speculate(args)
+
+
+def _check_speculate(args: argparse.Namespace) -> None:
+    """A same-tokenizer pair of installed zoo models (tuned ones too), a weight, and a head that exists."""
+    from pathlib import Path
+
+    from logitfuse import zoo
+    from logitfuse.bench.speculate import parse_alpha
+    from logitfuse.demo import bundled_head_dir
+
+    try:
+        alpha = parse_alpha(args.alpha)
+    except ValueError:
+        raise UsageError(f"--alpha {args.alpha!r} is neither a number nor 'none'") from None
+    if alpha is not None:
+        check_range("--alpha", alpha, low=0.0, high=1.0, meaning="the SLM's weight in the fusion")
+        if alpha == 1.0:
+            raise UsageError("--alpha 1 is the SLM alone: the LLM is never asked, so there is nothing to speculate "
+                             "on; pass an --alpha below 1")
+    if args.head not in ("auto", "none") and not (Path(args.head) / "config.json").is_file():
+        raise UsageError(f"--head {args.head!r} is not a head folder (no config.json); pass a folder written by "
+                         "`logitfuse train`, 'auto' or 'none'")
+    if args.tiny:
+        if alpha is None and args.head == "auto":
+            raise UsageError("--tiny models have no shipped head: pass --alpha A or --head DIR")
+        return
+    bases = []
+    for flag, name in (("--slm", args.slm), ("--llm", args.llm)):
+        if name not in zoo.known_names():
+            raise UsageError(f"{flag} {name!r} is not a zoo model ({', '.join(zoo.known_names())}) (or pass --tiny)")
+        try:
+            zoo.resolve(name, install=False)
+        except zoo.ZooError:
+            raise UsageError(f"{flag} {name} is not installed: run `logitfuse models install {name}` "
+                             "(or pass --tiny)") from None
+        bases.append(zoo.TUNED[name].base if name in zoo.TUNED else name)
+    if zoo.get_spec(bases[0]).vocab_size != zoo.get_spec(bases[1]).vocab_size:
+        raise UsageError(f"--slm {args.slm} and --llm {args.llm} do not share a tokenizer, and speculation needs one; "
+                         "e.g. --slm smollm2-135m-cogenesis --llm smollm2-135m, or --slm qwen2.5-coder-0.5b "
+                         "--llm qwen2.5-coder-1.5b")
+    if alpha is None and (args.head == "none" or (args.head == "auto" and bundled_head_dir(args.slm, args.llm) is None)):
+        raise UsageError(f"no weight to run: --alpha none and no head (--head {args.head}; none is shipped for "
+                         f"{args.slm} + {args.llm}); pass --alpha A or --head DIR")
 
 
 def _check_remote(args: argparse.Namespace) -> None:

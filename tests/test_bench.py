@@ -255,3 +255,41 @@ def test_remote_smoke(tmp_path):
         assert row["tokens"] == 2 and row["reps"] == 1 and row["tokens_per_s"] > 0
     assert payload["rows"][0]["llm_call_ms_p50"] is None
     assert all(r["llm_call_ms_p50"] > 0 and r["stats"] for r in payload["rows"][1:])
+
+
+# ------------------------------------------------------------------------------------ speculate
+def test_speculate_tiny_writes_json(tmp_path):
+    assert _bench("speculate", "--tiny", "--examples", "1", "--new-tokens", "5", "--speculate", "0", "2", "--threads", "1",
+                  "--device", "cpu", "--out", str(tmp_path), "--no-plot") == 0
+    payload = _read(tmp_path / "speculate_tiny.json")
+    assert payload["command"].startswith("logitfuse bench speculate") and payload["new_tokens"] == 5
+    rows = {r["path"]: r for r in payload["rows"]}
+    assert list(rows) == ["processor", "per-step, no overlap", "per-step, overlap", "speculate 2"]
+    assert payload["all_identical"] and all(r["identical_to_per_step"] and r["weight"] == "alpha=0.5" for r in rows.values())
+    for name in ("processor", "per-step, no overlap", "per-step, overlap"):
+        assert rows[name]["llm_calls_per_token"] == 1 and rows[name]["acceptance_rate"] is None
+    spec = rows["speculate 2"]
+    assert spec["tokens"] == rows["processor"]["tokens"] and spec["draft_tokens_sent"] > 0
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["llm_calls"] < spec["tokens"]
+    assert rows["per-step, overlap"]["speedup_vs_per_step"] == 1
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--alpha", "1"], "--alpha 1 is the SLM alone"),
+    (["--alpha", "half"], "--alpha 'half' is neither a number nor 'none'"),
+    (["--examples", "0"], "--examples 0 must be >= 1"),
+    (["--speculate", "-1"], "--speculate -1 must be >= 0"),
+    (["--head", "no/such/head"], "--head 'no/such/head' is not a head folder"),
+    (["--slm", "nope"], "--slm 'nope' is not a zoo model"),
+    ([], "--slm smollm2-135m-cogenesis is not installed: run `logitfuse models install smollm2-135m-cogenesis`"),
+])
+def test_speculate_mistakes_are_one_line_before_anything_loads(argv, fragment, nothing_loads, capsys):
+    assert fragment in _usage_error(capsys, "speculate", *argv)
+
+
+def test_speculate_refuses_a_pair_with_two_tokenizers(nothing_loads, monkeypatch, capsys):
+    monkeypatch.setattr(zoo, "resolve", lambda name, install=False: Path("/installed") / name)
+    err = _usage_error(capsys, "speculate", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b")
+    assert "do not share a tokenizer" in err and "--slm qwen2.5-coder-0.5b --llm qwen2.5-coder-1.5b" in err
+    err = _usage_error(capsys, "speculate", "--alpha", "none", "--head", "none")
+    assert "no weight to run" in err
