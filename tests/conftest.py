@@ -33,6 +33,18 @@ def llm_model(tok):
     return tiny_llama(len(tok), seed=1)
 
 
+@pytest.fixture(scope="module")
+def served(llm_model, tok):
+    """``(server, url)``: `logitfuse serve`'s server on the tiny LLM, recording what it receives
+    (``server.received``); a test module may define its own ``served``."""
+    from logitfuse.server import serve_in_thread
+
+    server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
+    yield server, url
+    server.shutdown()
+    server.server_close()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests without CUDA, with the reason in the report."""
     if torch.cuda.is_available():

@@ -16,7 +16,6 @@ import torch
 
 import logitfuse
 from generation_helpers import PUBLIC, generate, left_pad, private_prompt_ids
-from logitfuse.server import serve_in_thread
 
 CANARY = "Zq8WkP3xLm2T"
 PRIVATE = f"{CANARY} is my door code. {CANARY} again, and {CANARY} once more."
@@ -26,14 +25,6 @@ LEAKY_MODES = {
     "prompt_lookup": lambda slm: {"prompt_lookup_num_tokens": 10},
     "assistant_model": lambda slm: {"assistant_model": slm},
 }
-
-
-@pytest.fixture(scope="module")
-def served(llm_model, tok):
-    server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
-    yield server, url
-    server.shutdown()
-    server.server_close()
 
 
 def _inputs(tok):

@@ -16,21 +16,12 @@ from hypothesis import strategies as st
 
 import logitfuse
 from generation_helpers import PUBLIC, contains_subsequence, generate, hf_streams, left_pad, private_prompt_ids
-from logitfuse.server import serve_in_thread
 from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 canaries = st.text(alphabet=string.ascii_letters + string.digits, min_size=12, max_size=12)
 # derandomized: the same canaries on every run, so CI cannot flake on a chance token coincidence
 privacy_settings = settings(max_examples=6, deadline=None, derandomize=True,
                             suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def served(llm_model, tok):
-    server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
-    yield server, url
-    server.shutdown()
-    server.server_close()
 
 
 def private_context(canary: str, other: str) -> str:
