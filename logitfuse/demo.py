@@ -21,7 +21,7 @@ import torch
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.cli import UsageError, check_device, check_model, check_range
-from logitfuse.demo_generation import fuse_on_engine, generate_alone, load_slm, slm_alone, vocab_map_for
+from logitfuse.demo_generation import fast_path, fuse_on_engine, generate_alone, load_slm, slm_alone, vocab_map_for
 from logitfuse.heads import load_head
 from logitfuse.llama_slm import LlamaCppSLM, llama_cpp_python_missing
 from logitfuse.prompts import (
@@ -196,6 +196,12 @@ def _check_demo(args: argparse.Namespace) -> _Plan:
     _check_common(args)
     check_range("--max-history", args.max_history, low=0)
     check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
+    check_range("--speculate", args.speculate, low=0, meaning="draft tokens per LLM call; 0 = per-step fusion")
+    if args.fused_engine == "generate" and (args.slm_engine != "transformers" or args.repetition_penalty != 1):
+        raise UsageError("--fused-engine generate needs --slm-engine transformers and --repetition-penalty 1 "
+                         "(logitfuse.generate has no repetition penalty); or pass --fused-engine processor")
+    if args.speculate and args.fused_engine == "processor":
+        raise UsageError(f"--speculate {args.speculate} needs logitfuse.generate: drop --fused-engine processor")
     plan = _Plan(check_model("--slm", args.slm), check_model("--llm", args.llm), None, None, False)
     examples = load_examples(bundled_split("test"))
     plan.example = next((e for e in examples if e.tid == args.example), None) if args.example else examples[0]
@@ -279,6 +285,10 @@ def _llm_silence(stats: dict[str, int], where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ demo
+_LOOPS = {"processor": "fused by slm.generate + CoGenesisLogitsProcessor", "llama.cpp": "fused in llama.cpp's loop",
+          "generate": "fused by logitfuse.generate ({k})"}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     plan = _check_demo(args)
     color = use_color(args.color)
@@ -304,15 +314,23 @@ def run_demo(args: argparse.Namespace) -> int:
     print(_section(f"SLM alone, with the private context ({alone.seconds:.1f} s)", alone.text), flush=True)
     llm_alone = generate_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, **greedy)
     print(_section(f"LLM alone, without it ({llm_alone.seconds:.1f} s)", llm_alone.text), flush=True)
+    loop, speculate, why = fast_path(slm, llm, vmap, args.schedule, sampling, args.speculate)
+    loop = "processor" if args.fused_engine == "processor" and loop == "generate" else loop
+    if why and (args.fused_engine == "generate" or args.speculate):
+        print(f"(fused run: {why})", file=sys.stderr)
     fused = fuse_on_engine(slm, slm_tok, private_ids, llm, public_ids, args.max_new_tokens, sampling, head=head,
-                           alpha=alpha, vocab_map=vmap, schedule=args.schedule)
+                           alpha=alpha, vocab_map=vmap, schedule=args.schedule, loop=loop, speculate=speculate)
     print(_section(f"Fused, {weight} ({fused.seconds:.1f} s)", colour_by_alpha(slm_tok, fused.token_ids, fused.alpha, color)))
     print(legend(color), end="")
     mean_alpha = sum(fused.alpha) / max(len(fused.alpha), 1)
     silence = _llm_silence(fused.stats, args.llm)
-    print(f"\n{fused.stats['steps']} steps, {fused.stats['llm_calls']} LLM calls, {fused.stats['saved_calls']} saved by the "
-          f"schedule, {fused.stats['fallbacks']} fallbacks; mean α {mean_alpha:.2f}; "
-          f"vocabulary map coverage {vmap.coverage:.1%}{silence}")
+    stats = fused.stats
+    drafts = (f", {stats['draft_tokens_sent']} draft tokens sent ({stats['draft_tokens_discarded']} discarded: seen by "
+              "the LLM, not in the output)" if stats.get("draft_tokens_sent") else "")
+    print(f"\n{stats['steps']} steps, {stats['llm_calls']} LLM calls, {stats['llm_calls'] / max(stats['steps'], 1):.2f} "
+          f"LLM calls per generated token{drafts}, {stats['saved_calls']} saved by the schedule, {stats['fallbacks']} "
+          f"fallbacks; {_LOOPS[loop].format(k=f'speculate {speculate}' if speculate else 'per step, overlap')}; mean α {mean_alpha:.2f}; vocabulary map coverage "
+          f"{vmap.coverage:.1%}{silence}")
     print(f"reference response (from the dataset): {example.response[:300]}{'...' if len(example.response) > 300 else ''}")
     return 0
 
@@ -432,7 +450,15 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--alpha", type=float, default=None, help=_ALPHA_HELP)
     demo.add_argument("--example", default=None, help="tid of a test-split example (default: the first)")
     demo.add_argument("--max-history", type=int, default=2, help="writing-history items in the private prompt")
-    demo.add_argument("--repetition-penalty", type=float, default=1.1)
+    demo.add_argument("--repetition-penalty", type=float, default=1.1,
+                      help="on the SLM's logits (default 1.1); at 1 the fused run takes logitfuse.generate (faster, "
+                           "the same tokens as the processor)")
+    demo.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
+                      help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
+                           "default), or slm.generate with CoGenesisLogitsProcessor")
+    demo.add_argument("--speculate", type=int, default=None,
+                      help="draft tokens per LLM call with logitfuse.generate (default 4 where both models share a "
+                           "tokenizer, else 0); the LLM sees rejected drafts, counted in the summary; 0 = off")
     _shared(demo)
     demo.set_defaults(func=_one_line_errors(run_demo))
 

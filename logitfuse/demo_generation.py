@@ -1,6 +1,8 @@
 """The on-device SLM of `logitfuse demo` and `logitfuse generate`, on either engine.
 
-- ``transformers``: ``model.generate`` with a :class:`CoGenesisLogitsProcessor` fusing in the LLM;
+- ``transformers``: ``model.generate`` with a :class:`CoGenesisLogitsProcessor` fusing in the LLM, or
+  :func:`logitfuse.generate` (our decode loop: the LLM's request overlapped with the SLM's forward, and
+  exact speculative fusion where the pair shares a tokenizer); greedy, both give the same tokens;
 - ``llama.cpp``: the zoo's GGUF file in a :class:`LlamaCppSLM`, fused by its own decode loop.
 
 Both give the text, the generated ids, the seconds and, fused, the α per token and the session's
@@ -22,7 +24,11 @@ from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.prompts import render_prompt
 from logitfuse.vocab import VocabMap
 
-__all__ = ["Generation", "fuse_on_engine", "generate_alone", "generate_fused", "load_slm", "slm_alone", "vocab_map_for"]
+__all__ = ["DEFAULT_SPECULATE", "Generation", "fast_path", "fuse_on_engine", "generate_alone", "generate_fused",
+           "generate_fused_loop", "load_slm", "slm_alone", "vocab_map_for"]
+
+#: Draft tokens per LLM call when ``fast_path`` turns speculation on (a same-tokenizer pair).
+DEFAULT_SPECULATE = 4
 
 
 @dataclass
@@ -73,6 +79,48 @@ def generate_fused(slm: Any, slm_tokenizer: Any, private_ids: list[int], process
                       dict(processor.stats))
 
 
+def generate_fused_loop(slm: Any, slm_tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
+                        max_new_tokens: int, *, speculate: int = 0, **fusion: Any) -> Generation:
+    """Greedy fused generation by :func:`logitfuse.generate` (overlap on; ``speculate`` drafts per LLM
+    call), stopping where ``slm.generate`` would (the SLM's generation config's EOS ids): the same
+    tokens as :func:`generate_fused` at ``repetition_penalty=1``."""
+    from logitfuse.decode import generate
+
+    eos = getattr(getattr(slm, "generation_config", None), "eos_token_id", None)
+    eos = slm_tokenizer.eos_token_id if eos is None else eos
+    pad = slm_tokenizer.pad_token_id if slm_tokenizer.pad_token_id is not None else slm_tokenizer.eos_token_id
+    started = time.perf_counter()
+    out = generate(slm, llm, [private_ids], public_ids, max_new_tokens=max_new_tokens, speculate=speculate,
+                   overlap=True, slm_tokenizer=slm_tokenizer, eos_token_id=eos, pad_token_id=pad, **fusion)
+    seconds = time.perf_counter() - started
+    ids = _strip_eos(out.sequences[0], slm_tokenizer)
+    return Generation(slm_tokenizer.decode(ids, skip_special_tokens=True), ids, seconds, out.alpha[0][: len(ids)],
+                      dict(out.stats))
+
+
+def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: dict[str, Any],
+              speculate: int | None = None) -> tuple[str, int, str]:
+    """``(engine, speculate, why)``: the fastest fused path that gives the processor's tokens.
+
+    ``"generate"`` (:func:`generate_fused_loop`) for a transformers SLM decoding greedily without a
+    repetition penalty (:func:`logitfuse.generate` has none), else ``"processor"`` (``why`` says
+    why). With ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
+    drafts per LLM call where both sides share one tokenizer, the schedule is ``"always"`` and the
+    backend scores drafts (``llm.supports_score``); else 0, per-step fusion (``why`` says why when
+    ``speculate`` was asked for).
+    """
+    if isinstance(slm, LlamaCppSLM):
+        return "llama.cpp", 0, ""
+    if sampling.get("do_sample") or sampling.get("repetition_penalty", 1.0) != 1.0:
+        return "processor", 0, "logitfuse.generate has no repetition penalty and this run samples or uses one"
+    blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
+               f"--schedule {schedule} is not 'always'" if schedule != "always" else
+               f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
+    if blocked:
+        return "generate", 0, f"speculation off: {blocked}" if speculate else ""
+    return "generate", DEFAULT_SPECULATE if speculate is None else speculate, ""
+
+
 def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transformers", max_new_tokens: int,
              dtype: str = "float32", device: str = "cpu", adapter: str | None = None,
              torch_llm: bool = True) -> tuple[Any, Any, list[int]]:
@@ -106,11 +154,17 @@ def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], max_new_tokens: 
 
 
 def fuse_on_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
-                   max_new_tokens: int, sampling: dict[str, Any], **fusion: Any) -> Any:
-    """Fused generation on either engine; ``fusion``: head, alpha, vocab_map, mode, tail, schedule."""
+                   max_new_tokens: int, sampling: dict[str, Any], *, loop: str = "processor", speculate: int = 0,
+                   **fusion: Any) -> Any:
+    """Fused generation on either engine; ``fusion``: head, alpha, vocab_map, mode, tail, schedule.
+    With a transformers SLM, ``loop="generate"`` runs :func:`generate_fused_loop` (greedy ``sampling``
+    only; ``speculate`` drafts per LLM call), ``"processor"`` :func:`generate_fused`."""
     if isinstance(slm, LlamaCppSLM):
         return generate_fused_llama_cpp(slm, llm, private_ids, public_ids, max_new_tokens=max_new_tokens, **fusion,
                                         **sampling)
+    if loop == "generate":
+        return generate_fused_loop(slm, tokenizer, private_ids, llm, public_ids, max_new_tokens, speculate=speculate,
+                                   **fusion)
     processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, **fusion)
     return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
 

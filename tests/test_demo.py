@@ -174,3 +174,57 @@ def test_colour_by_alpha_marks_each_token():
     coloured = colour_by_alpha(tok, ids, [0.0] + [1.0] * (len(ids) - 1), color=True)
     assert plain == "Dear friends"
     assert coloured.count("\033[38;5;") == len(ids) and coloured.endswith("\033[0m")
+
+
+# ------------------------------------------------------------------------------------ the fused run's loop
+@pytest.fixture(scope="module")
+def same_tokenizer_llm(model_dirs):
+    """A second byte-level model (another seed): the SLM's tokenizer on both sides."""
+    folder = model_dirs / "llm-same-tokenizer"
+    tok = byte_level_tokenizer()
+    tiny_llama(len(tok), seed=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _fused_run(model_dirs, llm, capsys, *extra) -> tuple[str, str]:
+    """``(fused text, summary line)`` of a demo run with no repetition penalty."""
+    import re
+
+    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(llm), "--alpha", "0.5", "--max-new-tokens", "8",
+                 "--max-history", "0", "--repetition-penalty", "1", "--color", "never", *extra])
+    assert code == 0
+    out = capsys.readouterr().out
+    text, summary = re.search(r"== Fused, [^\n]*==\n(.*)\n\n(\d+ steps[^\n]*)", out, re.DOTALL).groups()
+    return text, summary
+
+
+def test_demo_speculates_with_one_tokenizer_and_matches_the_processor(model_dirs, same_tokenizer_llm, capsys):
+    fast_text, fast = _fused_run(model_dirs, same_tokenizer_llm, capsys)
+    slow_text, slow = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--fused-engine", "processor")
+    assert fast_text == slow_text
+    assert "fused by logitfuse.generate (speculate 4)" in fast and "draft tokens sent" in fast
+    assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token, 0 saved" in slow
+    assert "fused by slm.generate + CoGenesisLogitsProcessor" in slow
+    steps, calls = (int(n) for n in fast.split(" LLM calls")[0].split(" steps, "))
+    assert calls < steps and f"{calls / steps:.2f} LLM calls per generated token" in fast
+    per_step_text, per_step = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "0")
+    assert per_step_text == slow_text and "fused by logitfuse.generate (per step, overlap)" in per_step
+
+
+def test_demo_across_tokenizers_takes_the_loop_per_step(model_dirs, capsys):
+    fast_text, fast = _fused_run(model_dirs, model_dirs / "llm", capsys)
+    slow_text, _ = _fused_run(model_dirs, model_dirs / "llm", capsys, "--fused-engine", "processor")
+    assert fast_text == slow_text and "fused by logitfuse.generate (per step, overlap)" in fast
+    assert "1.00 LLM calls per generated token" in fast and "draft tokens" not in fast
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--fused-engine", "generate"], "--fused-engine generate needs --slm-engine transformers and --repetition-penalty 1"),
+    (["--fused-engine", "processor", "--speculate", "2"], "--speculate 2 needs logitfuse.generate"),
+    (["--speculate", "-1"], "--speculate -1 must be >= 0"),
+])
+def test_demo_fused_engine_mistakes_are_one_line(model_dirs, capsys, argv, fragment):
+    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("logitfuse demo: error: ") and fragment in err and len(err.splitlines()) == 1
