@@ -9,7 +9,14 @@ greedy, exactly ``--new-tokens`` new tokens, for three paths:
 - ``llama.cpp server (top-K)``: the LLM behind llama.cpp's server
   (:class:`logitfuse.engines.LlamaCppServer`, which starts ``python -m logitfuse.engines_server``:
   llama.cpp's extra CPU weight buffers off) on 127.0.0.1, serving the zoo's GGUF file of ``--llm``;
-  text prompts re-sent each step, its prompt cache reusing the prefix; top-K log-probabilities.
+  text prompts re-sent each step, its prompt cache reusing the prefix; top-K log-probabilities;
+- ``generate, served, overlap`` / ``generate, served, no overlap``: the same served LLM under our own
+  decode loop, ``logitfuse.generate(..., overlap=True/False)`` (EOS off, exactly ``--new-tokens``):
+  with overlap the LLM's request for a position is in flight while the SLM computes its forward.
+
+For every fused path, ``step / max(SLM, LLM)`` is its step time over the larger of the SLM-only step
+and the median LLM round trip timed inside that path (1 = the two fully overlapped; about
+(SLM + LLM) / max(SLM, LLM) when they run one after the other; issue 14's target with overlap: 1.15).
 
 How it is measured (:func:`logitfuse.bench.common.measure`): per path one whole generation is
 dropped (caches, thread pools, the server's prompt cache), then ``--reps`` generations are timed,
@@ -64,6 +71,28 @@ def time_path(name: str, generate: Callable[[Any], int], make_processor: Callabl
             "stats": dict(best_proc.stats) if best_proc is not None else {}}
 
 
+class LoopRun:
+    """One ``logitfuse.generate`` run against ``backend`` (what :func:`time_path` builds per run);
+    :attr:`stats` holds its statistics once it ran."""
+
+    def __init__(self, backend: Any, overlap: bool):
+        self.backend, self.overlap, self.stats = backend, overlap, {}
+
+
+def add_overlap_ratios(rows: list[dict[str, Any]]) -> None:
+    """``step_over_max_slm_llm`` for each row with LLM calls: its step over max(SLM-only step, its LLM call).
+
+    >>> rows = [{"path": "slm-only", "step_ms": 10.0, "llm_call_ms_p50": None},
+    ...         {"path": "fused", "step_ms": 45.0, "llm_call_ms_p50": 40.0}]
+    >>> add_overlap_ratios(rows); rows[1]["step_over_max_slm_llm"]
+    1.125
+    """
+    slm_step = next(r["step_ms"] for r in rows if r["path"] == "slm-only")
+    for row in rows:
+        if row["llm_call_ms_p50"] is not None:
+            row["step_over_max_slm_llm"] = row["step_ms"] / max(slm_step, row["llm_call_ms_p50"])
+
+
 def run(*, slm: str, llm: str, device: torch.device, new_tokens: int, reps: int, top_k: int, alpha: float,
         n_ctx: int, log=print) -> dict[str, Any]:
     import logitfuse
@@ -86,9 +115,13 @@ def run(*, slm: str, llm: str, device: torch.device, new_tokens: int, reps: int,
                                      logits_processor=[processor] if processor is not None else None, pad_token_id=eos)
         return out.shape[1] - inputs["input_ids"].shape[1]
 
+    def timed(backend) -> common.CallTimer:
+        """Time the backend's LLM calls (its ``advance``, an instance attribute from now on)."""
+        backend.advance = common.CallTimer(backend.advance, device)
+        return backend.advance
+
     def fused(backend) -> tuple[Any, common.CallTimer]:
-        timer = common.CallTimer(backend.advance, device)
-        backend.advance = timer
+        timer = timed(backend)
         return logitfuse.CoGenesisLogitsProcessor(backend, PUBLIC, alpha=alpha, apply_chat_template=True,
                                                   vocab_map=vmap, slm_tokenizer=slm_tok), timer
 
@@ -97,12 +130,32 @@ def run(*, slm: str, llm: str, device: torch.device, new_tokens: int, reps: int,
     log(rows[0])
     log(rows[1])
     with LlamaCppServer(zoo.gguf_path(llm), alias="llm", n_ctx=n_ctx, n_threads=torch.get_num_threads()) as server:
+        def served():
+            return logitfuse.OpenAICompatibleLLM(server.url, "llm", top_k=top_k, tokenizer=llm_tok,
+                                                 prompt_format="text", on_failure="raise")
+
         def remote():
-            return fused(logitfuse.OpenAICompatibleLLM(server.url, "llm", top_k=top_k, tokenizer=llm_tok,
-                                                       prompt_format="text", on_failure="raise"))
+            return fused(served())
 
         rows.append(time_path(f"llama.cpp server (top-{top_k})", generate, remote, reps, device))
         log(rows[-1])
+
+        def loop(run: LoopRun) -> int:  # EOS off: exactly new_tokens, as min_new_tokens does above
+            out = logitfuse.generate(slm_model, run.backend, inputs["input_ids"], PUBLIC, alpha=alpha,
+                                     max_new_tokens=new_tokens, overlap=run.overlap, eos_token_id=[],
+                                     apply_chat_template=True, vocab_map=vmap, slm_tokenizer=slm_tok)
+            run.stats = dict(out.stats)
+            return len(out.sequences[0])
+
+        for overlap in (True, False):
+            def loop_run(overlap=overlap) -> tuple[LoopRun, common.CallTimer]:
+                backend = served()
+                return LoopRun(backend, overlap), timed(backend)
+
+            rows.append(time_path(f"generate, served, {'overlap' if overlap else 'no overlap'}", loop, loop_run, reps,
+                                  device))
+            log(rows[-1])
+    add_overlap_ratios(rows)
     return {"models": {"slm": slm, "llm": llm, "llm_gguf": zoo.gguf_path(llm).name,
                        "vocab_map": "identity" if vmap is None else "cross"}, "rows": rows}
 
@@ -128,7 +181,8 @@ def plot(result: dict[str, Any], out_dir: str, stem: str):
 
 
 TABLE_COLUMNS = [("path", "path"), ("tokens_per_s", "tokens/s"), ("step_ms", "ms/step"),
-                 ("llm_call_ms_mean", "LLM call ms (mean)"), ("llm_call_ms_p50", "LLM call ms (median)")]
+                 ("llm_call_ms_mean", "LLM call ms (mean)"), ("llm_call_ms_p50", "LLM call ms (median)"),
+                 ("step_over_max_slm_llm", "step / max(SLM, LLM)")]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -250,11 +250,14 @@ def test_remote_smoke(tmp_path):
     finally:
         torch.set_num_threads(threads)
     payload = _read(tmp_path / "remote_quick.json")
-    assert [r["path"] for r in payload["rows"]] == ["slm-only", "hfllm (in-process)", "llama.cpp server (top-20)"]
+    assert [r["path"] for r in payload["rows"]] == ["slm-only", "hfllm (in-process)", "llama.cpp server (top-20)",
+                                                    "generate, served, overlap", "generate, served, no overlap"]
     for row in payload["rows"]:
         assert row["tokens"] == 2 and row["reps"] == 1 and row["tokens_per_s"] > 0
-    assert payload["rows"][0]["llm_call_ms_p50"] is None
-    assert all(r["llm_call_ms_p50"] > 0 and r["stats"] for r in payload["rows"][1:])
+    assert payload["rows"][0]["llm_call_ms_p50"] is None and "step_over_max_slm_llm" not in payload["rows"][0]
+    assert all(r["llm_call_ms_p50"] > 0 and r["stats"] and r["step_over_max_slm_llm"] > 0 for r in payload["rows"][1:])
+    # our loop asks the served LLM once per token, overlapped or not
+    assert all(r["stats"]["llm_calls"] == 2 and r["stats"]["fallbacks"] == 0 for r in payload["rows"][3:])
 
 
 # ------------------------------------------------------------------------------------ speculate
