@@ -73,8 +73,7 @@ def _check_speculate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from logitfuse import zoo
-    from logitfuse.bench.speculate import parse_alpha
-    from logitfuse.demo import bundled_head_dir
+    from logitfuse.bench.speculate import parse_alpha, shipped_head
 
     try:
         alpha = parse_alpha(args.alpha)
@@ -106,7 +105,7 @@ def _check_speculate(args: argparse.Namespace) -> None:
         raise UsageError(f"--slm {args.slm} and --llm {args.llm} do not share a tokenizer, and speculation needs one; "
                          "e.g. --slm smollm2-135m-cogenesis --llm smollm2-135m, or --slm qwen2.5-coder-0.5b "
                          "--llm qwen2.5-coder-1.5b")
-    if alpha is None and (args.head == "none" or (args.head == "auto" and bundled_head_dir(args.slm, args.llm) is None)):
+    if alpha is None and (args.head == "none" or (args.head == "auto" and shipped_head(args.slm, args.llm) is None)):
         raise UsageError(f"no weight to run: --alpha none and no head (--head {args.head}; none is shipped for "
                          f"{args.slm} + {args.llm}); pass --alpha A or --head DIR")
 

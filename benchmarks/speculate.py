@@ -150,13 +150,20 @@ def time_path(pair: Pair, weight: dict[str, Any], how: dict[str, Any], new_token
 
 
 # ------------------------------------------------------------------------------------ weights
+def shipped_head(slm: str, llm: str) -> Any:
+    """The dense head shipped for the pair (``train_fuser/heads/SLM__LLM/dense``), ``None`` when there is none."""
+    from logitfuse.prompts import shipped_path
+
+    folder = shipped_path("heads", f"{slm}__{llm}", "dense")
+    return folder if (folder / "config.json").is_file() else None
+
+
 def weights(pair: Pair, alpha: float | None, head: str) -> tuple[list[tuple[str, dict[str, Any]]], str]:
     """``([(label, {"alpha": a} or {"head": head})], note)``: the fixed α and the head asked for.
 
     ``head``: a folder, ``"auto"`` (the head shipped for the pair, when there is one and it fits) or
     ``"none"``. The note says why ``"auto"`` found none.
     """
-    from logitfuse.demo import bundled_head_dir
     from logitfuse.heads import load_head
     from logitfuse.vocab import VocabMap
 
@@ -164,7 +171,7 @@ def weights(pair: Pair, alpha: float | None, head: str) -> tuple[list[tuple[str,
     note = ""
     folder = None
     if head == "auto":
-        folder = bundled_head_dir(*pair.names)
+        folder = shipped_head(*pair.names)
         note = "" if folder else f"no head is shipped for {pair.names[0]} + {pair.names[1]}"
     elif head != "none":
         folder = head

@@ -262,13 +262,19 @@ def test_remote_smoke(tmp_path):
 
 # ------------------------------------------------------------------------------------ speculate
 def test_speculate_tiny_writes_json(tmp_path):
+    from logitfuse import FusionHead, VocabMap
+    from logitfuse.testing import byte_level_tokenizer
+
+    v = len(byte_level_tokenizer())
+    FusionHead(v, v, vocab_map_hash=VocabMap.identity(v, v, n_shared=v).hash).save_pretrained(tmp_path / "head")
     assert _bench("speculate", "--tiny", "--examples", "1", "--new-tokens", "5", "--speculate", "0", "2", "--threads", "1",
-                  "--device", "cpu", "--out", str(tmp_path), "--no-plot") == 0
+                  "--head", str(tmp_path / "head"), "--device", "cpu", "--out", str(tmp_path), "--no-plot") == 0
     payload = _read(tmp_path / "speculate_tiny.json")
     assert payload["command"].startswith("logitfuse bench speculate") and payload["new_tokens"] == 5
-    rows = {r["path"]: r for r in payload["rows"]}
+    assert [r["weight"] for r in payload["rows"]] == ["alpha=0.5"] * 4 + [f"head {tmp_path / 'head'}"] * 4
+    assert payload["all_identical"] and all(r["identical_to_per_step"] for r in payload["rows"])
+    rows = {r["path"]: r for r in payload["rows"][:4]}
     assert list(rows) == ["processor", "per-step, no overlap", "per-step, overlap", "speculate 2"]
-    assert payload["all_identical"] and all(r["identical_to_per_step"] and r["weight"] == "alpha=0.5" for r in rows.values())
     for name in ("processor", "per-step, no overlap", "per-step, overlap"):
         assert rows[name]["llm_calls_per_token"] == 1 and rows[name]["acceptance_rate"] is None
     spec = rows["speculate 2"]
