@@ -324,12 +324,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print(legend(color), end="")
     mean_alpha = sum(fused.alpha) / max(len(fused.alpha), 1)
     silence = _llm_silence(fused.stats, args.llm)
-    stats = fused.stats
+    stats, how = fused.stats, f"speculate {speculate}" if speculate else "per step, overlap"
     drafts = (f", {stats['draft_tokens_sent']} draft tokens sent ({stats['draft_tokens_discarded']} discarded: seen by "
               "the LLM, not in the output)" if stats.get("draft_tokens_sent") else "")
     print(f"\n{stats['steps']} steps, {stats['llm_calls']} LLM calls, {stats['llm_calls'] / max(stats['steps'], 1):.2f} "
           f"LLM calls per generated token{drafts}, {stats['saved_calls']} saved by the schedule, {stats['fallbacks']} "
-          f"fallbacks; {_LOOPS[loop].format(k=f'speculate {speculate}' if speculate else 'per step, overlap')}; mean α {mean_alpha:.2f}; vocabulary map coverage "
+          f"fallbacks; {_LOOPS[loop].format(k=how)}; mean α {mean_alpha:.2f}; vocabulary map coverage "
           f"{vmap.coverage:.1%}{silence}")
     print(f"reference response (from the dataset): {example.response[:300]}{'...' if len(example.response) > 300 else ''}")
     return 0

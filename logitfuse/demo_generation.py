@@ -110,7 +110,7 @@ def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: 
     ``speculate`` was asked for).
     """
     if isinstance(slm, LlamaCppSLM):
-        return "llama.cpp", 0, ""
+        return "llama.cpp", 0, "llama.cpp's loop fuses per step" if speculate else ""
     if sampling.get("do_sample") or sampling.get("repetition_penalty", 1.0) != 1.0:
         return "processor", 0, "logitfuse.generate has no repetition penalty and this run samples or uses one"
     blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
