@@ -456,9 +456,10 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
                       help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
                            "default), or slm.generate with CoGenesisLogitsProcessor")
-    demo.add_argument("--speculate", type=int, default=None,
-                      help="draft tokens per LLM call with logitfuse.generate (default 4 where both models share a "
-                           "tokenizer, else 0); the LLM sees rejected drafts, counted in the summary; 0 = off")
+    demo.add_argument("--speculate", type=int, default=0,
+                      help="draft tokens per LLM call with logitfuse.generate, where both models share a tokenizer "
+                           "(opt-in: the LLM then also sees the SLM's drafts that get rejected, counted in the "
+                           "summary; 4 is a good value); default 0, per-step fusion")
     _shared(demo)
     demo.set_defaults(func=_one_line_errors(run_demo))
 

@@ -200,7 +200,8 @@ def _fused_run(model_dirs, llm, capsys, *extra) -> tuple[str, str]:
 
 
 def test_demo_speculates_with_one_tokenizer_and_matches_the_processor(model_dirs, same_tokenizer_llm, capsys):
-    fast_text, fast = _fused_run(model_dirs, same_tokenizer_llm, capsys)
+    # speculation is opt-in (the LLM also sees rejected drafts): --speculate 4
+    fast_text, fast = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "4")
     slow_text, slow = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--fused-engine", "processor")
     assert fast_text == slow_text
     assert "fused by logitfuse.generate (speculate 4)" in fast and "draft tokens sent" in fast
@@ -208,7 +209,7 @@ def test_demo_speculates_with_one_tokenizer_and_matches_the_processor(model_dirs
     assert "fused by slm.generate + CoGenesisLogitsProcessor" in slow
     steps, calls = (int(n) for n in fast.split(" LLM calls")[0].split(" steps, "))
     assert calls < steps and f"{calls / steps:.2f} LLM calls per generated token" in fast
-    per_step_text, per_step = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "0")
+    per_step_text, per_step = _fused_run(model_dirs, same_tokenizer_llm, capsys)  # the default: per step
     assert per_step_text == slow_text and "fused by logitfuse.generate (per step, overlap)" in per_step
 
 
