@@ -39,7 +39,7 @@ PUBLIC_TEXT = "Write a short invitation for a charity dinner."
 
 # ------------------------------------------------------------------------------------ models
 def tiny_model(vocab_size: int, seed: int, hidden: int = 64, layers: int = 2):
-    """A random Llama (no download), like ``tests/tiny_models.py``."""
+    """A random Llama (no download), like ``logitfuse.testing.tiny_llama``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,

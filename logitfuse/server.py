@@ -477,8 +477,7 @@ def serve_in_thread(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: i
     ``options`` go to :class:`CompletionServer` (``api_key``, ``read_timeout``, ``max_connections``, ...).
     Stop it with ``server.shutdown(); server.server_close()``.
 
-    >>> import sys; sys.path.insert(0, "tests")
-    >>> from tiny_models import byte_level_tokenizer, tiny_llama
+        >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
     >>> tok = byte_level_tokenizer()
     >>> server, url = serve_in_thread(tiny_llama(len(tok)), tok)
     >>> url.startswith("http://127.0.0.1:")

@@ -14,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET") is None and not (
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny_models import byte_level_tokenizer, tiny_llama  # noqa: E402
+from logitfuse.testing import byte_level_tokenizer, tiny_llama  # noqa: E402
 
 
 # tiny random models shared by the generation, backend, server and privacy tests (no downloads)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import logitfuse
-from generation_helpers import PUBLIC, generate, left_pad, private_prompt_ids
+from logitfuse.testing.generation import PUBLIC, generate, left_pad, private_prompt_ids
 
 CANARY = "Zq8WkP3xLm2T"
 PRIVATE = f"{CANARY} is my door code. {CANARY} again, and {CANARY} once more."

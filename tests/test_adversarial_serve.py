@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import logitfuse
-from generation_helpers import PUBLIC, chat_ids
+from logitfuse.testing.generation import PUBLIC, chat_ids
 from logitfuse.cli import main
 from logitfuse.server import CompletionServer, is_loopback_host, serve_in_thread
 

@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import logitfuse
-from generation_helpers import PUBLIC, generate, left_pad, private_prompt_ids
+from logitfuse.testing.generation import PUBLIC, generate, left_pad, private_prompt_ids
 from logitfuse.backends import TokenStringMap, parse_top_logprobs, render_token_bytes
 from logitfuse.retokenize import token_bytes, token_bytes_table
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 # ------------------------------------------------------------------- recorded reply shapes
 # llama-cpp-python 0.3.36, POST /v1/completions {"prompt": "The capital of France is", "max_tokens": 1,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import logitfuse
-from generation_helpers import PRIVATE, PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
+from logitfuse.testing.generation import PRIVATE, PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
 from logitfuse.decode import speculative_accept
 from logitfuse.server import serve_in_thread
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 N_NEW = 10
 PUBLICS = [PUBLIC, "Dear friends,", "Thank you for your help with the garden"]

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 from logitfuse import FusionHead
 from logitfuse.cli import main

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import CORPUS, byte_level_tokenizer, tiny_llama
+from logitfuse.testing import CORPUS, byte_level_tokenizer, tiny_llama
 
 pytest.importorskip("peft")
 

@@ -6,7 +6,7 @@ import codecs
 
 import pytest
 import torch
-from generation_helpers import (
+from logitfuse.testing.generation import (
     PRIVATE,
     PUBLIC,
     chat_ids,
@@ -15,7 +15,7 @@ from generation_helpers import (
     left_pad,
     private_prompt_ids,
 )
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 import logitfuse
 import logitfuse.schedules

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import logitfuse
-from generation_helpers import PUBLIC, contains_subsequence, generate, hf_streams, left_pad, private_prompt_ids
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing.generation import PUBLIC, contains_subsequence, generate, hf_streams, left_pad, private_prompt_ids
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 canaries = st.text(alphabet=string.ascii_letters + string.digits, min_size=12, max_size=12)
 # derandomized: the same canaries on every run, so CI cannot flake on a chance token coincidence

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logitfuse.retokenize import IncrementalRetokenizer, token_bytes
-from tiny_models import CORPUS, byte_level_tokenizer, sentencepiece_tokenizer
+from logitfuse.testing import CORPUS, byte_level_tokenizer, sentencepiece_tokenizer
 
 PAIRS = {
     "sp->bl": (sentencepiece_tokenizer, byte_level_tokenizer),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import logitfuse
-from generation_helpers import PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
+from logitfuse.testing.generation import PUBLIC, chat_ids, generate, left_pad, private_prompt_ids
 from logitfuse.cli import main
 from logitfuse.server import serve_in_thread
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
 import logitfuse
 from logitfuse import FusionHead, VocabMap

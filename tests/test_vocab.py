@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import byte_level_tokenizer, sentencepiece_tokenizer
+from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer
 
 import logitfuse
 from logitfuse import VocabMap
