@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import logitfuse
 from logitfuse import FusionHead, PaperFusionHead, TopK, VocabMap, reference
-from logitfuse.testing import byte_level_tokenizer, tiny_llama
+from logitfuse.testing import byte_level_tokenizer, random_cross_map, tiny_llama
 from logitfuse.types import TAIL_FLOOR
 
 B, V_SLM, V_LLM, K = 3, 37, 53, 5
@@ -20,15 +20,7 @@ B, V_SLM, V_LLM, K = 3, 37, 53, 5
 def cross_map() -> VocabMap:
     """Two tokenizers: some SLM tokens have an exact LLM twin, every other LLM token hands its mass
     to some SLM token (several to one), a few LLM tokens to none."""
-    g = torch.Generator().manual_seed(3)
-    slm_to_llm = torch.full((V_SLM,), -1)
-    exact = torch.randperm(V_LLM, generator=g)[: V_SLM // 2]
-    slm_to_llm[: V_SLM // 2] = exact
-    llm_to_slm = torch.randint(0, V_SLM, (V_LLM,), generator=g)
-    llm_to_slm[exact] = torch.arange(V_SLM // 2)
-    others = torch.isin(torch.arange(V_LLM), exact, invert=True).nonzero().flatten()
-    llm_to_slm[others[:4]] = -1
-    return VocabMap(slm_to_llm, V_LLM, llm_to_slm=llm_to_slm)
+    return random_cross_map(V_SLM, V_LLM, seed=3, unmapped=4)
 
 
 def partial_map() -> VocabMap:

@@ -8,6 +8,7 @@ import torch
 import logitfuse
 from logitfuse import FusionHead, PaperFusionHead, TopK, VocabMap
 from logitfuse.reference import num_fusion_features
+from logitfuse.testing import random_cross_map
 
 
 def test_fusion_head_is_small_and_starts_at_init_alpha():
@@ -163,15 +164,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
 
 
 def _cross_map(v_slm: int, v_llm: int) -> VocabMap:
-    """Half the SLM tokens map one to one; every other LLM token hands its mass to some SLM token."""
-    g = torch.Generator().manual_seed(1)
-    slm_to_llm = torch.full((v_slm,), -1)
-    exact = torch.randperm(v_llm, generator=g)[: v_slm // 2]
-    slm_to_llm[: v_slm // 2] = exact
-    llm_to_slm = torch.randint(0, v_slm, (v_llm,), generator=g)
-    llm_to_slm[exact] = torch.arange(v_slm // 2)
-    llm_to_slm[torch.isin(torch.arange(v_llm), exact, invert=True).nonzero()[:3]] = -1  # tokens no SLM token starts
-    return VocabMap(slm_to_llm, v_llm, llm_to_slm=llm_to_slm)
+    return random_cross_map(v_slm, v_llm, seed=1, unmapped=3)
 
 
 @pytest.mark.parametrize("head_class", [FusionHead, PaperFusionHead])

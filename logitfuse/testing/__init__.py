@@ -9,7 +9,7 @@ downloaded), so tests, docstring examples and users' own tests can run fused dec
 
 import importlib
 
-__all__ = ["CORPUS", "byte_level_tokenizer", "sentencepiece_tokenizer", "tiny_llama"]
+__all__ = ["CORPUS", "byte_level_tokenizer", "random_cross_map", "sentencepiece_tokenizer", "tiny_llama"]
 
 
 def __getattr__(name: str):

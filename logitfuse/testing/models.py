@@ -101,3 +101,20 @@ def tiny_llama(vocab_size: int, seed: int = 0, *, hidden_size: int = 32, num_lay
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
+
+
+def random_cross_map(v_slm: int, v_llm: int, *, seed: int, unmapped: int):
+    """A :class:`logitfuse.VocabMap` shaped like one between two tokenizers: half the SLM tokens
+    have an exact LLM twin (one to one), every other LLM token hands its mass to a random SLM token
+    (``llm_to_slm``, several to one), and ``unmapped`` of those LLM tokens to none."""
+    from logitfuse.vocab import VocabMap
+
+    g = torch.Generator().manual_seed(seed)
+    slm_to_llm = torch.full((v_slm,), -1)
+    exact = torch.randperm(v_llm, generator=g)[: v_slm // 2]
+    slm_to_llm[: v_slm // 2] = exact
+    llm_to_slm = torch.randint(0, v_slm, (v_llm,), generator=g)
+    llm_to_slm[exact] = torch.arange(v_slm // 2)
+    others = torch.isin(torch.arange(v_llm), exact, invert=True).nonzero().flatten()
+    llm_to_slm[others[:unmapped]] = -1
+    return VocabMap(slm_to_llm, v_llm, llm_to_slm=llm_to_slm)
