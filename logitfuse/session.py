@@ -296,12 +296,12 @@ class FusionSession:
         if batch != self.batch_size or len(appended) != batch:
             raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
                              f"started {self.batch_size} rows; call start() first")
-        entropy = None
+        entropy = slm_logprobs = None
         if self.schedule.needs_entropy and not self.slm_only:
-            slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+            slm_logprobs = self._slm_logprobs(slm_logits)
             probs = slm_logprobs.exp()
             entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
-        return self.complete(self.request(appended, entropy=entropy), slm_logits)
+        return self.complete(self.request(appended, entropy=entropy), slm_logits, slm_logprobs=slm_logprobs)
 
     @torch.no_grad()
     def request(self, appended: Sequence[Sequence[int]], *, entropy: Tensor | None = None) -> StepRequest:
@@ -346,26 +346,28 @@ class FusionSession:
         return StepRequest(call, out)
 
     @torch.no_grad()
-    def complete(self, request: StepRequest, slm_logits: Tensor) -> Tensor:
+    def complete(self, request: StepRequest, slm_logits: Tensor, *, slm_logprobs: Tensor | None = None) -> Tensor:
         """The fused log-probabilities ``(batch_size, v_slm)`` of the step :meth:`request` asked for,
-        from the SLM's logits ``(batch_size, v_slm)`` for that position."""
+        from the SLM's logits ``(batch_size, v_slm)`` for that position (``slm_logprobs``: the SLM's
+        own log-probabilities when the caller has them already; computed only where a row needs them)."""
         batch = slm_logits.shape[0]
         if batch != self.batch_size:
             raise ValueError(f"complete got {batch} rows of logits, but the session started {self.batch_size} rows")
-        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
-        if request.out is None:
-            self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
-        ok = self._answered_rows(request.out.ok, request.call, slm_logits.device)
+        ok = False if request.out is None else self._answered_rows(request.out.ok, request.call, slm_logits.device)
         if ok is False:
             self._alpha_history.append(torch.ones(batch))
-            return slm_logprobs
+            return self._slm_logprobs(slm_logits) if slm_logprobs is None else slm_logprobs
         alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True)
         if ok is True:
             self._alpha_history.append(alpha)
             return fused
         self._alpha_history.append(torch.where(ok, alpha, 1.0))
+        slm_logprobs = self._slm_logprobs(slm_logits) if slm_logprobs is None else slm_logprobs
         return torch.where(ok[:, None], fused, slm_logprobs)
+
+    def _slm_logprobs(self, slm_logits: Tensor) -> Tensor:
+        """The SLM alone: its log-probabilities at the session's SLM temperature."""
+        return torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
 
     def _fuse(self, slm_logits: Tensor, llm_next: Any, *, host_alpha: bool) -> tuple[Tensor, Tensor]:
         """``(alpha (rows,), fused (rows, v_slm))`` of one batch of positions; a fixed α is made on the
@@ -419,7 +421,7 @@ class FusionSession:
             raise ValueError(f"drafts must hold {positions - 1} tokens per running row (slm_logits has {positions} positions)")
         if self.slm_only:
             raise ValueError("step_many: alpha=1 never asks the LLM, so there is nothing to score; use step()")
-        slm_logprobs = torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
+        slm_logprobs = self._slm_logprobs(slm_logits)
         for r, tokens in enumerate(appended):
             for token in tokens:
                 self._append(r, int(token))
