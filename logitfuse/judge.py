@@ -32,6 +32,7 @@ import math
 import re
 import time
 import urllib.error
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,33 +308,45 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
     jobs = len(records) * len(rubrics) if judge else 0
     jobs += 2 * sum(len(set(by_system.get(x, {})) & set(by_system.get(y, {}))) for x, y in pairs) if judge else 0
     bar = tqdm(total=jobs, desc="judging", unit="call", disable=not progress or not jobs)
+    # ask in example-major order: every prompt about one example starts with the same user block, which a
+    # serving engine that reuses its KV cache for a common prefix (llama.cpp's server) then reads once
+    tids = list(dict.fromkeys(tid for texts in by_system.values() for tid in texts))
+    ratings: dict[tuple[str, str, str], int | None] = {}
+    for tid in tids if judge else ():
+        for system, texts in by_system.items():
+            for rubric in rubrics if tid in texts else ():
+                answer = judge.ask(rating_messages(examples[tid], texts[tid], rubric, max_history=max_history))
+                ratings[system, tid, rubric] = parse_rating(answer)
+                bar.update()
     systems: dict[str, Any] = {}
     for system, texts in by_system.items():
         scores: dict[str, list[float]] = {"rouge_l": [], "length_words": []} if with_rouge else {"length_words": []}
         unparseable = dict.fromkeys(rubrics if judge else (), 0)
         for tid, text in texts.items():
-            example = examples[tid]
             if with_rouge:
-                scores["rouge_l"].append(rouge_l(text, example.response))
+                scores["rouge_l"].append(rouge_l(text, examples[tid].response))
             scores["length_words"].append(len(text.split()))
             for rubric in rubrics if judge else ():
-                rating = parse_rating(judge.ask(rating_messages(example, text, rubric, max_history=max_history)))
-                bar.update()
+                rating = ratings[system, tid, rubric]
                 if rating is None:
                     unparseable[rubric] += 1
                 else:
                     scores.setdefault(rubric, []).append(rating)
         systems[system] = {name: dict(zip(("mean", "se", "n"), mean_se(values))) for name, values in scores.items()}
         systems[system]["unparseable"] = unparseable
+    verdicts: dict[tuple[str, str, str], str] = {}
+    for tid in tids if judge else ():
+        for x, y in pairs:
+            if tid in by_system.get(x, {}) and tid in by_system.get(y, {}):
+                tx, ty = by_system[x][tid], by_system[y][tid]
+                shown_first = parse_preference(judge.ask(pairwise_messages(examples[tid], tx, ty, max_history=max_history)))
+                shown_second = parse_preference(judge.ask(pairwise_messages(examples[tid], ty, tx, max_history=max_history)))
+                verdicts[x, y, tid] = both_orders(shown_first, shown_second) or "unparseable"
+                bar.update(2)
     pairwise = {}
     for x, y in pairs if judge else ():
-        outcomes = {"win": 0, "loss": 0, "tie": 0, "unparseable": 0}
-        for tid in sorted(set(by_system.get(x, {})) & set(by_system.get(y, {}))):
-            tx, ty = by_system[x][tid], by_system[y][tid]
-            shown_first = parse_preference(judge.ask(pairwise_messages(examples[tid], tx, ty, max_history=max_history)))
-            shown_second = parse_preference(judge.ask(pairwise_messages(examples[tid], ty, tx, max_history=max_history)))
-            bar.update(2)
-            outcomes[both_orders(shown_first, shown_second) or "unparseable"] += 1
+        counts = Counter(v for (px, py, _), v in verdicts.items() if (px, py) == (x, y))
+        outcomes = {k: counts[k] for k in ("win", "loss", "tie", "unparseable")}
         n = sum(outcomes.values())
         pairwise[f"{x} vs {y}"] = {**outcomes, "n": n, "win_rate": outcomes["win"] / n if n else math.nan,
                                    "loss_rate": outcomes["loss"] / n if n else math.nan}

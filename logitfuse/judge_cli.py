@@ -17,6 +17,7 @@ public task title, as in `logitfuse generate`.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from logitfuse.cli import UsageError, check_device, check_model, check_out_dir, 
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.prompts import SPLITS, Example, bundled_split, load_examples
 
-__all__ = ["BASE_SYSTEMS", "Models", "add_judge_subcommand", "generate_records", "system_notes"]
+__all__ = ["BASE_SYSTEMS", "Models", "add_judge_subcommand", "generate_records", "judged_pairs", "system_notes"]
 
 #: the systems a generation run can produce, and what each is
 BASE_SYSTEMS = {
@@ -128,6 +129,22 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
         if on_example is not None:
             on_example(records)
     return records
+
+
+def judged_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """The pairwise comparisons: each fused system against the SLM of its own run (same ``@tag``) and
+    against the LLM without context (the LLM is the same whichever SLM a run used).
+
+    >>> judged_pairs(["slm", "llm", "fused-head", "slm@tuned", "fused-head@tuned"])
+    [('fused-head', 'slm'), ('fused-head', 'llm'), ('fused-head@tuned', 'slm@tuned'), ('fused-head@tuned', 'llm')]
+    """
+    pairs = []
+    for name in names:
+        if name.startswith("fused"):
+            tag = name[name.index("@"):] if "@" in name else ""
+            pairs += [(name, single) for single in (f"slm{tag}", "llm" if "llm" in names else f"llm{tag}")
+                      if single in names]
+    return pairs
 
 
 def sanity_records(tids: list[str], examples: dict[str, Example]) -> list[dict[str, Any]]:
@@ -239,8 +256,17 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
     check_range("--max-examples", args.max_examples, low=1)
     check_range("--max-history", args.max_history, low=0)
     examples = _examples(args)
-    if args.generations is not None:
-        records = _read_generations(args.generations)
+    if args.tag is not None and (not args.tag or not all(c.isalnum() or c in "-_." for c in args.tag)):
+        raise UsageError(f"--tag {args.tag!r}: use letters, digits, '-', '_' or '.' (e.g. --tag tuned)")
+    if args.generations:
+        if args.tag is not None:
+            raise UsageError("--tag names the systems of a generation run; with --generations the names are those "
+                             "in the files (drop --tag)")
+        records = [r for value in args.generations for r in _read_generations(value)]
+        twice = sorted(k for k, n in Counter((r["tid"], r["system"]) for r in records).items() if n > 1)
+        if twice:
+            raise UsageError(f"--generations: {len(twice)} (tid, system) pairs appear more than once (e.g. {twice[0]}); "
+                             "generate the runs to merge with different --tag")
         missing = sorted({r["tid"] for r in records} - {e.tid for e in examples})
         if missing:
             raise UsageError(f"--generations has tids not in the {args.split} split of --data ({missing[:3]}...); "
@@ -259,7 +285,10 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
     if args.head is not None and not (Path(args.head).expanduser() / "config.json").is_file():
         raise UsageError(f"--head {args.head!r} is not a head folder (no config.json); pass one written by "
                          "`logitfuse train`, or leave --head out for the head shipped with the pair")
-    return examples[: args.max_examples], None, _systems(args)
+    systems = _systems(args)
+    if args.tag is not None:
+        systems = {f"{name}@{args.tag}": value for name, value in systems.items()}
+    return examples[: args.max_examples], None, systems
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -337,8 +366,7 @@ def run_judge(args: argparse.Namespace) -> int:
         records = [r for r in records if r["system"] not in ("reference", "off-task")]
         records += sanity_records(list(dict.fromkeys(r["tid"] for r in records)), by_tid)
     names = list(dict.fromkeys(r["system"] for r in records))
-    pairs = [] if args.no_pairwise else [(f, s) for f in names if f.startswith("fused") for s in ("slm", "llm")
-                                         if s in names]
+    pairs = [] if args.no_pairwise else judged_pairs(names)
     try:
         results = judge_records(records, by_tid, judge, pairs=pairs,
                                 max_history=args.max_history)
@@ -365,7 +393,10 @@ def add_judge_subcommand(subparsers: Any) -> None:
                                    "personalization, pairwise, ROUGE-L)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for generations.jsonl, results.{md,json,png}, judgments.jsonl")
-    parser.add_argument("--generations", default=None, help="judge this generations.jsonl instead of generating")
+    parser.add_argument("--generations", action="append", default=[],
+                        help="judge this generations.jsonl instead of generating (repeatable: the runs are merged)")
+    parser.add_argument("--tag", default=None, help="append @TAG to the names of the systems this run generates "
+                        "(e.g. --tag tuned for a run with a tuned SLM), so runs can be merged with --generations")
     parser.add_argument("--slm", default=None, help="on-device model: zoo name or folder")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder for the SLM")
     parser.add_argument("--llm", default=None, help="cloud model: zoo name or folder (run locally)")

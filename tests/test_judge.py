@@ -256,3 +256,35 @@ def test_judge_names_unknown_tids_and_missing_models(tmp_path, capsys):
     assert main(["judge", "--out", str(tmp_path / "o"), "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
                  "--systems", "slm,oracle"]) == 2
     assert "--systems 'slm,oracle': ['oracle']" in capsys.readouterr().err
+
+
+def test_tagged_runs_merge_and_are_compared_within_their_run(tmp_path, generations, capsys):
+    """A second run (e.g. with a tuned SLM) tagged @tuned merges with the first through repeated
+    --generations; its fused system is compared with its own SLM and the shared LLM."""
+    tids = [json.loads(line)["tid"] for line in generations.read_text().splitlines()][:2]
+    tuned = tmp_path / "tuned.jsonl"
+    texts = {"slm@tuned": "Dear all, thanks for coming", "fused-head@tuned": "Dear all, thank you so much for coming today"}
+    tuned.write_text("".join(json.dumps(r) + "\n" for r in records_for(texts, tids)))
+    out = tmp_path / "out"
+    with serving(fair_judge) as server:
+        argv = ["judge", "--generations", str(generations), "--generations", str(tuned), "--out", str(out),
+                "--judge-model", "judge", "--judge-url", server.url]
+        assert main(argv) == 0
+        prompts = [prompt_of(body) for *_, body in server.received]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["pairwise"]) == ["fused-alpha0.25 vs llm", "fused-alpha0.25 vs slm",
+                                           "fused-head@tuned vs llm", "fused-head@tuned vs slm@tuned"]
+    assert results["systems"]["slm@tuned"]["quality"]["n"] == 2
+    # example-major order: all rating prompts about the first example come before any about the second
+    # (a serving engine reuses the shared prefix), then the pairwise prompts, again example by example
+    firsts = [p.split("## The task\n", 1)[1].split("\n", 1)[0] for p in prompts]
+    ratings = [f for f, p in zip(firsts, prompts) if "## The response to judge" in p]
+    assert ratings == sorted(ratings, key=firsts.index) and len(set(ratings)) == 2
+    assert ratings.index(ratings[-1]) == len(ratings) // 2
+    assert main(argv[:1] + ["--generations", str(tuned), "--generations", str(tuned), "--out", str(out)]) == 2
+    assert "appear more than once" in capsys.readouterr().err
+    assert main(argv[:1] + ["--generations", str(tuned), "--out", str(out), "--tag", "x"]) == 2
+    assert "drop --tag" in capsys.readouterr().err
+    assert main(["judge", "--out", str(out), "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
+                 "--tag", "a b"]) == 2
+    assert "--tag 'a b'" in capsys.readouterr().err
