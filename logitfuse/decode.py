@@ -120,6 +120,39 @@ class _SLMCache:
             self.lengths = self.lengths - torch.tensor(n, device=self.lengths.device)
 
 
+class _RepetitionPenalty:
+    """transformers' repetition penalty on the SLM's logits, where ``slm.generate`` applies it: before a
+    user's logits processor (its built-in processors come first in the merged list), so before fusion.
+    A logit of a token seen in the row (its prompt, left padding excepted, and every token generated)
+    is divided by ``penalty`` when positive and multiplied by it when negative, as
+    ``RepetitionPenaltyLogitsProcessor`` does. ``seen`` is ``None`` at ``penalty == 1`` (off)."""
+
+    def __init__(self, penalty: float, ids: Tensor, mask: Tensor, vocab: int):
+        self.penalty, self.seen = penalty, None
+        if penalty != 1.0:
+            marks = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+            marks.scatter_(1, ids.masked_fill(mask == 0, vocab).clamp(0, vocab), True)
+            self.seen = marks[:, :vocab]
+
+    def fork(self) -> Tensor | None:
+        """A copy of the seen tokens to mark drafts in (they may be rejected)."""
+        return None if self.seen is None else self.seen.clone()
+
+    def __call__(self, logits: Tensor, seen: Tensor | None = None) -> Tensor:
+        seen = self.seen if seen is None else seen
+        if seen is None:
+            return logits
+        seen = seen.to(logits.device)
+        return torch.where(seen, torch.where(logits < 0, logits * self.penalty, logits / self.penalty), logits)
+
+    def mark(self, tokens: Sequence[Sequence[int]], seen: Tensor | None = None) -> None:
+        """Add ``tokens[r]`` to row ``r``'s seen tokens (of ``seen``, default the kept ones)."""
+        seen = self.seen if seen is None else seen
+        if seen is not None:
+            for r, row in enumerate(tokens):
+                seen[r, list(row)] = True
+
+
 # ------------------------------------------------------------------------- argument checks
 def _check_private(slm: Any, private_input_ids: Any, attention_mask: Any, pad_id: int) -> tuple[Tensor, Tensor]:
     """``(input_ids, attention_mask)`` ``(B, L)`` on the SLM's device, left padded, checked."""
@@ -264,10 +297,10 @@ class _Chooser:
 
 
 def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Callable[[], None],
-              pad_id: int, overlap: bool) -> None:
+              pad_id: int, overlap: bool, penalty: _RepetitionPenalty) -> None:
     """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
     next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
-    while the SLM's runs)."""
+    while the SLM's runs). ``penalty`` acts on the SLM's logits before the session fuses them."""
     batch, device = slm.ids.shape[0], slm.ids.device
     appended: list[list[int]] = [[] for _ in range(batch)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
@@ -284,6 +317,7 @@ def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Cho
             start()
             logits = slm.prefill()
         while True:
+            logits = penalty(logits)
             fused = session.complete(request, logits) if overlap else session.step(appended, logits)
             alpha = session.alpha_history[-1].tolist()
             tokens = chooser.choose(fused).tolist()
@@ -296,6 +330,7 @@ def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Cho
                     tokens[r] = pad_id
             if rows.done():
                 return
+            penalty.mark([[t] for t in tokens])  # finished rows see padding, as in slm.generate
             fed = torch.tensor(tokens, device=device)
             if overlap:
                 request = pool.submit(session.request, appended)
@@ -306,8 +341,12 @@ def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Cho
 
 
 def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, logits: Tensor,
-                 pad_id: int, k: int) -> None:
+                 pad_id: int, k: int, penalty: _RepetitionPenalty) -> None:
+    """Speculative fusion from the SLM's prefill ``logits``. With a repetition ``penalty`` the draft and
+    the target read the same penalized SLM logits: at each drafted position the seen tokens include the
+    drafts before it, as per-step fusion's would had those been kept (so the rule stays exact)."""
     batch, device = logits.shape[0], logits.device
+    logits = penalty(logits)
     appended: list[list[int]] = [[] for _ in range(batch)]
     while True:
         left = max(rows.max_new_tokens - len(t) for r, t in enumerate(rows.tokens) if rows.running(r))
@@ -315,10 +354,12 @@ def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _
         # the SLM drafts n tokens alone (finished rows are fed padding)
         running = torch.tensor([rows.running(r) for r in range(batch)])
         slm_logits, drafts = [logits], torch.full((batch, n), pad_id, dtype=torch.long)
+        seen = penalty.fork()
         for i in range(n):
             q = torch.log_softmax(slm_logits[-1].float() / session.slm_temperature, dim=-1)
             drafts[:, i] = torch.where(running, chooser.choose(q).cpu(), pad_id)
-            slm_logits.append(slm.append(drafts[:, i].to(device)))
+            penalty.mark(drafts[:, i, None].tolist(), seen)
+            slm_logits.append(penalty(slm.append(drafts[:, i].to(device)), seen))
         stacked = torch.stack(slm_logits, dim=1)
         draft_lists = [drafts[r].tolist() if rows.running(r) else [] for r in range(batch)]
         fused, alpha = session.step_many(appended, draft_lists, stacked)
@@ -332,6 +373,7 @@ def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _
                 kept[r] = min(a, taken[r])
                 if rows.running(r):
                     chosen[r] = token
+        penalty.mark([(draft_lists[r][:kept[r]] + [chosen[r]]) if rows.running(r) else [] for r in range(batch)])
         session.accept_drafts(kept, taken)
         slm.drop([n - kept[r] for r in range(batch)])
         for r in range(batch):
@@ -340,7 +382,7 @@ def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _
         if rows.done():
             return
         appended = [[chosen[r]] if rows.running(r) else [] for r in range(batch)]
-        logits = slm.append(torch.tensor(chosen, device=device))
+        logits = penalty(slm.append(torch.tensor(chosen, device=device)))
 
 
 def _accept(chooser: _Chooser, drafts: Tensor, slm_logits: Tensor, fused: Tensor,
@@ -403,7 +445,8 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
              tail: str | None = None, schedule: Any = "always", temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, speculate: int = 0, overlap: bool = True,
              eos_token_id: Any = None, attention_mask: Any = None, slm_tokenizer: Any = None,
-             apply_chat_template: bool = False, pad_token_id: int | None = None) -> FusedGeneration:
+             apply_chat_template: bool = False, pad_token_id: int | None = None,
+             repetition_penalty: float = 1.0) -> FusedGeneration:
     r"""Fused generation with our own decode loop over the SLM's KV cache (see the module docstring).
 
     Args:
@@ -433,6 +476,11 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row (kept in its output).
         attention_mask: with a tensor ``private_input_ids``: 1 for real tokens, 0 for left padding.
         pad_token_id (`int`, *optional*): fed to the SLM for finished rows; default the SLM config's, or 0.
+        repetition_penalty (`float`, defaults to 1): transformers' rule on the SLM's logits before fusion,
+            where ``slm.generate(..., repetition_penalty=...)`` applies it ahead of the fusion processor
+            (a seen token's positive logit divided by it, a negative one multiplied; seen: the row's
+            prompt and its generated tokens), so greedy output is the processor path's at the same
+            penalty. Exact with ``speculate`` too (drafts and targets read the same penalized logits).
 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
@@ -446,6 +494,9 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     if top_p == 0.0:
         raise ValueError("top_p=0 keeps no token; pass a number in (0, 1] (1 = off)")
     top_k = _check_int("top_k", top_k, 0, "0 = off")
+    penalty = _check_number("repetition_penalty", repetition_penalty, 0.0)
+    if penalty == 0.0:
+        raise ValueError("repetition_penalty=0 divides by zero; pass a number > 0 (1 = off, 1.1 is usual)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if pad_token_id is None:
@@ -462,14 +513,15 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
     chooser = _Chooser(temperature, top_k, top_p, generator)
     cache = _SLMCache(slm, ids, mask)
+    penalize = _RepetitionPenalty(penalty, ids, mask, v_slm)
 
     def start() -> None:
         session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
 
     if speculate and not session.slm_only:
         start()
-        _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate)
+        _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
     else:
         overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
-        _per_step(cache, session, rows, chooser, start, pad_id, overlap)
+        _per_step(cache, session, rows, chooser, start, pad_id, overlap, penalize)
     return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))

@@ -59,6 +59,27 @@ def test_greedy_equals_the_processor(tok, slm, llm_model, schedule, weight):
     assert out.stopped == ["length"] * 3
 
 
+@pytest.mark.parametrize("penalty", [1.1, 3.0])
+@pytest.mark.parametrize("weight", ["alpha", "head"])
+def test_repetition_penalty_equals_the_processor(tok, slm, llm_model, penalty, weight):
+    """slm.generate applies the penalty to the SLM's logits before the fusion processor; generate does
+    the same, per step and speculating (K = 2: the drafts and the targets read the same penalized
+    logits), with left-padded rows of different lengths. α = 0.9 keeps most drafts, so a draft's logits
+    penalized without the drafts before it would show."""
+    inputs, n_new = private_batch(tok, 3), 16
+    publics = [chat_ids(tok, p) for p in PUBLICS]
+    options = {"alpha": 0.9} if weight == "alpha" else {"head": random_head(tok, seed=1)}
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), publics, **options)
+    expected = generate(slm, inputs, n_new, proc, repetition_penalty=penalty).tolist()
+    for speculate in (0, 2):
+        out = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, publics, max_new_tokens=n_new, speculate=speculate,
+                    repetition_penalty=penalty, **options)
+        assert out.sequences == expected, speculate
+    unpenalized = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, publics, max_new_tokens=n_new, **options)
+    if penalty == 3.0:  # the test has the power to tell a penalty that is not applied
+        assert unpenalized.sequences != expected
+
+
 def test_rows_that_reach_eos_stop(tok, slm, llm_model):
     inputs = private_batch(tok, 3)
     eos = int(generate(slm, inputs, N_NEW)[0, 2])
@@ -308,6 +329,8 @@ def test_refusals_are_clear_and_send_nothing(tok, slm, llm_model):
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.1), "repetition_penalty"),
         (dict(attention_mask=inputs["attention_mask"].flip(1)), "left padded"),
     ]
     for kwargs, match in cases:
