@@ -197,9 +197,9 @@ def _check_demo(args: argparse.Namespace) -> _Plan:
     check_range("--max-history", args.max_history, low=0)
     check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
     check_range("--speculate", args.speculate, low=0, meaning="draft tokens per LLM call; 0 = per-step fusion")
-    if args.fused_engine == "generate" and (args.slm_engine != "transformers" or args.repetition_penalty != 1):
-        raise UsageError("--fused-engine generate needs --slm-engine transformers and --repetition-penalty 1 "
-                         "(logitfuse.generate has no repetition penalty); or pass --fused-engine processor")
+    if args.fused_engine == "generate" and args.slm_engine != "transformers":
+        raise UsageError("--fused-engine generate needs --slm-engine transformers (llama.cpp has its own loop); "
+                         "or pass --fused-engine processor")
     if args.speculate and args.fused_engine == "processor":
         raise UsageError(f"--speculate {args.speculate} needs logitfuse.generate: drop --fused-engine processor")
     plan = _Plan(check_model("--slm", args.slm), check_model("--llm", args.llm), None, None, False)
@@ -451,8 +451,8 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--example", default=None, help="tid of a test-split example (default: the first)")
     demo.add_argument("--max-history", type=int, default=2, help="writing-history items in the private prompt")
     demo.add_argument("--repetition-penalty", type=float, default=1.1,
-                      help="on the SLM's logits (default 1.1); at 1 the fused run takes logitfuse.generate (faster, "
-                           "the same tokens as the processor)")
+                      help="on the SLM's logits before fusion (default 1.1), as slm.generate applies it; "
+                           "logitfuse.generate applies it the same way (the same tokens as the processor)")
     demo.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
                       help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
                            "default), or slm.generate with CoGenesisLogitsProcessor")

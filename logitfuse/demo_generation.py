@@ -80,10 +80,11 @@ def generate_fused(slm: Any, slm_tokenizer: Any, private_ids: list[int], process
 
 
 def generate_fused_loop(slm: Any, slm_tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
-                        max_new_tokens: int, *, speculate: int = 0, **fusion: Any) -> Generation:
+                        max_new_tokens: int, *, speculate: int = 0, repetition_penalty: float = 1.0,
+                        **fusion: Any) -> Generation:
     """Greedy fused generation by :func:`logitfuse.generate` (overlap on; ``speculate`` drafts per LLM
     call), stopping where ``slm.generate`` would (the SLM's generation config's EOS ids): the same
-    tokens as :func:`generate_fused` at ``repetition_penalty=1``."""
+    tokens as :func:`generate_fused` at the same ``repetition_penalty``."""
     from logitfuse.decode import generate
 
     eos = getattr(getattr(slm, "generation_config", None), "eos_token_id", None)
@@ -91,7 +92,8 @@ def generate_fused_loop(slm: Any, slm_tokenizer: Any, private_ids: list[int], ll
     pad = slm_tokenizer.pad_token_id if slm_tokenizer.pad_token_id is not None else slm_tokenizer.eos_token_id
     started = time.perf_counter()
     out = generate(slm, llm, [private_ids], public_ids, max_new_tokens=max_new_tokens, speculate=speculate,
-                   overlap=True, slm_tokenizer=slm_tokenizer, eos_token_id=eos, pad_token_id=pad, **fusion)
+                   overlap=True, slm_tokenizer=slm_tokenizer, eos_token_id=eos, pad_token_id=pad,
+                   repetition_penalty=repetition_penalty, **fusion)
     seconds = time.perf_counter() - started
     ids = _strip_eos(out.sequences[0], slm_tokenizer)
     return Generation(slm_tokenizer.decode(ids, skip_special_tokens=True), ids, seconds, out.alpha[0][: len(ids)],
@@ -102,17 +104,17 @@ def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: 
               speculate: int | None = None) -> tuple[str, int, str]:
     """``(engine, speculate, why)``: the fastest fused path that gives the processor's tokens.
 
-    ``"generate"`` (:func:`generate_fused_loop`) for a transformers SLM decoding greedily without a
-    repetition penalty (:func:`logitfuse.generate` has none), else ``"processor"`` (``why`` says
-    why). With ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
+    ``"generate"`` (:func:`generate_fused_loop`) for a transformers SLM decoding greedily (with or
+    without a repetition penalty: :func:`logitfuse.generate` applies it where ``slm.generate`` does),
+    else ``"processor"`` (``why`` says why: sampling draws differ between the two loops). With ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
     drafts per LLM call where both sides share one tokenizer, the schedule is ``"always"`` and the
     backend scores drafts (``llm.supports_score``); else 0, per-step fusion (``why`` says why when
     ``speculate`` was asked for).
     """
     if isinstance(slm, LlamaCppSLM):
         return "llama.cpp", 0, "llama.cpp's loop fuses per step" if speculate else ""
-    if sampling.get("do_sample") or sampling.get("repetition_penalty", 1.0) != 1.0:
-        return "processor", 0, "logitfuse.generate has no repetition penalty and this run samples or uses one"
+    if sampling.get("do_sample"):
+        return "processor", 0, "this run samples (logitfuse.generate draws its samples differently)"
     blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
                f"--schedule {schedule} is not 'always'" if schedule != "always" else
                f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
@@ -158,13 +160,13 @@ def fuse_on_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: Any, p
                    **fusion: Any) -> Any:
     """Fused generation on either engine; ``fusion``: head, alpha, vocab_map, mode, tail, schedule.
     With a transformers SLM, ``loop="generate"`` runs :func:`generate_fused_loop` (greedy ``sampling``
-    only; ``speculate`` drafts per LLM call), ``"processor"`` :func:`generate_fused`."""
+    only, its ``repetition_penalty`` applied; ``speculate`` drafts per LLM call), ``"processor"`` :func:`generate_fused`."""
     if isinstance(slm, LlamaCppSLM):
         return generate_fused_llama_cpp(slm, llm, private_ids, public_ids, max_new_tokens=max_new_tokens, **fusion,
                                         **sampling)
     if loop == "generate":
         return generate_fused_loop(slm, tokenizer, private_ids, llm, public_ids, max_new_tokens, speculate=speculate,
-                                   **fusion)
+                                   repetition_penalty=sampling.get("repetition_penalty", 1.0), **fusion)
     processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, **fusion)
     return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
 

@@ -187,12 +187,13 @@ def same_tokenizer_llm(model_dirs):
     return folder
 
 
-def _fused_run(model_dirs, llm, capsys, *extra) -> tuple[str, str]:
-    """``(fused text, summary line)`` of a demo run with no repetition penalty."""
+def _fused_run(model_dirs, llm, capsys, *extra, penalty="1") -> tuple[str, str]:
+    """``(fused text, summary line)`` of a demo run (no repetition penalty unless ``penalty``; None: the default)."""
     import re
 
+    penalty_args = ["--repetition-penalty", penalty] if penalty is not None else []
     code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(llm), "--alpha", "0.5", "--max-new-tokens", "8",
-                 "--max-history", "0", "--repetition-penalty", "1", "--color", "never", *extra])
+                 "--max-history", "0", *penalty_args, "--color", "never", *extra])
     assert code == 0
     out = capsys.readouterr().out
     text, summary = re.search(r"== Fused, [^\n]*==\n(.*)\n\n(\d+ steps[^\n]*)", out, re.DOTALL).groups()
@@ -220,8 +221,26 @@ def test_demo_across_tokenizers_takes_the_loop_per_step(model_dirs, capsys):
     assert "1.00 LLM calls per generated token" in fast and "draft tokens" not in fast
 
 
+def test_demo_default_penalty_takes_the_loop_and_matches_the_processor(model_dirs, same_tokenizer_llm, capsys):
+    """The demo's default (--repetition-penalty 1.1, greedy) runs logitfuse.generate per step with overlap,
+    with the processor's text, and still prints LLM calls per token."""
+    processor_text = {}
+    for llm in (same_tokenizer_llm, model_dirs / "llm"):  # one tokenizer, and two
+        fast_text, fast = _fused_run(model_dirs, llm, capsys, penalty=None)
+        processor_text[llm], slow = _fused_run(model_dirs, llm, capsys, "--fused-engine", "processor", penalty=None)
+        assert fast_text == processor_text[llm]
+        assert "fused by logitfuse.generate (per step, overlap)" in fast and "draft tokens" not in fast
+        assert "fused by slm.generate + CoGenesisLogitsProcessor" in slow
+        assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token" in fast
+    spec_text, spec = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "2", penalty=None)
+    assert spec_text == processor_text[same_tokenizer_llm] and "fused by logitfuse.generate (speculate 2)" in spec
+    # a penalty strong enough to change these 8 tokens: still the processor's text
+    strong, _ = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--fused-engine", "processor", penalty="3")
+    assert strong != _fused_run(model_dirs, same_tokenizer_llm, capsys)[0]
+    assert _fused_run(model_dirs, same_tokenizer_llm, capsys, penalty="3")[0] == strong
+
+
 @pytest.mark.parametrize("argv, fragment", [
-    (["--fused-engine", "generate"], "--fused-engine generate needs --slm-engine transformers and --repetition-penalty 1"),
     (["--fused-engine", "processor", "--speculate", "2"], "--speculate 2 needs logitfuse.generate"),
     (["--speculate", "-1"], "--speculate -1 must be >= 0"),
 ])
