@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -13,22 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
 from logitfuse import reference
-from logitfuse.fileio import atomic_write_folder, interrupted_folder_write
+from logitfuse.fileio import atomic_write_folder
+from logitfuse.head_files import CONFIG_NAME, FORMAT, SHA256_KEY, WEIGHTS_NAME, file_sha256, read_head_files
+from logitfuse.head_files import non_finite_tensors as _non_finite_tensors
 from logitfuse.functional import align, fusion_feature_stats
+from logitfuse.slm_side import CallGate, SLMSideEncoder, check_feature_groups, slm_distribution_features
 from logitfuse.types import MODES, TAILS, Aligned, TopK
 from logitfuse.vocab import VocabMap
 
-_FORMAT = "logitfuse.head/1"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-#: ``config.json`` key holding the sha256 (hex) of ``model.safetensors``; heads saved before it existed lack it
-SHA256_KEY = "weights_sha256"
+__all__ = ["CONFIG_NAME", "SHA256_KEY", "WEIGHTS_NAME", "BaseFusionHead", "FusionHead", "PaperFusionHead", "load_head"]
 MAX_VOCAB_SIZE = 1 << 24
 MAX_FEATURE_TOP_K = 1024
 Tensor = torch.Tensor
@@ -53,16 +49,6 @@ def _optional_str_argument(name: str, value: Any) -> str | None:
     return value
 
 
-def _non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
-    """``"name: n of size"`` for each tensor holding NaN or inf values."""
-    counts = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if t.is_floating_point()}
-    return [f"{name}: {count} of {tensors[name].numel()}" for name, count in counts.items() if count]
-
-
-def _file_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 class BaseFusionHead(nn.Module):
     """What both heads share: the setting they were trained for, compatibility checks, persistence.
 
@@ -75,6 +61,11 @@ class BaseFusionHead(nn.Module):
 
     #: constructor arguments that describe the architecture (saved in the config)
     _arch_keys: tuple[str, ...] = ()
+    #: architecture arguments added later: heads saved before them lack the key, and load with the
+    #: value given here (the one that rebuilds them as they were)
+    _later_arch_keys: dict[str, Any] = {}
+    #: state-dict names of heads saved before a module moved: old prefix -> new prefix
+    _moved_tensors: dict[str, str] = {}
     #: whether the head's input is the whole ``(batch_size, v_slm)`` pulled-back view (the paper's
     #: head) rather than per-row statistics, which the CUDA kernels compute without that tensor
     needs_aligned_view: bool = True
@@ -128,11 +119,11 @@ class BaseFusionHead(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         setting = dict(
-            format=_FORMAT, head_class=type(self).__name__, v_slm=self.v_slm, v_llm=self.v_llm,
+            format=FORMAT, head_class=type(self).__name__, v_slm=self.v_slm, v_llm=self.v_llm,
             mode=self.mode, tail=self.tail, slm_name=self.slm_name, llm_name=self.llm_name,
             vocab_map_hash=self.vocab_map_hash, llm_top_k=self.llm_top_k,
         )
-        return {**setting, **{key: getattr(self, key) for key in self._arch_keys}}
+        return {**setting, **{key: getattr(self, key) for key in (*self._arch_keys, *self._later_arch_keys)}}
 
     def check_compatible(self, *, v_slm: int | None = None, v_llm: int | None = None,
                          vocab_map: VocabMap | None = None, slm_name: str | None = None,
@@ -207,7 +198,7 @@ class BaseFusionHead(nn.Module):
 
         def write(folder: Path) -> None:
             save_file(tensors, folder / WEIGHTS_NAME, metadata=metadata)
-            hashed = {**config, SHA256_KEY: _file_sha256((folder / WEIGHTS_NAME).read_bytes())}
+            hashed = {**config, SHA256_KEY: file_sha256((folder / WEIGHTS_NAME).read_bytes())}
             (folder / CONFIG_NAME).write_text(json.dumps(hashed, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
         # config first: a folder that takes the files one at a time is never left with a config
@@ -227,7 +218,7 @@ class BaseFusionHead(nn.Module):
         the config and hold only finite numbers.
         """
         directory = Path(directory)
-        config, tensors = _read_head_files(directory)
+        config, tensors = read_head_files(directory, _HEAD_CLASSES)
         if cls is not BaseFusionHead and config["head_class"] != cls.__name__:
             raise ValueError(
                 f"{directory} holds a {config['head_class']}, not a {cls.__name__}; "
@@ -244,6 +235,9 @@ class BaseFusionHead(nn.Module):
             )
         kwargs = {key: config[key] for key in setting}
         kwargs["llm_top_k"] = config.get("llm_top_k")
+        kwargs.update({key: config.get(key, legacy) for key, legacy in head_cls._later_arch_keys.items()})
+        for old, new in head_cls._moved_tensors.items():
+            tensors = {(new + name[len(old):] if name.startswith(old) else name): t for name, t in tensors.items()}
         try:
             with torch.device("meta"):  # checks every value, allocates nothing
                 skeleton = head_cls(**kwargs, allow_large=True)
@@ -264,45 +258,22 @@ class BaseFusionHead(nn.Module):
         return head.to(map_location).eval()
 
 
-def _read_head_files(directory: Path) -> tuple[dict, dict[str, Tensor]]:
-    """The config (checked for format and class) and the tensors (checked against the config's sha256)."""
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            leftover = None if directory.is_dir() else interrupted_folder_write(directory)
-            hint = (f"; an interrupted save_pretrained left the previous head in {leftover}: rename that folder to "
-                    f"{directory.name}, or save the head again" if leftover else "")
-            raise FileNotFoundError(f"{path} is missing; a head folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                    f"(save_pretrained){hint}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); save the head again") from err
-    if not isinstance(config, dict) or config.get("format") != _FORMAT or config.get("head_class") not in _HEAD_CLASSES:
-        raise ValueError(f"{config_path} is not a logitfuse head config (format {_FORMAT}, a known head_class)")
-    recorded = config.get(SHA256_KEY)
-    if recorded is not None and (not isinstance(recorded, str) or len(recorded) != 64
-                                 or any(c not in "0123456789abcdef" for c in recorded)):
-        raise ValueError(f"{config_path}: {SHA256_KEY}={recorded!r} is not a sha256 (64 lowercase hex digits); "
-                         "save the head again")
-    data = weights_path.read_bytes()  # hashed and parsed from the same bytes
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError) as err:
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({err}); save the head again") from err
-    if recorded is not None and _file_sha256(data) != recorded:
-        raise ValueError(f"{weights_path}: head weights do not match the sha256 in config.json: the file is corrupted "
-                         "or belongs to another head; re-save or re-train it")
-    return config, tensors
-
-
 class FusionHead(BaseFusionHead):
     """A small MLP from distribution features to the SLM weight α (a few thousand parameters).
 
     Features, computed on both models' distributions over the SLM vocabulary (the LLM's pulled
     back through the vocabulary map with the tail rule): entropy, max log-probability and top-k
     log-probabilities of each, argmax agreement, and the cross-probabilities ``p_L(argmax_S)``,
-    ``p_S(argmax_L)``; optionally a projection of the SLM's last hidden state.
+    ``p_S(argmax_L)``. Optionally SLM-side groups (``slm_features``, see :mod:`logitfuse.slm_side`):
+    ``"hidden"`` (the SLM's last hidden state projected to ``hidden_projection`` dims; needs
+    ``slm_hidden_size``), ``"token"`` (the last generated token, hashed into ``token_buckets`` rows)
+    and ``"position"``. The head then needs ``slm_hidden``, ``last_tokens`` and ``positions`` (the
+    groups it reads); :class:`logitfuse.FusionSession` passes them.
+
+    ``gate_hidden > 0`` adds a call gate (:class:`~logitfuse.slm_side.CallGate`): from SLM-side
+    signals alone (the SLM's entropy and top-k log-probabilities, and the same groups) it predicts
+    what an LLM call gains at a position (:meth:`call_gain`); the schedule ``"head_gate(tau)"``
+    calls the LLM only where that is at least ``tau`` nats.
 
     Example
     -------
@@ -314,12 +285,16 @@ class FusionHead(BaseFusionHead):
     """
 
     _arch_keys = ("top_k", "hidden", "slm_hidden_size", "init_alpha")
+    # heads saved before SLM-side groups: slm_features from slm_hidden_size, a 16-wide projection, no gate
+    _later_arch_keys = {"slm_features": None, "hidden_projection": 16, "token_buckets": 4096, "gate_hidden": 0}
+    _moved_tensors = {"project_hidden.": "slm_encoder.project_hidden."}
     needs_aligned_view = False  # per-row statistics: computed by a kernel on CUDA
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "linear", tail: str = "slm", top_k: int = 4,
                  hidden: int = 32, slm_hidden_size: int = 0, init_alpha: float = 0.5,
-                 slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
-                 llm_top_k: int | None = None, allow_large: bool = False):
+                 slm_features: Any = None, hidden_projection: int = 16, token_buckets: int = 4096,
+                 gate_hidden: int = 0, slm_name: str | None = None, llm_name: str | None = None,
+                 vocab_map_hash: str | None = None, llm_top_k: int | None = None, allow_large: bool = False):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
                          vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
         self.top_k = _int_argument("top_k", top_k, 1, min(self.v_slm, MAX_FEATURE_TOP_K),
@@ -328,16 +303,29 @@ class FusionHead(BaseFusionHead):
         self.hidden = _int_argument("hidden", hidden, 1, 1 << 16, "it is the MLP's width (32 by default)")
         self.slm_hidden_size = _int_argument("slm_hidden_size", slm_hidden_size, 0, 1 << 20,
                                              "pass the SLM's hidden size (config.hidden_size), or 0 to not use it")
+        # None: what heads saved before the groups existed meant (the hidden state when its size is given)
+        groups = check_feature_groups(("hidden",) if slm_features is None and self.slm_hidden_size else slm_features,
+                                      slm_hidden_size=self.slm_hidden_size)
+        self.slm_features = list(groups)
+        self.hidden_projection = _int_argument("hidden_projection", hidden_projection, 1, 1 << 12,
+                                               "it is the width the SLM's hidden state is projected to (16 by default)")
+        self.token_buckets = _int_argument("token_buckets", token_buckets, 2, 1 << 20,
+                                           "it is the rows of the hashed token table (4096 by default)")
+        self.gate_hidden = _int_argument("gate_hidden", gate_hidden, 0, 1 << 12,
+                                         "it is the call gate's MLP width (0: no gate)")
         if isinstance(init_alpha, bool) or not isinstance(init_alpha, numbers.Real):
             raise TypeError(f"init_alpha must be a float, got {init_alpha!r} ({type(init_alpha).__name__})")
         if not 0.0 < init_alpha < 1.0:
             raise ValueError(f"init_alpha must lie in (0, 1), got {init_alpha}")
         self.init_alpha = float(init_alpha)
         top_k, hidden, slm_hidden_size = self.top_k, self.hidden, self.slm_hidden_size
-        width = reference.num_fusion_features(top_k) + (16 if slm_hidden_size else 0)
-        n_parameters = (16 * slm_hidden_size + 16 if slm_hidden_size else 0) + width * hidden + hidden * hidden + 3 * hidden + 1
-        self._check_size(n_parameters, allow_large, f"top_k={top_k}, hidden={hidden}, slm_hidden_size={slm_hidden_size}")
-        self.project_hidden = nn.Linear(slm_hidden_size, 16) if slm_hidden_size else None
+        sizes = dict(slm_hidden_size=slm_hidden_size, projection=self.hidden_projection, token_buckets=self.token_buckets)
+        width = reference.num_fusion_features(top_k) + SLMSideEncoder.output_width(groups, self.hidden_projection)
+        n_parameters = SLMSideEncoder.n_parameters(groups, **sizes) + width * hidden + hidden * hidden + 3 * hidden + 1
+        n_parameters += CallGate.n_parameters(groups, top_k=top_k, width=self.gate_hidden, **sizes) if self.gate_hidden else 0
+        extra = f", slm_features={list(groups)}, gate_hidden={self.gate_hidden}" if groups or self.gate_hidden else ""
+        self._check_size(n_parameters, allow_large, f"top_k={top_k}, hidden={hidden}, slm_hidden_size={slm_hidden_size}{extra}")
+        self.slm_encoder = SLMSideEncoder(groups, **sizes) if groups else None
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
@@ -346,6 +334,17 @@ class FusionHead(BaseFusionHead):
         # start at alpha = init_alpha whatever the features
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.constant_(self.mlp[-1].bias, math.log(init_alpha / (1 - init_alpha)))
+        self.gate = CallGate(groups, top_k=top_k, width=self.gate_hidden, **sizes) if self.gate_hidden else None
+
+    @property
+    def reads_slm_side(self) -> bool:
+        """Whether α needs SLM-side inputs (``slm_hidden``, ``last_tokens``, ``positions``)."""
+        return bool(self.slm_features)
+
+    @property
+    def needs_slm_hidden(self) -> bool:
+        """Whether the head (or its gate) reads the SLM's last hidden state."""
+        return "hidden" in self.slm_features
 
     def features(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None) -> Tensor:
         """``(batch_size, n_features)`` float32 inputs of the MLP (see the class docstring). On CUDA
@@ -359,34 +358,43 @@ class FusionHead(BaseFusionHead):
         return reference.fusion_features(aligned.slm_logprobs, aligned.llm_logprobs, self.top_k)
 
     def feature_names(self) -> list[str]:
-        """What each column of :meth:`features` is."""
+        """What each column of :meth:`features` is (the SLM-side groups come after them)."""
         names = []
         for model in ("slm", "llm"):
             names += [f"{model} entropy", f"{model} max log-probability"]
             names += [f"{model} top-{rank} log-probability" for rank in range(1, self.top_k + 1)]
         return names + ["argmax agreement", "log p_llm(slm argmax)", "log p_slm(llm argmax)"]
 
-    def alpha_from_features(self, features: Tensor, slm_hidden: Tensor | None = None) -> Tensor:
-        """α ``(batch_size,)`` from precomputed features (what training on cached features uses).
+    def alpha_from_features(self, features: Tensor, slm_hidden: Tensor | None = None, *,
+                            last_tokens: Any = None, positions: Any = None) -> Tensor:
+        """α ``(batch_size,)`` from precomputed features (what training on cached features uses), and
+        the SLM-side inputs the head reads: ``slm_hidden`` ``(batch_size, slm_hidden_size)``,
+        ``last_tokens`` (the SLM token before each position, -1 at the first) and ``positions``
+        ``(batch_size,)`` integers.
 
         Unlike :meth:`forward` and :meth:`alpha_from_aligned`, it does not check that α is finite
         (that costs a host sync per training step)."""
         x = features.float() / 10.0  # entropies and log-probs are O(10): bring them to O(1)
-        if self.project_hidden is not None:
-            if slm_hidden is None:
-                raise ValueError(f"this head was built with slm_hidden_size={self.slm_hidden_size}; pass slm_hidden")
-            x = torch.cat([x, self.project_hidden(slm_hidden.float())], dim=-1)
+        if self.slm_encoder is not None:
+            side = self.slm_encoder(x.shape[0], x.device, slm_hidden=slm_hidden, last_tokens=last_tokens,
+                                    positions=positions)
+            x = torch.cat([x, side], dim=-1)
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
     def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
+        if self.reads_slm_side:
+            raise ValueError(f"this head reads SLM-side features {self.slm_features}, which an aligned view lacks; call "
+                             "head(slm_logits, llm, vocab_map, slm_hidden=..., last_tokens=..., positions=...)")
         return self._checked_features_alpha(self.features_from_aligned(aligned))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
-                slm_hidden: Tensor | None = None) -> Tensor:
-        """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN."""
-        return self._checked_features_alpha(self.features(slm_logits, llm, vocab_map), slm_hidden)
+                slm_hidden: Tensor | None = None, *, last_tokens: Any = None, positions: Any = None) -> Tensor:
+        """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN. The
+        SLM-side inputs are as for :meth:`alpha_from_features` (needed only for the groups the head reads)."""
+        return self._checked_features_alpha(self.features(slm_logits, llm, vocab_map), slm_hidden,
+                                            last_tokens=last_tokens, positions=positions)
 
-    def _checked_features_alpha(self, features: Tensor, slm_hidden: Tensor | None = None) -> Tensor:
+    def _checked_features_alpha(self, features: Tensor, slm_hidden: Tensor | None = None, **slm_side: Any) -> Tensor:
         def non_finite_inputs(rows: Tensor) -> list[str]:
             bad = ~torch.isfinite(features[rows]).all(dim=0)
             names = [name for name, is_bad in zip(self.feature_names(), bad.tolist()) if is_bad]
@@ -394,7 +402,29 @@ class FusionHead(BaseFusionHead):
                 names.append("slm_hidden")
             return names
 
-        return self._checked_alpha(self.alpha_from_features(features, slm_hidden), non_finite_inputs)
+        return self._checked_alpha(self.alpha_from_features(features, slm_hidden, **slm_side), non_finite_inputs)
+
+    # ---------------------------------------------------------------- the call gate
+    def _require_gate(self) -> CallGate:
+        if self.gate is None:
+            raise ValueError("this head has no call gate (gate_hidden=0); train one with it (logitfuse train "
+                             "--gate-hidden 32) or use another schedule (entropy_gate, periodic)")
+        return self.gate
+
+    def gain_from_slm_features(self, slm_features: Tensor, slm_hidden: Tensor | None = None, *,
+                               last_tokens: Any = None, positions: Any = None) -> Tensor:
+        """The gate's predicted gain ``(batch_size,)`` (nats) from the SLM's distribution features
+        ``(batch_size, 2 + top_k)`` (the first ``2 + top_k`` columns of :meth:`features`, what a
+        scoring cache holds) and the SLM-side inputs the head reads."""
+        return self._require_gate()(slm_features, slm_hidden=slm_hidden, last_tokens=last_tokens, positions=positions)
+
+    def call_gain(self, slm_logits: Tensor, slm_hidden: Tensor | None = None, *, last_tokens: Any = None,
+                  positions: Any = None) -> Tensor:
+        """What an LLM call is predicted to gain at this position, ``(batch_size,)`` nats of NLL, from
+        the SLM's logits ``(batch_size, v_slm)`` and the SLM-side inputs alone (nothing from the LLM)."""
+        gate = self._require_gate()
+        return self.gain_from_slm_features(slm_distribution_features(slm_logits, gate.top_k), slm_hidden,
+                                           last_tokens=last_tokens, positions=positions)
 
 
 class PaperFusionHead(BaseFusionHead):

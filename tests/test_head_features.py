@@ -1,0 +1,131 @@
+"""Fusion heads with SLM-side features (hidden state, last token, position): config, old heads, bad
+inputs, and the decoding paths that capture the hidden state without a second forward."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import logitfuse
+from logitfuse.heads import SHA256_KEY, FusionHead
+from logitfuse.prompts import shipped_path
+from logitfuse.slm_side import NO_TOKEN, HiddenStateCapture, SLMSideEncoder
+
+ALL_GROUPS = ["hidden", "token", "position"]
+
+
+def _randomized(head: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The head with random weights everywhere (a fresh head's last layer is zero: α constant)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return head.eval()
+
+
+def _mlp_by_hand(weights: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    gelu = torch.nn.functional.gelu
+    x = gelu(x @ weights[f"{prefix}0.weight"].T + weights[f"{prefix}0.bias"])
+    x = gelu(x @ weights[f"{prefix}2.weight"].T + weights[f"{prefix}2.bias"])
+    return (x @ weights[f"{prefix}4.weight"].T + weights[f"{prefix}4.bias"]).squeeze(-1)
+
+
+def _side(batch: int, d: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(slm_hidden=torch.randn(batch, d, generator=generator) * 3,
+                last_tokens=torch.randint(-1, 40, (batch,), generator=generator),
+                positions=torch.randint(0, 300, (batch,), generator=generator))
+
+
+@pytest.mark.parametrize("name", ["dense", "top20-slm"])
+def test_shipped_heads_load_and_give_the_alpha_of_their_weights(name):
+    folder = shipped_path("heads", "smollm2-135m__qwen2.5-coder-0.5b", name)
+    head = logitfuse.load_head(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert "slm_features" not in config and SHA256_KEY in config  # saved before the groups existed
+    assert head.slm_features == [] and head.gate is None and not head.reads_slm_side
+    features = torch.randn(64, 15, generator=torch.Generator().manual_seed(3)) * 4
+    expected = torch.sigmoid(_mlp_by_hand(load_file(folder / "model.safetensors"), "mlp.", features / 10.0))
+    with torch.no_grad():
+        assert torch.allclose(head.alpha_from_features(features), expected, atol=1e-6, rtol=0)
+
+
+def test_a_head_with_slm_features_saves_its_groups_and_loads_the_same(tmp_path):
+    head = _randomized(FusionHead(9, 9, slm_hidden_size=12, slm_features=ALL_GROUPS, gate_hidden=8))
+    slm, llm, side = torch.randn(5, 9), torch.randn(5, 9), _side(5, 12)
+    head.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["slm_features"], config["slm_hidden_size"], config["hidden_projection"], config["gate_hidden"]) == (
+        ALL_GROUPS, 12, 16, 8)
+    loaded = logitfuse.load_head(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(slm, llm, **side), head(slm, llm, **side))
+        assert torch.equal(loaded.call_gain(slm, **side), head.call_gain(slm, **side))
+        # every group moves α: change one input at a time
+        alpha = head(slm, llm, **side)
+        for key, other in (("slm_hidden", side["slm_hidden"] + 1), ("last_tokens", side["last_tokens"] + 7),
+                           ("positions", side["positions"] + 50)):
+            assert not torch.allclose(head(slm, llm, **{**side, key: other}), alpha)
+
+
+def test_a_head_saved_before_the_groups_existed_still_loads(tmp_path):
+    """A head with a hidden-state projection from before `slm_features`: no such keys in its config,
+    its projection's weights at the top level (`project_hidden.*`), 16 wide."""
+    head = _randomized(FusionHead(7, 7, slm_hidden_size=6))
+    head.save_pretrained(tmp_path)
+    tensors = {name.replace("slm_encoder.", ""): t for name, t in load_file(tmp_path / "model.safetensors").items()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("slm_features", "hidden_projection", "token_buckets", "gate_hidden", SHA256_KEY):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = logitfuse.load_head(tmp_path)
+    features, hidden = torch.randn(4, 15), torch.randn(4, 6)
+    projected = hidden @ tensors["project_hidden.weight"].T + tensors["project_hidden.bias"]
+    expected = torch.sigmoid(_mlp_by_hand(tensors, "mlp.", torch.cat([features / 10.0, projected], dim=-1)))
+    with torch.no_grad():
+        assert torch.allclose(loaded.alpha_from_features(features, hidden), expected, atol=1e-6, rtol=0)
+
+
+def test_heads_stay_small_at_real_sizes():
+    for v, d in ((49152, 576), (151936, 1536)):
+        head = FusionHead(v, v, slm_hidden_size=d, slm_features=ALL_GROUPS, hidden_projection=32, gate_hidden=32)
+        assert sum(p.numel() for p in head.parameters()) < 250_000
+
+
+def test_bad_slm_side_inputs_name_the_argument_and_the_fix():
+    head = FusionHead(9, 9, slm_hidden_size=12, slm_features=ALL_GROUPS)
+    slm, llm, side = torch.randn(2, 9), torch.randn(2, 9), _side(2, 12)
+    with pytest.raises(ValueError, match=r"reads the SLM's last hidden state.*pass slm_hidden= \(2, 12\).*slm=model"):
+        head(slm, llm, **{**side, "slm_hidden": None})
+    with pytest.raises(ValueError, match=r"slm_hidden has shape \(2, 8\), expected \(2, 12\).*hidden size 12 \(slm_hidden_size\)"):
+        head(slm, llm, **{**side, "slm_hidden": torch.randn(2, 8)})
+    with pytest.raises(ValueError, match=r"reads positions.*position in the response"):
+        head(slm, llm, **{**side, "positions": None})
+    with pytest.raises(ValueError, match=r"last_tokens must be an integer tensor of shape \(2,\)"):
+        head(slm, llm, **{**side, "last_tokens": torch.zeros(3, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"\['words'\] not among the SLM-side feature groups"):
+        FusionHead(9, 9, slm_features=["token", "words"])
+    with pytest.raises(ValueError, match=r"the 'hidden' group needs the SLM's hidden size"):
+        FusionHead(9, 9, slm_features=["hidden"])
+    with pytest.raises(ValueError, match="no call gate.*--gate-hidden"):
+        head.call_gain(slm, **side)
+    with pytest.raises(ValueError, match="reads SLM-side features"):
+        logitfuse.fuse_with_head(slm, llm, head)
+
+
+def test_the_first_position_has_its_own_token_row():
+    encoder = SLMSideEncoder(["token"], token_buckets=64)
+    buckets = encoder.bucket(torch.tensor([NO_TOKEN, 0, 1, 2, 10**6]))
+    assert buckets[0] == 0 and bool((buckets[1:] > 0).all()) and bool((buckets < 64).all())
+
+
+def test_hidden_state_capture_reads_the_output_layers_input(slm, tok):
+    ids = tok(["private text"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), HiddenStateCapture(slm, keep_all=True) as capture:
+        logits = slm(input_ids=ids).logits
+        final_norm_output = slm.model(input_ids=ids).last_hidden_state
+    assert capture.forwards == 1  # the bare decoder's forward does not reach the output layer
+    assert torch.equal(capture.latest, final_norm_output)
+    assert torch.equal(slm.lm_head(capture.latest), logits)
