@@ -6,9 +6,12 @@ Endpoints (a subset of the OpenAI / vLLM API, standard library only):
 - ``POST /v1/completions``: ``prompt`` as text, a list of token ids, or a list of either (a batch);
   ``max_tokens`` (default 16), ``logprobs`` (top-k per generated token, at most ``top_k_max``),
   ``temperature`` (0 = greedy, else sampling; below 1e-5 decodes greedily; ``seed`` optional),
-  ``echo`` (only ``false``), ``return_tokens_as_token_ids`` (top-logprob keys ``"token_id:123"``, as
-  vLLM writes them), ``stop`` is not supported. Log-probabilities are the model's raw next-token
-  log-softmax. A prompt plus ``max_tokens`` must fit the model's context.
+  ``echo`` (with ``logprobs``: the prompt's tokens and their log-probabilities come first, the first
+  token's ``null``, as OpenAI's legacy API and vLLM answer; one forward over the prompt scores every
+  position, which is what :meth:`logitfuse.OpenAICompatibleLLM.score` asks for),
+  ``return_tokens_as_token_ids`` (top-logprob keys ``"token_id:123"``, as vLLM writes them), ``stop``
+  is not supported. Log-probabilities are the model's raw next-token log-softmax. A prompt plus
+  ``max_tokens`` must fit the model's context.
 - ``GET /v1/models``, ``GET /health``.
 
 Every error is a JSON body ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status (400 a
@@ -253,7 +256,9 @@ class CompletionServer(ThreadingHTTPServer):
         logprobs = _int_field(body, "logprobs", None, 0, self.top_k_max)
         temperature = _temperature_field(body)
         seed = _int_field(body, "seed", None, 0, 2 ** 63 - 1)
-        _flag_field(body, "echo", supported=False)
+        echo = _flag_field(body, "echo")
+        if echo and not logprobs:
+            raise _BadRequest(400, "echo=true is supported with logprobs >= 1 only (the prompt's log-probabilities)")
         as_ids = _flag_field(body, "return_tokens_as_token_ids")
         if body.get("stop") not in (None, "", []):
             raise _BadRequest(400, "stop is not supported")
@@ -270,14 +275,17 @@ class CompletionServer(ThreadingHTTPServer):
             tokens, chosen_lp, tops = [], [], []
             finish = "length"
             seq = list(ids)
+            echoed = None
             for _ in range(max_tokens):
                 with self._lock:
-                    logits = self.model(input_ids=torch.tensor([seq], device=device)).logits[0, -1].float().cpu()
-                lp = torch.log_softmax(logits, dim=-1)
+                    logits = self.model(input_ids=torch.tensor([seq], device=device)).logits[0].float().cpu()
+                if echo and echoed is None:
+                    echoed = self._echo(ids, torch.log_softmax(logits[:-1], dim=-1), logprobs, as_ids)
+                lp = torch.log_softmax(logits[-1], dim=-1)
                 if temperature < _GREEDY_BELOW:
                     token = int(lp.argmax())
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
+                    probs = torch.softmax(logits[-1] / temperature, dim=-1)
                     token = int(torch.multinomial(probs, 1, generator=generator))
                 tokens.append(token)
                 chosen_lp.append(float(lp[token]))
@@ -296,6 +304,15 @@ class CompletionServer(ThreadingHTTPServer):
                     "top_logprobs": tops if logprobs else None,
                     "text_offset": [0] * len(tokens),
                 }
+            if echoed is not None:
+                choice["text"] = self.tokenizer.decode(ids) + choice["text"]
+                prompt_end = len(self.tokenizer.decode(ids))
+                choice["logprobs"] = {
+                    "tokens": echoed["tokens"] + choice["logprobs"]["tokens"],
+                    "token_logprobs": echoed["token_logprobs"] + chosen_lp,
+                    "top_logprobs": echoed["top_logprobs"] + tops,
+                    "text_offset": echoed["text_offset"] + [prompt_end] * len(tokens),
+                }
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
         n_out = sum(len(c["logprobs"]["tokens"]) if c["logprobs"] else 0 for c in choices)
@@ -307,6 +324,18 @@ class CompletionServer(ThreadingHTTPServer):
             "choices": choices,
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
         }
+
+    def _echo(self, ids: list[int], prompt_lp: torch.Tensor, logprobs: int, as_ids: bool) -> dict:
+        """The echoed prompt's ``logprobs`` fields: ``prompt_lp`` ``(len(ids) - 1, V)`` holds the
+        log-probabilities after each prompt prefix; the first token has none (``null``)."""
+        values, top_ids = prompt_lp.topk(min(logprobs, prompt_lp.shape[-1]), dim=-1)
+        tops: list[dict | None] = [None]
+        chosen: list[float | None] = [None]
+        for j in range(1, len(ids)):
+            tops.append({self._key(int(i), as_ids): float(v) for v, i in zip(values[j - 1], top_ids[j - 1])})
+            chosen.append(float(prompt_lp[j - 1, ids[j]]))
+        return {"tokens": [self._key(t, as_ids) for t in ids], "token_logprobs": chosen, "top_logprobs": tops,
+                "text_offset": [len(self.tokenizer.decode(ids[:j])) for j in range(len(ids))]}
 
     def _count_request(self) -> None:
         self.requests_served += 1

@@ -8,11 +8,12 @@ any decode loop) talks to it in plain terms:
 
 ``start(public_prompts, v_slm)``
     One public prompt per row (text or LLM token ids); the LLM prefills them.
-``step(appended, slm_logits) -> fused log-probabilities``
+``step(appended, slm_logits, slm_hidden=None) -> fused log-probabilities``
     ``appended[r]``: the SLM token ids row ``r`` kept since the previous step (the token chosen
     from the previous step's output, or none at the first step); ``slm_logits``: the SLM's logits
     ``(batch_size, v_slm)`` for the next position. Returns ``(batch_size, v_slm)`` float32
     log-probabilities to choose the next token from; :attr:`alpha_history` gets this step's α.
+    ``slm_hidden``: the SLM's last hidden state ``(batch_size, d_model)``, for a head that reads it.
 ``request(appended)`` then ``complete(request, slm_logits)``
     :meth:`step` in two halves: the LLM call needs no SLM logits, so a decode loop can run it while
     the SLM computes them (:func:`logitfuse.generate`'s ``overlap``).
@@ -48,7 +49,9 @@ from logitfuse.functional import fuse, fuse_with_head, keep_banned
 from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.retokenize import IncrementalRetokenizer
 from logitfuse.schedules import Schedule, parse
-from logitfuse.types import MODES, TAILS, SessionStats, TopK
+from logitfuse.session_checks import as_id_set, check_session_arguments
+from logitfuse.slm_side import SLMSideRows, check_slm_hidden
+from logitfuse.types import SessionStats, TopK
 from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
@@ -63,16 +66,7 @@ class StepRequest:
 
     call: list[bool] | None
     out: LLMOutput | None
-
-
-def _as_id_set(value: Any, name: str) -> frozenset[int]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return frozenset([value])
-    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return frozenset(value)
-    raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
+    slm_side: dict[str, Tensor] | None = None  # last_tokens, positions (a head's SLM-side inputs)
 
 
 class FusionSession:
@@ -102,58 +96,20 @@ class FusionSession:
                  schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
                  apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
                  llm_temperature: float = 1.0):
-        if not isinstance(llm, LLMBackend):
-            raise TypeError(f"llm must be a logitfuse LLM backend (HFLLM, OpenAICompatibleLLM), got {type(llm).__name__}")
-        if (head is None) == (alpha is None):
-            raise ValueError("pass exactly one of head= (a FusionHead predicting α per row) or alpha= (a fixed float in [0, 1])")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (1 = SLM only, 0 = LLM only)")
-        # with a head, its own setting is the default; without one, linear mode and the SLM-shaped tail
-        mode = mode if mode is not None else (getattr(head, "mode", None) or "linear")
-        tail = tail if tail is not None else (getattr(head, "tail", None) or "slm")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {MODES}")
-        if tail not in TAILS:
-            raise ValueError(f"tail={tail!r} is not one of {TAILS}")
-        if vocab_map is not None and not isinstance(vocab_map, VocabMap):
-            raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
-        if vocab_map is not None and vocab_map.v_llm != llm.vocab_size:
-            raise ValueError(
-                f"vocab_map was built for v_llm={vocab_map.v_llm} but the LLM has vocab_size={llm.vocab_size}; "
-                "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
-            )
-        if head is not None:
-            if not callable(head) or not hasattr(head, "check_compatible"):
-                raise TypeError(f"head must be a logitfuse.FusionHead or PaperFusionHead, got {type(head).__name__}")
-            head.check_compatible(vocab_map=vocab_map, v_llm=llm.vocab_size, mode=mode, tail=tail)
-        for name, value in (("slm_temperature", slm_temperature), ("llm_temperature", llm_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
-        if not isinstance(lookbehind, int) or isinstance(lookbehind, bool) or lookbehind < 0:
-            raise ValueError(f"lookbehind={lookbehind!r} must be an int >= 0 (LLM tokens re-encoded each step)")
-        if llm_temperature != 1.0 and llm.output_kind != "dense":
-            raise ValueError(f"llm_temperature={llm_temperature!r} needs dense LLM logits; {type(llm).__name__} "
-                             "returns top-k log-probabilities (ask the server for that temperature instead)")
-        if vocab_map is None and slm_tokenizer is not None and llm.tokenizer is not None \
-                and slm_tokenizer is not llm.tokenizer and slm_tokenizer.get_vocab() != llm.tokenizer.get_vocab():
-            raise ValueError("slm_tokenizer and the LLM's tokenizer differ but vocab_map is None (the identity); pass "
-                             "vocab_map=logitfuse.VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer)")
-        self.cross_tokenizer = vocab_map is not None and not vocab_map.is_identity
-        if self.cross_tokenizer:
-            if slm_tokenizer is None:
-                raise ValueError("vocab_map is not the identity (two tokenizers): pass slm_tokenizer= so the "
-                                 "generated text can be re-tokenized for the LLM")
-            if llm.tokenizer is None:
-                raise ValueError("vocab_map is not the identity (two tokenizers): the LLM backend needs tokenizer=")
-        if apply_chat_template and llm.tokenizer is None:
-            raise ValueError("apply_chat_template=True needs the LLM backend's tokenizer (pass tokenizer= to the backend)")
+        mode, tail, self.cross_tokenizer = check_session_arguments(
+            llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, slm_tokenizer=slm_tokenizer,
+            apply_chat_template=apply_chat_template, lookbehind=lookbehind, slm_temperature=slm_temperature,
+            llm_temperature=llm_temperature)
         self.llm, self.head, self.alpha = llm, head, alpha
         self.vocab_map, self.mode, self.tail = vocab_map, mode, tail
         self.schedule = parse(schedule)
+        if self.schedule.needs_call_gain and getattr(head, "gate", None) is None:
+            raise ValueError(f"schedule {self.schedule.spec!r} needs a fusion head with a call gate (logitfuse train "
+                             "--gate-hidden 32); use another schedule (entropy_gate, periodic) with this head or alpha")
         self.slm_tokenizer = slm_tokenizer
         if eos_token_id is None and slm_tokenizer is not None:
             eos_token_id = getattr(slm_tokenizer, "eos_token_id", None)
-        self.eos_token_ids = _as_id_set(eos_token_id, "eos_token_id")
+        self.eos_token_ids = as_id_set(eos_token_id, "eos_token_id")
         self.apply_chat_template = apply_chat_template
         self.lookbehind = lookbehind
         self.slm_temperature, self.llm_temperature = float(slm_temperature), float(llm_temperature)
@@ -179,6 +135,7 @@ class FusionSession:
         self._decided: list[int] = []  # speculative fusion: positions decided per row
         self._retok: IncrementalRetokenizer | None = None
         self._map: list[int] = []
+        self._slm_side = SLMSideRows()
         self._vocab_map: VocabMap | None = self.vocab_map
         self._alpha_history: list[Tensor] = []  # α per step, (batch,); on the device until read
         self._stats = SessionStats()
@@ -240,6 +197,7 @@ class FusionSession:
         self._pending = [[] for _ in range(batch)]
         self._rollback = [0] * batch
         self._decided = [0] * batch
+        self._slm_side = SLMSideRows(batch)
 
     def reorder(self, rows: Sequence[int]) -> None:
         """Row ``r`` continues former row ``rows[r]`` (beam search); the LLM's state follows."""
@@ -251,6 +209,7 @@ class FusionSession:
         self._pending = [list(self._pending[s]) for s in rows]
         self._rollback = [self._rollback[s] for s in rows]
         self._finished = [self._finished[s] for s in rows]
+        self._slm_side.reorder(rows)
         if self._retok is not None:
             self._retok.reorder(rows)
         self._stats.reorders += 1
@@ -285,36 +244,47 @@ class FusionSession:
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, appended: Sequence[Sequence[int]], slm_logits: Tensor) -> Tensor:
+    def step(self, appended: Sequence[Sequence[int]], slm_logits: Tensor, slm_hidden: Tensor | None = None) -> Tensor:
         """Fused log-probabilities ``(batch_size, v_slm)`` for the next position of every row.
 
         ``appended[r]`` are the SLM ids row ``r`` kept since the previous step. Tokens that the
         engine masked to ``-inf`` in ``slm_logits`` (banned words, a minimum length) stay at ``-inf``.
-        The same as :meth:`request` then :meth:`complete`.
+        ``slm_hidden`` ``(batch_size, d_model)``: the SLM's last hidden state at the position, for a
+        head that reads it (``slm_features`` with ``"hidden"``). The same as :meth:`request` then
+        :meth:`complete`; with ``head_gate(tau)``, the head's gate decides the call here.
         """
         batch = slm_logits.shape[0]
         if batch != self.batch_size or len(appended) != batch:
             raise ValueError(f"step got {batch} rows of logits and {len(appended)} token lists, but the session "
                              f"started {self.batch_size} rows; call start() first")
-        entropy = slm_logprobs = None
+        check_slm_hidden(self.head, slm_hidden)
+        entropy = slm_logprobs = gain = None
         if self.schedule.needs_entropy and not self.slm_only:
             slm_logprobs = self._slm_logprobs(slm_logits)
             probs = slm_logprobs.exp()
             entropy = -torch.where(probs > 0, probs * slm_logprobs, 0.0).sum(-1)
-        return self.complete(self.request(appended, entropy=entropy), slm_logits, slm_logprobs=slm_logprobs)
+        if self.schedule.needs_call_gain and not self.slm_only:
+            side = self._slm_side.inputs(appended, self._step, slm_logits.device)
+            gain = self.head.call_gain(slm_logits, slm_hidden, **side)
+        request = self.request(appended, entropy=entropy, call_gain=gain)
+        return self.complete(request, slm_logits, slm_logprobs=slm_logprobs, slm_hidden=slm_hidden)
 
     @torch.no_grad()
-    def request(self, appended: Sequence[Sequence[int]], *, entropy: Tensor | None = None) -> StepRequest:
+    def request(self, appended: Sequence[Sequence[int]], *, entropy: Tensor | None = None,
+                call_gain: Tensor | None = None) -> StepRequest:
         """The LLM side of one step: queue ``appended`` (as in :meth:`step`), decide which rows ask the
         LLM and ask it. It does not need the SLM's logits for the position, so a decode loop can run it
         (in a thread) while the SLM computes them, then pass both to :meth:`complete`. A schedule that
-        reads the SLM's entropy (``entropy_gate``) needs ``entropy`` ``(batch_size,)``: use :meth:`step`."""
+        reads the SLM's entropy (``entropy_gate``) needs ``entropy`` ``(batch_size,)``, ``head_gate`` also
+        ``call_gain`` (:meth:`logitfuse.FusionHead.call_gain`): use :meth:`step`."""
         batch = self.batch_size
         if len(appended) != batch:
             raise ValueError(f"request got {len(appended)} token lists, but the session started {batch} rows; "
                              "call start() first")
         if self.schedule.needs_entropy and entropy is None and not self.slm_only:
             raise ValueError(f"schedule {self.schedule.spec!r} reads the SLM's entropy; use step(appended, slm_logits)")
+        if self.schedule.needs_call_gain and call_gain is None and not self.slm_only:
+            raise ValueError(f"schedule {self.schedule.spec!r} reads the head's call gain; use step(appended, slm_logits)")
         self._stats.steps += 1
         if self.slm_only:
             return StepRequest(None, None)
@@ -323,9 +293,10 @@ class FusionSession:
                 self._append(r, int(token))
         step = self._step
         self._step += 1
+        slm_side = self._slm_side.advance(appended, step)
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
-        decision = self.schedule.should_call(step, entropy)
+        decision = self.schedule.should_call(step, entropy, call_gain)
         if isinstance(decision, Tensor):
             wanted = decision.to(torch.bool).expand(batch).tolist()
         else:
@@ -343,13 +314,15 @@ class FusionSession:
         out = self.llm.advance(pending, need=call)
         self._stats.llm_calls += 1
         self._stats.llm_row_calls += sum(call)
-        return StepRequest(call, out)
+        return StepRequest(call, out, slm_side)
 
     @torch.no_grad()
-    def complete(self, request: StepRequest, slm_logits: Tensor, *, slm_logprobs: Tensor | None = None) -> Tensor:
+    def complete(self, request: StepRequest, slm_logits: Tensor, *, slm_logprobs: Tensor | None = None,
+                 slm_hidden: Tensor | None = None) -> Tensor:
         """The fused log-probabilities ``(batch_size, v_slm)`` of the step :meth:`request` asked for,
         from the SLM's logits ``(batch_size, v_slm)`` for that position (``slm_logprobs``: the SLM's
-        own log-probabilities when the caller has them already; computed only where a row needs them)."""
+        own log-probabilities when the caller has them already; computed only where a row needs them;
+        ``slm_hidden``: as in :meth:`step`)."""
         batch = slm_logits.shape[0]
         if batch != self.batch_size:
             raise ValueError(f"complete got {batch} rows of logits, but the session started {self.batch_size} rows")
@@ -357,7 +330,9 @@ class FusionSession:
         if ok is False:
             self._alpha_history.append(torch.ones(batch))
             return self._slm_logprobs(slm_logits) if slm_logprobs is None else slm_logprobs
-        alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True)
+        check_slm_hidden(self.head, slm_hidden)
+        alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True, slm_hidden=slm_hidden,
+                                  slm_side=request.slm_side)
         if ok is True:
             self._alpha_history.append(alpha)
             return fused
@@ -369,9 +344,11 @@ class FusionSession:
         """The SLM alone: its log-probabilities at the session's SLM temperature."""
         return torch.log_softmax(slm_logits.float() / self.slm_temperature, dim=-1)
 
-    def _fuse(self, slm_logits: Tensor, llm_next: Any, *, host_alpha: bool) -> tuple[Tensor, Tensor]:
+    def _fuse(self, slm_logits: Tensor, llm_next: Any, *, host_alpha: bool, slm_hidden: Tensor | None = None,
+              slm_side: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``(alpha (rows,), fused (rows, v_slm))`` of one batch of positions; a fixed α is made on the
-        host when ``host_alpha`` (no device read later)."""
+        host when ``host_alpha`` (no device read later). A head reading SLM-side features gets
+        ``slm_hidden`` and ``slm_side``, then its α is mixed (the same as fuse_with_head)."""
         device = slm_logits.device
         if isinstance(llm_next, TopK):
             llm_next = TopK(llm_next.ids.to(device, non_blocking=True), llm_next.logprobs.to(device, non_blocking=True))
@@ -379,7 +356,11 @@ class FusionSession:
             llm_next = llm_next.to(device, non_blocking=True)
         options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
                        llm_temperature=self.llm_temperature, validate=False)
-        if self.head is not None:
+        if getattr(self.head, "reads_slm_side", False):
+            side = {key: value.to(device) for key, value in slm_side.items()}
+            alpha = self.head(slm_logits, llm_next, self._vocab_map, slm_hidden, **side).float()
+            fused = fuse(slm_logits, llm_next, alpha=alpha, **options)
+        elif self.head is not None:
             # rows whose LLM call failed are replaced by the SLM's row by the caller, whatever their α
             alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options)
             alpha = alpha.float()
@@ -448,7 +429,10 @@ class FusionSession:
         ok = self._answered_rows(out.ok, active, device)
         if ok is False:
             return slm_logprobs, torch.ones(batch, positions)
-        llm_next = out.next[:, -positions:].flatten(0, 1)
+        if isinstance(out.next, TopK):  # a served LLM's top-k: (B, 1 + W, k) each
+            llm_next = TopK(*(part[:, -positions:].flatten(0, 1) for part in out.next))
+        else:
+            llm_next = out.next[:, -positions:].flatten(0, 1)
         alpha, fused = self._fuse(slm_logits.flatten(0, 1), llm_next, host_alpha=True)
         fused, alpha = fused.view(batch, positions, v_slm), alpha.view(batch, positions).cpu()
         if ok is True:

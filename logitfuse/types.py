@@ -130,6 +130,9 @@ class SessionStats:
             sent to the LLM to be scored.
         draft_tokens_kept: drafts accepted (they are in the output).
         draft_tokens_discarded: drafts rejected (the LLM saw them; the output does not hold them).
+        speculation_fallbacks: speculative fusion asked for, but the backend cannot score drafts
+            (``supports_score`` False, e.g. a server without prompt log-probabilities): the
+            generation fused per step instead (1 per :func:`logitfuse.generate` call).
 
     ``stats["steps"]`` works as well as ``stats.steps``, and ``dict(stats)`` gives a plain dict.
     """
@@ -146,6 +149,7 @@ class SessionStats:
     draft_tokens_sent: int = 0
     draft_tokens_kept: int = 0
     draft_tokens_discarded: int = 0
+    speculation_fallbacks: int = 0
 
     def __getitem__(self, name: str) -> int:
         if name not in self.__dataclass_fields__:

@@ -17,13 +17,18 @@ from typing import Any
 import torch
 
 from logitfuse.backends.base import LLMBackend, LLMBackendError, LLMOutput, check_prompts
+from logitfuse.backends.prompt_scores import (SCORE_METHODS, echo_positions_by_count, echo_positions_by_offset,
+                                              prompt_logprobs_positions, single_position_reply)
 from logitfuse.backends.strings import TOKEN_ID_KEY, TokenStringMap, parse_top_logprobs
 from logitfuse.backends.transport import (MAX_REPLY_BYTES, TRANSIENT_HTTP, DeadlineRequest, backoff_total,
                                           build_opener, is_validation_error)
 from logitfuse.retokenize import token_bytes
 from logitfuse.types import TopK
 
-__all__ = ["OpenAICompatibleLLM"]
+__all__ = ["PROBE_TEXT", "OpenAICompatibleLLM"]
+
+#: what the scoring probe sends (a fixed text, so that no user's text is ever used to probe)
+PROBE_TEXT = "One, two, three, four, five, six."
 
 
 class _UnmappedReplyError(LLMBackendError):
@@ -105,7 +110,7 @@ class OpenAICompatibleLLM(LLMBackend):
                  vocab_size: int | None = None, timeout: float = 30.0, retries: int = 2, backoff: float = 0.1,
                  on_failure: str = "fallback", temperature: float = 1.0, api_key: str | None = None,
                  add_special_tokens: bool = True, max_concurrency: int = 8, prompt_format: str = "auto",
-                 ties: str = "split"):
+                 ties: str = "split", score_method: str = "auto"):
         super().__init__()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must start with http:// or https://, e.g. 'http://127.0.0.1:8000'")
@@ -126,6 +131,12 @@ class OpenAICompatibleLLM(LLMBackend):
             raise ValueError("prompt_format='text' needs tokenizer= (the generated ids are sent as their text)")
         if ties not in ("split", "canonical"):
             raise ValueError(f"ties={ties!r} must be 'split' or 'canonical'")
+        if score_method not in SCORE_METHODS:
+            raise ValueError(f"score_method={score_method!r} must be one of {SCORE_METHODS} ('auto' probes the server "
+                             "once; 'none' turns scoring off)")
+        if score_method == "prompt_logprobs" and prompt_format == "text":
+            raise ValueError("score_method='prompt_logprobs' (vLLM) needs token-id prompts: use prompt_format='ids' "
+                             "or 'auto', or score_method='echo' for llama.cpp's server")
         if vocab_size is None:
             if tokenizer is None:
                 raise ValueError("pass vocab_size= (the LLM's vocabulary size) or tokenizer=")
@@ -147,9 +158,13 @@ class OpenAICompatibleLLM(LLMBackend):
         self._lock = threading.Lock()
         self._opener = build_opener()
         self._warned_unmapped = False
+        # "auto" is decided by a probe at the first look at supports_score; None until then
+        self.score_method = score_method
+        self._score_method: str | None = None if score_method == "auto" else score_method
         self.stats = {"requests": 0, "attempts": 0, "failures": 0, "held_back": 0, "topk_entries": 0,
                       "topk_mapped": 0, "topk_mapped_share": 1.0, "empty_answers": 0, "unmapped_answers": 0,
-                      "prompt_format": self._format}
+                      "prompt_format": self._format, "score_method": self._score_method, "score_requests": 0,
+                      "score_extra_requests": 0}
         self.reset()
 
     def __repr__(self) -> str:
@@ -201,17 +216,22 @@ class OpenAICompatibleLLM(LLMBackend):
 
     # ------------------------------------------------------------------ HTTP
     def payload(self, token_ids: list[int] | str, *, max_tokens: int = 1, logprobs: int | None = None,
-                temperature: float | None = None) -> bytes:
-        """The exact request body for one row (``token_ids``: LLM ids, or the prompt text)."""
+                temperature: float | None = None, echo: bool = False, prompt_logprobs: int | None = None) -> bytes:
+        """The exact request body for one row (``token_ids``: LLM ids, or the prompt text).
+
+        ``echo=True`` asks for the prompt's log-probabilities too (scoring, :meth:`score`);
+        ``prompt_logprobs=k`` is vLLM's extra parameter for the same."""
         body = {
             "model": self.model,
             "prompt": token_ids,
             "max_tokens": max_tokens,
             "logprobs": self.top_k if logprobs is None else logprobs,
             "temperature": self.temperature if temperature is None else temperature,
-            "echo": False,
+            "echo": bool(echo),
             "return_tokens_as_token_ids": True,
         }
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
         return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
     def _post_once(self, body: bytes, deadline: float) -> Any:
@@ -311,7 +331,11 @@ class OpenAICompatibleLLM(LLMBackend):
         U+FFFD, as ``tokenizer.decode`` does). In cross-tokenizer decoding these bytes are exactly
         the text the processor re-tokenized (:class:`logitfuse.retokenize.IncrementalRetokenizer`).
         """
-        ids, n_prompt, prompt_text = self._ids[r], self._n_prompt[r], self._prompt_text[r]
+        return self._text_upto(r, len(self._ids[r]))
+
+    def _text_upto(self, r: int, upto: int) -> str | None:
+        """:meth:`row_text` of row ``r``'s first ``upto`` ids."""
+        ids, n_prompt, prompt_text = self._ids[r][:upto], self._n_prompt[r], self._prompt_text[r]
         if prompt_text is None or len(ids) < n_prompt:
             prompt_text, n_prompt = "", 0
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -363,10 +387,15 @@ class OpenAICompatibleLLM(LLMBackend):
         for r in todo:  # logged before sending, in row order
             self.audit_log.append(bodies[r].decode("utf-8"))
         self.stats["requests"] += len(todo)
+        return self._each_row(todo, lambda r: self._request_row(bodies[r], deadline))
+
+    def _each_row(self, todo: list[int], request: Any) -> dict[int, Any]:
+        """``{r: request(r)}`` for the rows of ``todo``, in parallel (``max_concurrency``); a
+        :class:`LLMBackendError` becomes the row's result."""
 
         def run(r: int):
             try:
-                return self._request_row(bodies[r], deadline)
+                return request(r)
             except LLMBackendError as err:
                 return err
 
@@ -407,6 +436,188 @@ class OpenAICompatibleLLM(LLMBackend):
         ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
         return LLMOutput(_padded_topk([self._answer[r] if ok[r] else None for r in range(len(rows))]),
                          torch.tensor(ok))
+
+    # ------------------------------------------------------------------ scoring (teacher-forced)
+    @property
+    def supports_score(self) -> bool:
+        """Whether :meth:`score` works with this server. With ``score_method="auto"`` the first look
+        probes the server once (:meth:`probe_score`) and keeps the verdict."""
+        if self._score_method is None:
+            self._score_method = self.probe_score()
+            self.stats["score_method"] = self._score_method
+        return self._score_method in ("echo", "prompt_logprobs")
+
+    def probe_score(self) -> str | None:
+        """Which scoring method the server supports: ``"echo"`` (``echo`` + ``logprobs``: llama.cpp's
+        server started with ``logits_all``, ``logitfuse serve``, vLLM), else ``"prompt_logprobs"``
+        (vLLM's extra parameter, token-id prompts only), else ``"none"``; ``None`` when the server
+        could not be reached (asked again at the next look).
+
+        Sends a fixed text (:data:`PROBE_TEXT`, nothing of any user's): first, when
+        ``prompt_format="auto"`` has not decided yet, one plain request to learn whether the server
+        takes token ids; then one scoring request per method tried. A method counts when the reply
+        scores the text's positions."""
+        deadline = time.monotonic() + self.step_budget()
+        ids = (list(self.tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if self.tokenizer is not None
+               else [i % self.vocab_size for i in range(1, 8)])
+        try:
+            if self._format is None:
+                self._format = self._probe_format(ids, deadline)
+                self.stats["prompt_format"] = self._format
+            for method in ("echo", "prompt_logprobs"):
+                if self._format == "text" and method == "prompt_logprobs":
+                    continue
+                prompt = ids if self._format == "ids" else PROBE_TEXT
+                found = self._probe_method(prompt, method, deadline)
+                if found:
+                    return method
+        except LLMBackendError:
+            return None
+        return "none"
+
+    def _probe_format(self, ids: list[int], deadline: float) -> str:
+        body = self.payload(ids)
+        self._log_request(body)
+        try:
+            self.post(body, deadline=deadline)
+            return "ids"
+        except LLMBackendError as err:
+            if err.validation and self.tokenizer is not None:
+                return "text"
+            raise
+
+    def _probe_method(self, prompt: list[int] | str, method: str, deadline: float) -> bool:
+        """Whether one scoring request with ``method`` scores every position of ``prompt`` (ids) or
+        at least one prompt position and the last (text). Raises only when the server is unreachable."""
+        body = self._score_body(prompt, method)
+        self._log_request(body)
+        try:
+            reply = self.post(body, deadline=deadline)
+            found = self._positions(reply, prompt, method)
+        except LLMBackendError as err:
+            if err.status is None and not err.validation:
+                raise
+            return False
+        except ValueError:
+            return False
+        if isinstance(prompt, str):
+            return len(prompt) in found and len(found) >= 2
+        return all(j in found for j in range(1, len(prompt) + 1))
+
+    def _score_body(self, prompt: list[int] | str, method: str) -> bytes:
+        return self.payload(prompt, echo=method == "echo",
+                            prompt_logprobs=self.top_k if method == "prompt_logprobs" else None)
+
+    @staticmethod
+    def _positions(reply: Any, prompt: list[int] | str, method: str) -> dict[int, dict]:
+        if isinstance(prompt, str):
+            return echo_positions_by_offset(reply, len(prompt))
+        return echo_positions_by_count(reply) if method == "echo" else prompt_logprobs_positions(reply)
+
+    def _log_request(self, body: bytes) -> None:
+        with self._lock:
+            self.audit_log.append(body.decode("utf-8"))
+            self.stats["requests"] += 1
+
+    def score(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
+        """Append each row's new tokens and return the top-k at every appended position, from one
+        scoring request per row (the server's prompt log-probabilities, teacher-forced).
+
+        The contract is :meth:`logitfuse.HFLLM.score`'s, with top-k: ``next`` is a
+        :class:`logitfuse.TopK` of ``(B, 1 + W, k)`` tensors, ``W`` the most new tokens of a row, each
+        row's positions right-aligned (``next[r, W - n_r + i]``: after its first ``i`` new tokens;
+        ``i = 0`` is what :meth:`advance` would have returned). ``ok`` is per row: rows not in
+        ``need``, and rows whose request failed under ``on_failure="fallback"``, are not ok (their
+        tokens are appended all the same).
+
+        What is sent is what :meth:`advance` sends (the row's ids, or its text), with ``echo`` (or
+        vLLM's ``prompt_logprobs``) added. With text prompts the server re-tokenizes; a position whose
+        boundary no echoed token starts at (the server merged tokens across it) is asked for with
+        one plain request, as per-step fusion would (``stats["score_extra_requests"]``); a row whose
+        text would end inside a UTF-8 character there fails. Raises ``RuntimeError`` when the
+        server cannot score (:attr:`supports_score` False).
+        """
+        deadline = time.monotonic() + self.step_budget()
+        rows, need = self.check_new_tokens(new_tokens, need)
+        if not self.supports_score:
+            raise RuntimeError(f"{self.url} cannot score tokens (score_method={self._score_method!r}); check "
+                               "supports_score first (llama.cpp's server needs logits_all; vLLM prompt_logprobs)")
+        counts = [len(row) for row in rows]
+        starts = [len(self._ids[r]) for r in range(len(rows))]
+        for r, row in enumerate(rows):
+            if row:
+                self._ids[r].extend(row)
+                self._answer[r] = None
+        cached = {r: [self._answer[r]] for r in range(len(rows)) if need[r] and self._answer[r] is not None}
+        todo = [r for r in range(len(rows)) if need[r] and r not in cached]
+        requests = {r: self._score_request(r, starts[r]) for r in todo}
+        for r in todo:  # logged before sending, in row order
+            self._log_request(requests[r][0])
+        self.stats["score_requests"] += len(todo)
+        results = self._each_row(todo, lambda r: self._score_row(r, starts[r], *requests[r], deadline))
+        self._take_results({r: res for r, res in results.items() if isinstance(res, LLMBackendError)})
+        answers = {**cached, **{r: res for r, res in results.items() if not isinstance(res, LLMBackendError)}}
+        for r, positions in answers.items():
+            self._answer[r] = positions[-1]
+        width = max(counts)
+        per_position: list[list[tuple[int, float]] | None] = []
+        for r in range(len(rows)):
+            pad = width - counts[r] if r in answers else width + 1
+            per_position += [None] * pad + list(answers.get(r, []))
+        top = _padded_topk(per_position)
+        shape = (len(rows), width + 1, top.ids.shape[-1])
+        return LLMOutput(TopK(top.ids.view(shape), top.logprobs.view(shape)),
+                         torch.tensor([r in answers for r in range(len(rows))]))
+
+    def _score_request(self, r: int, start: int) -> tuple[bytes, dict[int, int]]:
+        """Row ``r``'s scoring request body and ``{position j: key of j in the reply}`` for the
+        positions ``start..len(ids)`` (text prompts: character offsets; positions inside a
+        character are absent)."""
+        ids, method = self._ids[r], self._score_method
+        if (self._format or "ids") == "ids":
+            return self._score_body(ids, method), {j: j for j in range(start, len(ids) + 1)}
+        where = {j: len(t) for j in range(start, len(ids) + 1) if (t := self._text_upto(r, j)) is not None}
+        text = self._text_upto(r, len(ids))
+        return self._score_body(text if text is not None else "", "echo"), where
+
+    def _score_row(self, r: int, start: int, body: bytes, where: dict[int, int],
+                   deadline: float) -> list[list[tuple[int, float]]]:
+        """Send row ``r``'s scoring request; the top-k at each position ``start..len(ids)``."""
+        ids, fmt = self._ids[r], self._format or "ids"
+        text = self._text_upto(r, len(ids)) if fmt == "text" else None
+        if fmt == "text" and text is None:
+            raise LLMBackendError(f"{self.url}: the row's text ends inside a UTF-8 character; it cannot be scored "
+                                  "until the character is complete")
+        prompt = text if fmt == "text" else ids
+        found = self.post(body, parse=lambda reply: self._positions(reply, prompt, self._score_method),
+                          deadline=deadline)
+        out = []
+        for j in range(start, len(ids) + 1):
+            top = found.get(where[j]) if j in where else None
+            if top is not None:
+                pairs = self._parse(single_position_reply(top))[: self.top_k]
+            else:
+                pairs = self._score_one_position(r, j, deadline)
+            if not pairs:
+                raise LLMBackendError(f"{self.url}: a scored position held no token of the tokenizer", 200)
+            out.append(pairs)
+        return out
+
+    def _score_one_position(self, r: int, j: int, deadline: float) -> list[tuple[int, float]]:
+        """The top-k after row ``r``'s first ``j`` ids by one plain request (what :meth:`advance`
+        sends), for a position the scoring reply did not hold."""
+        if (self._format or "ids") == "ids":
+            body = self.payload(self._ids[r][:j])
+        else:
+            text = self._text_upto(r, j)
+            if text is None:
+                raise LLMBackendError(f"{self.url}: a scored position ends inside a UTF-8 character, which the server "
+                                      "cannot be asked about (per-step fusion holds such a position back)")
+            body = self.payload(text)
+        self._log_request(body)
+        with self._lock:
+            self.stats["score_extra_requests"] += 1
+        return self._request_row(body, deadline)
 
     def _probe(self, todo: list[int], deadline: float) -> dict[int, Any]:
         """``prompt_format="auto"``'s capability probe: the first row as token ids. A request
