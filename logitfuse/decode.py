@@ -38,6 +38,7 @@ True
 from __future__ import annotations
 
 import inspect
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -218,8 +219,11 @@ def _check_int(name: str, value: Any, low: int, fix: str) -> int:
     return value
 
 
-def _check_speculation(session: FusionSession, v_slm: int) -> None:
-    """Refuse, before anything is sent, what speculative fusion cannot do exactly."""
+def _check_speculation(session: FusionSession, v_slm: int) -> bool:
+    """Refuse, before anything is sent, what speculative fusion cannot do exactly. Returns whether the
+    backend can score drafts (``supports_score``; a server is probed once, with a fixed text): when it
+    cannot, the generation fuses per step instead, with a warning shown once and
+    ``stats.speculation_fallbacks`` counted."""
     llm = session.llm
     if session.cross_tokenizer:
         raise ValueError("speculate > 0 needs one tokenizer on both sides (an identity vocabulary map); across "
@@ -227,12 +231,16 @@ def _check_speculation(session: FusionSession, v_slm: int) -> None:
     if session.schedule.spec != "always":
         raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
                          "skips the LLM already saves calls: use speculate=0 with it")
-    if not llm.supports_score:
-        raise ValueError(f"speculate > 0 needs a backend that scores a draft in one call (LLMBackend.score); "
-                         f"{type(llm).__name__} does not yet: use speculate=0")
     if v_slm > llm.vocab_size:
         raise ValueError(f"speculate > 0 needs every SLM id in the LLM's vocabulary; the SLM has {v_slm} ids, the "
                          f"LLM {llm.vocab_size}: use speculate=0")
+    if not llm.supports_score:
+        warnings.warn("speculate > 0: the LLM backend cannot score a draft in one call (LLMBackend.score; a server "
+                      "needs prompt log-probabilities: llama.cpp's server with logits_all, or vLLM), so this generation "
+                      "fuses per step (counted in stats.speculation_fallbacks; this warning is shown once)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------- the loop
@@ -463,8 +471,11 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
             ``top_p`` (1 = off) on the fused distribution, by :func:`logitfuse.fuse_sample`'s rules.
         generator (`torch.Generator`, *optional*): the sampling draws (the same state, the same tokens).
         speculate (`int`, defaults to 0): draft this many SLM tokens per LLM call (exact speculative
-            fusion). Needs one tokenizer (an identity map), ``schedule="always"`` and a backend with
-            ``score`` (:class:`logitfuse.HFLLM`); otherwise ``ValueError`` before anything is sent.
+            fusion). Needs one tokenizer (an identity map) and ``schedule="always"`` (otherwise
+            ``ValueError`` before anything is sent), and a backend that scores drafts
+            (``supports_score``: :class:`logitfuse.HFLLM`; :class:`logitfuse.OpenAICompatibleLLM` where the
+            server returns prompt log-probabilities); with one that cannot, it fuses per step, warns
+            once and counts ``stats.speculation_fallbacks``.
             With ``alpha=1`` (the SLM alone, the LLM never asked) there is nothing to speculate on.
             Rejected drafts are seen by the LLM: opt-in, counted in :attr:`FusedGeneration.stats`.
         overlap (`bool`, defaults to `True`): per-step fusion issues the LLM's request for a position
@@ -507,8 +518,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
                             slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
                             apply_chat_template=apply_chat_template)
-    if speculate and not session.slm_only:
-        _check_speculation(session, v_slm)
+    speculating = bool(speculate) and not session.slm_only and _check_speculation(session, v_slm)
     publics = _public_rows(public_prompt, batch)
     rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
     chooser = _Chooser(temperature, top_k, top_p, generator)
@@ -518,10 +528,12 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     def start() -> None:
         session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
 
-    if speculate and not session.slm_only:
+    if speculating:
         start()
         _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
     else:
         overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
         _per_step(cache, session, rows, chooser, start, pad_id, overlap, penalize)
+        if speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
+            session.stats.speculation_fallbacks += 1
     return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))
