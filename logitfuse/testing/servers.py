@@ -4,7 +4,9 @@
 that answers each request with ``behave(handler, body)`` and records ``(method, path, headers,
 body)`` in ``server.received``. Handlers should wait on ``server.stop`` (never longer than a few
 seconds), so that leaving the ``with`` block ends them too. A real model behind the same API is
-:func:`logitfuse.server.serve_in_thread`.
+:func:`logitfuse.server.serve_in_thread`; :func:`model_scores` answers with a tiny model's
+log-probabilities the way other servers lay out prompt scores (vLLM's ``prompt_logprobs``, a server
+that ignores ``echo``).
 
 >>> import json, urllib.request
 >>> from logitfuse.testing.servers import completion_reply, send_json, serving
@@ -20,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterator
 
-__all__ = ["FakeServer", "completion_reply", "send_json", "serving", "trickle"]
+__all__ = ["FakeServer", "completion_reply", "model_scores", "send_json", "serving", "trickle"]
 
 Behaviour = Callable[[BaseHTTPRequestHandler, bytes], None]
 
@@ -92,3 +95,34 @@ def trickle(handler: BaseHTTPRequestHandler, data: bytes, period: float = 0.3, l
             return
         handler.wfile.write(data[i:i + 1])
         handler.wfile.flush()
+
+
+def model_scores(model: Any, top_k: int = 20, *, echo: bool = False, prompt_logprobs: bool = False) -> Behaviour:
+    """A behaviour for :func:`serving`: ``/v1/completions`` over token-id prompts answered with
+    ``model``'s top-``top_k`` log-probabilities (``"token_id:N"`` keys) after the prompt. With
+    ``prompt_logprobs`` it honours vLLM's extra parameter (``choices[0].prompt_logprobs``: ``null``,
+    then ``{"<id>": {"logprob", "rank", "decoded_token"}}`` per prompt token); with ``echo`` it
+    honours ``echo`` (the prompt's entries first); otherwise it ignores ``echo`` (one entry only),
+    as a server without prompt scores does. A text prompt is refused with a 400."""
+    import torch
+
+    def behave(handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        body = json.loads(raw or b"{}")
+        ids = body.get("prompt")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            send_json(handler, json.dumps({"error": {"message": "validation error: prompt must be token ids"}}).encode(),
+                      400)
+            return
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        values, tops = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+        entry = [{f"token_id:{int(i)}": float(v) for v, i in zip(values[j], tops[j])} for j in range(len(ids))]
+        choice: dict = {"text": "x", "index": 0, "finish_reason": "length",
+                        "logprobs": {"top_logprobs": ([None] + entry if echo and body.get("echo") else entry[-1:])}}
+        if prompt_logprobs and body.get("prompt_logprobs"):
+            choice["prompt_logprobs"] = [None] + [
+                {str(int(i)): {"logprob": float(v), "rank": rank + 1, "decoded_token": "?"}
+                 for rank, (v, i) in enumerate(zip(values[j - 1], tops[j - 1]))} for j in range(1, len(ids))]
+        send_json(handler, json.dumps({"choices": [choice], "usage": {"prompt_tokens": len(ids)}}).encode())
+
+    return behave
