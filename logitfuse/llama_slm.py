@@ -398,6 +398,10 @@ def generate_fused_llama_cpp(slm: LlamaCppSLM, llm: Any, private_ids: Sequence[i
     fixed α, vocabulary map, mode, tail, schedule as in :class:`logitfuse.CoGenesisLogitsProcessor`),
     then :meth:`LlamaCppSLM.generate` (``sampling``: ``temperature``, ``top_k``, ``top_p``,
     ``repetition_penalty``, ``seed``, ``stop_ids``). ``slm.tokenizer`` serves cross-tokenizer maps."""
+    if getattr(head, "needs_slm_hidden", False):
+        raise ValueError("this head reads the SLM's last hidden state, which the llama.cpp SLM does not expose; use "
+                         "a head without the 'hidden' group (logitfuse train --slm-features token,position) or the "
+                         "transformers SLM (CoGenesisLogitsProcessor(..., slm=model))")
     session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
                             slm_tokenizer=slm.tokenizer, eos_token_id=sorted(slm.eos_token_ids))
     return slm.generate(private_ids, session=session, public_prompt=public_prompt, max_new_tokens=max_new_tokens,

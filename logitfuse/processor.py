@@ -21,6 +21,7 @@ from transformers import LogitsProcessor
 from logitfuse.backends import LLMBackend
 from logitfuse.schedules import Schedule
 from logitfuse.session import FusionSession, SessionStats
+from logitfuse.slm_side import HiddenStateCapture
 from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
@@ -93,6 +94,11 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         head, alpha, vocab_map, mode, tail, schedule, slm_tokenizer, eos_token_id,
         apply_chat_template, lookbehind, slm_temperature, llm_temperature: as
             :class:`logitfuse.FusionSession` (exactly one of ``head`` and ``alpha``).
+        slm (*optional*): the transformers model that generates; needed for a head that reads the
+            SLM's last hidden state (``slm_features`` with ``"hidden"``). Logits processors see only
+            ``input_ids`` and scores, so the processor hooks the model's output layer
+            (:class:`~logitfuse.slm_side.HiddenStateCapture`) and reads the hidden state of each
+            step's own forward: no second forward. :meth:`close` removes the hook.
 
     Generation modes that call logits processors on unverified candidate tokens, prompt lookup
     (``prompt_lookup_num_tokens``) and assisted decoding (``assistant_model``), are refused with a
@@ -128,7 +134,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
                  vocab_map: VocabMap | None = None, mode: str | None = None, tail: str | None = None,
                  schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
                  apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
-                 llm_temperature: float = 1.0):
+                 llm_temperature: float = 1.0, slm: Any = None):
         self.session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail,
                                      schedule=schedule, slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
                                      apply_chat_template=apply_chat_template, lookbehind=lookbehind,
@@ -148,7 +154,28 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             raise ValueError(f"public_prompt is text but {type(llm).__name__} has no tokenizer to encode it; pass "
                              "tokenizer= to the backend or give the public prompt as LLM token ids")
         self.public_prompts = [self.session.format_prompt(p) for p in prompts]
+        self._capture = self._hidden_state_capture(head, slm)
         self.reset()
+
+    @staticmethod
+    def _hidden_state_capture(head: Any, slm: Any) -> HiddenStateCapture | None:
+        """The hook that gives a head reading the SLM's hidden state its input (``None`` for other heads)."""
+        if not getattr(head, "needs_slm_hidden", False):
+            return None
+        if slm is None:
+            raise ValueError(f"this head reads the SLM's last hidden state (slm_features {head.slm_features}): pass "
+                             "slm=<the transformers model that generates> so the processor can capture it")
+        capture = HiddenStateCapture(slm)
+        if capture.hidden_size != head.slm_hidden_size:
+            capture.remove()
+            raise ValueError(f"slm has hidden size {capture.hidden_size} but the head was trained on an SLM with "
+                             f"slm_hidden_size={head.slm_hidden_size}; use that SLM, or train a head for this one")
+        return capture
+
+    def close(self) -> None:
+        """Remove the hidden-state hook from the SLM (if any); the processor cannot serve such a head after."""
+        if self._capture is not None:
+            self._capture.remove()
 
     # the session's configuration, for inspection
     llm = property(lambda self: self.session.llm)
@@ -174,6 +201,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         self._seen = 0
         self._history: Tensor | None = None
         self._row_keys: list[int] = []
+        self._forwards_seen = None if self._capture is None else self._capture.forwards
         self.session.reset()
 
     def _rows_of_prompts(self, batch: int) -> list[int]:
@@ -248,7 +276,18 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
             appended: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         else:
             appended = self._appended(input_ids)
-        return self.session.step(appended, scores)
+        return self.session.step(appended, scores, self._step_hidden(scores))
+
+    def _step_hidden(self, scores: Tensor) -> Tensor | None:
+        """The SLM's hidden state from the forward that made ``scores`` (``ValueError`` if none ran)."""
+        if self._capture is None:
+            return None
+        latest = self._capture.latest
+        if self._capture.forwards == self._forwards_seen or latest is None or latest.shape[0] != scores.shape[0]:
+            raise ValueError("the SLM ran no forward through the hooked model since the previous step: pass slm= the "
+                             "model that generates (the one whose generate() calls this processor)")
+        self._forwards_seen = self._capture.forwards
+        return latest
 
     # ------------------------------------------------------------------ inspection
     def llm_token_ids(self, row: int) -> list[int] | None:

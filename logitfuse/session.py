@@ -296,7 +296,8 @@ class FusionSession:
         slm_side = self._slm_side.advance(appended, step)
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
-        decision = self.schedule.should_call(step, entropy, call_gain)
+        gain = (call_gain,) if self.schedule.needs_call_gain else ()  # a user's schedule may take two arguments
+        decision = self.schedule.should_call(step, entropy, *gain)
         if isinstance(decision, Tensor):
             wanted = decision.to(torch.bool).expand(batch).tolist()
         else:
@@ -357,6 +358,9 @@ class FusionSession:
         options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
                        llm_temperature=self.llm_temperature, validate=False)
         if getattr(self.head, "reads_slm_side", False):
+            if slm_side is None:  # step_many
+                raise ValueError(f"speculative fusion does not pass SLM-side features (the head reads "
+                                 f"{self.head.slm_features}); use per-step fusion (step) with this head")
             side = {key: value.to(device) for key, value in slm_side.items()}
             alpha = self.head(slm_logits, llm_next, self._vocab_map, slm_hidden, **side).float()
             fused = fuse(slm_logits, llm_next, alpha=alpha, **options)

@@ -37,7 +37,7 @@ from logitfuse import reference
 
 Tensor = torch.Tensor
 
-__all__ = ["NO_TOKEN", "SLM_FEATURE_GROUPS", "CallGate", "HiddenStateCapture", "SLMSideEncoder",
+__all__ = ["NO_TOKEN", "SLM_FEATURE_GROUPS", "CallGate", "HiddenStateCapture", "SLMSideEncoder", "SLMSideRows", "check_slm_hidden",
            "check_feature_groups", "position_features", "slm_distribution_features"]
 
 SLM_FEATURE_GROUPS = ("hidden", "token", "position")
@@ -230,3 +230,39 @@ class HiddenStateCapture:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+def check_slm_hidden(head: Any, slm_hidden: Tensor | None) -> None:
+    """``ValueError`` when ``head`` reads the SLM's last hidden state and ``slm_hidden`` is ``None``:
+    raised before a decoding step sends anything."""
+    if slm_hidden is None and getattr(head, "needs_slm_hidden", False):
+        raise ValueError(
+            f"this head reads the SLM's last hidden state (slm_features {head.slm_features}): pass slm_hidden= "
+            f"(batch_size, {head.slm_hidden_size}) to FusionSession.step/complete, the input of the SLM's output layer "
+            "(HiddenStateCapture); CoGenesisLogitsProcessor(..., slm=model) captures it for you")
+
+
+class SLMSideRows:
+    """Per-row bookkeeping of a fused generation for SLM-side features: the SLM token each row
+    generated last (:data:`NO_TOKEN` before the first) and the position being decided."""
+
+    def __init__(self, batch_size: int = 0):
+        self.last_tokens = [NO_TOKEN] * batch_size
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Row ``r`` continues former row ``rows[r]`` (beam search)."""
+        self.last_tokens = [self.last_tokens[s] for s in rows]
+
+    def inputs(self, appended: Sequence[Sequence[int]], position: int,
+               device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """``last_tokens`` and ``positions`` ``(batch_size,)`` of the position after ``appended``
+        (the tokens each row kept since the previous step), as a head reads them."""
+        tokens = [int(a[-1]) if len(a) else last for a, last in zip(appended, self.last_tokens)]
+        return dict(last_tokens=torch.tensor(tokens, device=device),
+                    positions=torch.full((len(tokens),), position, device=device))
+
+    def advance(self, appended: Sequence[Sequence[int]], position: int) -> dict[str, Tensor]:
+        """:meth:`inputs` (on the CPU), and remember each row's last token."""
+        inputs = self.inputs(appended, position)
+        self.last_tokens = inputs["last_tokens"].tolist()
+        return inputs

@@ -129,3 +129,58 @@ def test_hidden_state_capture_reads_the_output_layers_input(slm, tok):
     assert capture.forwards == 1  # the bare decoder's forward does not reach the output layer
     assert torch.equal(capture.latest, final_norm_output)
     assert torch.equal(slm.lm_head(capture.latest), logits)
+
+
+# ---------------------------------------------------------------- decoding: the hidden state of each step's own forward
+PUBLIC, PRIVATE = "Write an invitation:", "Martin sells houses on Maple Drive. Write an invitation:"
+
+
+def _hidden_head(tok, slm, **kwargs):
+    return _randomized(FusionHead(len(tok), len(tok), slm_hidden_size=slm.config.hidden_size, slm_features=ALL_GROUPS,
+                                  **kwargs), seed=1)
+
+
+def test_the_processor_gives_the_alpha_of_the_head_on_one_explicit_forward(tok, slm, llm_model):
+    head = _hidden_head(tok, slm)
+    public_ids = tok(PUBLIC)["input_ids"]
+    private = tok([PRIVATE], return_tensors="pt")
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), public_ids, head=head, slm=slm)
+    with HiddenStateCapture(slm) as counter:
+        out = slm.generate(**private, logits_processor=[proc], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    proc.close()
+    online = torch.stack([a[0] for a in proc.alpha_history])
+    assert counter.forwards == len(online) == 6  # one SLM forward per step: the processor ran none of its own
+    prompt_len = private["input_ids"].shape[1]
+    generated = out[0, prompt_len:].tolist()
+    # offline: one forward of each model over the whole text; the hidden states from the same hook, all positions
+    with torch.no_grad(), HiddenStateCapture(slm, keep_all=True) as capture:
+        slm_logits = slm(input_ids=out[:, :-1]).logits[0, prompt_len - 1:]
+        llm_logits = llm_model(input_ids=torch.tensor([public_ids + generated[:-1]])).logits[0, len(public_ids) - 1:]
+        offline = head(slm_logits, llm_logits, slm_hidden=capture.latest[0, prompt_len - 1:],
+                       last_tokens=torch.tensor([NO_TOKEN] + generated[:-1]), positions=torch.arange(len(generated)))
+    assert torch.allclose(online, offline, atol=1e-5)
+    # the step before's hidden state would give other α: the rows are the right ones
+    with torch.no_grad():
+        shifted = head(slm_logits, llm_logits, slm_hidden=capture.latest[0, prompt_len - 2:-1],
+                       last_tokens=torch.tensor([NO_TOKEN] + generated[:-1]), positions=torch.arange(len(generated)))
+    assert not torch.allclose(online, shifted, atol=1e-3)
+
+
+def test_a_hidden_state_head_without_the_hidden_state_is_refused_before_anything_is_sent(tok, slm, llm_model):
+    head = _hidden_head(tok, slm)
+    llm = logitfuse.HFLLM(llm_model, tok)
+    with pytest.raises(ValueError, match=r"pass slm=<the transformers model that generates>"):
+        logitfuse.CoGenesisLogitsProcessor(llm, PUBLIC, head=head)
+    other = FusionHead(len(tok), len(tok), slm_hidden_size=slm.config.hidden_size + 4, slm_features=["hidden"])
+    with pytest.raises(ValueError, match=rf"slm has hidden size {slm.config.hidden_size} but the head was trained on an "
+                                         rf"SLM with slm_hidden_size={slm.config.hidden_size + 4}"):
+        logitfuse.CoGenesisLogitsProcessor(llm, PUBLIC, head=other, slm=slm)
+    session = logitfuse.FusionSession(llm, head=head)
+    session.start([PUBLIC], v_slm=len(tok))
+    with pytest.raises(ValueError, match=r"pass slm_hidden= \(batch_size, \d+\) to FusionSession.step"):
+        session.step([[]], torch.randn(1, len(tok)))
+    assert session.stats.llm_calls == 0
+    from logitfuse.llama_slm import generate_fused_llama_cpp
+
+    with pytest.raises(ValueError, match="llama.cpp SLM does not expose"):
+        generate_fused_llama_cpp(None, llm, [1, 2], PUBLIC, max_new_tokens=2, head=head)
