@@ -1,10 +1,11 @@
 """Our own fused decode loop: :func:`generate`, with exact speculative fusion (``speculate=K``).
 
-A small loop in the manner of gpt-fast over a transformers SLM and its KV cache: prefill the private
-prompt once, then one forward per token (:class:`_SLMCache`), with a :class:`logitfuse.FusionSession`
-for the LLM side (the backend's state, α, fusion). Per step the session returns the fused
-log-probabilities and the token is chosen as :func:`logitfuse.fuse_sample` chooses it (greedy argmax,
-or temperature, top-k then top-p from an explicit ``torch.Generator``).
+A small loop in the manner of gpt-fast over the SLM's KV cache: prefill the private prompt once, then
+one forward per token, with the SLM in transformers (:class:`_SLMCache`) or in llama.cpp
+(:class:`logitfuse.LlamaCppSLM`, one row, through :class:`logitfuse.llama_slm.LlamaCppCache`), and a
+:class:`logitfuse.FusionSession` for the LLM side (the backend's state, α, fusion). Per step the
+session returns the fused log-probabilities and the token is chosen as :func:`logitfuse.fuse_sample`
+chooses it (greedy argmax, or temperature, top-k then top-p from an explicit ``torch.Generator``).
 
 With ``speculate=K`` the SLM drafts K tokens alone, the LLM scores all K + 1 positions in one call
 (``LLMBackend.score``), the session fuses each position, and the drafts are accepted by the
@@ -47,6 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from logitfuse.backends.hf import drop_last_tokens
+from logitfuse.llama_slm import LlamaCppCache, LlamaCppSLM
 from logitfuse.reference import sample_from_logprobs, sampling_weights
 from logitfuse.session import FusionSession, SessionStats
 
@@ -75,7 +77,9 @@ class FusedGeneration:
 
 
 class _SLMCache:
-    """The SLM's KV cache over left-padded private prompts, one column appended per forward; dropped
+    """The transformers SLM engine of the loop (the llama.cpp one is :class:`logitfuse.llama_slm.LlamaCppCache`;
+    both have ``ids``, ``mask``, ``batch_size``, ``device``, ``prefill()``, ``append(tokens)`` and
+    ``drop(n)``): the SLM's KV cache over left-padded private prompts, one column appended per forward; dropped
     positions are masked out (and cropped where every row dropped them), as in :class:`logitfuse.HFLLM`.
     Positions come from each row's count of live tokens, so every row's logits are those of a plain
     forward over its own tokens. Nothing here is ever sent anywhere."""
@@ -92,6 +96,7 @@ class _SLMCache:
         except TypeError:  # older signatures
             self.cache = DynamicCache()
         self.ids, self.mask = input_ids, attention_mask
+        self.batch_size, self.device = input_ids.shape[0], input_ids.device
         self.lengths = attention_mask.sum(dim=1)
 
     @torch.inference_mode()
@@ -304,12 +309,12 @@ class _Chooser:
         return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, start: Callable[[], None],
-              pad_id: int, overlap: bool, penalty: _RepetitionPenalty) -> None:
+def _per_step(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Rows, chooser: _Chooser,
+              start: Callable[[], None], pad_id: int, overlap: bool, penalty: _RepetitionPenalty) -> None:
     """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
     next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
     while the SLM's runs). ``penalty`` acts on the SLM's logits before the session fuses them."""
-    batch, device = slm.ids.shape[0], slm.ids.device
+    batch, device = slm.batch_size, slm.device
     appended: list[list[int]] = [[] for _ in range(batch)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
 
@@ -348,8 +353,8 @@ def _per_step(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Cho
                 logits = slm.append(fed)
 
 
-def _speculative(slm: _SLMCache, session: FusionSession, rows: _Rows, chooser: _Chooser, logits: Tensor,
-                 pad_id: int, k: int, penalty: _RepetitionPenalty) -> None:
+def _speculative(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Rows, chooser: _Chooser,
+                 logits: Tensor, pad_id: int, k: int, penalty: _RepetitionPenalty) -> None:
     """Speculative fusion from the SLM's prefill ``logits``. With a repetition ``penalty`` the draft and
     the target read the same penalized SLM logits: at each drafted position the seen tokens include the
     drafts before it, as per-step fusion's would had those been kept (so the rule stays exact)."""
@@ -458,8 +463,9 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     r"""Fused generation with our own decode loop over the SLM's KV cache (see the module docstring).
 
     Args:
-        slm: a transformers causal LM (the on-device model), in eval mode. It alone reads
-            ``private_input_ids``.
+        slm: a transformers causal LM (the on-device model), in eval mode, or a
+            :class:`logitfuse.LlamaCppSLM` (one row; its end-of-generation ids and ``tokenizer`` are the
+            defaults of ``eos_token_id`` and ``slm_tokenizer``). It alone reads ``private_input_ids``.
         llm (`LLMBackend`): the LLM side (:class:`logitfuse.HFLLM`, :class:`logitfuse.OpenAICompatibleLLM`).
         private_input_ids: ``(batch, length)`` SLM token ids, left padded (with ``attention_mask``),
             or a list of id lists (left padded here).
@@ -513,8 +519,15 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     if pad_token_id is None:
         pad_token_id = getattr(slm.config, "pad_token_id", None) if hasattr(slm, "config") else None
     pad_id = int(pad_token_id) if pad_token_id is not None else 0
-    ids, mask = _check_private(slm, private_input_ids, attention_mask, pad_id)
-    batch, v_slm = ids.shape[0], int(slm.get_output_embeddings().weight.shape[0])
+    if isinstance(slm, LlamaCppSLM):  # one row in llama.cpp; its own end-of-generation ids and tokenizer
+        cache = slm.decode_cache(private_input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask)
+        ids, mask, v_slm = cache.ids, cache.mask, slm.vocab_size
+        eos_token_id = sorted(slm.eos_token_ids) if eos_token_id is None else eos_token_id
+        slm_tokenizer = slm.tokenizer if slm_tokenizer is None else slm_tokenizer
+    else:
+        ids, mask = _check_private(slm, private_input_ids, attention_mask, pad_id)
+        cache, v_slm = _SLMCache(slm, ids, mask), int(slm.get_output_embeddings().weight.shape[0])
+    batch = ids.shape[0]
     session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
                             slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
                             apply_chat_template=apply_chat_template)
@@ -522,7 +535,6 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     publics = _public_rows(public_prompt, batch)
     rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
     chooser = _Chooser(temperature, top_k, top_p, generator)
-    cache = _SLMCache(slm, ids, mask)
     penalize = _RepetitionPenalty(penalty, ids, mask, v_slm)
 
     def start() -> None:

@@ -197,9 +197,6 @@ def _check_demo(args: argparse.Namespace) -> _Plan:
     check_range("--max-history", args.max_history, low=0)
     check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
     check_range("--speculate", args.speculate, low=0, meaning="draft tokens per LLM call; 0 = per-step fusion")
-    if args.fused_engine == "generate" and args.slm_engine != "transformers":
-        raise UsageError("--fused-engine generate needs --slm-engine transformers (llama.cpp has its own loop); "
-                         "or pass --fused-engine processor")
     if args.speculate and args.fused_engine == "processor":
         raise UsageError(f"--speculate {args.speculate} needs logitfuse.generate: drop --fused-engine processor")
     plan = _Plan(check_model("--slm", args.slm), check_model("--llm", args.llm), None, None, False)
@@ -315,7 +312,8 @@ def run_demo(args: argparse.Namespace) -> int:
     llm_alone = generate_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, **greedy)
     print(_section(f"LLM alone, without it ({llm_alone.seconds:.1f} s)", llm_alone.text), flush=True)
     loop, speculate, why = fast_path(slm, llm, vmap, args.schedule, sampling, args.speculate)
-    loop = "processor" if args.fused_engine == "processor" and loop == "generate" else loop
+    if args.fused_engine == "processor" and loop == "generate":  # the reference loop of each engine
+        loop = "llama.cpp" if isinstance(slm, LlamaCppSLM) else "processor"
     if why and (args.fused_engine == "generate" or args.speculate):
         print(f"(fused run: {why})", file=sys.stderr)
     fused = fuse_on_engine(slm, slm_tok, private_ids, llm, public_ids, args.max_new_tokens, sampling, head=head,
@@ -455,7 +453,8 @@ def add_subcommands(subparsers: Any) -> None:
                            "logitfuse.generate applies it the same way (the same tokens as the processor)")
     demo.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
                       help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
-                           "default), or slm.generate with CoGenesisLogitsProcessor")
+                           "default), or slm.generate with CoGenesisLogitsProcessor (with --slm-engine llama.cpp: "
+                           "LlamaCppSLM's own loop)")
     demo.add_argument("--speculate", type=int, default=0,
                       help="draft tokens per LLM call with logitfuse.generate, where both models share a tokenizer "
                            "(opt-in: the LLM then also sees the SLM's drafts that get rejected, counted in the "

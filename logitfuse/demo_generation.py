@@ -3,7 +3,8 @@
 - ``transformers``: ``model.generate`` with a :class:`CoGenesisLogitsProcessor` fusing in the LLM, or
   :func:`logitfuse.generate` (our decode loop: the LLM's request overlapped with the SLM's forward, and
   exact speculative fusion where the pair shares a tokenizer); greedy, both give the same tokens;
-- ``llama.cpp``: the zoo's GGUF file in a :class:`LlamaCppSLM`, fused by its own decode loop.
+- ``llama.cpp``: the zoo's GGUF file in a :class:`LlamaCppSLM`, fused by :func:`logitfuse.generate` (or
+  its own decode loop, the reference: the same tokens per step).
 
 Both give the text, the generated ids, the seconds and, fused, the α per token and the session's
 counters, so the commands print either the same way.
@@ -81,39 +82,55 @@ def generate_fused(slm: Any, slm_tokenizer: Any, private_ids: list[int], process
 
 def generate_fused_loop(slm: Any, slm_tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
                         max_new_tokens: int, *, speculate: int = 0, repetition_penalty: float = 1.0,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                         **fusion: Any) -> Generation:
-    """Greedy fused generation by :func:`logitfuse.generate` (overlap on; ``speculate`` drafts per LLM
-    call), stopping where ``slm.generate`` would (the SLM's generation config's EOS ids): the same
-    tokens as :func:`generate_fused` at the same ``repetition_penalty``."""
+    """Fused generation by :func:`logitfuse.generate` (overlap on; ``speculate`` drafts per LLM call).
+
+    A transformers SLM (greedy) stops where ``slm.generate`` would (the SLM's generation config's EOS
+    ids): the same tokens as :func:`generate_fused` at the same ``repetition_penalty``. A
+    :class:`LlamaCppSLM` stops at its end-of-generation ids and samples (``temperature`` > 0, ``top_p``)
+    from a generator seeded with ``seed`` (default its own): per step, the tokens of its own loop
+    (:func:`generate_fused_llama_cpp`) with the same settings.
+    """
     from logitfuse.decode import generate
 
-    eos = getattr(getattr(slm, "generation_config", None), "eos_token_id", None)
-    eos = slm_tokenizer.eos_token_id if eos is None else eos
-    pad = slm_tokenizer.pad_token_id if slm_tokenizer.pad_token_id is not None else slm_tokenizer.eos_token_id
+    generator = None
+    if isinstance(slm, LlamaCppSLM):
+        eos, pad = sorted(slm.eos_token_ids), 0
+        generator = torch.Generator().manual_seed(slm.seed if seed is None else int(seed))
+    else:
+        eos = getattr(getattr(slm, "generation_config", None), "eos_token_id", None)
+        eos = slm_tokenizer.eos_token_id if eos is None else eos
+        pad = slm_tokenizer.pad_token_id if slm_tokenizer.pad_token_id is not None else slm_tokenizer.eos_token_id
     started = time.perf_counter()
     out = generate(slm, llm, [private_ids], public_ids, max_new_tokens=max_new_tokens, speculate=speculate,
                    overlap=True, slm_tokenizer=slm_tokenizer, eos_token_id=eos, pad_token_id=pad,
-                   repetition_penalty=repetition_penalty, **fusion)
+                   repetition_penalty=repetition_penalty, temperature=temperature, top_p=top_p, generator=generator,
+                   **fusion)
     seconds = time.perf_counter() - started
-    ids = _strip_eos(out.sequences[0], slm_tokenizer)
-    return Generation(slm_tokenizer.decode(ids, skip_special_tokens=True), ids, seconds, out.alpha[0][: len(ids)],
-                      dict(out.stats))
+    if isinstance(slm, LlamaCppSLM):
+        ids = out.sequences[0][:-1] if out.stopped[0] == "eos" else out.sequences[0]
+        text = slm.detokenize(ids)
+    else:
+        ids = _strip_eos(out.sequences[0], slm_tokenizer)
+        text = slm_tokenizer.decode(ids, skip_special_tokens=True)
+    return Generation(text, ids, seconds, out.alpha[0][: len(ids)], dict(out.stats))
 
 
 def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: dict[str, Any],
               speculate: int | None = None) -> tuple[str, int, str]:
     """``(engine, speculate, why)``: the fastest fused path that gives the processor's tokens.
 
-    ``"generate"`` (:func:`generate_fused_loop`) for a transformers SLM decoding greedily (with or
-    without a repetition penalty: :func:`logitfuse.generate` applies it where ``slm.generate`` does),
-    else ``"processor"`` (``why`` says why: sampling draws differ between the two loops). With ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
+    ``"generate"`` (:func:`generate_fused_loop`) for a :class:`LlamaCppSLM` (it gives its own loop's
+    tokens, greedy or sampled) and for a transformers SLM decoding greedily (with or without a
+    repetition penalty: :func:`logitfuse.generate` applies it where ``slm.generate`` does), else
+    ``"processor"`` (``why`` says why: sampling draws differ between the two loops). With
+    ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
     drafts per LLM call where both sides share one tokenizer, the schedule is ``"always"`` and the
     backend scores drafts (``llm.supports_score``); else 0, per-step fusion (``why`` says why when
     ``speculate`` was asked for).
     """
-    if isinstance(slm, LlamaCppSLM):
-        return "llama.cpp", 0, "llama.cpp's loop fuses per step" if speculate else ""
-    if sampling.get("do_sample"):
+    if not isinstance(slm, LlamaCppSLM) and sampling.get("do_sample"):
         return "processor", 0, "this run samples (logitfuse.generate draws its samples differently)"
     blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
                f"--schedule {schedule} is not 'always'" if schedule != "always" else
@@ -156,17 +173,26 @@ def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], max_new_tokens: 
 
 
 def fuse_on_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: Any, public_ids: list[int],
-                   max_new_tokens: int, sampling: dict[str, Any], *, loop: str = "processor", speculate: int = 0,
+                   max_new_tokens: int, sampling: dict[str, Any], *, loop: str = "auto", speculate: int = 0,
                    **fusion: Any) -> Any:
     """Fused generation on either engine; ``fusion``: head, alpha, vocab_map, mode, tail, schedule.
-    With a transformers SLM, ``loop="generate"`` runs :func:`generate_fused_loop` (greedy ``sampling``
-    only, its ``repetition_penalty`` applied; ``speculate`` drafts per LLM call), ``"processor"`` :func:`generate_fused`."""
-    if isinstance(slm, LlamaCppSLM):
+
+    ``loop="generate"`` runs :func:`generate_fused_loop` (``speculate`` drafts per LLM call; a
+    transformers SLM: greedy ``sampling`` only, its ``repetition_penalty`` applied), ``"processor"``
+    :func:`generate_fused` (a transformers SLM), ``"llama.cpp"`` :class:`LlamaCppSLM`'s own loop;
+    ``"auto"``: ``"generate"`` for a :class:`LlamaCppSLM`, ``"processor"`` for a transformers SLM.
+    """
+    llama = isinstance(slm, LlamaCppSLM)
+    loop = ("generate" if llama else "processor") if loop == "auto" else loop
+    if loop == ("processor" if llama else "llama.cpp"):
+        raise ValueError(f"loop={loop!r} does not run a {type(slm).__name__}; pass loop='generate' or 'auto'")
+    if loop == "llama.cpp":
         return generate_fused_llama_cpp(slm, llm, private_ids, public_ids, max_new_tokens=max_new_tokens, **fusion,
                                         **sampling)
     if loop == "generate":
+        loop_sampling = sampling if llama else {"repetition_penalty": sampling.get("repetition_penalty", 1.0)}
         return generate_fused_loop(slm, tokenizer, private_ids, llm, public_ids, max_new_tokens, speculate=speculate,
-                                   repetition_penalty=sampling.get("repetition_penalty", 1.0), **fusion)
+                                   **loop_sampling, **fusion)
     processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, **fusion)
     return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
 

@@ -40,7 +40,7 @@ from logitfuse.session import FusionSession
 
 Tensor = torch.Tensor
 
-__all__ = ["LlamaCppSLM", "SLMGeneration", "generate_fused_llama_cpp", "llama_cpp_python_missing"]
+__all__ = ["LlamaCppCache", "LlamaCppSLM", "SLMGeneration", "generate_fused_llama_cpp", "llama_cpp_python_missing"]
 
 INSTALL_HINT = 'pip install "llama-cpp-python[server]==0.3.36"'
 
@@ -300,6 +300,12 @@ class LlamaCppSLM:
                 rows += [self._logits_row(i) for i in range(len(chunk))]
         return torch.stack(rows) if all_logits else self._logits_row(-1)[None]
 
+    def decode_cache(self, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None) -> LlamaCppCache:
+        """The KV-cache engine :func:`logitfuse.generate` drives (prefill, append, drop) over one private
+        prompt: ``prompt_ids`` as a list of ids, a list of one list, or a ``(1, L)`` / ``(L,)`` tensor
+        (batch size 1: a ``ValueError`` names the fix for more rows)."""
+        return LlamaCppCache(self, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask)
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids: Sequence[int], *, session: FusionSession | None = None, public_prompt: Any = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -388,6 +394,55 @@ class LlamaCppSLM:
             alpha = [float(a[0]) for a in session.alpha_history][: len(out)]
             stats = dict(session.stats)
         return SLMGeneration(self.detokenize(out), out, seconds, alpha, stats, stopped)
+
+
+class LlamaCppCache:
+    """A :class:`LlamaCppSLM`'s KV cache as the SLM engine of :func:`logitfuse.generate` (the role the
+    transformers KV cache plays there): :meth:`prefill` the private prompt, :meth:`append` one token,
+    :meth:`drop` rejected drafts (``llama_memory_seq_rm``). One row. Nothing here is sent anywhere.
+
+    Attributes:
+        ids, mask: the prompt ``(1, L)`` and its all-ones attention mask (CPU tensors).
+        batch_size (`int`): 1. device: the CPU (where the logits come back).
+    """
+
+    batch_size = 1
+    device = torch.device("cpu")
+
+    def __init__(self, slm: LlamaCppSLM, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None):
+        rows = prompt_ids.tolist() if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 2 else None
+        if rows is None and isinstance(prompt_ids, Sequence) and prompt_ids and all(
+                isinstance(row, (Sequence, Tensor)) and not isinstance(row, str) for row in prompt_ids):
+            rows = list(prompt_ids)
+        if rows is not None:
+            if len(rows) != 1:
+                raise ValueError(f"private_input_ids holds {len(rows)} rows but a LlamaCppSLM runs one (batch size 1); "
+                                 "call logitfuse.generate once per prompt, or use a transformers SLM for batches")
+            prompt_ids = rows[0]
+        if attention_mask is not None and not bool((torch.as_tensor(attention_mask) == 1).all()):
+            raise ValueError("attention_mask must be all ones with a LlamaCppSLM (one row, no padding); leave it out")
+        ids = slm._check_ids(prompt_ids, "private_input_ids")
+        if not ids:
+            raise ValueError("private_input_ids is empty; pass the private prompt's token ids (slm.tokenize(...))")
+        if len(ids) + max_new_tokens > slm.n_ctx:
+            raise ValueError(f"the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed n_ctx={slm.n_ctx}; "
+                             "build the LlamaCppSLM with a larger n_ctx or generate fewer tokens")
+        self.slm, self.ids = slm, torch.tensor([ids])
+        self.mask = torch.ones_like(self.ids)
+
+    def prefill(self) -> Tensor:
+        """Empty the KV cache and evaluate the prompt: the logits ``(1, V)`` for the first new position."""
+        self.slm.reset()
+        return self.slm.eval(self.ids[0].tolist())
+
+    def append(self, tokens: Tensor) -> Tensor:
+        """Evaluate one token ``(1,)``: the logits ``(1, V)`` for the position after it."""
+        return self.slm.eval([int(tokens.reshape(-1)[0])])
+
+    def drop(self, n: Sequence[int]) -> None:
+        """Forget the last ``n[0]`` tokens (rejected drafts)."""
+        if n[0]:
+            self.slm.truncate(self.slm.n_past - int(n[0]))
 
 
 def generate_fused_llama_cpp(slm: LlamaCppSLM, llm: Any, private_ids: Sequence[int], public_prompt: Any, *,

@@ -299,6 +299,83 @@ def test_tiny_chat_messages_are_rendered_with_the_tokenizer(tiny):
     assert tok.convert_tokens_to_ids("<|im_start|>") in slm.tokenize(messages)  # special tokens parsed
 
 
+# ---------------------------------------------------------------------------------- logitfuse.generate on llama.cpp
+def _without_eos(ids: list[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in TINY_EOS else ids
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_tiny_generate_loop_equals_the_llama_cpp_loop(tiny, penalty):
+    """logitfuse.generate over the llama.cpp SLM: the tokens, α and counters of LlamaCppSLM's own loop,
+    with overlap on and off, and speculating (K = 2, 4: the rejected drafts leave llama.cpp's cache)."""
+    slm, _, tok, _ = tiny
+    private_ids, public_ids = tok.encode(PRIVATE), tok.encode(PUBLIC)
+    llm_model = tiny_llama(len(tok), seed=1)
+    for alpha in (0.5, 0.95):
+        ref = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
+                                       max_new_tokens=16, repetition_penalty=penalty)
+        for options in (dict(overlap=True), dict(overlap=False), dict(speculate=2), dict(speculate=4)):
+            out = logitfuse.generate(slm, logitfuse.HFLLM(llm_model, tok), [private_ids], public_ids, alpha=alpha,
+                                     max_new_tokens=16, repetition_penalty=penalty, **options)
+            assert _without_eos(out.sequences[0]) == ref.token_ids, (alpha, options)
+            assert out.stopped[0] == ("eos" if ref.stopped == "eos" else "length")
+            if not options.get("speculate"):
+                assert out.alpha[0][: len(ref.token_ids)] == ref.alpha
+                assert out.stats.llm_calls == ref.stats["llm_calls"]
+            elif alpha == 0.95:
+                assert out.stats.draft_tokens_kept > 0 and out.stats.llm_calls < ref.stats["llm_calls"]
+
+
+def test_tiny_generate_loop_across_tokenizers_equals_the_llama_cpp_loop(tiny):
+    """The demo's shape: the llama.cpp SLM and an LLM with another tokenizer (per-step fusion)."""
+    slm, _, tok, _ = tiny
+    sp = sentencepiece_tokenizer()
+    llm_model = tiny_llama(len(sp), seed=1)
+    vocab_map = logitfuse.VocabMap.from_tokenizers(tok, sp, v_slm=slm.vocab_size, v_llm=len(sp))
+    private_ids, public_ids = tok.encode(PRIVATE), sp.encode(PUBLIC)
+    ref = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, sp), private_ids, public_ids, alpha=0.4,
+                                   vocab_map=vocab_map, max_new_tokens=12, repetition_penalty=1.1)
+    out = logitfuse.generate(slm, logitfuse.HFLLM(llm_model, sp), private_ids, public_ids, alpha=0.4,
+                             vocab_map=vocab_map, max_new_tokens=12, repetition_penalty=1.1)
+    assert _without_eos(out.sequences[0]) == ref.token_ids and out.stats.llm_calls == ref.stats["llm_calls"]
+
+
+def test_tiny_cli_engine_takes_logitfuse_generate_with_the_own_loops_tokens(tiny):
+    """`logitfuse demo/generate --slm-engine llama.cpp` fuse through logitfuse.generate (loop "auto"):
+    the text, ids and α of LlamaCppSLM's own loop, greedy with a penalty and sampled from a seed."""
+    from logitfuse.demo_generation import fuse_on_engine
+
+    slm, _, tok, _ = tiny
+    private_ids, public_ids = tok.encode(PRIVATE), tok.encode(PUBLIC)
+    llm_model = tiny_llama(len(tok), seed=1)
+    for sampling in ({"repetition_penalty": 1.1}, {"temperature": 0.9, "top_p": 0.9, "seed": 3}):
+        runs = [fuse_on_engine(slm, tok, private_ids, logitfuse.HFLLM(llm_model, tok), public_ids, 12, sampling,
+                               alpha=0.5, loop=loop) for loop in ("auto", "llama.cpp")]
+        assert runs[0].token_ids == runs[1].token_ids and runs[0].text == runs[1].text, sampling
+        assert runs[0].alpha == runs[1].alpha and runs[0].stats["llm_calls"] == runs[1].stats["llm_calls"]
+    with pytest.raises(ValueError, match="loop='processor'"):
+        fuse_on_engine(slm, tok, private_ids, logitfuse.HFLLM(llm_model, tok), public_ids, 4, {}, alpha=0.5,
+                       loop="processor")
+
+
+def test_tiny_generate_loop_refuses_what_llama_cpp_cannot_do(tiny):
+    slm, _, tok, _ = tiny
+    private_ids = tok.encode(PRIVATE)
+    llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
+    cases = [
+        (dict(private_input_ids=[private_ids, private_ids]), "batch size 1"),
+        (dict(private_input_ids=torch.tensor([private_ids]), attention_mask=torch.tensor([[0] + [1] * (len(private_ids) - 1)])),
+         "attention_mask"),
+        (dict(private_input_ids=private_ids, max_new_tokens=500), "n_ctx"),
+        (dict(private_input_ids=[], max_new_tokens=4), "private_input_ids"),
+    ]
+    for kwargs, match in cases:
+        options = dict(max_new_tokens=4) | kwargs
+        with pytest.raises(ValueError, match=match):
+            logitfuse.generate(slm, llm, public_prompt=PUBLIC, alpha=0.5, **options)
+    assert llm.audit_log == []
+
+
 def test_import_logitfuse_does_not_import_llama_cpp():
     code = "import sys, logitfuse; logitfuse.LlamaCppSLM; print('llama_cpp' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
