@@ -141,3 +141,83 @@ def test_echo_text_offsets_in_both_llama_cpp_layouts():
     assert late == {5: {"t1": -0.1}}
     with pytest.raises(ValueError, match="text_offset"):
         echo_positions_by_offset({"choices": [{"logprobs": {"top_logprobs": [None]}}]}, 5)
+
+
+# ------------------------------------------------------------------ train/eval --llm URL
+@pytest.fixture(scope="module")
+def served_pair(tmp_path_factory, slm, llm_model, tok):
+    """Model folders (SLM, LLM: one tokenizer), a tiny data folder whose private fields hold a
+    canary, and the LLM served by `logitfuse serve` (recording what it receives)."""
+    from logitfuse.server import serve_in_thread
+
+    root = tmp_path_factory.mktemp("served")
+    for name, model in (("slm", slm), ("llm", llm_model)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    records = [{"tid": f"0_0_{i}", "profile": [{"title": "Old note", "text": f"My code is {CANARY}.", "id": "1"}],
+                "additional_profile": f"Name: {CANARY}",
+                "conversations": [{"from": "user", "value": f"Write a short note {i}: about {CANARY} and roses"},
+                                  {"from": "assistant", "value": "Thank you; the roses look lovely."}]}
+               for i in range(3)]
+    (root / "data").mkdir()
+    for split in ("dev", "test"):
+        (root / "data" / f"context_aware_{split}.json").write_text(json.dumps(records))
+    server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
+    yield root, server, url
+    server.shutdown()
+    server.server_close()
+
+
+def _parse(argv):
+    import argparse
+
+    from logitfuse.train_fuser.cli import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_train_and_eval_with_a_served_llm_match_the_in_process_cache(served_pair, tmp_path):
+    """`train --llm URL` scores the LLM side through the server: top-k heads only, the cache keyed by
+    server and model, its top-5 terms those of the in-process LLM (same weights), no canary sent."""
+    from logitfuse.train_fuser.scoring import read_shards
+
+    root, server, url = served_pair
+    common = ["--slm", str(root / "slm"), "--data", str(root / "data"), "--llm-top-k", "5"]
+    remote = common + ["--llm", url + "/v1", "--llm-model", "tiny", "--llm-tokenizer", str(root / "llm")]
+    server.received.clear()
+    args = _parse(["train", *remote, "--out", str(tmp_path / "remote"), "--max-epochs", "3"])
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "remote" / "heads").iterdir()) == ["top5-slm", "top5-uniform", "top5-zero"]
+    args = _parse(["train", *common, "--llm", str(root / "llm"), "--out", str(tmp_path / "local"), "--max-epochs", "3"])
+    assert args.func(args) == 0
+    served_cache, meta = read_shards(tmp_path / "remote" / "cache-dev")
+    local_cache, _ = read_shards(tmp_path / "local" / "cache-dev")
+    assert meta["setting"]["llm"] == f"tiny@{url}/v1/completions" and "dense.terms" not in served_cache
+    for name in ("top5-slm.terms", "top5-uniform.features"):
+        torch.testing.assert_close(served_cache[name], local_cache[name], atol=1e-4, rtol=1e-4)
+    args = _parse(["eval", *remote, "--head", str(tmp_path / "remote")])
+    assert args.func(args) == 0
+    assert "LLM with context" not in (tmp_path / "remote" / "results.md").read_text()  # never sends the private prompt
+    assert server.received and not any(CANARY.encode() in raw for raw in server.received)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "returns no prompt log-probabilities"),
+    (["--llm-model", None], "--llm-model"),
+])
+def test_train_with_a_server_that_cannot_score_is_a_usage_error(served_pair, llm_model, tmp_path, capsys,
+                                                                 extra, message):
+    from logitfuse.cli import main
+
+    root, _, _ = served_pair
+    with serving(model_scores(llm_model, TOP_K)) as server:  # answers, but scores no prompt tokens
+        argv = ["train", "--slm", str(root / "slm"), "--llm", server.url + "/v1", "--llm-model", "tiny",
+                "--llm-tokenizer", str(root / "llm"), "--out", str(tmp_path / "out")]
+        if extra:
+            argv = argv[: argv.index("--llm-model")] + argv[argv.index("--llm-model") + 2:]
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("logitfuse train: error: --llm") and message in err
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,9 @@
     logitfuse train --slm SLM --llm LLM --out runs/pair            # scores dev, fits one head per LLM input
     logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
 
-SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders.
+SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders; the LLM can also
+be a server that returns prompt log-probabilities (``--llm http://HOST:PORT/v1 --llm-model NAME
+[--llm-tokenizer NAME]``, train_fuser/served.py): it then scores the LLM side, top-k only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming,
 from logitfuse.train_fuser.scoring import (
     Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
 )
+from logitfuse.train_fuser.served import check_served, is_url
 from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_streaming
 
 HEADS_DIR = "heads"
@@ -34,6 +37,8 @@ HEADS_DIR = "heads"
 
 def load_pair(args: argparse.Namespace) -> Pair:
     slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    if getattr(args, "served", None) is not None:  # --llm URL: scored by the server (train_fuser/served.py)
+        return Pair.build(slm, slm_tok, args.served, args.served.tokenizer, slm_name, args.served.name)
     llm, llm_tok, llm_name = zoo.load(args.llm, dtype=args.dtype, device=args.device)
     return Pair.build(slm, slm_tok, llm, llm_tok, slm_name, llm_name)
 
@@ -45,7 +50,8 @@ def split_path(data: str | None, split: str) -> Path:
 def _check_common(args: argparse.Namespace, split: str) -> None:
     """The arguments `train` and `eval` share, checked before any model loads (``UsageError``)."""
     check_model("--slm", args.slm)
-    check_model("--llm", args.llm)
+    if not is_url(args.llm):
+        check_model("--llm", args.llm)
     if args.adapter is not None:  # a LoRA adapter folder: its files are there
         try:
             zoo.adapter_sha256(args.adapter)
@@ -60,6 +66,16 @@ def _check_common(args: argparse.Namespace, split: str) -> None:
     check_range("--max-history", args.max_history, low=0)
     check_range("--paper-examples", args.paper_examples, low=1)
     check_device("--device", args.device)
+    if is_url(args.llm) and getattr(args, "paper_head", False):
+        raise UsageError("--paper-head needs the LLM's full logits, which a server does not give; leave it out "
+                         "with --llm URL")
+    args.served = check_served(args)  # last: it probes the server
+
+
+def variants_for(args: argparse.Namespace) -> list[Variant]:
+    """The LLM inputs to train or evaluate: all, or only the top-k ones for a served LLM."""
+    variants = default_variants(args.llm_top_k)
+    return [v for v in variants if v.top_k is not None] if is_url(args.llm) else variants
 
 
 def _check_train(args: argparse.Namespace) -> None:
@@ -123,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pair = load_pair(args)
     examples = load_examples(split_path(args.data, "dev"), max_examples=args.max_examples)
-    variants = default_variants(args.llm_top_k)
+    variants = variants_for(args)
     started = time.perf_counter()
     cache, metadata = score_split(pair, examples, out / "cache-dev", variants, feature_k=args.feature_k,
                                   llm_with_context=False, max_history=args.max_history)
@@ -157,16 +173,17 @@ def run_eval(args: argparse.Namespace) -> int:
     heads_root = _check_eval(args)
     out = Path(args.out or heads_root.parent)
     pair = load_pair(args)
-    variants = default_variants(args.llm_top_k)
+    variants = variants_for(args)
     heads = {}
     for variant in variants:
         if (heads_root / variant.name).is_dir():
             heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
     examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
     cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
-                                  llm_with_context=not args.no_llm_context, max_history=args.max_history)
+                                  llm_with_context=not args.no_llm_context and args.served is None,
+                                  max_history=args.max_history)
     rows = evaluate_cached(cache, variants, heads)
-    if (heads_root / "paper-dense").is_dir():
+    if (heads_root / "paper-dense").is_dir() and args.served is None:
         # the paper's head runs both models again, on fewer examples: the other rows on those same
         # positions come first, so that it compares like with like
         paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
@@ -193,7 +210,11 @@ def run_eval(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
-    parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder")
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder, or a server "
+                        "http://HOST:PORT/v1 that returns prompt log-probabilities (scored there, top-k only)")
+    parser.add_argument("--llm-model", default=None, help="with --llm URL: the served model's name")
+    parser.add_argument("--llm-tokenizer", default=None,
+                        help="with --llm URL: the served LLM's tokenizer, a zoo name or folder (default: --slm's)")
     parser.add_argument("--data", default=None, help="folder with context_aware_{dev,test}.json (default: the bundled copy)")
     parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
     parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")

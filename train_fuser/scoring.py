@@ -34,6 +34,7 @@ from logitfuse.fileio import atomic_write
 from logitfuse.retokenize import token_bytes_table
 from logitfuse.types import TopK
 from logitfuse.train_fuser.data import Example, render_prompt
+from logitfuse.train_fuser.served import ServedScorer
 from logitfuse.vocab import VocabMap
 
 
@@ -48,7 +49,9 @@ class Variant:
     def name(self) -> str:
         return "dense" if self.top_k is None else f"top{self.top_k}-{self.tail}"
 
-    def llm_input(self, llm_logits: torch.Tensor) -> torch.Tensor | TopK:
+    def llm_input(self, llm_logits: torch.Tensor | TopK) -> torch.Tensor | TopK:
+        if isinstance(llm_logits, TopK):  # a served LLM's top-k (train_fuser/served.py)
+            return TopK(llm_logits.ids[:, : self.top_k], llm_logits.logprobs[:, : self.top_k])
         if self.top_k is None:
             return llm_logits
         top = torch.log_softmax(llm_logits.float(), dim=-1).topk(min(self.top_k, llm_logits.shape[-1]), dim=-1)
@@ -73,7 +76,8 @@ class Pair:
 
     @classmethod
     def build(cls, slm, slm_tokenizer, llm, llm_tokenizer, slm_name=None, llm_name=None) -> Pair:
-        v_slm, v_llm = slm.get_output_embeddings().weight.shape[0], llm.get_output_embeddings().weight.shape[0]
+        v_slm = slm.get_output_embeddings().weight.shape[0]
+        v_llm = llm.vocab_size if isinstance(llm, ServedScorer) else llm.get_output_embeddings().weight.shape[0]
         if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
             vmap = VocabMap.identity(v_slm, v_llm, n_shared=min(len(slm_tokenizer), v_slm, v_llm))
         else:
@@ -128,7 +132,7 @@ class Scored:
 
     targets: torch.Tensor  # (T,) SLM ids
     slm_logits: torch.Tensor  # (T, V_S)
-    llm_logits: torch.Tensor  # (T, V_L), public prompt
+    llm_logits: torch.Tensor | TopK  # (T, V_L), public prompt; a served LLM's top-k (T, k)
     llm_context_logits: torch.Tensor | None  # (T, V_L), private prompt (upper bound only)
     n_positions: int  # SLM response tokens before alignment
 
@@ -139,7 +143,12 @@ def score_example(pair: Pair, example: Example, *, llm_with_context: bool = Fals
     aligned = llm_index >= 0
     private = example.private_messages(max_history)
     slm_logits = next_token_logits(pair.slm, render_prompt(pair.slm_tokenizer, private), slm_ids)
-    llm_logits = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, example.public_messages()), llm_ids)
+    public, rows = render_prompt(pair.llm_tokenizer, example.public_messages()), llm_index[aligned]
+    if isinstance(pair.llm, ServedScorer):  # a served LLM: its top-k per position; the public prompt only
+        top = pair.llm.score_topk(public, llm_ids)
+        llm_info, llm_with_context = TopK(top.ids[rows], top.logprobs[rows]), False
+    else:
+        llm_info = next_token_logits(pair.llm, public, llm_ids)[rows]
     context = None
     if llm_with_context:
         context = next_token_logits(pair.llm, render_prompt(pair.llm_tokenizer, private), llm_ids)
@@ -147,7 +156,7 @@ def score_example(pair: Pair, example: Example, *, llm_with_context: bool = Fals
     return Scored(
         targets=torch.tensor(slm_ids)[aligned],
         slm_logits=slm_logits[aligned],
-        llm_logits=llm_logits[llm_index[aligned]],
+        llm_logits=llm_info,
         llm_context_logits=context,
         n_positions=len(slm_ids),
     )
