@@ -74,6 +74,10 @@ class LlamaCppServer:
             ``python -m logitfuse.engines_server``, which loads the model with ``use_extra_bufts=False``
             (where a VM announces AMX but does not allow it, the first completion kills the server;
             see :mod:`logitfuse.engines_server`).
+        logits_all (`bool`, optional): pass ``--logits_all true/false``: the server keeps the logits
+            of every prompt position, which ``logprobs`` (and prompt scoring with ``echo``:
+            :meth:`logitfuse.OpenAICompatibleLLM.score`) need; default: the server's own default
+            (true in llama-cpp-python 0.3.x).
         startup_timeout (`float`, defaults to 180): seconds to wait for ``GET /v1/models``.
         log_path (optional): where the server's stdout/stderr go (default a temporary file; read
             it with :meth:`log_text`).
@@ -84,11 +88,14 @@ class LlamaCppServer:
 
     def __init__(self, model_path: str | os.PathLike, *, alias: str = "llm", port: int | None = None,
                  n_ctx: int = 2048, n_threads: int | None = None, extra_args: Sequence[str] = (),
-                 extra_buffers: bool = False, startup_timeout: float = 180.0,
+                 extra_buffers: bool = False, logits_all: bool | None = None, startup_timeout: float = 180.0,
                  log_path: str | os.PathLike | None = None):
         if not isinstance(extra_buffers, bool):
             raise TypeError(f"extra_buffers must be True or False, got {extra_buffers!r}")
+        if logits_all is not None and not isinstance(logits_all, bool):
+            raise TypeError(f"logits_all must be True, False or None, got {logits_all!r}")
         self.model_path, self.alias, self.extra_buffers = str(model_path), alias, extra_buffers
+        self.logits_all = logits_all
         self.port = port or free_port()
         self.n_ctx, self.n_threads, self.extra_args = n_ctx, n_threads, list(extra_args)
         self.startup_timeout = float(startup_timeout)
@@ -108,6 +115,8 @@ class LlamaCppServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
         if self.n_threads:
             cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        if self.logits_all is not None:
+            cmd += ["--logits_all", "true" if self.logits_all else "false"]
         return cmd + self.extra_args
 
     def start(self) -> LlamaCppServer:
