@@ -87,6 +87,13 @@ def _check_speculate(args: argparse.Namespace) -> None:
     if args.head not in ("auto", "none") and not (Path(args.head) / "config.json").is_file():
         raise UsageError(f"--head {args.head!r} is not a head folder (no config.json); pass a folder written by "
                          "`logitfuse train`, 'auto' or 'none'")
+    check_range("--llm-latency", args.llm_latency, low=0.0, meaning="emulated seconds per LLM request")
+    if args.slm_engine == "llama.cpp":
+        from logitfuse.llama_slm import llama_cpp_python_missing
+
+        missing = llama_cpp_python_missing()
+        if missing or args.tiny:
+            raise UsageError(f"--slm-engine llama.cpp {missing or 'runs a zoo GGUF file: drop --tiny'}")
     if args.tiny:
         if alpha is None and args.head == "auto":
             raise UsageError("--tiny models have no shipped head: pass --alpha A or --head DIR")
@@ -101,10 +108,15 @@ def _check_speculate(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {name} is not installed: run `logitfuse models install {name}` "
                              "(or pass --tiny)") from None
         bases.append(zoo.TUNED[name].base if name in zoo.TUNED else name)
-    if zoo.get_spec(bases[0]).vocab_size != zoo.get_spec(bases[1]).vocab_size:
+    if zoo.get_spec(bases[0]).vocab_size != zoo.get_spec(bases[1]).vocab_size and any(args.speculate):
         raise UsageError(f"--slm {args.slm} and --llm {args.llm} do not share a tokenizer, and speculation needs one; "
                          "e.g. --slm smollm2-135m-cogenesis --llm smollm2-135m, or --slm qwen2.5-coder-0.5b "
-                         "--llm qwen2.5-coder-1.5b")
+                         "--llm qwen2.5-coder-1.5b; or pass --speculate 0 (per-step fusion only)")
+    if args.slm_engine == "llama.cpp":
+        try:
+            zoo.gguf_path(args.slm)
+        except zoo.ZooError as err:
+            raise UsageError(f"--slm-engine llama.cpp needs --slm {args.slm}'s GGUF file: {err}") from None
     if alpha is None and (args.head == "none" or (args.head == "auto" and shipped_head(args.slm, args.llm) is None)):
         raise UsageError(f"no weight to run: --alpha none and no head (--head {args.head}; none is shipped for "
                          f"{args.slm} + {args.llm}); pass --alpha A or --head DIR")

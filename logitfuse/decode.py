@@ -39,6 +39,7 @@ True
 from __future__ import annotations
 
 import inspect
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,12 +69,15 @@ class FusedGeneration:
         stats: the session's counters (:class:`logitfuse.SessionStats`; with ``speculate``, the
             ``draft_tokens_*`` counts).
         stopped: per row, ``"eos"`` or ``"length"``.
+        first_token_seconds: wall seconds from the call to the first token chosen (the prefills of
+            both models and the first fusion): what a decode rate leaves out.
     """
 
     sequences: list[list[int]]
     alpha: list[list[float]]
     stats: SessionStats
     stopped: list[str]
+    first_token_seconds: float | None = None
 
 
 class _SLMCache:
@@ -257,6 +261,7 @@ class _Rows:
         self.alpha: list[list[float]] = [[] for _ in range(batch)]
         self.stopped: list[str | None] = [None] * batch
         self.max_new_tokens, self.eos = max_new_tokens, eos
+        self.first_token_at: float | None = None
 
     def running(self, r: int) -> bool:
         return self.stopped[r] is None
@@ -264,6 +269,8 @@ class _Rows:
     def add(self, r: int, tokens: list[int], alpha: list[float]) -> int:
         """Append what row ``r`` may still take of ``tokens``; returns how many were taken."""
         taken = 0
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         for token, a in zip(tokens, alpha):
             self.tokens[r].append(token)
             self.alpha[r].append(a)
@@ -502,6 +509,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
     """
+    started = time.perf_counter()
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be True or False, got {overlap!r}")
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "tokens to generate per row")
@@ -548,4 +556,5 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         _per_step(cache, session, rows, chooser, start, pad_id, overlap, penalize)
         if speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
             session.stats.speculation_fallbacks += 1
-    return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped))
+    return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped),
+                           rows.first_token_at - started)

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import logitfuse.bench  # noqa: E402
+import logitfuse  # noqa: E402
 from logitfuse import zoo  # noqa: E402
 from logitfuse.bench import BENCHMARKS, common  # noqa: E402
 from logitfuse.bench.cli import add_bench_subcommand, replot  # noqa: E402
@@ -271,19 +272,48 @@ def test_speculate_tiny_writes_json(tmp_path):
                   "--head", str(tmp_path / "head"), "--device", "cpu", "--out", str(tmp_path), "--no-plot") == 0
     payload = _read(tmp_path / "speculate_tiny.json")
     assert payload["command"].startswith("logitfuse bench speculate") and payload["new_tokens"] == 5
-    assert [r["weight"] for r in payload["rows"]] == ["alpha=0.5"] * 4 + [f"head {tmp_path / 'head'}"] * 4
-    assert payload["all_identical"] and all(r["identical_to_per_step"] for r in payload["rows"])
-    rows = {r["path"]: r for r in payload["rows"][:4]}
-    assert list(rows) == ["processor", "per-step, no overlap", "per-step, overlap", "speculate 2"]
+    assert [r["weight"] for r in payload["rows"]] == ["alpha=0.5"] * 5 + [f"head {tmp_path / 'head'}"] * 5
+    assert payload["all_identical"] and all(r["identical_to_per_step"] for r in payload["rows"][1:5])
+    rows = {r["path"]: r for r in payload["rows"][:5]}
+    assert list(rows) == ["SLM alone", "processor", "per-step, no overlap", "per-step, overlap", "speculate 2"]
+    assert rows["SLM alone"]["llm_calls"] == 0 and rows["SLM alone"]["identical_to_per_step"] is None
     for name in ("processor", "per-step, no overlap", "per-step, overlap"):
         assert rows[name]["llm_calls_per_token"] == 1 and rows[name]["acceptance_rate"] is None
+    # decode tokens/s leaves the prefill out (timed apart, per example)
+    assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["llm_latency_s"] == 0 for r in rows.values())
     spec = rows["speculate 2"]
     assert spec["tokens"] == rows["processor"]["tokens"] and spec["draft_tokens_sent"] > 0
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["llm_calls"] < spec["tokens"]
     assert rows["per-step, overlap"]["speedup_vs_per_step"] == 1
 
 
+def test_speculate_emulated_llm_latency_waits_before_every_request(tmp_path):
+    """--llm-latency: the rows say so, and the LLM's requests are the same ones (the wait is all it adds)."""
+    assert _bench("speculate", "--tiny", "--examples", "1", "--new-tokens", "3", "--speculate", "0", "2", "--threads",
+                  "1", "--alpha", "0.5", "--head", "none", "--llm-latency", "0.01", "--device", "cpu", "--out",
+                  str(tmp_path), "--no-plot") == 0
+    payload = _read(tmp_path / "speculate_tiny_latency0.01.json")
+    assert payload["llm_latency_s"] == 0.01 and "emulated" in payload["llm_latency_note"]
+    assert payload["all_identical"] and all(r["llm_latency_s"] == 0.01 for r in payload["rows"])
+
+
+def test_emulated_latency_backend_forwards_everything(tok, llm_model):
+    from logitfuse.bench.speculate import EmulatedLatencyLLM
+
+    inner = logitfuse.HFLLM(llm_model, tok)
+    slow = EmulatedLatencyLLM(inner, 0.0)
+    assert slow.output_kind == "dense" and slow.supports_score and slow.vocab_size == inner.vocab_size
+    slow.start([[1, 2, 3]])
+    a = slow.advance([[4]]).next
+    slow.rollback([1])
+    b = slow.advance([[4]]).next
+    assert torch.equal(a, b) and slow.batch_size == 1 and slow.audit_log is inner.audit_log
+    assert [e["op"] for e in inner.audit_log] == ["start", "advance", "rollback", "advance"]
+
+
 @pytest.mark.parametrize("argv, fragment", [
+    (["--llm-latency", "-1"], "--llm-latency -1"),
+    (["--tiny", "--slm-engine", "llama.cpp", "--alpha", "0.5"], "drop --tiny"),
     (["--alpha", "1"], "--alpha 1 is the SLM alone"),
     (["--alpha", "half"], "--alpha 'half' is neither a number nor 'none'"),
     (["--examples", "0"], "--examples 0 must be >= 1"),

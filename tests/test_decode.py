@@ -75,6 +75,7 @@ def test_repetition_penalty_equals_the_processor(tok, slm, llm_model, penalty, w
         out = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, publics, max_new_tokens=n_new, speculate=speculate,
                     repetition_penalty=penalty, **options)
         assert out.sequences == expected, speculate
+        assert out.first_token_seconds > 0  # what a decode rate leaves out (bench speculate)
     unpenalized = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, publics, max_new_tokens=n_new, **options)
     if penalty == 3.0:  # the test has the power to tell a penalty that is not applied
         assert unpenalized.sequences != expected
