@@ -184,3 +184,77 @@ def test_a_hidden_state_head_without_the_hidden_state_is_refused_before_anything
 
     with pytest.raises(ValueError, match="llama.cpp SLM does not expose"):
         generate_fused_llama_cpp(None, llm, [1, 2], PUBLIC, max_new_tokens=2, head=head)
+
+
+# ---------------------------------------------------------------- training on cached SLM-side inputs
+def side_signal_cache(n_examples=10, length=24, vocab=20, hidden_size=6, seed=0):
+    """Positions where the LLM is right in the first half of each response and the SLM in the second;
+    whichever is wrong is just as sharp on another token, so the distributions do not tell which one
+    to trust: only the SLM-side inputs do (the position; the last token, 1 or 2; the hidden state's
+    first coordinate, +2 or -2)."""
+    from logitfuse.train_fuser.scoring import Pair, Scored, cache_example, default_variants
+
+    gen = torch.Generator().manual_seed(seed)
+    pair, variants = Pair(None, None, None, None, logitfuse.VocabMap.identity(vocab, vocab)), default_variants(5)
+    examples = []
+    for _ in range(n_examples):
+        targets = torch.randint(0, vocab, (length,), generator=gen)
+        wrong = (targets + torch.randint(1, vocab, (length,), generator=gen)) % vocab
+        llm_right = torch.arange(length) < length // 2
+        slm, llm = torch.randn(length, vocab, generator=gen), torch.randn(length, vocab, generator=gen)
+        rows = torch.arange(length)
+        llm[rows, torch.where(llm_right, targets, wrong)] += 6.0
+        slm[rows, torch.where(llm_right, wrong, targets)] += 6.0
+        hidden = torch.randn(length, hidden_size, generator=gen)
+        hidden[:, 0] = torch.where(llm_right, 2.0, -2.0)
+        scored = Scored(targets, slm, llm, None, length, slm_hidden=hidden,
+                        last_tokens=torch.where(llm_right, 1, 2), positions=torch.arange(length))
+        examples.append(cache_example(pair, scored, variants, feature_k=4, slm_hidden=True))
+    cache = {key: torch.cat([e[key] for e in examples]) for key in examples[0]}
+    cache["example"] = torch.cat([torch.full((length,), i) for i in range(n_examples)])
+    return cache, variants
+
+
+def fitted_head(cache, slm_features, gate_hidden=0, hidden_size=6):
+    from logitfuse.train_fuser.train import TrainConfig, fit_cached, slm_side_inputs
+
+    vocab = 20
+    head = FusionHead(vocab, vocab, slm_features=slm_features, slm_hidden_size=hidden_size if "hidden" in slm_features else 0,
+                      gate_hidden=gate_hidden)
+    config = TrainConfig(lr=1e-2, max_epochs=80, patience=80, batch_size=64)
+    fit_cached(head, cache["dense.features"], cache["dense.terms"], cache["example"], config, progress=False,
+               slm_side=slm_side_inputs(cache, head))
+    return head, config
+
+
+@pytest.mark.parametrize("group", ["hidden", "token", "position"])
+def test_a_head_learns_what_only_its_slm_side_group_tells(group):
+    from logitfuse.train_fuser.evaluate import head_alpha
+    from logitfuse.train_fuser.scoring import linear_nll
+
+    cache, variants = side_signal_cache()
+    terms = cache["dense.terms"]
+    best_fixed = min(linear_nll(torch.full((len(terms),), a), terms).mean().item() for a in (0.3, 0.4, 0.5, 0.6, 0.7))
+    plain, _ = fitted_head(cache, [])
+    with_group, _ = fitted_head(cache, [group])
+    nll = {name: linear_nll(head_alpha(cache, variants[0], head), terms).mean().item()
+           for name, head in (("plain", plain), ("group", with_group))}
+    assert nll["plain"] > best_fixed - 0.1  # the distributions alone do not say whom to trust
+    assert nll["group"] < best_fixed - 0.5, (nll, best_fixed)
+
+
+def test_scoring_keeps_the_hidden_state_of_the_logits_forward(tok, slm, llm_model):
+    from logitfuse.train_fuser.data import Example
+    from logitfuse.train_fuser.scoring import Pair, cache_example, default_variants, score_example
+
+    pair = Pair.build(slm, tok, llm_model, tok, "slm", "llm")
+    example = Example(tid="1_1_1", instruction="Write a note: about the roses", response="The roses are red.",
+                      profile=(), additional_profile="")
+    scored = score_example(pair, example)
+    assert torch.allclose(slm.lm_head(scored.slm_hidden), scored.slm_logits, atol=1e-5)
+    n = len(scored.targets)
+    assert scored.last_tokens.tolist() == [NO_TOKEN] + scored.targets[:-1].tolist()
+    assert scored.positions.tolist() == list(range(n))
+    cached = cache_example(pair, scored, default_variants(5), feature_k=4, slm_hidden=True)
+    assert cached["slm_hidden"].dtype == torch.float16 and cached["slm_hidden"].shape == (n, slm.config.hidden_size)
+    assert "slm_hidden" not in cache_example(pair, scored, default_variants(5), feature_k=4)

@@ -1,6 +1,7 @@
 """`logitfuse train` and `logitfuse eval`: fit fusion heads on CoGenesis data and report held-out NLL.
 
     logitfuse train --slm SLM --llm LLM --out runs/pair            # scores dev, fits one head per LLM input
+    logitfuse train ... --split train_wo_profile --split dev --slm-features hidden,token,position
     logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
 
 SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders; the LLM can also
@@ -24,15 +25,17 @@ from logitfuse.fileio import atomic_write_text
 from logitfuse.cli import UsageError, check_device, check_model, check_out_dir, check_range
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
-from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming, first_examples, plot_alpha_trace,
-                                            write_report)
+from logitfuse.slm_side import check_feature_groups
+from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming, first_examples, head_alpha,
+                                            plot_alpha_trace, write_call_report, write_report)
 from logitfuse.train_fuser.scoring import (
     Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
 )
 from logitfuse.train_fuser.served import check_served, is_url
-from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_streaming
+from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_gate, fit_streaming, slm_side_inputs
 
 HEADS_DIR = "heads"
+TRAIN_SPLITS = ("train_wo_profile", "dev")  # the test split stays held out
 
 
 def load_pair(args: argparse.Namespace) -> Pair:
@@ -87,6 +90,20 @@ def _check_train(args: argparse.Namespace) -> None:
     check_range("--patience", args.patience, low=1)
     check_range("--paper-epochs", args.paper_epochs, low=1)
     check_range("--seed", args.seed, low=0)
+    check_range("--hidden-projection", args.hidden_projection, low=1)
+    check_range("--gate-hidden", args.gate_hidden, low=0)
+    try:
+        args.slm_features = list(check_feature_groups(args.slm_features, name="--slm-features"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    args.split = args.split or ["dev"]
+    for split in args.split:
+        if split not in TRAIN_SPLITS:
+            held_out = "the test split is held out for `logitfuse eval`" if split == "test" else "not a split"
+            raise UsageError(f"--split {split}: {held_out}; train on {' and/or '.join(TRAIN_SPLITS)}")
+        if args.data is not None and not split_path(args.data, split).is_file():
+            raise UsageError(f"--data {args.data!r} has no {SPLITS[split]} (--split {split}); pass the folder that holds "
+                             "it, or leave --data out for the bundled copy")
 
 
 def _heads_root(value: str) -> Path:
@@ -110,10 +127,12 @@ def _check_eval(args: argparse.Namespace) -> Path:
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
                 llm_with_context: bool, max_history: int | None = None, shard_size: int = 32,
-                progress: bool = True) -> tuple[dict, dict]:
-    """Score ``examples`` into ``cache_dir`` (reused when it already holds the same setting)."""
+                progress: bool = True, slm_hidden: bool = False) -> tuple[dict, dict]:
+    """Score ``examples`` into ``cache_dir`` (reused when it already holds the same setting);
+    ``slm_hidden``: keep the SLM's hidden states too (float16)."""
     setting = dict(slm=pair.slm_name, llm=pair.llm_name, vocab_map=pair.vocab_map.hash, feature_k=feature_k,
-                   variants=[v.name for v in variants], llm_with_context=llm_with_context, max_history=max_history)
+                   variants=[v.name for v in variants], llm_with_context=llm_with_context, max_history=max_history,
+                   slm_hidden=slm_hidden)
     try:
         cache, metadata = read_shards(cache_dir)
         if metadata["setting"] == setting and metadata["tids"] == [e.tid for e in examples]:
@@ -128,33 +147,68 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
         for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
             scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
             positions += scored.n_positions
-            scored_chunk.append(cache_example(pair, scored, variants, feature_k))
+            scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=slm_hidden))
         write_shard(cache_dir / f"shard-{start // shard_size:05d}.safetensors", scored_chunk,
                     {"setting": setting, "tids": [e.tid for e in chunk], "positions": positions})
     return read_shards(cache_dir)
+
+
+def training_examples(args: argparse.Namespace) -> list[tuple[str, list]]:
+    """``[(split, examples), ...]`` in ``--split`` order; ``--max-examples`` caps the run's total,
+    taken in that order (the first split first)."""
+    chosen, left = [], args.max_examples
+    for split in args.split:
+        examples = load_examples(split_path(args.data, split), max_examples=left)
+        chosen.append((split, examples))
+        left = None if left is None else left - len(examples)
+        if left is not None and left <= 0:
+            break
+    return chosen
+
+
+def score_training_splits(pair: Pair, splits: list[tuple[str, list]], out: Path, variants: list[Variant], *,
+                          feature_k: int, max_history: int | None, slm_hidden: bool) -> tuple[dict, dict]:
+    """Score each split into ``out/cache-SPLIT`` (reused as :func:`score_split` does) and concatenate
+    them; example ids run on across splits (the validation split for early stopping draws from all)."""
+    caches, offset, tids, positions = [], 0, [], 0
+    for split, examples in splits:
+        cache, metadata = score_split(pair, examples, out / f"cache-{split}", variants, feature_k=feature_k,
+                                      llm_with_context=False, max_history=max_history, slm_hidden=slm_hidden)
+        caches.append(dict(cache, example=cache["example"] + offset))
+        offset, tids, positions = offset + len(metadata["tids"]), tids + metadata["tids"], positions + metadata["positions"]
+    merged = {key: torch.cat([c[key] for c in caches]) for key in caches[0]}
+    return merged, {"setting": metadata["setting"], "tids": tids, "positions": positions}
 
 
 def run_train(args: argparse.Namespace) -> int:
     _check_train(args)
     out = Path(args.out)
     pair = load_pair(args)
-    examples = load_examples(split_path(args.data, "dev"), max_examples=args.max_examples)
+    splits = training_examples(args)
+    examples = [example for _, chunk in splits for example in chunk]
     variants = variants_for(args)
     started = time.perf_counter()
-    cache, metadata = score_split(pair, examples, out / "cache-dev", variants, feature_k=args.feature_k,
-                                  llm_with_context=False, max_history=args.max_history)
+    cache, metadata = score_training_splits(pair, splits, out, variants, feature_k=args.feature_k,
+                                            max_history=args.max_history, slm_hidden="hidden" in args.slm_features)
     config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
     summary = {"slm": pair.slm_name, "llm": pair.llm_name, "examples": len(examples), "positions": len(cache["targets"]),
+               "splits": {split: len(chunk) for split, chunk in splits}, "slm_features": args.slm_features,
                "vocab_map_coverage": pair.vocab_map.coverage, "heads": {}}
+    hidden_size = pair.slm.config.hidden_size if "hidden" in args.slm_features else 0
     torch.manual_seed(args.seed)
     for variant in variants:
         head = FusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, mode="linear", tail=variant.tail,
                           top_k=args.feature_k, slm_name=pair.slm_name, llm_name=pair.llm_name,
-                          vocab_map_hash=pair.vocab_map.hash, llm_top_k=variant.top_k)
-        fit = fit_cached(head, cache[f"{variant.name}.features"], cache[f"{variant.name}.terms"], cache["example"], config)
-        head.save_pretrained(out / HEADS_DIR / variant.name)
+                          vocab_map_hash=pair.vocab_map.hash, llm_top_k=variant.top_k, slm_features=args.slm_features,
+                          slm_hidden_size=hidden_size, hidden_projection=args.hidden_projection, gate_hidden=args.gate_hidden)
+        data = (cache[f"{variant.name}.features"], cache[f"{variant.name}.terms"], cache["example"], config)
+        fit = fit_cached(head, *data, slm_side=slm_side_inputs(cache, head))
         summary["heads"][variant.name] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll), "train_nll": fit.train_nll[fit.best_epoch]}
         print(f"{variant.name}: validation NLL {min(fit.val_nll):.4f} (epoch {fit.best_epoch})")
+        if head.gate is not None:  # target: NLL(SLM alone) - NLL(fused with this head's α), per position
+            gate_fit = fit_gate(head, *data, slm_side=slm_side_inputs(cache, head))
+            summary["heads"][variant.name]["gate_val_mse"] = min(gate_fit.val_nll)
+        head.save_pretrained(out / HEADS_DIR / variant.name)
     if args.paper_head:
         paper = PaperFusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, slm_name=pair.slm_name, llm_name=pair.llm_name,
                                 vocab_map_hash=pair.vocab_map.hash)
@@ -181,7 +235,8 @@ def run_eval(args: argparse.Namespace) -> int:
     examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
     cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
                                   llm_with_context=not args.no_llm_context and args.served is None,
-                                  max_history=args.max_history)
+                                  max_history=args.max_history,
+                                  slm_hidden=any(head.needs_slm_hidden for head in heads.values()))
     rows = evaluate_cached(cache, variants, heads)
     if (heads_root / "paper-dense").is_dir() and args.served is None:
         # the paper's head runs both models again, on fewer examples: the other rows on those same
@@ -199,11 +254,12 @@ def run_eval(args: argparse.Namespace) -> int:
     first = cache["example"] == 0
     dense = variants[0].name
     if dense in heads:
-        with torch.no_grad():
-            alpha = heads[dense].alpha_from_features(cache[f"{dense}.features"][first])
+        alpha = head_alpha(cache, variants[0], heads[dense])[first]
         tokens = pair.slm_tokenizer.convert_ids_to_tokens(cache["targets"][first].tolist())
         plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
     print(report.read_text())
+    calls = write_call_report(out, cache, [v for v in variants if v.name in heads], heads, info)
+    print(calls.read_text())
     return 0
 
 
@@ -239,6 +295,13 @@ def add_subcommands(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--paper-head", action="store_true", help="also train the paper's 2V-input head (slow)")
     train.add_argument("--paper-epochs", type=int, default=2)
+    train.add_argument("--split", action="append", default=None,
+                       help="a training split, repeatable (default: dev); --max-examples caps the total, in this order")
+    train.add_argument("--slm-features", default="", help="SLM-side feature groups of the heads and gates, comma-"
+                       "separated: hidden (last hidden state), token (last generated token), position (default: none)")
+    train.add_argument("--hidden-projection", type=int, default=32, help="width the SLM's hidden state is projected to")
+    train.add_argument("--gate-hidden", type=int, default=32,
+                       help="width of each head's call gate (schedule head_gate(tau)); 0: no gate")
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser("eval", help="held-out NLL table of trained heads on the CoGenesis test split",

@@ -4,6 +4,11 @@ Rows, per LLM input (dense, and its top-k under each tail rule): the SLM with co
 LLM without context (α = 0), fixed α, the trained head, and the per-token best α (an oracle bound);
 once, the LLM *with* the private context (a privacy-violating upper bound, for reference only) and
 the paper's head when one is given. All in linear mode, over the positions both tokenizations align on.
+
+Call schedules (:func:`call_fraction_rows`): NLL against the fraction of positions at which the LLM is
+called (the others use the SLM alone), for the head's learned gate (``head_gate(tau)``, tau chosen per
+fraction on the same cache), the entropy gate (threshold chosen likewise), ``periodic(0, K, T)`` at
+the matched fractions and an oracle gate that knows each call's true gain (a bound, not a schedule).
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ import torch
 import logitfuse
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.heads import FusionHead, PaperFusionHead
+from logitfuse.schedules import Periodic
 from logitfuse.train_fuser.data import Example
 from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example
+from logitfuse.train_fuser.train import slm_side_inputs
 
 FIXED_ALPHAS = (0.25, 0.5, 0.75)
+CALL_FRACTIONS = (0.25, 0.5, 0.75)
+#: ``periodic(0, K, T)`` calling at T of every K + T steps: the matched schedule per call fraction
+PERIODIC_AT = {0.25: Periodic(0, 3, 1), 0.5: Periodic(0, 1, 1), 0.75: Periodic(0, 1, 3)}
+CURVE_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 ORACLE_GRID = torch.linspace(0, 1, 101)
 
 
@@ -52,18 +63,126 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant],
         rows.append(_row("dense", "LLM with context (upper bound, leaks context)",
                          linear_nll(torch.zeros(len(slm_only)), cache["llm_context.terms"])))
     for variant in variants:
-        terms, features = cache[f"{variant.name}.terms"], cache[f"{variant.name}.features"]
+        terms = cache[f"{variant.name}.terms"]
         rows.append(_row(variant.name, "LLM without context (alpha=0)", linear_nll(torch.zeros(len(terms)), terms)))
         for alpha in FIXED_ALPHAS:
             rows.append(_row(variant.name, f"fixed alpha={alpha}", linear_nll(torch.full((len(terms),), alpha), terms)))
         head = heads.get(variant.name)
         if head is not None:
-            with torch.no_grad():
-                alpha = head.alpha_from_features(features)
+            alpha = head_alpha(cache, variant, head)
             rows.append(_row(variant.name, "trained head", linear_nll(alpha, terms), alpha))
         nll, alpha = oracle_nll(terms)
         rows.append(_row(variant.name, "per-token best alpha (oracle)", nll, alpha))
     return rows
+
+
+@torch.no_grad()
+def head_alpha(cache: dict[str, torch.Tensor], variant: Variant, head: FusionHead) -> torch.Tensor:
+    """The head's α at every cached position (with the SLM-side inputs it reads)."""
+    return head.alpha_from_features(cache[f"{variant.name}.features"], **slm_side_inputs(cache, head))
+
+
+def _gated_nll(call: torch.Tensor, fused: torch.Tensor, slm: torch.Tensor) -> torch.Tensor:
+    return torch.where(call, fused, slm)
+
+
+def _top_fraction(score: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
+    """``(call, threshold)``: call where ``score >= threshold``, the threshold being the score's
+    ``1 - fraction`` quantile (so about ``fraction`` of the positions call)."""
+    threshold = torch.quantile(score.double(), 1.0 - fraction).item() if len(score) else 0.0
+    return score >= threshold, threshold
+
+
+@torch.no_grad()
+def _gate_inputs(cache: dict[str, torch.Tensor], variant: Variant, head: FusionHead):
+    """``(slm_nll, fused_nll, alpha, scores)``: per-position NLL of the SLM alone and fused with the
+    head's α, and each gate's ranking score (call where it is highest)."""
+    terms, features = cache[f"{variant.name}.terms"], cache[f"{variant.name}.features"]
+    alpha = head_alpha(cache, variant, head)
+    slm_nll, fused_nll = linear_nll(torch.ones(len(terms)), terms), linear_nll(alpha, terms)
+    scores = {"entropy_gate": features[:, 0], "oracle gate (knows the gain)": slm_nll - fused_nll}
+    if head.gate is not None:
+        gain = head.gain_from_slm_features(features[:, : 2 + head.top_k], **slm_side_inputs(cache, head))
+        scores = {"head_gate": gain, **scores}
+    return slm_nll, fused_nll, alpha, scores
+
+
+def _periodic_calls(cache: dict[str, torch.Tensor], schedule: Periodic) -> torch.Tensor:
+    return torch.tensor([bool(schedule.should_call(int(t), None)) for t in cache["positions"].tolist()], dtype=torch.bool)
+
+
+def gate_curves(cache: dict[str, torch.Tensor], variant: Variant, head: FusionHead,
+                fractions: tuple[float, ...] = CURVE_FRACTIONS) -> dict[str, list[tuple[float, float]]]:
+    """``{schedule: [(fraction of calls, NLL), ...]}`` for the learned gate, the entropy gate and the
+    oracle gate at each target fraction, and ``periodic`` at its matched fractions."""
+    slm_nll, fused_nll, _, scores = _gate_inputs(cache, variant, head)
+    calls = {name: [_top_fraction(score, f)[0] for f in fractions] for name, score in scores.items()}
+    calls["periodic"] = [_periodic_calls(cache, schedule) for schedule in PERIODIC_AT.values()]
+    return {name: [(c.double().mean().item(), _gated_nll(c, fused_nll, slm_nll).double().mean().item()) for c in cs]
+            for name, cs in calls.items()}
+
+
+def call_fraction_rows(cache: dict[str, torch.Tensor], variant: Variant, head: FusionHead,
+                       fractions: tuple[float, ...] = CALL_FRACTIONS) -> list[dict[str, Any]]:
+    """Table rows at each fraction of LLM calls: ``head_gate(tau)`` and ``entropy_gate(h)`` with tau
+    and h chosen on this cache, ``periodic(0, K, T)``, and the oracle gate; each row says the fraction
+    of positions it actually called."""
+    slm_nll, fused_nll, alpha, scores = _gate_inputs(cache, variant, head)
+    rows = []
+    for fraction in fractions:
+        schedules = {}
+        for name, score in scores.items():
+            call, threshold = _top_fraction(score, fraction)
+            schedules[name if name.startswith("oracle") else f"{name}({threshold:.4g})"] = call
+        if fraction in PERIODIC_AT:
+            schedules[PERIODIC_AT[fraction].spec] = _periodic_calls(cache, PERIODIC_AT[fraction])
+        for name, call in schedules.items():
+            share = call.double().mean().item()
+            row = _row(variant.name, f"{name}: {share:.1%} calls (target {fraction:.0%})",
+                       _gated_nll(call, fused_nll, slm_nll), torch.where(call, alpha, 1.0))
+            rows.append(dict(row, calls=round(share, 4), target_calls=fraction))
+    return rows
+
+
+def plot_call_curves(path: str | os.PathLike, curves: dict[str, list[tuple[float, float]]], title: str) -> Path | None:
+    """A PNG of NLL against the fraction of LLM calls, one line per schedule; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker="o" if name == "periodic" else ".", linestyle="none" if name == "periodic" else "-",
+                label=name)
+    ax.set_xlabel("fraction of positions with an LLM call")
+    ax.set_ylabel("NLL (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return Path(path)
+
+
+def write_call_report(out_dir: str | os.PathLike, cache: dict[str, torch.Tensor], variants: list[Variant],
+                      heads: dict[str, FusionHead], info: dict[str, Any]) -> Path:
+    """``calls.md`` / ``calls.json`` (:func:`call_fraction_rows` of each variant's head) and one
+    ``call_fraction-VARIANT.png`` per variant (:func:`gate_curves`) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    rows = []
+    for variant in variants:
+        rows += call_fraction_rows(cache, variant, heads[variant.name])
+        plot_call_curves(out_dir / f"call_fraction-{variant.name}.png", gate_curves(cache, variant, heads[variant.name]),
+                         f"NLL vs LLM calls, {variant.name} ({info.get('slm')} + {info.get('llm')})")
+    atomic_write_text(out_dir / "calls.json", json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+    note = ("NLL when the LLM is called at a fraction of the positions (the SLM alone elsewhere); thresholds "
+            "chosen on this cache; the oracle gate knows each call's true gain (a bound).")
+    atomic_write_text(out_dir / "calls.md", f"{note}\n\n{markdown_table(rows)}")
+    return out_dir / "calls.md"
 
 
 def first_examples(cache: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from logitfuse import reference
 from logitfuse.fileio import atomic_write
 from logitfuse.retokenize import token_bytes_table
+from logitfuse.slm_side import NO_TOKEN, HiddenStateCapture
 from logitfuse.types import TopK
 from logitfuse.train_fuser.data import Example, render_prompt
 from logitfuse.train_fuser.served import ServedScorer
@@ -126,6 +127,15 @@ def next_token_logits(model: Any, prompt_ids: list[int], continuation_ids: list[
     return logits.float().cpu()
 
 
+@torch.no_grad()
+def next_token_logits_and_hidden(model: Any, prompt_ids: list[int], continuation_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`next_token_logits` and, from the same forward, the SLM's last hidden state at each of those
+    positions ``(len(continuation), d_model)`` float32: the output layer's input, as decoding captures it."""
+    with HiddenStateCapture(model, keep_all=True) as capture:
+        logits = next_token_logits(model, prompt_ids, continuation_ids)
+    return logits, capture.latest[0, :-1].float().cpu()
+
+
 @dataclass
 class Scored:
     """One example's aligned positions: targets and both models' logits (SLM vocabulary for the SLM)."""
@@ -135,6 +145,9 @@ class Scored:
     llm_logits: torch.Tensor | TopK  # (T, V_L), public prompt; a served LLM's top-k (T, k)
     llm_context_logits: torch.Tensor | None  # (T, V_L), private prompt (upper bound only)
     n_positions: int  # SLM response tokens before alignment
+    slm_hidden: torch.Tensor | None = None  # (T, d_model): the SLM's last hidden state at each position
+    last_tokens: torch.Tensor | None = None  # (T,) the SLM token before each position (-1 at the first)
+    positions: torch.Tensor | None = None  # (T,) each position's index among the SLM response tokens
 
 
 def score_example(pair: Pair, example: Example, *, llm_with_context: bool = False, max_history: int | None = None) -> Scored:
@@ -142,7 +155,7 @@ def score_example(pair: Pair, example: Example, *, llm_with_context: bool = Fals
     slm_ids, llm_ids, llm_index = align_response(pair.slm_tokenizer, pair.llm_tokenizer, example.response)
     aligned = llm_index >= 0
     private = example.private_messages(max_history)
-    slm_logits = next_token_logits(pair.slm, render_prompt(pair.slm_tokenizer, private), slm_ids)
+    slm_logits, slm_hidden = next_token_logits_and_hidden(pair.slm, render_prompt(pair.slm_tokenizer, private), slm_ids)
     public, rows = render_prompt(pair.llm_tokenizer, example.public_messages()), llm_index[aligned]
     if isinstance(pair.llm, ServedScorer):  # a served LLM: its top-k per position; the public prompt only
         top = pair.llm.score_topk(public, llm_ids)
@@ -159,6 +172,9 @@ def score_example(pair: Pair, example: Example, *, llm_with_context: bool = Fals
         llm_logits=llm_info,
         llm_context_logits=context,
         n_positions=len(slm_ids),
+        slm_hidden=slm_hidden[aligned],
+        last_tokens=torch.tensor([NO_TOKEN] + slm_ids[:-1], dtype=torch.long)[aligned],
+        positions=torch.arange(len(slm_ids))[aligned],
     )
 
 
@@ -186,9 +202,14 @@ def linear_nll(alpha: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ cache shards
-def cache_example(pair: Pair, scored: Scored, variants: list[Variant], feature_k: int) -> dict[str, torch.Tensor]:
-    """The tensors kept per example in ``cache`` mode."""
+def cache_example(pair: Pair, scored: Scored, variants: list[Variant], feature_k: int,
+                  slm_hidden: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors kept per example in ``cache`` mode; the SLM's hidden states (float16: 2·d_model
+    bytes per position) only with ``slm_hidden``."""
     out = {"targets": scored.targets}
+    slm_side = {"last_tokens": scored.last_tokens, "positions": scored.positions,
+                "slm_hidden": scored.slm_hidden.half() if slm_hidden else None}
+    out.update({key: value for key, value in slm_side.items() if value is not None})
     for variant in variants:
         features, terms = linear_terms(scored.slm_logits, variant.llm_input(scored.llm_logits), scored.targets,
                                        pair.vocab_map, variant.tail, feature_k)

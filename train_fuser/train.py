@@ -3,7 +3,8 @@
 Two loops share one recipe (AdamW, early stopping on held-out dev examples, a fixed seed):
 
 - :func:`fit_cached` trains a :class:`~logitfuse.FusionHead` in linear mode on cached features and
-  loss terms (:mod:`.scoring`): seconds on a CPU, however large the models were;
+  loss terms (:mod:`.scoring`), and the SLM-side inputs its groups read: seconds on a CPU, however
+  large the models were; :func:`fit_gate` then trains the head's call gate on the same cache;
 - :func:`fit_streaming` runs both models on every pass and trains any head (the paper's too, or
   another mode) through :func:`logitfuse.fused_cross_entropy`.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,14 +66,36 @@ def _wrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class _FromFeatures(torch.nn.Module):
-    """``head.alpha_from_features`` as a module's forward, so DDP can wrap it."""
+    """``head.alpha_from_features`` (or, ``gate=True``, the gate's predicted gain from the SLM's
+    columns) as a module's forward, so DDP can wrap it."""
 
-    def __init__(self, head: FusionHead):
+    def __init__(self, head: FusionHead, gate: bool = False):
         super().__init__()
-        self.head = head
+        self.head, self.gate = head, gate
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head.alpha_from_features(features)
+    def forward(self, features: torch.Tensor, **slm_side: torch.Tensor) -> torch.Tensor:
+        if self.gate:
+            return self.head.gain_from_slm_features(features[:, : 2 + self.head.top_k], **slm_side)
+        return self.head.alpha_from_features(features, **slm_side)
+
+
+#: cache key of each SLM-side input, by the feature group that reads it
+SLM_SIDE_KEYS = {"hidden": "slm_hidden", "token": "last_tokens", "position": "positions"}
+
+
+def slm_side_inputs(cache: dict[str, torch.Tensor], head: FusionHead) -> dict[str, torch.Tensor]:
+    """The cached SLM-side inputs ``head`` reads (keyword arguments of ``alpha_from_features``);
+    ``ValueError`` when the cache lacks one (scored without hidden states: score it again)."""
+    keys = [SLM_SIDE_KEYS[group] for group in head.slm_features]
+    missing = [key for key in keys if key not in cache]
+    if missing:
+        raise ValueError(f"the scoring cache lacks {missing}, which this head reads (slm_features {head.slm_features}); "
+                         "score the data again with them (logitfuse train/eval rescore when --slm-features asks)")
+    return {key: cache[key] for key in keys}
+
+
+def _rows(slm_side: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {key: value[rows] for key, value in slm_side.items()}
 
 
 def _fit(head: BaseFusionHead, config: TrainConfig, train_epoch: Callable[[int], float],
@@ -101,40 +125,71 @@ def _fit(head: BaseFusionHead, config: TrainConfig, train_epoch: Callable[[int],
 
 
 def fit_cached(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
-               config: TrainConfig | None = None, progress: bool = True) -> FitResult:
+               config: TrainConfig | None = None, progress: bool = True,
+               slm_side: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train ``head`` (linear mode) on cached ``features`` ``(N, F)`` and ``terms`` ``(N, 3)``;
-    ``example`` ``(N,)`` says which example each position belongs to (for the validation split)."""
+    ``example`` ``(N,)`` says which example each position belongs to (for the validation split);
+    ``slm_side``: the SLM-side inputs the head reads (:func:`slm_side_inputs`), ``(N, ...)`` each."""
     config = config or TrainConfig()
     if head.mode != "linear":
         raise ValueError(f"cached training computes the linear-mode loss; this head has mode={head.mode!r} (train it with fit_streaming)")
+    model = _FromFeatures(head)
+    return _fit_on_positions(head, model, head.parameters(), features, terms, example, config, slm_side or {},
+                             loss=lambda out, t: linear_nll(out, t), desc=f"fit {head.tail}", progress=progress)
+
+
+def fit_gate(head: FusionHead, features: torch.Tensor, terms: torch.Tensor, example: torch.Tensor,
+             config: TrainConfig | None = None, progress: bool = True,
+             slm_side: dict[str, torch.Tensor] | None = None) -> FitResult:
+    """Train ``head``'s call gate (after the head) on the same cache: its target at each position is
+    what fusing with the head's α gains over the SLM alone, ``NLL(α = 1) - NLL(α_head)`` (nats;
+    negative where fusing hurts), fit by squared error, so that the gate predicts the expected gain
+    from SLM-side signals. Only the gate's weights change."""
+    config = config or TrainConfig()
+    if head.gate is None:
+        raise ValueError("fit_gate: this head has no call gate (gate_hidden=0); build it with gate_hidden=32")
+    with torch.no_grad():
+        alpha = torch.cat([head.alpha_from_features(features[i : i + 65536], **_rows(slm_side or {}, slice(i, i + 65536)))
+                           for i in range(0, len(features), 65536)])
+        gain = linear_nll(torch.ones_like(alpha), terms) - linear_nll(alpha, terms)
+    model = _FromFeatures(head, gate=True)
+    return _fit_on_positions(head, model, head.gate.parameters(), features, gain, example, config, slm_side or {},
+                             loss=lambda out, target: (out - target) ** 2, desc=f"gate {head.tail}", progress=progress)
+
+
+def _fit_on_positions(head: FusionHead, module: torch.nn.Module, parameters: Any, features: torch.Tensor,
+                      targets: torch.Tensor, example: torch.Tensor, config: TrainConfig,
+                      slm_side: dict[str, torch.Tensor], *, loss: Callable, desc: str, progress: bool) -> FitResult:
+    """Minibatch AdamW on cached positions (what :func:`fit_cached` and :func:`fit_gate` share): the
+    mean of ``loss(module(features, **slm_side), targets)``, early stopping on held-out examples."""
     torch.manual_seed(config.seed)
     rank, world = _distributed()
     train_ids, val_ids = split_examples(int(example.max()) + 1, config.val_fraction, config.seed)
     in_train = torch.isin(example, train_ids[rank::world])
     in_val = torch.isin(example, val_ids)
-    model = _wrap(_FromFeatures(head))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model = _wrap(module)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    x_train, t_train = features[in_train], terms[in_train]
+    x_train, t_train, side_train = features[in_train], targets[in_train], _rows(slm_side, in_train)
 
     def train_epoch(epoch: int) -> float:
         order = torch.randperm(len(x_train), generator=generator)
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = linear_nll(model(x_train[batch]), t_train[batch]).mean()
+            value = loss(model(x_train[batch], **_rows(side_train, batch)), t_train[batch]).mean()
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += value.item() * len(batch)
         return total / max(len(order), 1)
 
     def validate() -> float | None:
         if not in_val.any():
             return None
-        return linear_nll(head.alpha_from_features(features[in_val]), terms[in_val]).mean().item()
+        return loss(module(features[in_val], **_rows(slm_side, in_val)), targets[in_val]).mean().item()
 
-    return _fit(head, config, train_epoch, validate, f"fit {head.tail}", progress)
+    return _fit(head, config, train_epoch, validate, desc, progress)
 
 
 def fit_streaming(head: BaseFusionHead, pair: Pair, examples: list[Example], variant: Variant,
