@@ -92,10 +92,11 @@ def _one(system: str, example: Example, models: Models, max_new_tokens: int, max
         sketch = sketch_generate(models.llm, models.slm, example.public_instruction, _context_text(example, max_history),
                                  slm_tokenizer=models.slm_tok, max_new_tokens=max_new_tokens, **sampling)
         return sketch.text.strip(), len(sketch.output_ids)
-    else:  # fused, with the head (alpha None) or a fixed α
+    else:  # fused, with the head (alpha None) or a fixed α; greedy: logitfuse.generate (overlap), same tokens
+        loop = "processor" if sampling["do_sample"] else "generate"
         out = fuse_on_engine(models.slm, models.slm_tok, private_ids, models.llm, public_ids, max_new_tokens, sampling,
-                             head=models.head if alpha is None else None, alpha=alpha, vocab_map=models.vocab_map,
-                             schedule=schedule)
+                             loop=loop, head=models.head if alpha is None else None, alpha=alpha,
+                             vocab_map=models.vocab_map, schedule=schedule)
     return out.text.strip(), len(out.token_ids)
 
 
