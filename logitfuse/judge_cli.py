@@ -7,7 +7,7 @@
 
 Systems: the SLM with the private context, the LLM without it, the LLM with it (it leaks the context:
 a reference only), the sketch variant, fused with a fixed α, fused with the trained head (plus any
---extra-alpha / --extra-schedule). Same decoding for all (greedy by default) and the same max length.
+--extra-alpha / --extra-schedule). Same decoding for all (greedy with a repetition penalty of 1.1 by default) and the same max length.
 
 The judge sees the private profile: it must be a model you control. A judge URL that is not on this
 machine (loopback) is refused unless --allow-remote-judge is given. The evaluated LLM sees only the
@@ -17,9 +17,9 @@ public task title, as in `logitfuse generate`.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def _one(system: str, example: Example, models: Models, max_new_tokens: int, max
 
 def generate_records(examples: list[Example], models: Models, systems: dict[str, tuple[float | None, str]], *,
                      max_new_tokens: int, max_history: int = 2, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, progress: bool = True, on_example=None,
+                     repetition_penalty: float = 1.0, seed: int = 0, progress: bool = True, on_example=None,
                      done: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """One record ``{"tid", "system", "text", "tokens"}`` per example and system.
 
@@ -115,7 +115,7 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
     import torch
     from tqdm.auto import tqdm
 
-    sampling: dict[str, Any] = {"do_sample": temperature > 0}
+    sampling: dict[str, Any] = {"do_sample": temperature > 0, "repetition_penalty": repetition_penalty}
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p)
     records = list(done)
@@ -280,6 +280,7 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
     check_range("--max-new-tokens", args.max_new_tokens, low=1)
     check_range("--temperature", args.temperature, low=0, meaning="0 = greedy")
     check_range("--top-p", args.top_p, low=0, high=1, low_open=True)
+    check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
     check_device("--device", args.device)
     if args.resume and not (Path(args.out).expanduser() / "generations.jsonl").is_file():
         raise UsageError(f"--resume: {args.out!r} has no generations.jsonl to continue; drop --resume")
@@ -356,7 +357,7 @@ def run_judge(args: argparse.Namespace) -> int:
               f"(the LLM backend sees only the public task titles)", file=sys.stderr, flush=True)
         records = generate_records(examples, models, systems, max_new_tokens=args.max_new_tokens,
                                    max_history=args.max_history, temperature=args.temperature, top_p=args.top_p,
-                                   seed=args.seed, done=done,
+                                   repetition_penalty=args.repetition_penalty, seed=args.seed, done=done,
                                    on_example=lambda so_far: _write_jsonl(out / "generations.jsonl", so_far))
     judge = None
     if args.judge_url is not None:
@@ -417,6 +418,8 @@ def add_judge_subcommand(subparsers: Any) -> None:
                         "the same settings) and generate only what it lacks")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="for every system, as in `logitfuse "
+                        "demo` (default 1.1; 1 = none: small models then often repeat a line until the length limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")

@@ -288,3 +288,10 @@ def test_tagged_runs_merge_and_are_compared_within_their_run(tmp_path, generatio
     assert main(["judge", "--out", str(out), "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
                  "--tag", "a b"]) == 2
     assert "--tag 'a b'" in capsys.readouterr().err
+
+
+def test_judge_checks_the_repetition_penalty_before_loading(tmp_path, capsys):
+    assert main(["judge", "--out", str(tmp_path / "o"), "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
+                 "--repetition-penalty", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repetition-penalty 0" in err
