@@ -2,7 +2,9 @@
 decoding (``slm.generate(..., logits_processor=[CoGenesisLogitsProcessor(HFLLM(...), ...)])``), per
 batch size; plus a baseline shaped like the CoGenesis paper's code at batch 1: every step the LLM
 re-reads the whole prefix (no KV cache) and a :class:`~logitfuse.PaperFusionHead` over both full
-logit vectors (2V -> 512 -> 16 -> 1) picks α.
+logit vectors (2V -> 512 -> 16 -> 1) picks α; beside it, at the same length, the fastest exact
+configuration: :func:`logitfuse.generate` with overlap (``generate_overlap``) and, with
+``--slm-engine llama.cpp``, the same with the SLM's GGUF file in llama.cpp (``generate_overlap_llama_cpp``).
 
 How it is measured (gpt-fast habits, the clocks of :mod:`logitfuse.bench.common`): greedy
 decoding, EOS disabled so every row runs all steps, one short warm-up generation of each kind
@@ -246,9 +248,40 @@ def run_paper(s: Setup, new_tokens: int) -> dict[str, Any]:
     return step_figures(clock.stamps, 1)
 
 
+def _weight_options(s: Setup, head_kind: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"head": FusionHead(s.v_slm, s.v_llm).to(s.device)} if head_kind == "head" else {"alpha": 0.5}
+    if s.vmap is not None:
+        kwargs.update(vocab_map=s.vmap, slm_tokenizer=s.slm_tok)
+    return kwargs
+
+
+def run_generate_loop(s: Setup, new_tokens: int, head_kind: str, llama: Any = None) -> dict[str, Any]:
+    """Batch 1 through ``logitfuse.generate`` with overlap (the fastest exact configuration per step),
+    the SLM in transformers or, with ``llama``, a :class:`~logitfuse.LlamaCppSLM` over its GGUF file;
+    EOS off. tokens/s = (tokens - 1) / (time after the first token), prefill excluded as in the others."""
+    import logitfuse
+
+    started = common.now(s.device)
+    out = logitfuse.generate(llama or s.slm, HFLLM(s.llm_model, s.llm_tok), [s.private_ids], s.public_ids,
+                             max_new_tokens=new_tokens, overlap=True, eos_token_id=[], pad_token_id=s.pad_slm,
+                             **_weight_options(s, head_kind))
+    total = common.now(s.device) - started
+    n = len(out.sequences[0])
+    return {"tokens_per_s": (n - 1) / (total - out.first_token_seconds), "step_ms": (total - out.first_token_seconds)
+            / max(n - 1, 1) * 1e3, "steps_timed": n - 1, "llm_calls": out.stats.llm_calls}
+
+
+def _llama_slm(s: Setup, slm_name: str, new_tokens: int) -> Any:
+    from logitfuse import zoo
+    from logitfuse.llama_slm import LlamaCppSLM
+
+    return LlamaCppSLM(zoo.gguf_path(slm_name), tokenizer=s.slm_tok, n_ctx=len(s.private_ids) + new_tokens + 8,
+                       n_threads=torch.get_num_threads())
+
+
 def run(*, quick: bool, device: torch.device, tiny: bool = False, slm: str = "smollm2-135m", llm: str | None = None,
         batches=None, new_tokens: int | None = None, paper_tokens: int | None = None, head: str = "head",
-        tiny_vocab: int = 512, log=print) -> dict[str, Any]:
+        tiny_vocab: int = 512, slm_engine: str = "transformers", log=print) -> dict[str, Any]:
     llm = llm or (slm if quick else "qwen2.5-coder-0.5b")
     batches = batches or ([1, 8] if quick else [1, 8, 32])
     new_tokens = new_tokens or (16 if quick else 64)
@@ -277,10 +310,24 @@ def run(*, quick: bool, device: torch.device, tiny: bool = False, slm: str = "sm
         run_paper(s, 2)  # warm-up
         paper = {"config": "paper_loop", "B": 1, "new_tokens": paper_tokens, **run_paper(s, paper_tokens)}
         paper["fused_speedup"] = fused_long["tokens_per_s"] / paper["tokens_per_s"]
-        rows += [fused_long, paper]
-        for row in rows[-2:]:
+        # the fastest exact configurations: logitfuse.generate with overlap (and the SLM in llama.cpp)
+        run_generate_loop(s, 3, head)  # warm-up
+        loops = [{"config": "generate_overlap", "B": 1, "new_tokens": paper_tokens,
+                  **run_generate_loop(s, paper_tokens, head)}]
+        if slm_engine == "llama.cpp":
+            with _llama_slm(s, slm, paper_tokens) as llama:
+                run_generate_loop(s, 3, head, llama)  # warm-up
+                loops.append({"config": "generate_overlap_llama_cpp", "B": 1, "new_tokens": paper_tokens,
+                              **run_generate_loop(s, paper_tokens, head, llama)})
+        for row in loops:
+            row["speedup_vs_paper_loop"] = row["tokens_per_s"] / paper["tokens_per_s"]
+        rows += [fused_long, *loops, paper]
+        for row in rows[-2 - len(loops):]:
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    return {"models": {"slm": s.names[0], "llm": s.names[1], "v_slm": s.v_slm, "v_llm": s.v_llm,
+    fastest = max((r for r in rows if "speedup_vs_paper_loop" in r), key=lambda r: r["tokens_per_s"], default=None)
+    return {"fastest_exact_vs_paper": ({"config": fastest["config"], "speedup": fastest["speedup_vs_paper_loop"]}
+                                       if fastest else None),
+            "models": {"slm": s.names[0], "llm": s.names[1], "v_slm": s.v_slm, "v_llm": s.v_llm,
                        "vocab_map": "identity" if s.vmap is None else f"cross (coverage {s.vmap.coverage:.3f})",
                        "dtype": str(next(s.slm.parameters()).dtype), "tiny": tiny},
             "head": "FusionHead (untrained, ~3k params)" if head == "head" else "fixed alpha=0.5",
@@ -301,10 +348,14 @@ def plot(result: dict[str, Any], out_dir: str, stem: str):
     axes[0].set_ylabel("tokens/s")
     axes[0].set_title("decoding throughput")
     axes[0].legend(fontsize=7)
-    # the last two rows are fused vs the paper loop at batch 1, when that comparison ran
-    long = result["rows"][-2:] if result["rows"][-1]["config"] == "paper_loop" else []
+    # the rows at --paper-tokens: fused (processor), logitfuse.generate and the paper loop at batch 1
+    last = result["rows"][-1]
+    long = [r for r in result["rows"] if r["B"] == 1 and r["new_tokens"] == last["new_tokens"]
+            and r["config"] not in ("slm", "llm")][-4:] if last["config"] == "paper_loop" else []
     if long:
-        axes[1].bar([r["config"] for r in long], [r["tokens_per_s"] for r in long], color=["C2", "C3"][: len(long)])
+        axes[1].bar([r["config"].replace("generate_overlap", "generate") for r in long],
+                    [r["tokens_per_s"] for r in long], color=["C2", "C4", "C5", "C3"][-len(long):])
+        axes[1].tick_params(axis="x", labelsize=6)
         axes[1].set_ylabel("tokens/s (B=1)")
         axes[1].set_title(f"ours vs paper-shaped loop, {long[-1]['new_tokens']} tokens")
     m = result["models"]
@@ -315,7 +366,8 @@ def plot(result: dict[str, Any], out_dir: str, stem: str):
 TABLE_COLUMNS = [("config", "config"), ("B", "B"), ("new_tokens", "new tokens"), ("tokens_per_s", "tokens/s"),
                  ("step_ms", "step ms (median)"), ("fusion_overhead_ms_per_step", "fusion overhead ms/step"),
                  ("fusion_overhead_frac_in_loop", "overhead / (SLM+LLM), in loop"),
-                 ("fused_over_slm_plus_llm", "fused step / (SLM step + LLM step)"), ("fused_speedup", "fused × paper loop")]
+                 ("fused_over_slm_plus_llm", "fused step / (SLM step + LLM step)"), ("fused_speedup", "fused × paper loop"),
+                 ("speedup_vs_paper_loop", "generate × paper loop")]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -328,6 +380,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, help="new tokens per configuration (default 16 with --quick, else 64)")
     parser.add_argument("--paper-tokens", type=int, help="new tokens for fused vs paper loop at batch 1 (0 = skip; default 64 quick, 256 full)")
     parser.add_argument("--head", choices=("head", "fixed"), default="head", help="FusionHead (default) or fixed alpha")
+    parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="llama.cpp: the paper-loop comparison also runs logitfuse.generate with the SLM's GGUF "
+                             "file in llama.cpp (needs llama-cpp-python and a zoo SLM)")
 
 
 def execute(args: argparse.Namespace, argv: list[str]) -> int:
@@ -336,7 +391,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     info = common.machine_info(device)
     result = run(quick=args.quick, device=device, tiny=args.tiny, slm=args.slm, llm=args.llm, batches=args.batch,
                  new_tokens=args.new_tokens, paper_tokens=args.paper_tokens, head=args.head,
-                 tiny_vocab=args.tiny_vocab)
+                 tiny_vocab=args.tiny_vocab, slm_engine=args.slm_engine)
     stem = f"decode_{device.type}" + ("_tiny" if args.tiny else "") + ("_quick" if args.quick else "")
     return common.report(args, "decode", argv, started, info, stem, result, plot, TABLE_COLUMNS)
 

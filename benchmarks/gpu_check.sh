@@ -2,10 +2,12 @@
 # One prepared GPU check for a lent machine (H200; torch 2.11, triton 3.6, transformers 5.17, no network).
 # Runs the gpu-marked tests, then every benchmark at full size, writing under $OUT:
 #   $OUT/gpu_check.log (everything printed, step statuses at the end) and one JSON per benchmark
-#   (kernels_cuda.json, sampling_cuda.json, decode_cuda*.json, train_cuda.json): 5 files, no PNGs
+#   (kernels_cuda.json, sampling_cuda.json, decode_cuda*.json, train_cuda.json, speculate*.json): up to 8
+#   files, no PNGs
 #   (the file count that comes back is limited; redraw here with
 #   `logitfuse bench plot <files_at>/*.json --out benchmarks/results`).
-# Every step has a timeout and a failing step does not stop the others; the whole run is about 8 minutes.
+# Every step has a timeout and a failing step does not stop the others; the whole run is about 8 minutes, plus
+# up to 8 for the speculate steps (drop them, or run them alone, when the device time is short).
 # Run from the repository root:  bash benchmarks/gpu_check.sh
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -66,6 +68,22 @@ else
     step decode 110 "${BENCH[@]}" decode --device cuda --out "$OUT" --no-plot --tiny --tiny-vocab 49152
 fi
 step train 100 "${BENCH[@]}" train --device cuda --out "$OUT" --no-plot
+# fast fused decoding (issue 14): speculation on the same-tokenizer Qwen pair, raw and behind an EMULATED
+# 0.15 s LLM round trip (decode tokens/s beside end to end); the SLM in llama.cpp (CPU) on the demo pair
+# when llama-cpp-python is here. The decode step above already puts logitfuse.generate beside the paper loop.
+if in_bench_dir python -c 'from logitfuse import zoo; zoo.path("qwen2.5-coder-0.5b"); zoo.path("qwen2.5-coder-1.5b")' 2>/dev/null; then
+    SPEC=(speculate --device cuda --out "$OUT" --no-plot --slm qwen2.5-coder-0.5b --llm qwen2.5-coder-1.5b
+          --examples 2 --new-tokens 64 --speculate 0 2 4 8 --alpha 0.5 --head none)
+    step speculate 150 "${BENCH[@]}" "${SPEC[@]}"
+    step speculate-latency 200 "${BENCH[@]}" "${SPEC[@]}" --llm-latency 0.15
+    if in_bench_dir python -c 'import llama_cpp' 2>/dev/null; then
+        step speculate-llama 150 "${BENCH[@]}" speculate --device cuda --out "$OUT" --no-plot --slm smollm2-135m \
+            --llm qwen2.5-coder-0.5b --slm-engine llama.cpp --speculate 0 --examples 2 --new-tokens 64 --alpha 0.5 --head none
+    fi
+else
+    echo "zoo models not installed here: speculate runs tiny random models"
+    step speculate 90 "${BENCH[@]}" speculate --device cuda --out "$OUT" --no-plot --tiny --alpha 0.5 --head none
+fi
 
 date -u
 echo "=== summary"

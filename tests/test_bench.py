@@ -140,7 +140,10 @@ def test_decode_tiny_writes_json(tmp_path):
                   "--out", str(tmp_path), "--no-plot") == 0
     payload = _read(tmp_path / "decode_cpu_tiny.json")
     configs = [(r["config"], r["B"]) for r in payload["rows"]]
-    assert configs == [("slm", 1), ("llm", 1), ("fused", 1), ("fused", 1), ("paper_loop", 1)]
+    assert configs == [("slm", 1), ("llm", 1), ("fused", 1), ("fused", 1), ("generate_overlap", 1), ("paper_loop", 1)]
+    loop = payload["rows"][-2]  # the fastest exact configuration beside the paper loop
+    assert loop["llm_calls"] == 3 and loop["tokens_per_s"] > 0 and loop["speedup_vs_paper_loop"] > 0
+    assert payload["fastest_exact_vs_paper"]["config"] == "generate_overlap"
     fused = [r for r in payload["rows"] if r["config"] == "fused"]
     assert all(r["llm_calls"] == 3 and "fusion_overhead_frac_in_loop" in r for r in fused)
     # the processor's time contains the LLM calls timed inside it
