@@ -113,12 +113,13 @@ def tiny_run(tmp_path_factory, tok, slm, llm_model):
     return root
 
 
-def test_train_on_two_splits_with_slm_features_then_eval_reports_calls(tiny_run, tmp_path, capsys):
+def test_train_on_two_splits_with_slm_features_then_eval_reports_calls(tiny_run, tmp_path, capsys, monkeypatch):
     from logitfuse.cli import main
+    from logitfuse.train_fuser import cli as train_cli
     from logitfuse.train_fuser.scoring import read_shards
 
     common = ["--slm", str(tiny_run / "slm"), "--llm", str(tiny_run / "llm"), "--data", str(tiny_run / "data"),
-              "--llm-top-k", "5"]
+              "--llm-top-k", "5", "--cache", str(tmp_path / "caches")]
     out = tmp_path / "run"
     assert main(["train", *common, "--out", str(out), "--split", "train_wo_profile", "--split", "dev",
                  "--max-examples", "5", "--slm-features", "hidden,token,position", "--max-epochs", "3",
@@ -126,7 +127,7 @@ def test_train_on_two_splits_with_slm_features_then_eval_reports_calls(tiny_run,
     summary = json.loads((out / "train.json").read_text())
     assert summary["splits"] == {"train_wo_profile": 3, "dev": 2} and summary["examples"] == 5
     assert all("gate_val_mse" in h for h in summary["heads"].values())
-    cache, metadata = read_shards(out / "cache-dev")
+    cache, metadata = read_shards(tmp_path / "caches" / "cache-dev")
     assert cache["slm_hidden"].dtype == torch.float16 and cache["slm_hidden"].shape[1] == 32  # tiny_llama's width
     assert metadata["tids"] == ["dev_0", "dev_1"]
     head = logitfuse.load_head(out / "heads" / "dense")
@@ -138,6 +139,11 @@ def test_train_on_two_splits_with_slm_features_then_eval_reports_calls(tiny_run,
     assert sorted({r["target_calls"] for r in rows}) == [0.25, 0.5, 0.75]
     assert (out / "call_fraction-dense.png").read_bytes()[:4] == b"\x89PNG"
     assert "head_gate(" in capsys.readouterr().out
+    # an ablation without SLM-side features on the same examples reuses the shared caches: nothing is scored
+    monkeypatch.setattr(train_cli, "score_example", lambda *a, **k: pytest.fail("scored again"))
+    assert main(["train", *common, "--out", str(tmp_path / "plain"), "--split", "train_wo_profile",
+                 "--max-epochs", "2", "--gate-hidden", "0"]) == 0
+    assert logitfuse.load_head(tmp_path / "plain" / "heads" / "dense").slm_features == []
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [

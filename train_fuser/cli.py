@@ -69,6 +69,8 @@ def _check_common(args: argparse.Namespace, split: str) -> None:
     check_range("--max-history", args.max_history, low=0)
     check_range("--paper-examples", args.paper_examples, low=1)
     check_device("--device", args.device)
+    if args.cache is not None:
+        check_out_dir("--cache", args.cache)
     if is_url(args.llm) and getattr(args, "paper_head", False):
         raise UsageError("--paper-head needs the LLM's full logits, which a server does not give; leave it out "
                          "with --llm URL")
@@ -135,7 +137,9 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
                    slm_hidden=slm_hidden)
     try:
         cache, metadata = read_shards(cache_dir)
-        if metadata["setting"] == setting and metadata["tids"] == [e.tid for e in examples]:
+        # a cache that kept the hidden states also serves a run that does not read them
+        reusable = (setting, dict(setting, slm_hidden=True)) if not slm_hidden else (setting,)
+        if metadata["setting"] in reusable and metadata["tids"] == [e.tid for e in examples]:
             return cache, metadata
     except (FileNotFoundError, ValueError):
         pass
@@ -188,7 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
     examples = [example for _, chunk in splits for example in chunk]
     variants = variants_for(args)
     started = time.perf_counter()
-    cache, metadata = score_training_splits(pair, splits, out, variants, feature_k=args.feature_k,
+    cache, metadata = score_training_splits(pair, splits, Path(args.cache or out), variants, feature_k=args.feature_k,
                                             max_history=args.max_history, slm_hidden="hidden" in args.slm_features)
     config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
     summary = {"slm": pair.slm_name, "llm": pair.llm_name, "examples": len(examples), "positions": len(cache["targets"]),
@@ -233,7 +237,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if (heads_root / variant.name).is_dir():
             heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
     examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
-    cache, metadata = score_split(pair, examples, out / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
+    cache, metadata = score_split(pair, examples, Path(args.cache or out) / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
                                   llm_with_context=not args.no_llm_context and args.served is None,
                                   max_history=args.max_history,
                                   slm_hidden=any(head.needs_slm_hidden for head in heads.values()))
@@ -280,6 +284,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-history", type=int, default=None,
                         help="keep only the first N writing-history items in the private prompt (shorter prompts, faster on CPU)")
     parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")
+    parser.add_argument("--cache", default=None, help="folder of the scoring caches (cache-SPLIT/), shared by runs that "
+                        "score the same examples, e.g. ablations (default: the output folder)")
 
 
 def add_subcommands(subparsers: Any) -> None:
