@@ -5,8 +5,10 @@
   :class:`LLMOutput`, :class:`LLMBackendError`;
 - :mod:`logitfuse.backends.hf`: :class:`HFLLM`, a local transformers model with its own KV cache;
 - :mod:`logitfuse.backends.openai`: :class:`OpenAICompatibleLLM`, the LLM behind an
-  OpenAI-compatible ``/v1/completions`` endpoint, over :mod:`logitfuse.backends.transport`
-  (whole-request deadlines, no redirects);
+  OpenAI-compatible ``/v1/completions`` endpoint: its requests and replies are
+  :mod:`logitfuse.backends.completions`, over :mod:`logitfuse.backends.transport` (whole-request
+  deadlines, no redirects); its teacher-forced scoring is :mod:`logitfuse.backends.served_scoring`,
+  reading replies with :mod:`logitfuse.backends.prompt_scores`;
 - :mod:`logitfuse.backends.strings`: token strings in a server's ``top_logprobs`` back to ids.
 
 >>> from logitfuse.backends import HFLLM, OpenAICompatibleLLM

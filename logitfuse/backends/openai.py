@@ -1,15 +1,15 @@
-"""OpenAICompatibleLLM: the cloud LLM over HTTP (an OpenAI-compatible ``/v1/completions``)."""
+"""OpenAICompatibleLLM: the cloud LLM over HTTP (an OpenAI-compatible ``/v1/completions``).
+
+This module keeps the rows (their ids and prompt text) and the per-step :meth:`~OpenAICompatibleLLM.advance`;
+requests and replies are :mod:`logitfuse.backends.completions`, teacher-forced scoring is
+:mod:`logitfuse.backends.served_scoring`.
+"""
 
 from __future__ import annotations
 
 import codecs
-import http.client
-import json
-import math
-import socket
 import threading
 import time
-import urllib.error
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,25 +17,17 @@ from typing import Any
 import torch
 
 from logitfuse.backends.base import LLMBackend, LLMBackendError, LLMOutput, check_prompts
-from logitfuse.backends.prompt_scores import (SCORE_METHODS, echo_positions_by_count, echo_positions_by_offset,
-                                              prompt_logprobs_positions, single_position_reply)
-from logitfuse.backends.strings import TOKEN_ID_KEY, TokenStringMap, parse_top_logprobs
-from logitfuse.backends.transport import (MAX_REPLY_BYTES, TRANSIENT_HTTP, DeadlineRequest, backoff_total,
-                                          build_opener, is_validation_error)
+from logitfuse.backends.completions import CompletionsWire, UnmappedReplyError, padded_topk
+from logitfuse.backends.prompt_scores import SCORE_METHODS
+from logitfuse.backends.served_scoring import PROBE_TEXT, ServedScoring
+from logitfuse.backends.strings import TokenStringMap
+from logitfuse.backends.transport import TRANSIENT_HTTP, build_opener
 from logitfuse.retokenize import token_bytes
-from logitfuse.types import TopK
 
 __all__ = ["PROBE_TEXT", "OpenAICompatibleLLM"]
 
-#: what the scoring probe sends (a fixed text, so that no user's text is ever used to probe)
-PROBE_TEXT = "One, two, three, four, five, six."
 
-
-class _UnmappedReplyError(LLMBackendError):
-    """A reply whose token strings map to no token of the tokenizer (likely the wrong ``tokenizer=``)."""
-
-
-class OpenAICompatibleLLM(LLMBackend):
+class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
     """The cloud LLM over HTTP: an OpenAI-compatible ``/v1/completions`` endpoint with ``logprobs``.
 
     Each step sends, per row that needs it, ``{"model", "prompt", "max_tokens": 1, "logprobs": top_k,
@@ -95,6 +87,10 @@ class OpenAICompatibleLLM(LLMBackend):
         prompt_format (`str`, defaults to ``"auto"``): ``"ids"``, ``"text"`` or ``"auto"`` (above).
         ties (`str`, defaults to ``"split"``): token strings shared by several ids: ``"split"`` or
             ``"canonical"`` (:class:`TokenStringMap`).
+        score_method (`str`, defaults to ``"auto"``): how :meth:`score` asks the server for prompt
+            log-probabilities: ``"echo"``, ``"prompt_logprobs"`` (vLLM, token-id prompts), ``"none"``
+            (no scoring) or ``"auto"`` (:meth:`probe_score` once, at the first look at
+            :attr:`supports_score`).
 
     Example (no server needed to build one):
 
@@ -214,113 +210,7 @@ class OpenAICompatibleLLM(LLMBackend):
                 del self._ids[r][-count:]
                 self._answer[r] = None
 
-    # ------------------------------------------------------------------ HTTP
-    def payload(self, token_ids: list[int] | str, *, max_tokens: int = 1, logprobs: int | None = None,
-                temperature: float | None = None, echo: bool = False, prompt_logprobs: int | None = None) -> bytes:
-        """The exact request body for one row (``token_ids``: LLM ids, or the prompt text).
-
-        ``echo=True`` asks for the prompt's log-probabilities too (scoring, :meth:`score`);
-        ``prompt_logprobs=k`` is vLLM's extra parameter for the same."""
-        body = {
-            "model": self.model,
-            "prompt": token_ids,
-            "max_tokens": max_tokens,
-            "logprobs": self.top_k if logprobs is None else logprobs,
-            "temperature": self.temperature if temperature is None else temperature,
-            "echo": bool(echo),
-            "return_tokens_as_token_ids": True,
-        }
-        if prompt_logprobs is not None:
-            body["prompt_logprobs"] = prompt_logprobs
-        return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-    def _post_once(self, body: bytes, deadline: float) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = DeadlineRequest(self.url, data=body, headers=headers, method="POST", deadline=deadline)
-        with self._opener.open(request, timeout=max(deadline - time.monotonic(), 1e-3)) as response:
-            raw = response.read(MAX_REPLY_BYTES + 1)
-        if len(raw) > MAX_REPLY_BYTES:
-            raise ValueError(f"the reply is larger than {MAX_REPLY_BYTES >> 20} MiB")
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ValueError("the reply is not JSON") from None
-
-    def step_budget(self) -> float:
-        """The most seconds one :meth:`advance` (or one :meth:`post`) takes, whatever the number of
-        rows: ``timeout × (retries + 1)`` plus the backoff sleeps between attempts."""
-        return self.timeout * (self.retries + 1) + backoff_total(self.retries, self.backoff)
-
-    def post(self, body: bytes, parse: Any = None, *, deadline: float | None = None) -> Any:
-        """POST ``body`` with retries; returns the parsed JSON reply (passed through ``parse`` when
-        given; a ``ValueError`` from it counts as a malformed reply and is retried) or raises
-        :class:`LLMBackendError`.
-
-        Each attempt must be answered in full (connect, send, the whole reply) within ``timeout``
-        seconds, and all attempts end by ``deadline`` (a :func:`time.monotonic` time; default:
-        :meth:`step_budget` from now). Redirects are not followed (the request carries the API
-        key): a 3xx is an error, not retried. The error message names the URL, the attempt count
-        and what went wrong (status, timeout, connection error, malformed reply), never the
-        request body.
-        """
-        deadline = time.monotonic() + self.step_budget() if deadline is None else deadline
-        problem = f"timed out: the step's time budget ({self.step_budget():g} s) ran out before this request was sent"
-        status, validation, made = None, False, 0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 2.0))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            made += 1
-            with self._lock:
-                self.stats["attempts"] += 1
-            try:
-                reply = self._post_once(body, time.monotonic() + min(self.timeout, left))
-                return parse(reply) if parse is not None else reply
-            except urllib.error.HTTPError as err:
-                problem, status, validation = self._http_problem(err)
-                if err.code not in TRANSIENT_HTTP or validation:  # a refused request shape stays refused
-                    break
-            except TimeoutError:
-                problem, status = self._timed_out(), None
-            except urllib.error.URLError as err:
-                reason = err.reason
-                status = None
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    problem = self._timed_out()
-                else:
-                    problem = f"connection failed ({type(reason).__name__}: {reason})"
-            except (ConnectionError, http.client.HTTPException, OSError) as err:
-                problem, status = f"connection failed ({type(err).__name__})", None
-            except ValueError as err:
-                problem, status = f"malformed reply ({err})", None
-        raise LLMBackendError(f"{self.url}: {problem} (after {made} attempt{'' if made == 1 else 's'})", status,
-                              validation)
-
-    def _timed_out(self) -> str:
-        return f"timed out: no complete reply within the deadline of timeout={self.timeout:g} s"
-
-    @staticmethod
-    def _http_problem(err: urllib.error.HTTPError) -> tuple[str, int, bool]:
-        """``(problem, status, validation)`` of an HTTP error reply."""
-        if 300 <= err.code < 400:
-            location = str(err.headers.get("Location", "") if err.headers else "")[:200] or "an unnamed address"
-            return (f"the server answered with a redirect (HTTP {err.code}) to {location}; redirects are not "
-                    "followed (the request carries the API key): point base_url at the final address"), err.code, False
-        detail = ""
-        try:
-            detail = err.read(300).decode("utf-8", "replace").strip()
-        except Exception:  # noqa: BLE001 - the body is only for the message
-            pass
-        finally:
-            err.close()
-        problem = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
-        return problem, err.code, is_validation_error(err.code, detail)
-
-    # ------------------------------------------------------------------ prompts and replies
+    # ------------------------------------------------------------------ prompts
     def row_text(self, r: int) -> str | None:
         """Row ``r``'s prompt as text (what ``prompt_format="text"`` sends), or ``None`` while its
         generated bytes end inside a character (held back until the character is complete).
@@ -344,67 +234,18 @@ class OpenAICompatibleLLM(LLMBackend):
             return None
         return prompt_text + text
 
-    def _token_strings(self) -> TokenStringMap | None:
-        if self._string_map is None and self.tokenizer is not None:
-            self._string_map = TokenStringMap.for_tokenizer(self.tokenizer, ties=self.ties)
-        return self._string_map
+    def _prompt_upto(self, r: int, upto: int) -> list[int] | str | None:
+        """What is sent as row ``r``'s prompt after its first ``upto`` ids: those ids, or with
+        ``prompt_format="text"`` their text (``None`` while it ends inside a character)."""
+        if (self._format or "ids") == "ids":
+            return self._ids[r][:upto]
+        return self._text_upto(r, upto)
 
-    def _parse(self, reply: Any) -> list[tuple[int, float]]:
-        counts: dict = {}
-        try:
-            top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-            by_id = isinstance(top, dict) and all(isinstance(k, str) and k.startswith(TOKEN_ID_KEY) for k in top)
-        except (KeyError, IndexError, TypeError):
-            by_id = True  # parse_top_logprobs says what is wrong
-        pairs = parse_top_logprobs(reply, vocab_size=self.vocab_size,
-                                   token_strings=None if by_id else self._token_strings(), counts=counts)
-        with self._lock:
-            self.stats["topk_entries"] += counts.get("topk_entries", 0)
-            self.stats["topk_mapped"] += counts.get("topk_mapped", 0)
-            self.stats["topk_mapped_share"] = self.stats["topk_mapped"] / max(self.stats["topk_entries"], 1)
-        strings = [key for key in top if key] if not by_id else []
-        if strings and not counts.get("topk_mapped", 0):
-            # "" keys (control tokens, cut characters) never map; real strings always do with the
-            # right tokenizer, so when none of them does, the tokenizer is not the server's
-            examples = ", ".join(repr(key[:20]) for key in strings[:3])
-            raise _UnmappedReplyError(
-                f"{self.url}: none of the {len(strings)} token strings in the reply ({examples}) is a token of "
-                "the tokenizer passed as tokenizer=; pass the served LLM's own tokenizer", 200)
-        return pairs
+    def _body(self, r: int) -> bytes | None:
+        prompt = self._prompt_upto(r, len(self._ids[r]))
+        return None if prompt is None else self.payload(prompt)
 
-    def _request_row(self, body: bytes, deadline: float) -> list[tuple[int, float]]:
-        # a split token string can yield more than top_k pairs: the least likely ones beyond top_k
-        # are cut (their probability joins the tail), as for any server that returns extra entries
-        return self.post(body, parse=self._parse, deadline=deadline)[: self.top_k]
-
-    def _body(self, r: int, fmt: str) -> bytes | None:
-        if fmt == "ids":
-            return self.payload(self._ids[r])
-        text = self.row_text(r)
-        return None if text is None else self.payload(text)
-
-    def _send(self, todo: list[int], bodies: dict[int, bytes], deadline: float) -> dict[int, Any]:
-        for r in todo:  # logged before sending, in row order
-            self.audit_log.append(bodies[r].decode("utf-8"))
-        self.stats["requests"] += len(todo)
-        return self._each_row(todo, lambda r: self._request_row(bodies[r], deadline))
-
-    def _each_row(self, todo: list[int], request: Any) -> dict[int, Any]:
-        """``{r: request(r)}`` for the rows of ``todo``, in parallel (``max_concurrency``); a
-        :class:`LLMBackendError` becomes the row's result."""
-
-        def run(r: int):
-            try:
-                return request(r)
-            except LLMBackendError as err:
-                return err
-
-        if len(todo) <= 1:
-            return {r: run(r) for r in todo}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="logitfuse-llm")
-        return dict(zip(todo, self._pool.map(run, todo)))
-
+    # ------------------------------------------------------------------ steps
     def advance(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
         """Append the new tokens; request the top-k next tokens of the rows in ``need``.
 
@@ -423,201 +264,19 @@ class OpenAICompatibleLLM(LLMBackend):
         if todo and self._format is None:
             results = self._probe(todo, deadline)
             todo = [r for r in todo if r not in results]
-        fmt = self._format or "ids"
         bodies = {}
         for r in todo:
-            body = self._body(r, fmt)
+            body = self._body(r)
             if body is None:
                 self.stats["held_back"] += 1
             else:
                 bodies[r] = body
-        results.update(self._send([r for r in todo if r in bodies], bodies, deadline))
+        sent = [r for r in todo if r in bodies]
+        results.update(self._send(sent, bodies, lambda r: self._request_row(bodies[r], deadline)))
         self._take_results(results)
         ok = [need[r] and self._answer[r] is not None for r in range(len(rows))]
-        return LLMOutput(_padded_topk([self._answer[r] if ok[r] else None for r in range(len(rows))]),
+        return LLMOutput(padded_topk([self._answer[r] if ok[r] else None for r in range(len(rows))]),
                          torch.tensor(ok))
-
-    # ------------------------------------------------------------------ scoring (teacher-forced)
-    @property
-    def supports_score(self) -> bool:
-        """Whether :meth:`score` works with this server. With ``score_method="auto"`` the first look
-        probes the server once (:meth:`probe_score`) and keeps the verdict."""
-        if self._score_method is None:
-            self._score_method = self.probe_score()
-            self.stats["score_method"] = self._score_method
-        return self._score_method in ("echo", "prompt_logprobs")
-
-    def probe_score(self) -> str | None:
-        """Which scoring method the server supports: ``"echo"`` (``echo`` + ``logprobs``: llama.cpp's
-        server started with ``logits_all``, ``logitfuse serve``, vLLM), else ``"prompt_logprobs"``
-        (vLLM's extra parameter, token-id prompts only), else ``"none"``; ``None`` when the server
-        could not be reached (asked again at the next look).
-
-        Sends a fixed text (:data:`PROBE_TEXT`, nothing of any user's): first, when
-        ``prompt_format="auto"`` has not decided yet, one plain request to learn whether the server
-        takes token ids; then one scoring request per method tried. A method counts when the reply
-        scores the text's positions."""
-        deadline = time.monotonic() + self.step_budget()
-        ids = (list(self.tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if self.tokenizer is not None
-               else [i % self.vocab_size for i in range(1, 8)])
-        try:
-            if self._format is None:
-                self._format = self._probe_format(ids, deadline)
-                self.stats["prompt_format"] = self._format
-            for method in ("echo", "prompt_logprobs"):
-                if self._format == "text" and method == "prompt_logprobs":
-                    continue
-                prompt = ids if self._format == "ids" else PROBE_TEXT
-                found = self._probe_method(prompt, method, deadline)
-                if found:
-                    return method
-        except LLMBackendError:
-            return None
-        return "none"
-
-    def _probe_format(self, ids: list[int], deadline: float) -> str:
-        body = self.payload(ids)
-        self._log_request(body)
-        try:
-            self.post(body, deadline=deadline)
-            return "ids"
-        except LLMBackendError as err:
-            if err.validation and self.tokenizer is not None:
-                return "text"
-            raise
-
-    def _probe_method(self, prompt: list[int] | str, method: str, deadline: float) -> bool:
-        """Whether one scoring request with ``method`` scores every position of ``prompt`` (ids) or
-        at least one prompt position and the last (text). Raises only when the server is unreachable."""
-        body = self._score_body(prompt, method)
-        self._log_request(body)
-        try:
-            reply = self.post(body, deadline=deadline)
-            found = self._positions(reply, prompt, method)
-        except LLMBackendError as err:
-            if err.status is None and not err.validation:
-                raise
-            return False
-        except ValueError:
-            return False
-        if isinstance(prompt, str):
-            return len(prompt) in found and len(found) >= 2
-        return all(j in found for j in range(1, len(prompt) + 1))
-
-    def _score_body(self, prompt: list[int] | str, method: str) -> bytes:
-        return self.payload(prompt, echo=method == "echo",
-                            prompt_logprobs=self.top_k if method == "prompt_logprobs" else None)
-
-    @staticmethod
-    def _positions(reply: Any, prompt: list[int] | str, method: str) -> dict[int, dict]:
-        if isinstance(prompt, str):
-            return echo_positions_by_offset(reply, len(prompt))
-        return echo_positions_by_count(reply) if method == "echo" else prompt_logprobs_positions(reply)
-
-    def _log_request(self, body: bytes) -> None:
-        with self._lock:
-            self.audit_log.append(body.decode("utf-8"))
-            self.stats["requests"] += 1
-
-    def score(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
-        """Append each row's new tokens and return the top-k at every appended position, from one
-        scoring request per row (the server's prompt log-probabilities, teacher-forced).
-
-        The contract is :meth:`logitfuse.HFLLM.score`'s, with top-k: ``next`` is a
-        :class:`logitfuse.TopK` of ``(B, 1 + W, k)`` tensors, ``W`` the most new tokens of a row, each
-        row's positions right-aligned (``next[r, W - n_r + i]``: after its first ``i`` new tokens;
-        ``i = 0`` is what :meth:`advance` would have returned). ``ok`` is per row: rows not in
-        ``need``, and rows whose request failed under ``on_failure="fallback"``, are not ok (their
-        tokens are appended all the same).
-
-        What is sent is what :meth:`advance` sends (the row's ids, or its text), with ``echo`` (or
-        vLLM's ``prompt_logprobs``) added. With text prompts the server re-tokenizes; a position whose
-        boundary no echoed token starts at (the server merged tokens across it) is asked for with
-        one plain request, as per-step fusion would (``stats["score_extra_requests"]``); a row whose
-        text would end inside a UTF-8 character there fails. Raises ``RuntimeError`` when the
-        server cannot score (:attr:`supports_score` False).
-        """
-        deadline = time.monotonic() + self.step_budget()
-        rows, need = self.check_new_tokens(new_tokens, need)
-        if not self.supports_score:
-            raise RuntimeError(f"{self.url} cannot score tokens (score_method={self._score_method!r}); check "
-                               "supports_score first (llama.cpp's server needs logits_all; vLLM prompt_logprobs)")
-        counts = [len(row) for row in rows]
-        starts = [len(self._ids[r]) for r in range(len(rows))]
-        for r, row in enumerate(rows):
-            if row:
-                self._ids[r].extend(row)
-                self._answer[r] = None
-        cached = {r: [self._answer[r]] for r in range(len(rows)) if need[r] and self._answer[r] is not None}
-        todo = [r for r in range(len(rows)) if need[r] and r not in cached]
-        requests = {r: self._score_request(r, starts[r]) for r in todo}
-        for r in todo:  # logged before sending, in row order
-            self._log_request(requests[r][0])
-        self.stats["score_requests"] += len(todo)
-        results = self._each_row(todo, lambda r: self._score_row(r, starts[r], *requests[r], deadline))
-        self._take_results({r: res for r, res in results.items() if isinstance(res, LLMBackendError)})
-        answers = {**cached, **{r: res for r, res in results.items() if not isinstance(res, LLMBackendError)}}
-        for r, positions in answers.items():
-            self._answer[r] = positions[-1]
-        width = max(counts)
-        per_position: list[list[tuple[int, float]] | None] = []
-        for r in range(len(rows)):
-            pad = width - counts[r] if r in answers else width + 1
-            per_position += [None] * pad + list(answers.get(r, []))
-        top = _padded_topk(per_position)
-        shape = (len(rows), width + 1, top.ids.shape[-1])
-        return LLMOutput(TopK(top.ids.view(shape), top.logprobs.view(shape)),
-                         torch.tensor([r in answers for r in range(len(rows))]))
-
-    def _score_request(self, r: int, start: int) -> tuple[bytes, dict[int, int]]:
-        """Row ``r``'s scoring request body and ``{position j: key of j in the reply}`` for the
-        positions ``start..len(ids)`` (text prompts: character offsets; positions inside a
-        character are absent)."""
-        ids, method = self._ids[r], self._score_method
-        if (self._format or "ids") == "ids":
-            return self._score_body(ids, method), {j: j for j in range(start, len(ids) + 1)}
-        where = {j: len(t) for j in range(start, len(ids) + 1) if (t := self._text_upto(r, j)) is not None}
-        text = self._text_upto(r, len(ids))
-        return self._score_body(text if text is not None else "", "echo"), where
-
-    def _score_row(self, r: int, start: int, body: bytes, where: dict[int, int],
-                   deadline: float) -> list[list[tuple[int, float]]]:
-        """Send row ``r``'s scoring request; the top-k at each position ``start..len(ids)``."""
-        ids, fmt = self._ids[r], self._format or "ids"
-        text = self._text_upto(r, len(ids)) if fmt == "text" else None
-        if fmt == "text" and text is None:
-            raise LLMBackendError(f"{self.url}: the row's text ends inside a UTF-8 character; it cannot be scored "
-                                  "until the character is complete")
-        prompt = text if fmt == "text" else ids
-        found = self.post(body, parse=lambda reply: self._positions(reply, prompt, self._score_method),
-                          deadline=deadline)
-        out = []
-        for j in range(start, len(ids) + 1):
-            top = found.get(where[j]) if j in where else None
-            if top is not None:
-                pairs = self._parse(single_position_reply(top))[: self.top_k]
-            else:
-                pairs = self._score_one_position(r, j, deadline)
-            if not pairs:
-                raise LLMBackendError(f"{self.url}: a scored position held no token of the tokenizer", 200)
-            out.append(pairs)
-        return out
-
-    def _score_one_position(self, r: int, j: int, deadline: float) -> list[tuple[int, float]]:
-        """The top-k after row ``r``'s first ``j`` ids by one plain request (what :meth:`advance`
-        sends), for a position the scoring reply did not hold."""
-        if (self._format or "ids") == "ids":
-            body = self.payload(self._ids[r][:j])
-        else:
-            text = self._text_upto(r, j)
-            if text is None:
-                raise LLMBackendError(f"{self.url}: a scored position ends inside a UTF-8 character, which the server "
-                                      "cannot be asked about (per-step fusion holds such a position back)")
-            body = self.payload(text)
-        self._log_request(body)
-        with self._lock:
-            self.stats["score_extra_requests"] += 1
-        return self._request_row(body, deadline)
 
     def _probe(self, todo: list[int], deadline: float) -> dict[int, Any]:
         """``prompt_format="auto"``'s capability probe: the first row as token ids. A request
@@ -628,7 +287,8 @@ class OpenAICompatibleLLM(LLMBackend):
         its failure instead of waiting out the same timeouts again, and the next step probes anew.
         """
         first = todo[0]
-        results = self._send([first], {first: self._body(first, "ids")}, deadline)
+        body = self._body(first)  # as ids: the format is not decided yet
+        results = self._send([first], {first: body}, lambda r: self._request_row(body, deadline))
         res = results[first]
         if isinstance(res, LLMBackendError) and res.validation and self.tokenizer is not None:
             self._format = "text"
@@ -644,7 +304,7 @@ class OpenAICompatibleLLM(LLMBackend):
         """Store the answers; count failures and raise the first one under ``on_failure="raise"``."""
         failed = [r for r, res in results.items() if isinstance(res, LLMBackendError)]
         self.stats["failures"] += len(failed)
-        unmapped = [results[r] for r in failed if isinstance(results[r], _UnmappedReplyError)]
+        unmapped = [results[r] for r in failed if isinstance(results[r], UnmappedReplyError)]
         self.stats["unmapped_answers"] += len(unmapped)
         if failed and self.on_failure == "raise":
             raise results[failed[0]]
@@ -659,21 +319,3 @@ class OpenAICompatibleLLM(LLMBackend):
                 self._answer[r] = res
             else:  # every returned entry was unmappable (e.g. only "" keys): nothing to fuse
                 self.stats["empty_answers"] += 1
-
-
-def _padded_topk(answers: list[list[tuple[int, float]] | None]) -> TopK:
-    """One ``TopK`` for all rows: each row's ``(id, logprob)`` pairs, padded to the longest row
-    with the smallest ids the row does not hold, at logprob ``-inf`` (ids stay distinct within
-    a row; padding carries no probability). Rows without an answer (``None``) get placeholders
-    (ids ``0..k-1``, uniform), which the caller marks not ok."""
-    k = max((len(a) for a in answers if a is not None), default=1)
-    ids = torch.arange(k).repeat(len(answers), 1)
-    logprobs = torch.full((len(answers), k), -math.log(k) if k > 1 else 0.0)
-    for r, pairs in enumerate(answers):
-        if pairs is None:
-            continue
-        held = {p[0] for p in pairs}
-        pad = [i for i in range(k + len(pairs)) if i not in held][: k - len(pairs)]
-        ids[r] = torch.tensor([p[0] for p in pairs] + pad)
-        logprobs[r] = torch.tensor([p[1] for p in pairs] + [-math.inf] * len(pad))
-    return TopK(ids, logprobs)
