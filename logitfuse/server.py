@@ -27,26 +27,25 @@ once), bodies are at most ``max_body_bytes``. With ``api_key`` set, every reques
 
 Each request is one forward pass over its prompt per generated token (no cache shared between
 requests, so nothing of one request can reach another). For tests, :func:`serve_in_thread` starts a
-server on a free port and records what it receives (``log_requests=True``).
+server on a free port and records what it receives (``log_requests=True``). The HTTP side (reading
+requests under the deadline, auth, routes, JSON errors) is :mod:`logitfuse.server_http`.
 """
 
 from __future__ import annotations
 
-import hmac
-import io
 import ipaddress
-import json
 import math
 import re
 import socket
 import threading
 import time
 import uuid
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import torch
+
+from logitfuse.server_http import BUSY_REPLY, BadRequest, CompletionsHandler
 
 __all__ = ["CompletionServer", "is_loopback_host", "serve_in_thread", "valid_api_key"]
 
@@ -55,13 +54,6 @@ _MAX_TOKENS = 4096
 _GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does): logits / T would overflow
 _API_KEY = re.compile(r"[!-~]+")  # visible ASCII: it travels in an HTTP header
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-_ROUTES = "this server serves POST /v1/completions, GET /v1/models and GET /health"
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def is_loopback_host(host: str) -> bool:
@@ -100,7 +92,7 @@ def _int_field(body: dict, name: str, default: int | None, low: int, high: int) 
     if value is None:
         return default
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _BadRequest(400, f"{name} must be an int in [{low}, {high}]")
+        raise BadRequest(400, f"{name} must be an int in [{low}, {high}]")
     return value
 
 
@@ -110,16 +102,16 @@ def _temperature_field(body: dict) -> float:
         return 1.0
     # NaN fails the comparison; the bound also refuses ints too large for a float
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
-        raise _BadRequest(400, "temperature must be a finite number >= 0 (0 = greedy)")
+        raise BadRequest(400, "temperature must be a finite number >= 0 (0 = greedy)")
     return float(value)
 
 
 def _flag_field(body: dict, name: str, *, supported: bool = True) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise _BadRequest(400, f"{name} must be true or false")
+        raise BadRequest(400, f"{name} must be true or false")
     if value and not supported:
-        raise _BadRequest(400, f"{name}=true is not supported")
+        raise BadRequest(400, f"{name}=true is not supported")
     return bool(value)
 
 
@@ -184,7 +176,7 @@ class CompletionServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
-        super().__init__(address, _Handler)
+        super().__init__(address, CompletionsHandler)
 
     @property
     def url(self) -> str:
@@ -218,7 +210,7 @@ class CompletionServer(ThreadingHTTPServer):
             except OSError:
                 pass
             request.settimeout(1.0)
-            request.sendall(_BUSY_REPLY)
+            request.sendall(BUSY_REPLY)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -233,15 +225,15 @@ class CompletionServer(ThreadingHTTPServer):
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
         elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             if any(not 0 <= i < self.vocab_size for i in prompt):
-                raise _BadRequest(400, f"prompt token ids must lie in [0, {self.vocab_size})")
+                raise BadRequest(400, f"prompt token ids must lie in [0, {self.vocab_size})")
             ids = list(prompt)
         else:
-            raise _BadRequest(400, "prompt must be a string, a list of token ids, or a list of those")
+            raise BadRequest(400, "prompt must be a string, a list of token ids, or a list of those")
         if not ids:
-            raise _BadRequest(400, "prompt must not be empty")
+            raise BadRequest(400, "prompt must not be empty")
         if self.max_context is not None and len(ids) + max_tokens > self.max_context:
-            raise _BadRequest(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                                   f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
+            raise BadRequest(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                                  f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
         return ids
 
     def _key(self, token: int, as_ids: bool) -> str:
@@ -249,19 +241,20 @@ class CompletionServer(ThreadingHTTPServer):
 
     @torch.inference_mode()
     def complete(self, body: dict) -> dict:
-        """The reply object for one completions request body (raises ``_BadRequest`` naming the field)."""
+        """The reply object for one completions request body (raises
+        :class:`logitfuse.server_http.BadRequest` naming the field)."""
         if body.get("model") not in (None, self.model_name):
-            raise _BadRequest(404, f"model: this server serves `{self.model_name}` only (see /v1/models)")
+            raise BadRequest(404, f"model: this server serves `{self.model_name}` only (see /v1/models)")
         max_tokens = _int_field(body, "max_tokens", 16, 1, _MAX_TOKENS)
         logprobs = _int_field(body, "logprobs", None, 0, self.top_k_max)
         temperature = _temperature_field(body)
         seed = _int_field(body, "seed", None, 0, 2 ** 63 - 1)
         echo = _flag_field(body, "echo")
         if echo and not logprobs:
-            raise _BadRequest(400, "echo=true is supported with logprobs >= 1 only (the prompt's log-probabilities)")
+            raise BadRequest(400, "echo=true is supported with logprobs >= 1 only (the prompt's log-probabilities)")
         as_ids = _flag_field(body, "return_tokens_as_token_ids")
         if body.get("stop") not in (None, "", []):
-            raise _BadRequest(400, "stop is not supported")
+            raise BadRequest(400, "stop is not supported")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             prompts = [self._encode(p, max_tokens) for p in prompt]
@@ -337,165 +330,11 @@ class CompletionServer(ThreadingHTTPServer):
         return {"tokens": [self._key(t, as_ids) for t in ids], "token_logprobs": chosen, "top_logprobs": tops,
                 "text_offset": [len(self.tokenizer.decode(ids[:j])) for j in range(len(ids))]}
 
-    def _count_request(self) -> None:
+    def count_request(self) -> None:
+        """Count one answered request; the last of ``max_requests`` shuts the server down."""
         self.requests_served += 1
         if self.max_requests is not None and self.requests_served >= self.max_requests:
             threading.Thread(target=self.shutdown, daemon=True).start()
-
-
-def _error_body(status: int, message: str) -> bytes:
-    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
-    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode("utf-8")
-
-
-_BUSY_BODY = _error_body(503, "too many connections; retry shortly")
-_BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
-
-
-class _DeadlineReader(io.RawIOBase):
-    """Reads a socket under one deadline per request, so a client sending slowly is cut off too."""
-
-    def __init__(self, sock: socket.socket, seconds: float):
-        self._sock, self._seconds = sock, seconds
-        self.restart()
-
-    def restart(self) -> None:
-        self.deadline = time.monotonic() + self._seconds
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request did not arrive in time")
-        self._sock.settimeout(left)
-        try:
-            return self._sock.recv_into(buffer)
-        finally:
-            self._sock.settimeout(self._seconds)  # writes get the whole timeout
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: CompletionServer
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line and headers
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.read_timeout)
-        self.rfile.close()  # the plain socket file, replaced by one under a deadline
-        self._reader = _DeadlineReader(self.connection, self.server.read_timeout)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        self._reader.restart()
-        self._body_pending = False
-        super().handle_one_request()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: no request lines on stderr
-        pass
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The base class's errors (bad request line, headers too long, unknown method) as JSON, and
-        without its message, which quotes the request line."""
-        self.close_connection = True
-        try:
-            self._send(code, _error_body(code, HTTPStatus(code).description or HTTPStatus(code).phrase))
-        except OSError:
-            pass
-
-    def _send(self, status: int, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="logitfuse"')
-        if self.close_connection or self._body_pending:
-            self.send_header("Connection", "close")  # also sets close_connection
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._answer(self._get)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._answer(self._post)
-
-    def _answer(self, route: Any) -> None:
-        """Run ``route(path)`` and send its reply, or the error as JSON; never raises."""
-        self._body_pending = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
-        try:
-            self._check_auth()
-            status, data = 200, json.dumps(route(self.path.split("?")[0].rstrip("/"))).encode("utf-8")
-        except _BadRequest as err:
-            status, data = err.status, _error_body(err.status, str(err))
-        except Exception as err:  # noqa: BLE001 - a server must answer, not die; never quote the request
-            self.close_connection = True
-            status, data = 500, _error_body(500, f"internal error: {type(err).__name__}")
-        try:
-            self._send(status, data)
-        except OSError:  # the client left
-            self.close_connection = True
-        finally:
-            self.server._count_request()
-
-    def _check_auth(self) -> None:
-        if self.server.api_key is None:
-            return
-        given = (self.headers.get("Authorization") or "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, b"Bearer " + self.server.api_key.encode("ascii")):
-            raise _BadRequest(401, "this server needs an API key: send the header Authorization: Bearer <key>")
-
-    def _get(self, path: str) -> dict:
-        if path == "/health":
-            return {"status": "ok"}
-        if path == "/v1/models":
-            return {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                "owned_by": "logitfuse", "max_logprobs": self.server.top_k_max}]}
-        raise _BadRequest(404, f"no such route; {_ROUTES}")
-
-    def _post(self, path: str) -> dict:
-        raw = self._read_body()
-        if self.server.log_requests:
-            self.server.received.append(raw)
-        if path != "/v1/completions":
-            raise _BadRequest(404, f"no such route; {_ROUTES}")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except RecursionError:
-            raise _BadRequest(400, "the request body is nested too deeply") from None
-        except ValueError:  # not UTF-8, not JSON, or an integer with too many digits
-            raise _BadRequest(400, "the request body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise _BadRequest(400, "the request body must be a JSON object")
-        return self.server.complete(body)
-
-    def _read_body(self) -> bytes:
-        """The body, exactly ``Content-Length`` bytes of it, read before ``read_timeout`` runs out."""
-        if "Transfer-Encoding" in self.headers:
-            raise _BadRequest(411, "Transfer-Encoding is not supported; send the body with a Content-Length header")
-        values = {value.strip() for value in self.headers.get_all("Content-Length") or []}
-        if not values:
-            raise _BadRequest(411, "a POST needs a Content-Length header")
-        digits = values.pop()
-        if values or not re.fullmatch(r"[0-9]+", digits):
-            raise _BadRequest(400, "Content-Length must be one non-negative integer")
-        digits = digits.lstrip("0") or "0"
-        limit = self.server.max_body_bytes
-        if len(digits) > len(str(limit)) or int(digits) > limit:
-            raise _BadRequest(413, f"the request body is over the limit of {limit} bytes")
-        length = int(digits)
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            raise _BadRequest(408, f"the request body did not arrive within {self.server.read_timeout:g} s") from None
-        if len(raw) < length:
-            raise _BadRequest(400, "the request body ended before Content-Length bytes")
-        self._body_pending = False
-        return raw
 
 
 def serve_in_thread(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 0, *,
@@ -506,7 +345,7 @@ def serve_in_thread(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: i
     ``options`` go to :class:`CompletionServer` (``api_key``, ``read_timeout``, ``max_connections``, ...).
     Stop it with ``server.shutdown(); server.server_close()``.
 
-        >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
+    >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
     >>> tok = byte_level_tokenizer()
     >>> server, url = serve_in_thread(tiny_llama(len(tok)), tok)
     >>> url.startswith("http://127.0.0.1:")
