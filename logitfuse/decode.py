@@ -52,6 +52,7 @@ from logitfuse.backends.hf import drop_last_tokens
 from logitfuse.llama_slm import LlamaCppCache, LlamaCppSLM
 from logitfuse.reference import sample_from_logprobs, sampling_weights
 from logitfuse.session import FusionSession, SessionStats
+from logitfuse.slm_side import HiddenStateCapture
 
 Tensor = torch.Tensor
 
@@ -237,6 +238,9 @@ def _check_speculation(session: FusionSession, v_slm: int) -> bool:
     if session.cross_tokenizer:
         raise ValueError("speculate > 0 needs one tokenizer on both sides (an identity vocabulary map); across "
                          "tokenizers use speculate=0 (per-step fusion)")
+    if getattr(session.head, "reads_slm_side", False):
+        raise ValueError(f"speculate > 0 cannot give the head its SLM-side features ({session.head.slm_features}): one "
+                         "LLM call scores a whole draft; use speculate=0 (per-step fusion) with this head")
     if session.schedule.spec != "always":
         raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
                          "skips the LLM already saves calls: use speculate=0 with it")
@@ -317,10 +321,13 @@ class _Chooser:
 
 
 def _per_step(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Rows, chooser: _Chooser,
-              start: Callable[[], None], pad_id: int, overlap: bool, penalty: _RepetitionPenalty) -> None:
+              start: Callable[[], None], pad_id: int, overlap: bool, penalty: _RepetitionPenalty,
+              capture: HiddenStateCapture | None) -> None:
     """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
     next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
-    while the SLM's runs). ``penalty`` acts on the SLM's logits before the session fuses them."""
+    while the SLM's runs). ``penalty`` acts on the SLM's logits before the session fuses them;
+    ``capture`` (a head reading the SLM's hidden state) holds the hidden state of the forward that
+    made them."""
     batch, device = slm.batch_size, slm.device
     appended: list[list[int]] = [[] for _ in range(batch)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-llm") as pool:
@@ -338,7 +345,11 @@ def _per_step(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Row
             logits = slm.prefill()
         while True:
             logits = penalty(logits)
-            fused = session.complete(request, logits) if overlap else session.step(appended, logits)
+            hidden = None if capture is None else capture.latest
+            if overlap:
+                fused = session.complete(request, logits, slm_hidden=hidden)
+            else:
+                fused = session.step(appended, logits, slm_hidden=hidden)
             alpha = session.alpha_history[-1].tolist()
             tokens = chooser.choose(fused).tolist()
             appended = [[] for _ in range(batch)]
@@ -459,6 +470,23 @@ def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
                                 top_k=torch.zeros(rows, dtype=torch.long), top_p=torch.ones(rows))
 
 
+def _hidden_state_capture(head: Any, slm: Any) -> HiddenStateCapture | None:
+    """The hook that gives a head reading the SLM's last hidden state its input, from the SLM's own
+    forwards (``None`` for other heads); refused on llama.cpp, which does not expose it."""
+    if not getattr(head, "needs_slm_hidden", False):
+        return None
+    if isinstance(slm, LlamaCppSLM):
+        raise ValueError(f"this head reads the SLM's last hidden state (slm_features {head.slm_features}), which the "
+                         "llama.cpp SLM does not expose; use a head without the 'hidden' group (logitfuse train "
+                         "--slm-features token,position) or the transformers SLM")
+    capture = HiddenStateCapture(slm)
+    if capture.hidden_size != head.slm_hidden_size:
+        capture.remove()
+        raise ValueError(f"slm has hidden size {capture.hidden_size} but the head was trained on an SLM with "
+                         f"slm_hidden_size={head.slm_hidden_size}; use that SLM, or train a head for this one")
+    return capture
+
+
 # ------------------------------------------------------------------------- public entry point
 def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, max_new_tokens: int,
              head: Any = None, alpha: float | None = None, vocab_map: Any = None, mode: str | None = None,
@@ -479,7 +507,10 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         public_prompt: what the LLM may see: one prompt (text or LLM ids) for all rows, or one per row.
         max_new_tokens (`int`): tokens to generate at most per row.
         head, alpha, vocab_map, mode, tail, schedule, slm_tokenizer, apply_chat_template: as
-            :class:`logitfuse.FusionSession` (exactly one of ``head`` and ``alpha``).
+            :class:`logitfuse.FusionSession` (exactly one of ``head`` and ``alpha``). A head with SLM-side
+            features gets them here: the hidden state of each step's own SLM forward (a hook on the
+            output layer, :class:`~logitfuse.slm_side.HiddenStateCapture`, removed at the end; not on
+            llama.cpp), the last token and the position; not with ``speculate`` (``ValueError``).
         temperature (`float`, defaults to 0): 0 is greedy; else sample with ``top_k`` (0 = off) then
             ``top_p`` (1 = off) on the fused distribution, by :func:`logitfuse.fuse_sample`'s rules.
         generator (`torch.Generator`, *optional*): the sampling draws (the same state, the same tokens).
@@ -495,8 +526,8 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
             (in a thread) as soon as the token before it is chosen, and runs the SLM's forward for that
             position meanwhile, so a step costs about max(SLM, LLM) instead of their sum (the same
             tokens, requests and statistics as without). Not with ``speculate`` (the LLM's call needs
-            the draft) nor with ``schedule="entropy_gate(h)"`` (whether to call needs the SLM's logits):
-            there the two run one after the other.
+            the draft) nor with ``schedule="entropy_gate(h)"`` or ``"head_gate(tau)"`` (whether to call
+            needs the SLM's logits): there the two run one after the other.
         eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row (kept in its output).
         attention_mask: with a tensor ``private_input_ids``: 1 for real tokens, 0 for left padding.
         pad_token_id (`int`, *optional*): fed to the SLM for finished rows; default the SLM config's, or 0.
@@ -540,6 +571,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
                             slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
                             apply_chat_template=apply_chat_template)
     speculating = bool(speculate) and not session.slm_only and _check_speculation(session, v_slm)
+    capture = _hidden_state_capture(head, slm)
     publics = _public_rows(public_prompt, batch)
     rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
     chooser = _Chooser(temperature, top_k, top_p, generator)
@@ -548,13 +580,19 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     def start() -> None:
         session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
 
-    if speculating:
-        start()
-        _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
-    else:
-        overlap = overlap and not session.slm_only and not session.schedule.needs_entropy
-        _per_step(cache, session, rows, chooser, start, pad_id, overlap, penalize)
-        if speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
-            session.stats.speculation_fallbacks += 1
+    try:
+        if speculating:
+            start()
+            _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
+        else:
+            # one model on both sides: its LLM forwards (in the thread) would pass the hidden-state hook too
+            same_model = capture is not None and getattr(llm, "model", None) is slm
+            overlap = overlap and not session.slm_only and not session.schedule.needs_entropy and not same_model
+            _per_step(cache, session, rows, chooser, start, pad_id, overlap, penalize, capture)
+            if speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
+                session.stats.speculation_fallbacks += 1
+    finally:
+        if capture is not None:
+            capture.remove()
     return FusedGeneration(rows.tokens, rows.alpha, session.stats, list(rows.stopped),
                            rows.first_token_at - started)

@@ -193,8 +193,11 @@ def fuse_on_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: Any, p
         loop_sampling = sampling if llama else {"repetition_penalty": sampling.get("repetition_penalty", 1.0)}
         return generate_fused_loop(slm, tokenizer, private_ids, llm, public_ids, max_new_tokens, speculate=speculate,
                                    **loop_sampling, **fusion)
-    processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, **fusion)
-    return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
+    processor = CoGenesisLogitsProcessor(llm, public_ids, slm_tokenizer=tokenizer, slm=slm, **fusion)
+    try:  # slm=: a head reading the SLM's hidden state gets it from a hook, removed after
+        return generate_fused(slm, tokenizer, private_ids, processor, max_new_tokens, **sampling)
+    finally:
+        processor.close()
 
 
 def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokenizer: Any) -> VocabMap:

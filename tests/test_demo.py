@@ -187,12 +187,14 @@ def same_tokenizer_llm(model_dirs):
     return folder
 
 
-def _fused_run(model_dirs, llm, capsys, *extra, penalty="1") -> tuple[str, str]:
-    """``(fused text, summary line)`` of a demo run (no repetition penalty unless ``penalty``; None: the default)."""
+def _fused_run(model_dirs, llm, capsys, *extra, penalty="1", alpha="0.5") -> tuple[str, str]:
+    """``(fused text, summary line)`` of a demo run (no repetition penalty unless ``penalty``; None: the default;
+    ``alpha=None``: no --alpha)."""
     import re
 
     penalty_args = ["--repetition-penalty", penalty] if penalty is not None else []
-    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(llm), "--alpha", "0.5", "--max-new-tokens", "8",
+    alpha_args = ["--alpha", alpha] if alpha is not None else []
+    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(llm), *alpha_args, "--max-new-tokens", "8",
                  "--max-history", "0", *penalty_args, "--color", "never", *extra])
     assert code == 0
     out = capsys.readouterr().out
@@ -248,3 +250,29 @@ def test_demo_fused_engine_mistakes_are_one_line(model_dirs, capsys, argv, fragm
     code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("logitfuse demo: error: ") and fragment in err and len(err.splitlines()) == 1
+
+
+def test_demo_runs_a_hidden_state_head_on_both_loops(model_dirs, same_tokenizer_llm, tmp_path, capsys):
+    """A head reading the SLM's hidden state: the processor is given the SLM (its hook), the loop
+    captures it too; both give the same text, and α varies with the hidden state."""
+    import re
+
+    import torch
+
+    tok = byte_level_tokenizer()
+    slm = tiny_llama(len(tok))
+    vmap = vocab_map_for(slm, tok, len(tok), tok)
+    head = FusionHead(vmap.v_slm, vmap.v_llm, vocab_map_hash=vmap.hash, slm_features=["hidden"],
+                      slm_hidden_size=slm.config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    head.save_pretrained(tmp_path / "hidden")
+    loop_text, loop = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--head", str(tmp_path / "hidden"),
+                                 alpha=None)
+    processor_text, processor = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--head", str(tmp_path / "hidden"),
+                                           "--fused-engine", "processor", alpha=None)
+    assert loop_text == processor_text and "mean α 0.50" not in loop
+    assert "logitfuse.generate (per step, overlap)" in loop and "CoGenesisLogitsProcessor" in processor
+    assert re.search(r"mean α [\d.]+", loop).group() == re.search(r"mean α [\d.]+", processor).group()
