@@ -1,28 +1,22 @@
 """Our own fused decode loop: :func:`generate`, with exact speculative fusion (``speculate=K``).
 
 A small loop in the manner of gpt-fast over the SLM's KV cache: prefill the private prompt once, then
-one forward per token, with the SLM in transformers (:class:`_SLMCache`) or in llama.cpp
+one forward per token, with the SLM in transformers (:class:`SLMCache`) or in llama.cpp
 (:class:`logitfuse.LlamaCppSLM`, one row, through :class:`logitfuse.llama_slm.LlamaCppCache`), and a
 :class:`logitfuse.FusionSession` for the LLM side (the backend's state, α, fusion). Per step the
 session returns the fused log-probabilities and the token is chosen as :func:`logitfuse.fuse_sample`
 chooses it (greedy argmax, or temperature, top-k then top-p from an explicit ``torch.Generator``).
 
-With ``speculate=K`` the SLM drafts K tokens alone, the LLM scores all K + 1 positions in one call
-(``LLMBackend.score``), the session fuses each position, and the drafts are accepted by the
-speculative-sampling rule with the SLM's distribution q as the draft and the fused distribution p as
-the target (both after the same temperature, top-k and top-p): accept x with probability
-min(1, p(x) / q(x)); at the first rejection draw from norm(max(0, p - q)) and stop; if all K are
-accepted draw one more from the last p. Greedy: accept while the fused argmax equals the draft (the
-SLM's argmax). The tokens are distributed exactly as per-step fusion's (greedy: identical). Rejected
-drafts are rolled back in both caches.
+With ``speculate=K`` the SLM drafts K tokens alone and the LLM scores all K + 1 positions in one call;
+the drafts are accepted by the speculative-sampling rule, so the tokens are distributed exactly as
+per-step fusion's (greedy: identical). See :mod:`logitfuse.speculative`.
 
 Overlap (per-step fusion, on by default): the LLM's request for a position is issued in a thread as
 soon as the token before it is chosen, while the SLM computes its forward for that position, so a
 step costs about max(SLM, LLM) plus fusion instead of the sum.
 
-Privacy: drafts that end up rejected are SLM text the LLM sees although the output does not hold
-it. Speculation is therefore opt-in (``speculate=0`` by default) and counted in the statistics
-(``draft_tokens_sent``, ``draft_tokens_kept``, ``draft_tokens_discarded``) and the backend's audit log.
+Privacy: the LLM sees the public prompts and the tokens the SLM generated and kept; with
+``speculate``, also the drafts that end up rejected (opt-in, counted in the statistics).
 
 >>> import torch, logitfuse
 >>> from logitfuse.testing import byte_level_tokenizer, tiny_llama
@@ -40,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +46,11 @@ from logitfuse.llama_slm import LlamaCppCache, LlamaCppSLM
 from logitfuse.reference import sample_from_logprobs, sampling_weights
 from logitfuse.session import FusionSession, SessionStats
 from logitfuse.slm_side import HiddenStateCapture
+from logitfuse.speculative import check_speculation, speculative_accept, speculative_fusion
 
 Tensor = torch.Tensor
 
-__all__ = ["FusedGeneration", "generate"]
+__all__ = ["FusedGeneration", "generate", "speculative_accept"]
 
 
 @dataclass
@@ -81,7 +75,7 @@ class FusedGeneration:
     first_token_seconds: float | None = None
 
 
-class _SLMCache:
+class SLMCache:
     """The transformers SLM engine of the loop (the llama.cpp one is :class:`logitfuse.llama_slm.LlamaCppCache`;
     both have ``ids``, ``mask``, ``batch_size``, ``device``, ``prefill()``, ``append(tokens)`` and
     ``drop(n)``): the SLM's KV cache over left-padded private prompts, one column appended per forward; dropped
@@ -131,7 +125,7 @@ class _SLMCache:
             self.lengths = self.lengths - torch.tensor(n, device=self.lengths.device)
 
 
-class _RepetitionPenalty:
+class RepetitionPenalty:
     """transformers' repetition penalty on the SLM's logits, where ``slm.generate`` applies it: before a
     user's logits processor (its built-in processors come first in the merged list), so before fusion.
     A logit of a token seen in the row (its prompt, left padding excepted, and every token generated)
@@ -229,35 +223,8 @@ def _check_int(name: str, value: Any, low: int, fix: str) -> int:
     return value
 
 
-def _check_speculation(session: FusionSession, v_slm: int) -> bool:
-    """Refuse, before anything is sent, what speculative fusion cannot do exactly. Returns whether the
-    backend can score drafts (``supports_score``; a server is probed once, with a fixed text): when it
-    cannot, the generation fuses per step instead, with a warning shown once and
-    ``stats.speculation_fallbacks`` counted."""
-    llm = session.llm
-    if session.cross_tokenizer:
-        raise ValueError("speculate > 0 needs one tokenizer on both sides (an identity vocabulary map); across "
-                         "tokenizers use speculate=0 (per-step fusion)")
-    if getattr(session.head, "reads_slm_side", False):
-        raise ValueError(f"speculate > 0 cannot give the head its SLM-side features ({session.head.slm_features}): one "
-                         "LLM call scores a whole draft; use speculate=0 (per-step fusion) with this head")
-    if session.schedule.spec != "always":
-        raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
-                         "skips the LLM already saves calls: use speculate=0 with it")
-    if v_slm > llm.vocab_size:
-        raise ValueError(f"speculate > 0 needs every SLM id in the LLM's vocabulary; the SLM has {v_slm} ids, the "
-                         f"LLM {llm.vocab_size}: use speculate=0")
-    if not llm.supports_score:
-        warnings.warn("speculate > 0: the LLM backend cannot score a draft in one call (LLMBackend.score; a server "
-                      "needs prompt log-probabilities: llama.cpp's server with logits_all, or vLLM), so this generation "
-                      "fuses per step (counted in stats.speculation_fallbacks; this warning is shown once)",
-                      RuntimeWarning, stacklevel=3)
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------- the loop
-class _Rows:
+class GeneratedRows:
     """The generated tokens, α and stop reason of each row."""
 
     def __init__(self, batch: int, max_new_tokens: int, eos: frozenset[int]):
@@ -291,7 +258,7 @@ class _Rows:
         return all(s is not None for s in self.stopped)
 
 
-class _Chooser:
+class TokenChooser:
     """Token choice as :func:`logitfuse.fuse_sample` makes it, from explicit ``generator`` draws."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
@@ -320,8 +287,8 @@ class _Chooser:
         return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def _per_step(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Rows, chooser: _Chooser,
-              start: Callable[[], None], pad_id: int, overlap: bool, penalty: _RepetitionPenalty,
+def _per_step(slm: SLMCache | LlamaCppCache, session: FusionSession, rows: GeneratedRows, chooser: TokenChooser,
+              start: Callable[[], None], pad_id: int, overlap: bool, penalty: RepetitionPenalty,
               capture: HiddenStateCapture | None) -> None:
     """Per-step fusion (``start`` starts the session's rows). With ``overlap`` the LLM's request for the
     next position runs in a thread while the SLM computes its forward for it (and the LLM's prefill
@@ -369,105 +336,6 @@ def _per_step(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Row
                 request = request.result()
             else:
                 logits = slm.append(fed)
-
-
-def _speculative(slm: _SLMCache | LlamaCppCache, session: FusionSession, rows: _Rows, chooser: _Chooser,
-                 logits: Tensor, pad_id: int, k: int, penalty: _RepetitionPenalty) -> None:
-    """Speculative fusion from the SLM's prefill ``logits``. With a repetition ``penalty`` the draft and
-    the target read the same penalized SLM logits: at each drafted position the seen tokens include the
-    drafts before it, as per-step fusion's would had those been kept (so the rule stays exact)."""
-    batch, device = logits.shape[0], logits.device
-    logits = penalty(logits)
-    appended: list[list[int]] = [[] for _ in range(batch)]
-    while True:
-        left = max(rows.max_new_tokens - len(t) for r, t in enumerate(rows.tokens) if rows.running(r))
-        n = min(k, left - 1)
-        # the SLM drafts n tokens alone (finished rows are fed padding)
-        running = torch.tensor([rows.running(r) for r in range(batch)])
-        slm_logits, drafts = [logits], torch.full((batch, n), pad_id, dtype=torch.long)
-        seen = penalty.fork()
-        for i in range(n):
-            q = torch.log_softmax(slm_logits[-1].float() / session.slm_temperature, dim=-1)
-            drafts[:, i] = torch.where(running, chooser.choose(q).cpu(), pad_id)
-            penalty.mark(drafts[:, i, None].tolist(), seen)
-            slm_logits.append(penalty(slm.append(drafts[:, i].to(device)), seen))
-        stacked = torch.stack(slm_logits, dim=1)
-        draft_lists = [drafts[r].tolist() if rows.running(r) else [] for r in range(batch)]
-        fused, alpha = session.step_many(appended, draft_lists, stacked)
-        # accept or reject each row's drafts (all rows at once)
-        accepted, after = _accept(chooser, drafts, stacked, fused, session.slm_temperature)
-        kept, taken, chosen = [0] * batch, [0] * batch, [pad_id] * batch
-        for r in range(batch):
-            if rows.running(r):
-                a, token = int(accepted[r]), int(after[r])
-                taken[r] = rows.add(r, draft_lists[r][:a] + [token], alpha[r, :a + 1].tolist())
-                kept[r] = min(a, taken[r])
-                if rows.running(r):
-                    chosen[r] = token
-        penalty.mark([(draft_lists[r][:kept[r]] + [chosen[r]]) if rows.running(r) else [] for r in range(batch)])
-        session.accept_drafts(kept, taken)
-        slm.drop([n - kept[r] for r in range(batch)])
-        for r in range(batch):
-            if not rows.running(r):
-                session.finish(r)
-        if rows.done():
-            return
-        appended = [[chosen[r]] if rows.running(r) else [] for r in range(batch)]
-        logits = penalty(slm.append(torch.tensor(chosen, device=device)))
-
-
-def _accept(chooser: _Chooser, drafts: Tensor, slm_logits: Tensor, fused: Tensor,
-            slm_temperature: float) -> tuple[Tensor, Tensor]:
-    """``(accepted, token)`` ``(B,)`` each: how many of its ``drafts`` ``(B, n)`` each row accepts, and
-    the token after them (the correction at the first rejection, or one more from the last fused
-    distribution). ``slm_logits`` and ``fused`` are ``(B, n + 1, V)``: the SLM's logits and the fused
-    log-probabilities at each position."""
-    batch, positions, vocab = fused.shape
-    drafts = drafts.to(fused.device)
-    if chooser.greedy:
-        best = fused.argmax(dim=-1)
-        accepted = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)
-        return accepted.cpu(), best.gather(1, accepted[:, None].to(best.device))[:, 0].cpu()
-    p = chooser.probs(fused.flatten(0, 1)).view(batch, positions, vocab)
-    q = chooser.probs(torch.log_softmax(slm_logits.flatten(0, 1).float() / slm_temperature, dim=-1))
-    q = q.view(batch, positions, vocab)
-    return speculative_accept(p, q, drafts.cpu(), chooser.uniform(batch * (positions - 1)).view(batch, positions - 1),
-                              chooser.uniform(batch))
-
-
-def speculative_accept(p: Tensor, q: Tensor, drafts: Tensor, accept_uniform: Tensor,
-                       draw_uniform: Tensor) -> tuple[Tensor, Tensor]:
-    """The speculative-sampling rule, per row: ``(accepted (B,), token (B,))``.
-
-    ``p`` ``(B, n + 1, V)``: the target (fused) distributions; ``q`` ``(B, n + 1, V)``: the draft's
-    (its last position is not read); ``drafts`` ``(B, n)``: the drafted ids (each drawn from its
-    ``q``). Draft ``i`` is accepted when ``accept_uniform[:, i] * q_i(x_i) < p_i(x_i)`` (probability
-    ``min(1, p/q)``), up to the first rejection; there the token is drawn with ``draw_uniform``
-    ``(B,)`` from ``norm(max(0, p_i - q_i))``; if all are accepted, from ``p_n``.
-
-    >>> import torch
-    >>> p = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]]); q = torch.tensor([[[1.0, 0.0, 0.0], [1/3] * 3]])
-    >>> speculative_accept(p, q, torch.tensor([[0]]), torch.tensor([[0.4]]), torch.tensor([0.9]))  # kept
-    (tensor([1]), tensor([2]))
-    >>> speculative_accept(p, q, torch.tensor([[0]]), torch.tensor([[0.6]]), torch.tensor([0.9]))  # rejected
-    (tensor([0]), tensor([1]))
-    """
-    n = drafts.shape[1]
-    index = drafts[:, :, None]
-    ok = accept_uniform * q[:, :n].gather(2, index)[:, :, 0] < p[:, :n].gather(2, index)[:, :, 0]
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)
-    at = accepted[:, None, None].expand(-1, 1, p.shape[2])
-    p_at, q_at = p.gather(1, at)[:, 0], q.gather(1, at)[:, 0]
-    residual = torch.where((accepted < n)[:, None], (p_at - q_at).clamp(min=0), p_at)
-    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)  # p == q: rounding only
-    return accepted, _draw(residual, draw_uniform)
-
-
-def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
-    """One id per row drawn by inverse CDF from unnormalized ``weights`` ``(B, V)`` (as sampling draws)."""
-    rows = weights.shape[0]
-    return sample_from_logprobs(weights.log(), uniform, temperature=torch.ones(rows),
-                                top_k=torch.zeros(rows, dtype=torch.long), top_p=torch.ones(rows))
 
 
 def _hidden_state_capture(head: Any, slm: Any) -> HiddenStateCapture | None:
@@ -565,17 +433,17 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
         slm_tokenizer = slm.tokenizer if slm_tokenizer is None else slm_tokenizer
     else:
         ids, mask = _check_private(slm, private_input_ids, attention_mask, pad_id)
-        cache, v_slm = _SLMCache(slm, ids, mask), int(slm.get_output_embeddings().weight.shape[0])
+        cache, v_slm = SLMCache(slm, ids, mask), int(slm.get_output_embeddings().weight.shape[0])
     batch = ids.shape[0]
     session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
                             slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id,
                             apply_chat_template=apply_chat_template)
-    speculating = bool(speculate) and not session.slm_only and _check_speculation(session, v_slm)
+    speculating = bool(speculate) and not session.slm_only and check_speculation(session, v_slm)
     capture = _hidden_state_capture(head, slm)
     publics = _public_rows(public_prompt, batch)
-    rows = _Rows(batch, max_new_tokens, session.eos_token_ids)
-    chooser = _Chooser(temperature, top_k, top_p, generator)
-    penalize = _RepetitionPenalty(penalty, ids, mask, v_slm)
+    rows = GeneratedRows(batch, max_new_tokens, session.eos_token_ids)
+    chooser = TokenChooser(temperature, top_k, top_p, generator)
+    penalize = RepetitionPenalty(penalty, ids, mask, v_slm)
 
     def start() -> None:
         session.start(publics, v_slm=v_slm)  # the LLM prefills the public prompts only
@@ -583,7 +451,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
     try:
         if speculating:
             start()
-            _speculative(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
+            speculative_fusion(cache, session, rows, chooser, cache.prefill(), pad_id, speculate, penalize)
         else:
             # one model on both sides: its LLM forwards (in the thread) would pass the hidden-state hook too
             same_model = capture is not None and getattr(llm, "model", None) is slm
