@@ -210,6 +210,13 @@ class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
                 del self._ids[r][-count:]
                 self._answer[r] = None
 
+    def _append(self, rows: list[list[int]]) -> None:
+        """Append each row's new ids; a row that grew has no answer yet."""
+        for r, row in enumerate(rows):
+            if row:
+                self._ids[r].extend(row)
+                self._answer[r] = None
+
     # ------------------------------------------------------------------ prompts
     def row_text(self, r: int) -> str | None:
         """Row ``r``'s prompt as text (what ``prompt_format="text"`` sends), or ``None`` while its
@@ -255,10 +262,7 @@ class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
         """
         deadline = time.monotonic() + self.step_budget()
         rows, need = self.check_new_tokens(new_tokens, need)
-        for r, row in enumerate(rows):
-            if row:
-                self._ids[r].extend(row)
-                self._answer[r] = None
+        self._append(rows)
         todo = [r for r in range(len(rows)) if need[r] and self._answer[r] is None]
         results: dict[int, Any] = {}
         if todo and self._format is None:

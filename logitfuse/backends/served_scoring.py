@@ -2,7 +2,7 @@
 server's prompt log-probabilities, and the one-time probe that finds how the server gives them.
 
 :class:`ServedScoring` is a mixin of :class:`logitfuse.OpenAICompatibleLLM`: it works on that
-class's rows (``_ids``, ``_answer``, ``_format``, ``_prompt_upto``, ``_text_upto``,
+class's rows (``_ids``, ``_answer``, ``_format``, ``_append``, ``_prompt_upto``, ``_text_upto``,
 ``_take_results``) and sends through :class:`logitfuse.backends.completions.CompletionsWire`. The
 replies are read by :mod:`logitfuse.backends.prompt_scores`.
 
@@ -135,10 +135,7 @@ class ServedScoring:
                                "supports_score first (llama.cpp's server needs logits_all; vLLM prompt_logprobs)")
         counts = [len(row) for row in rows]
         starts = [len(self._ids[r]) for r in range(len(rows))]
-        for r, row in enumerate(rows):
-            if row:
-                self._ids[r].extend(row)
-                self._answer[r] = None
+        self._append(rows)
         cached = {r: [self._answer[r]] for r in range(len(rows)) if need[r] and self._answer[r] is not None}
         todo = [r for r in range(len(rows)) if need[r] and r not in cached]
         requests = {r: self._score_request(r, starts[r]) for r in todo}
