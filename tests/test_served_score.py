@@ -6,7 +6,6 @@ llama.cpp echo layouts read by text offset. llama.cpp's real server: tests/test_
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
