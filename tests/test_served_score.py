@@ -79,6 +79,21 @@ def test_speculation_against_a_served_llm_is_per_step_fusion(served, slm, tok):
     assert spec.stats.speculation_fallbacks == 0
 
 
+def test_a_row_ending_inside_a_character_is_not_scored_and_nothing_is_logged_for_it(served, tok):
+    """A text-prompt row whose draft ends inside a UTF-8 character cannot be sent: it is not ok (the
+    step uses the SLM alone), and neither the audit log nor the request counters claim a request."""
+    server, url = served
+    llm = logitfuse.OpenAICompatibleLLM(url, "tiny", top_k=TOP_K, tokenizer=tok, prompt_format="text",
+                                        score_method="echo")
+    llm.start([PUBLIC, PUBLIC])
+    logged, sent = len(llm.audit_log), len(server.received)
+    half = tok.encode(" \u4e2d")[:-1]  # a space and two of the three bytes of a character
+    out = llm.score([half, tok.encode(" ok")])
+    assert out.ok.tolist() == [False, True]
+    assert len(llm.audit_log) == logged + 1 and len(server.received) == sent + 1  # only the second row's request
+    assert llm.stats["score_requests"] == 1
+
+
 def test_probe_finds_vllm_prompt_logprobs(llm_model, tok):
     """A server that refuses echo but honours vLLM's prompt_logprobs is scored through the latter."""
     with serving(model_scores(llm_model, TOP_K, prompt_logprobs=True)) as server:

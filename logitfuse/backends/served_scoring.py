@@ -138,10 +138,15 @@ class ServedScoring:
         self._append(rows)
         cached = {r: [self._answer[r]] for r in range(len(rows)) if need[r] and self._answer[r] is not None}
         todo = [r for r in range(len(rows)) if need[r] and r not in cached]
+        # a text row ending inside a UTF-8 character cannot be sent: it fails here, unlogged and uncounted
+        unsendable = {r: LLMBackendError(f"{self.url}: the row's text ends inside a UTF-8 character; it cannot be "
+                                         "scored until the character is complete")
+                      for r in todo if self._prompt_upto(r, len(self._ids[r])) is None}
+        todo = [r for r in todo if r not in unsendable]
         requests = {r: self._score_request(r, starts[r]) for r in todo}
         self.stats["score_requests"] += len(todo)
-        results = self._send(todo, {r: requests[r][0] for r in todo},
-                             lambda r: self._score_row(r, starts[r], *requests[r], deadline))
+        results = unsendable | self._send(todo, {r: requests[r][0] for r in todo},
+                                          lambda r: self._score_row(r, starts[r], *requests[r], deadline))
         self._take_results({r: res for r, res in results.items() if isinstance(res, LLMBackendError)})
         answers = {**cached, **{r: res for r, res in results.items() if not isinstance(res, LLMBackendError)}}
         for r, positions in answers.items():
@@ -164,17 +169,13 @@ class ServedScoring:
         if (self._format or "ids") == "ids":
             return self._score_body(ids, method), {j: j for j in range(start, len(ids) + 1)}
         where = {j: len(t) for j in range(start, len(ids) + 1) if (t := self._text_upto(r, j)) is not None}
-        text = self._text_upto(r, len(ids))
-        return self._score_body(text if text is not None else "", "echo"), where
+        return self._score_body(self._text_upto(r, len(ids)), "echo"), where
 
     def _score_row(self, r: int, start: int, body: bytes, where: dict[int, int],
                    deadline: float) -> list[list[tuple[int, float]]]:
         """Send row ``r``'s scoring request; the top-k at each position ``start..len(ids)``."""
         ids = self._ids[r]
-        prompt = self._prompt_upto(r, len(ids))
-        if prompt is None:
-            raise LLMBackendError(f"{self.url}: the row's text ends inside a UTF-8 character; it cannot be scored "
-                                  "until the character is complete")
+        prompt = self._prompt_upto(r, len(ids))  # not None: score() kept such rows back
         found = self.post(body, parse=lambda reply: self._positions(reply, prompt, self._score_method),
                           deadline=deadline)
         out = []
