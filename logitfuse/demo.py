@@ -281,9 +281,27 @@ def _llm_silence(stats: dict[str, int], where: str) -> str:
     return "; the LLM answered none: SLM alone"
 
 
-# ------------------------------------------------------------------------------------ demo
 _LOOPS = {"processor": "fused by slm.generate + CoGenesisLogitsProcessor", "llama.cpp": "fused in llama.cpp's loop",
           "generate": "fused by logitfuse.generate ({k})"}
+
+
+def _fused_loop(args: argparse.Namespace, slm: Any, llm: Any, vmap: VocabMap, head: Any, sampling: dict[str, Any],
+                speculate: int = 0) -> tuple[str, int, str]:
+    """``(loop, speculate, label)`` of the fused run: :func:`fast_path`'s choice (logitfuse.generate where
+    it gives the processor's tokens), or each engine's reference loop with --fused-engine processor; why
+    the fast path (or speculation) is off goes to stderr where the user asked for it."""
+    if getattr(head, "needs_slm_hidden", False) and isinstance(slm, LlamaCppSLM):
+        raise UsageError("--head reads the SLM's hidden state, which llama.cpp does not expose: use --slm-engine "
+                         "transformers, or a head trained without it (logitfuse train --slm-features token,position)")
+    loop, drafts, why = fast_path(slm, llm, vmap, args.schedule, sampling, speculate, head=head)
+    if args.fused_engine == "processor" and loop == "generate":  # the reference loop of each engine
+        loop = "llama.cpp" if isinstance(slm, LlamaCppSLM) else "processor"
+    if why and (args.fused_engine == "generate" or speculate):
+        print(f"(fused run: {why})", file=sys.stderr)
+    return loop, drafts, _LOOPS[loop].format(k=f"speculate {drafts}" if drafts else "per step, overlap")
+
+
+# ------------------------------------------------------------------------------------ demo
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -311,23 +329,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print(_section(f"SLM alone, with the private context ({alone.seconds:.1f} s)", alone.text), flush=True)
     llm_alone = generate_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, **greedy)
     print(_section(f"LLM alone, without it ({llm_alone.seconds:.1f} s)", llm_alone.text), flush=True)
-    loop, speculate, why = fast_path(slm, llm, vmap, args.schedule, sampling, args.speculate)
-    if args.fused_engine == "processor" and loop == "generate":  # the reference loop of each engine
-        loop = "llama.cpp" if isinstance(slm, LlamaCppSLM) else "processor"
-    if why and (args.fused_engine == "generate" or args.speculate):
-        print(f"(fused run: {why})", file=sys.stderr)
+    loop, speculate, how = _fused_loop(args, slm, llm, vmap, head, sampling, args.speculate)
     fused = fuse_on_engine(slm, slm_tok, private_ids, llm, public_ids, args.max_new_tokens, sampling, head=head,
                            alpha=alpha, vocab_map=vmap, schedule=args.schedule, loop=loop, speculate=speculate)
     print(_section(f"Fused, {weight} ({fused.seconds:.1f} s)", colour_by_alpha(slm_tok, fused.token_ids, fused.alpha, color)))
     print(legend(color), end="")
     mean_alpha = sum(fused.alpha) / max(len(fused.alpha), 1)
     silence = _llm_silence(fused.stats, args.llm)
-    stats, how = fused.stats, f"speculate {speculate}" if speculate else "per step, overlap"
+    stats = fused.stats
     drafts = (f", {stats['draft_tokens_sent']} draft tokens sent ({stats['draft_tokens_discarded']} discarded: seen by "
               "the LLM, not in the output)" if stats.get("draft_tokens_sent") else "")
     print(f"\n{stats['steps']} steps, {stats['llm_calls']} LLM calls, {stats['llm_calls'] / max(stats['steps'], 1):.2f} "
           f"LLM calls per generated token{drafts}, {stats['saved_calls']} saved by the schedule, {stats['fallbacks']} "
-          f"fallbacks; {_LOOPS[loop].format(k=how)}; mean α {mean_alpha:.2f}; vocabulary map coverage "
+          f"fallbacks; {how}; mean α {mean_alpha:.2f}; vocabulary map coverage "
           f"{vmap.coverage:.1%}{silence}")
     print(f"reference response (from the dataset): {example.response[:300]}{'...' if len(example.response) > 300 else ''}")
     return 0
@@ -395,14 +409,16 @@ def run_generate(args: argparse.Namespace) -> int:
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = _weight(plan, vmap)
+    sampling = _sampling(args, slm)
+    loop, _, how = _fused_loop(args, slm, llm, vmap, head, sampling)
     fused = fuse_on_engine(slm, slm_tok, private_ids, llm, render_prompt(llm_tok, public_messages(plan.public)),
-                           args.max_new_tokens, _sampling(args, slm), head=head, alpha=alpha, vocab_map=vmap,
+                           args.max_new_tokens, sampling, head=head, alpha=alpha, vocab_map=vmap,
                            mode=None if head else (args.mode or "linear"), tail=None if head else (args.tail or "slm"),
-                           schedule=args.schedule)
+                           schedule=args.schedule, loop=loop)
     print(colour_by_alpha(slm_tok, fused.token_ids, fused.alpha, use_color(args.color)))
     silence = _llm_silence(fused.stats, args.llm)
     print(f"[{fused.stats['steps']} steps, {fused.stats['llm_calls']} LLM calls, {fused.stats['fallbacks']} fallbacks, "
-          f"{fused.seconds:.1f} s; {weight}; the LLM saw: {plan.public!r}{silence}]", file=sys.stderr)
+          f"{fused.seconds:.1f} s; {weight}; {how}; the LLM saw: {plan.public!r}{silence}]", file=sys.stderr)
     return 0
 
 
@@ -429,6 +445,10 @@ def _shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the local models (default cpu)")
     parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
                         help="run the SLM in transformers, or in llama.cpp from the zoo's GGUF file")
+    parser.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
+                        help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
+                             "default: greedy, per step with overlap), or slm.generate with CoGenesisLogitsProcessor "
+                             "(with --slm-engine llama.cpp: LlamaCppSLM's own loop)")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
 
 
@@ -451,10 +471,6 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--repetition-penalty", type=float, default=1.1,
                       help="on the SLM's logits before fusion (default 1.1), as slm.generate applies it; "
                            "logitfuse.generate applies it the same way (the same tokens as the processor)")
-    demo.add_argument("--fused-engine", default="auto", choices=["auto", "generate", "processor"],
-                      help="the fused run's loop: logitfuse.generate where it gives the processor's tokens (auto, "
-                           "default), or slm.generate with CoGenesisLogitsProcessor (with --slm-engine llama.cpp: "
-                           "LlamaCppSLM's own loop)")
     demo.add_argument("--speculate", type=int, default=0,
                       help="draft tokens per LLM call with logitfuse.generate, where both models share a tokenizer "
                            "(opt-in: the LLM then also sees the SLM's drafts that get rejected, counted in the "

@@ -25,11 +25,8 @@ from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.prompts import render_prompt
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_SPECULATE", "Generation", "fast_path", "fuse_on_engine", "generate_alone", "generate_fused",
+__all__ = ["Generation", "fast_path", "fuse_on_engine", "generate_alone", "generate_fused",
            "generate_fused_loop", "load_slm", "slm_alone", "vocab_map_for"]
-
-#: Draft tokens per LLM call when ``fast_path`` turns speculation on (a same-tokenizer pair).
-DEFAULT_SPECULATE = 4
 
 
 @dataclass
@@ -117,27 +114,30 @@ def generate_fused_loop(slm: Any, slm_tokenizer: Any, private_ids: list[int], ll
     return Generation(text, ids, seconds, out.alpha[0][: len(ids)], dict(out.stats))
 
 
-def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: dict[str, Any],
-              speculate: int | None = None) -> tuple[str, int, str]:
+def fast_path(slm: Any, llm: Any, vocab_map: VocabMap, schedule: str, sampling: dict[str, Any], speculate: int = 0,
+              *, head: Any = None) -> tuple[str, int, str]:
     """``(engine, speculate, why)``: the fastest fused path that gives the processor's tokens.
 
     ``"generate"`` (:func:`generate_fused_loop`) for a :class:`LlamaCppSLM` (it gives its own loop's
     tokens, greedy or sampled) and for a transformers SLM decoding greedily (with or without a
     repetition penalty: :func:`logitfuse.generate` applies it where ``slm.generate`` does), else
     ``"processor"`` (``why`` says why: sampling draws differ between the two loops). With
-    ``"generate"``, ``speculate`` (``None``: :data:`DEFAULT_SPECULATE` where allowed)
-    drafts per LLM call where both sides share one tokenizer, the schedule is ``"always"`` and the
-    backend scores drafts (``llm.supports_score``); else 0, per-step fusion (``why`` says why when
-    ``speculate`` was asked for).
+    ``"generate"``, ``speculate`` drafts per LLM call where both sides share one tokenizer, the
+    schedule is ``"always"``, ``head`` reads no SLM-side features and the backend scores drafts
+    (``llm.supports_score``, asked only then: a server is probed once); else 0, per-step fusion,
+    and ``why`` says why.
     """
     if not isinstance(slm, LlamaCppSLM) and sampling.get("do_sample"):
         return "processor", 0, "this run samples (logitfuse.generate draws its samples differently)"
+    if not speculate:
+        return "generate", 0, ""
     blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
                f"--schedule {schedule} is not 'always'" if schedule != "always" else
+               "the head reads SLM-side features" if getattr(head, "reads_slm_side", False) else
                f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
     if blocked:
-        return "generate", 0, f"speculation off: {blocked}" if speculate else ""
-    return "generate", DEFAULT_SPECULATE if speculate is None else speculate, ""
+        return "generate", 0, f"speculation off: {blocked}"
+    return "generate", speculate, ""
 
 
 def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transformers", max_new_tokens: int,

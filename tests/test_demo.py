@@ -276,3 +276,23 @@ def test_demo_runs_a_hidden_state_head_on_both_loops(model_dirs, same_tokenizer_
     assert loop_text == processor_text and "mean α 0.50" not in loop
     assert "logitfuse.generate (per step, overlap)" in loop and "CoGenesisLogitsProcessor" in processor
     assert re.search(r"mean α [\d.]+", loop).group() == re.search(r"mean α [\d.]+", processor).group()
+
+
+def test_generate_takes_the_loop_with_the_processors_text(model_dirs, same_tokenizer_llm, capsys):
+    """`logitfuse generate` greedy: logitfuse.generate per step with overlap (as the demo), the text of
+    slm.generate + CoGenesisLogitsProcessor (--fused-engine processor), one tokenizer and two; sampling
+    keeps the processor."""
+    for llm in (same_tokenizer_llm, model_dirs / "llm"):
+        runs = {}
+        for engine in ("auto", "processor"):
+            code = _generate(model_dirs, "--llm", str(llm), "--alpha", "0.95", "--max-new-tokens", "12",
+                             "--instruction", "Write a toast: for Ann", "--fused-engine", engine)
+            assert code == 0
+            runs[engine] = capsys.readouterr()
+        assert runs["auto"].out == runs["processor"].out and len(runs["auto"].out.strip()) > 4
+        assert "; fused by logitfuse.generate (per step, overlap);" in runs["auto"].err
+        assert "; fused by slm.generate + CoGenesisLogitsProcessor;" in runs["processor"].err
+        assert "12 steps, 12 LLM calls" in runs["auto"].err
+    assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--alpha", "0.5", "--temperature", "0.7",
+                     "--instruction", "Write a toast: for Ann") == 0
+    assert "; fused by slm.generate + CoGenesisLogitsProcessor;" in capsys.readouterr().err
