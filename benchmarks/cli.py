@@ -95,6 +95,8 @@ def _check_speculate(args: argparse.Namespace) -> None:
         if missing or args.tiny:
             raise UsageError(f"--slm-engine llama.cpp {missing or 'runs a zoo GGUF file: drop --tiny'}")
     if args.tiny:
+        if args.served:  # the server would run the zoo LLM's GGUF beside two tiny models
+            raise UsageError("--served runs the LLM's zoo GGUF file in llama.cpp's server: drop --tiny (or --served)")
         if alpha is None and args.head == "auto":
             raise UsageError("--tiny models have no shipped head: pass --alpha A or --head DIR")
         return

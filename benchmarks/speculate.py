@@ -454,7 +454,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "(needs llama-cpp-python and a zoo SLM)")
     parser.add_argument("--served", action="store_true",
                         help="the LLM in llama.cpp's server (its zoo GGUF, started with logits_all) instead of "
-                             "in process: drafts are scored through echo + logprobs (needs llama-cpp-python[server])")
+                             "in process: drafts are scored through echo + logprobs (needs llama-cpp-python[server]; not with --tiny)")
 
 
 def execute(args: argparse.Namespace, argv: list[str]) -> int:

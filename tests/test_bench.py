@@ -317,6 +317,7 @@ def test_emulated_latency_backend_forwards_everything(tok, llm_model):
 @pytest.mark.parametrize("argv, fragment", [
     (["--llm-latency", "-1"], "--llm-latency -1"),
     (["--tiny", "--slm-engine", "llama.cpp", "--alpha", "0.5"], "drop --tiny"),
+    (["--tiny", "--served", "--alpha", "0.5"], "--served runs the LLM's zoo GGUF file in llama.cpp's server: drop --tiny"),
     (["--alpha", "1"], "--alpha 1 is the SLM alone"),
     (["--alpha", "half"], "--alpha 'half' is neither a number nor 'none'"),
     (["--examples", "0"], "--examples 0 must be >= 1"),
