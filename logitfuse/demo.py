@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,17 @@ import torch
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.cli import UsageError, check_device, check_model, check_range
-from logitfuse.demo_generation import fast_path, fuse_on_engine, generate_alone, load_slm, slm_alone, vocab_map_for
+from logitfuse.demo_generation import (
+    colour_by_alpha,
+    fast_path,
+    fuse_on_engine,
+    generate_alone,
+    legend,
+    load_slm,
+    slm_alone,
+    use_color,
+    vocab_map_for,
+)
 from logitfuse.heads import load_head
 from logitfuse.llama_slm import LlamaCppSLM, llama_cpp_python_missing
 from logitfuse.prompts import (
@@ -44,38 +53,6 @@ def bundled_head_dir(slm_name: str, llm_name: str, variant: str = "dense") -> Pa
     """The head shipped for a model pair, trained with `logitfuse train` (``None`` when there is none)."""
     folder = shipped_path("heads", f"{slm_name}__{llm_name}", variant)
     return folder if (folder / "config.json").is_file() else None
-
-
-# ------------------------------------------------------------------------------------ output
-_SCALE = [27, 33, 39, 75, 111, 148, 184, 178, 172, 166, 160]  # 256-colour: blue (LLM) ... red-orange (SLM)
-
-
-def use_color(choice: str, stream: Any = sys.stdout) -> bool:
-    if choice == "always":
-        return True
-    if choice == "never" or os.environ.get("NO_COLOR"):
-        return False
-    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
-
-
-def colour_by_alpha(tokenizer: Any, ids: list[int], alpha: list[float], color: bool) -> str:
-    """The text with each token coloured by who drove it (α = 1: SLM alone; 0: LLM alone)."""
-    if not color or not alpha:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    pieces, previous = [], ""
-    for n in range(1, len(ids) + 1):  # decode prefixes so multi-byte characters come out whole
-        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        piece, previous = text[len(previous):], text
-        a = alpha[n - 1] if n - 1 < len(alpha) else 1.0
-        pieces.append(f"\033[38;5;{_SCALE[round(a * (len(_SCALE) - 1))]}m{piece}")
-    return "".join(pieces) + "\033[0m"
-
-
-def legend(color: bool) -> str:
-    if not color:
-        return ""
-    swatch = "".join(f"\033[38;5;{c}m█" for c in _SCALE)
-    return f"  colour = α per token: LLM-driven {swatch}\033[0m SLM-driven\n"
 
 
 def _section(title: str, body: str) -> str:

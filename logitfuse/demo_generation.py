@@ -7,12 +7,14 @@
   its own decode loop, the reference: the same tokens per step).
 
 Both give the text, the generated ids, the seconds and, fused, the α per token and the session's
-counters, so the commands print either the same way.
+counters, so the commands print either the same way (:func:`colour_by_alpha`: the text coloured by
+who drove each token).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +27,8 @@ from logitfuse.processor import CoGenesisLogitsProcessor
 from logitfuse.prompts import render_prompt
 from logitfuse.vocab import VocabMap
 
-__all__ = ["Generation", "fast_path", "fuse_on_engine", "generate_alone", "generate_fused",
-           "generate_fused_loop", "load_slm", "slm_alone", "vocab_map_for"]
+__all__ = ["Generation", "colour_by_alpha", "fast_path", "fuse_on_engine", "generate_alone", "generate_fused",
+           "generate_fused_loop", "legend", "load_slm", "slm_alone", "use_color", "vocab_map_for"]
 
 
 @dataclass
@@ -207,3 +209,39 @@ def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokeniz
     if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
         return VocabMap.identity(v_slm, llm_vocab_size, n_shared=min(len(slm_tokenizer), v_slm, llm_vocab_size))
     return VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer, v_slm=v_slm, v_llm=llm_vocab_size)
+
+
+# ------------------------------------------------------------------------------------ printing a run
+_SCALE = [27, 33, 39, 75, 111, 148, 184, 178, 172, 166, 160]  # 256-colour: blue (LLM) ... red-orange (SLM)
+
+
+def use_color(choice: str, stream: Any = None) -> bool:
+    """Whether to colour (``choice``: ``"auto"``, ``"always"``, ``"never"``): auto colours a terminal
+    (``stream``, default stdout) unless ``NO_COLOR`` is set or ``TERM`` is dumb."""
+    stream = sys.stdout if stream is None else stream
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
+
+
+def colour_by_alpha(tokenizer: Any, ids: list[int], alpha: list[float], color: bool) -> str:
+    """The text with each token coloured by who drove it (α = 1: SLM alone; 0: LLM alone)."""
+    if not color or not alpha:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    pieces, previous = [], ""
+    for n in range(1, len(ids) + 1):  # decode prefixes so multi-byte characters come out whole
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        piece, previous = text[len(previous):], text
+        a = alpha[n - 1] if n - 1 < len(alpha) else 1.0
+        pieces.append(f"\033[38;5;{_SCALE[round(a * (len(_SCALE) - 1))]}m{piece}")
+    return "".join(pieces) + "\033[0m"
+
+
+def legend(color: bool) -> str:
+    """The colour scale of :func:`colour_by_alpha` as one line (empty without colour)."""
+    if not color:
+        return ""
+    swatch = "".join(f"\033[38;5;{c}m█" for c in _SCALE)
+    return f"  colour = α per token: LLM-driven {swatch}\033[0m SLM-driven\n"
