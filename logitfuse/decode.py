@@ -347,12 +347,7 @@ def _hidden_state_capture(head: Any, slm: Any) -> HiddenStateCapture | None:
         raise ValueError(f"this head reads the SLM's last hidden state (slm_features {head.slm_features}), which the "
                          "llama.cpp SLM does not expose; use a head without the 'hidden' group (logitfuse train "
                          "--slm-features token,position) or the transformers SLM")
-    capture = HiddenStateCapture(slm)
-    if capture.hidden_size != head.slm_hidden_size:
-        capture.remove()
-        raise ValueError(f"slm has hidden size {capture.hidden_size} but the head was trained on an SLM with "
-                         f"slm_hidden_size={head.slm_hidden_size}; use that SLM, or train a head for this one")
-    return capture
+    return HiddenStateCapture.for_head(slm, head)
 
 
 # ------------------------------------------------------------------------- public entry point

@@ -165,12 +165,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         if slm is None:
             raise ValueError(f"this head reads the SLM's last hidden state (slm_features {head.slm_features}): pass "
                              "slm=<the transformers model that generates> so the processor can capture it")
-        capture = HiddenStateCapture(slm)
-        if capture.hidden_size != head.slm_hidden_size:
-            capture.remove()
-            raise ValueError(f"slm has hidden size {capture.hidden_size} but the head was trained on an SLM with "
-                             f"slm_hidden_size={head.slm_hidden_size}; use that SLM, or train a head for this one")
-        return capture
+        return HiddenStateCapture.for_head(slm, head)
 
     def close(self) -> None:
         """Remove the hidden-state hook from the SLM (if any); the processor cannot serve such a head after."""

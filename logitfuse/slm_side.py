@@ -214,6 +214,17 @@ class HiddenStateCapture:
         self.forwards = 0
         self._handle = layer.register_forward_pre_hook(self._record)
 
+    @classmethod
+    def for_head(cls, model: Any, head: Any) -> HiddenStateCapture:
+        """A capture on ``model`` for ``head`` (one that reads the hidden state): ``ValueError``, with no
+        hook left behind, when the model's hidden size is not the head's ``slm_hidden_size``."""
+        capture = cls(model)
+        if capture.hidden_size != head.slm_hidden_size:
+            capture.remove()
+            raise ValueError(f"slm has hidden size {capture.hidden_size} but the head was trained on an SLM with "
+                             f"slm_hidden_size={head.slm_hidden_size}; use that SLM, or train a head for this one")
+        return capture
+
     def _record(self, module: nn.Module, args: tuple) -> None:
         hidden = args[0].detach()
         self.latest = hidden if self.keep_all else hidden[:, -1]
