@@ -34,30 +34,32 @@ __all__ = ["accept_or_correct", "check_speculation", "speculative_accept", "spec
 
 
 def check_speculation(session: FusionSession, v_slm: int) -> bool:
-    """Refuse, before anything is sent, what speculative fusion cannot do exactly. Returns whether the
-    backend can score drafts (``supports_score``; a server is probed once, with a fixed text): when it
-    cannot, the generation fuses per step instead, with a warning shown once and
-    ``stats.speculation_fallbacks`` counted."""
+    """Refuse, before anything is sent, what speculative fusion cannot do exactly. Returns whether
+    this generation speculates: not across tokenizers (a draft's SLM positions are not the LLM's
+    token positions, so one call cannot score it exactly), nor with a backend that cannot score
+    drafts (``supports_score``; a server is probed once, with a fixed text). Then it fuses per step
+    instead, with a warning shown once and ``stats.speculation_fallbacks`` counted."""
     llm = session.llm
-    if session.cross_tokenizer:
-        raise ValueError("speculate > 0 needs one tokenizer on both sides (an identity vocabulary map); across "
-                         "tokenizers use speculate=0 (per-step fusion)")
     if getattr(session.head, "reads_slm_side", False):
         raise ValueError(f"speculate > 0 cannot give the head its SLM-side features ({session.head.slm_features}): one "
                          "LLM call scores a whole draft; use speculate=0 (per-step fusion) with this head")
     if session.schedule.spec != "always":
         raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
                          "skips the LLM already saves calls: use speculate=0 with it")
-    if v_slm > llm.vocab_size:
+    if session.cross_tokenizer:
+        why = ("the SLM and the LLM use different tokenizers, so the SLM's draft positions are not the LLM's and one "
+               "call cannot score a draft exactly")
+    elif v_slm > llm.vocab_size:
         raise ValueError(f"speculate > 0 needs every SLM id in the LLM's vocabulary; the SLM has {v_slm} ids, the "
                          f"LLM {llm.vocab_size}: use speculate=0")
-    if not llm.supports_score:
-        warnings.warn("speculate > 0: the LLM backend cannot score a draft in one call (LLMBackend.score; a server "
-                      "needs prompt log-probabilities: llama.cpp's server with logits_all, or vLLM), so this generation "
-                      "fuses per step (counted in stats.speculation_fallbacks; this warning is shown once)",
-                      RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    elif not llm.supports_score:
+        why = ("the LLM backend cannot score a draft in one call (LLMBackend.score; a server needs prompt "
+               "log-probabilities: llama.cpp's server with logits_all, or vLLM)")
+    else:
+        return True
+    warnings.warn(f"speculate > 0: {why}; this generation fuses per step (counted in stats.speculation_fallbacks; "
+                  "this warning is shown once)", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def speculative_fusion(slm: SLMCache | LlamaCppCache, session: FusionSession, rows: GeneratedRows,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 
 import pytest
 import torch
@@ -349,14 +350,20 @@ def test_refusals_are_clear_and_send_nothing(tok, slm, llm_model):
     assert llm.audit_log == []
 
 
-def test_speculation_refuses_two_tokenizers_and_backends_without_score(tok, slm):
+def test_speculation_across_tokenizers_and_without_score_fuses_per_step_counted(tok, slm):
     sp = sentencepiece_tokenizer()
     llm = logitfuse.HFLLM(tiny_llama(len(sp), seed=1), sp)
     vocab_map = logitfuse.VocabMap.from_tokenizers(tok, sp)
-    with pytest.raises(ValueError, match="one tokenizer"):
-        logitfuse.generate(slm, llm, [chat_ids(tok, PRIVATE)], PUBLIC, alpha=0.5, vocab_map=vocab_map,
-                           slm_tokenizer=tok, max_new_tokens=4, speculate=2)
-    assert llm.audit_log == []
+    runs = {}
+    for k in (0, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[k] = logitfuse.generate(slm, llm, [chat_ids(tok, PRIVATE)], PUBLIC, alpha=0.5, vocab_map=vocab_map,
+                                         slm_tokenizer=tok, max_new_tokens=6, speculate=k)
+        assert any("different tokenizers" in str(w.message) for w in caught) == (k > 0)
+    assert runs[2].sequences == runs[0].sequences and runs[2].stats.llm_calls == runs[0].stats.llm_calls
+    assert runs[2].stats.speculation_fallbacks == 1 and runs[2].stats.draft_tokens_sent == 0
+    assert not any(entry["op"] == "score" for entry in llm.audit_log)
     # a backend that cannot score drafts (here: no server answers the probe) means per-step fusion, counted
     remote = logitfuse.OpenAICompatibleLLM("http://127.0.0.1:9", "m", tokenizer=byte_level_tokenizer(),
                                            vocab_size=len(tok), retries=0)
