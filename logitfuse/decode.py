@@ -378,11 +378,12 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any, *, 
             ``top_p`` (1 = off) on the fused distribution, by :func:`logitfuse.fuse_sample`'s rules.
         generator (`torch.Generator`, *optional*): the sampling draws (the same state, the same tokens).
         speculate (`int`, defaults to 0): draft this many SLM tokens per LLM call (exact speculative
-            fusion). Needs one tokenizer (an identity map) and ``schedule="always"`` (otherwise
-            ``ValueError`` before anything is sent), and a backend that scores drafts
-            (``supports_score``: :class:`logitfuse.HFLLM`; :class:`logitfuse.OpenAICompatibleLLM` where the
-            server returns prompt log-probabilities); with one that cannot, it fuses per step, warns
-            once and counts ``stats.speculation_fallbacks``.
+            fusion). Needs ``schedule="always"`` and a head without SLM-side features (otherwise
+            ``ValueError`` before anything is sent); speculates where both sides share one tokenizer
+            (an identity map) and the backend scores drafts (``supports_score``:
+            :class:`logitfuse.HFLLM`; :class:`logitfuse.OpenAICompatibleLLM` where the server returns
+            prompt log-probabilities); otherwise it fuses per step, warns once and counts
+            ``stats.speculation_fallbacks``.
             With ``alpha=1`` (the SLM alone, the LLM never asked) there is nothing to speculate on.
             Rejected drafts are seen by the LLM: opt-in, counted in :attr:`FusedGeneration.stats`.
         overlap (`bool`, defaults to `True`): per-step fusion issues the LLM's request for a position
