@@ -268,12 +268,17 @@ class SLMSideRows:
                device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """``last_tokens`` and ``positions`` ``(batch_size,)`` of the position after ``appended``
         (the tokens each row kept since the previous step), as a head reads them."""
-        tokens = [int(a[-1]) if len(a) else last for a, last in zip(appended, self.last_tokens)]
-        return dict(last_tokens=torch.tensor(tokens, device=device),
-                    positions=torch.full((len(tokens),), position, device=device))
+        return self._as_inputs(self._last_after(appended), position, device)
 
     def advance(self, appended: Sequence[Sequence[int]], position: int) -> dict[str, Tensor]:
         """:meth:`inputs` (on the CPU), and remember each row's last token."""
-        inputs = self.inputs(appended, position)
-        self.last_tokens = inputs["last_tokens"].tolist()
-        return inputs
+        self.last_tokens = self._last_after(appended)
+        return self._as_inputs(self.last_tokens, position, "cpu")
+
+    def _last_after(self, appended: Sequence[Sequence[int]]) -> list[int]:
+        return [int(a[-1]) if len(a) else last for a, last in zip(appended, self.last_tokens)]
+
+    @staticmethod
+    def _as_inputs(tokens: list[int], position: int, device: torch.device | str) -> dict[str, Tensor]:
+        return dict(last_tokens=torch.tensor(tokens, device=device),
+                    positions=torch.full((len(tokens),), position, device=device))
