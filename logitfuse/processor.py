@@ -7,26 +7,32 @@ and returns the fused log-probabilities in place of the SLM's scores::
 
     proc = CoGenesisLogitsProcessor(llm, public_prompt, alpha=0.25)
     slm.generate(**private_inputs, logits_processor=[proc])
+
+With ``stopping_criteria=proc.stopping_criteria()`` as well, the LLM's request for a position runs
+in a thread while the SLM computes its forward for it (greedy and sampling; see
+:meth:`CoGenesisLogitsProcessor.stopping_criteria`).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import Future
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from logitfuse.backends import LLMBackend
 from logitfuse.schedules import Schedule
-from logitfuse.session import FusionSession, SessionStats
+from logitfuse.session import FusionSession, SessionStats, StepRequest
 from logitfuse.slm_side import HiddenStateCapture
 from logitfuse.vocab import VocabMap
 
 Tensor = torch.Tensor
 
-__all__ = ["CoGenesisLogitsProcessor"]
+__all__ = ["CoGenesisLogitsProcessor", "OverlapCriterion"]
 
 
 # transformers' decoding methods that call the logits processors once per kept token, on the real
@@ -74,6 +80,61 @@ def _unsafe_generate_mode() -> str | None:
     if mode_name not in _SAFE_GENERATION_MODES:
         return f"generate() runs generation mode {mode_name!r}"
     return None
+
+
+def _sample_loop_continues(caller: Any, criterion: StoppingCriteria, processor: LogitsProcessor) -> bool:
+    """Whether transformers' ``_sample`` loop, which is calling ``criterion`` through the
+    ``StoppingCriteriaList`` frame ``caller``, will run another step that calls ``processor``.
+
+    ``_sample`` appends the chosen tokens to ``input_ids``, then calls its stopping criteria, then
+    (unless every row is done) runs the SLM's forward and calls its logits processors with that same
+    ``input_ids``. The list ORs its criteria in order, so when ``criterion`` is the last one its
+    ``is_done`` holds every other criterion's verdict; with ``_sample``'s ``unfinished_sequences`` that
+    is the loop's own decision. Anything else (beam search, which calls the criteria on candidate
+    beams; another criterion after this one; a call outside ``generate``; ``synced_gpus``; a generate
+    call without ``processor``) answers ``False``: no prefetch, the processor steps synchronously.
+    """
+    loop = caller.f_back
+    if (caller.f_globals.get("__name__") != "transformers.generation.stopping_criteria" or loop is None
+            or loop.f_globals.get("__name__") != "transformers.generation.utils" or loop.f_code.co_name != "_sample"):
+        return False
+    criteria, is_done = caller.f_locals.get("self"), caller.f_locals.get("is_done")
+    loop_locals = loop.f_locals
+    unfinished, processors = loop_locals.get("unfinished_sequences"), loop_locals.get("logits_processor") or ()
+    if not isinstance(criteria, list) or not criteria or criteria[-1] is not criterion or loop_locals.get("synced_gpus"):
+        return False
+    if not isinstance(is_done, Tensor) or not isinstance(unfinished, Tensor) or all(p is not processor for p in processors):
+        return False
+    return bool((unfinished.bool() & ~is_done).any())
+
+
+def _in_background(work: Callable[[], StepRequest]) -> Future:
+    """Run ``work`` in a new daemon thread; its result (or exception) in the returned future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as error:  # handed to whoever reads the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="logitfuse-llm", daemon=True).start()
+    return future
+
+
+class OverlapCriterion(StoppingCriteria):
+    """A stopping criterion that never stops a row: it starts the LLM's request for the next position
+    (what :class:`CoGenesisLogitsProcessor` would send at its next call) in a thread, so that it runs
+    while ``generate`` computes the SLM's forward for that position. Made by
+    :meth:`CoGenesisLogitsProcessor.stopping_criteria`; see there."""
+
+    def __init__(self, processor: CoGenesisLogitsProcessor):
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if _sample_loop_continues(sys._getframe(1), self, self.processor):
+            self.processor._prefetch(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class CoGenesisLogitsProcessor(LogitsProcessor):
@@ -155,6 +216,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
                              "tokenizer= to the backend or give the public prompt as LLM token ids")
         self.public_prompts = [self.session.format_prompt(p) for p in prompts]
         self._capture = self._hidden_state_capture(head, slm)
+        # one model on both sides: its LLM forwards in the prefetch thread would pass the hidden-state hook too
+        self._same_model = self._capture is not None and getattr(llm, "model", None) is slm
+        self._prefetched: tuple[Tensor, Future] | None = None
         self.reset()
 
     @staticmethod
@@ -168,7 +232,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         return HiddenStateCapture.for_head(slm, head)
 
     def close(self) -> None:
-        """Remove the hidden-state hook from the SLM (if any); the processor cannot serve such a head after."""
+        """Remove the hidden-state hook from the SLM (if any); the processor cannot serve such a head after.
+        Waits for a prefetched LLM request still in flight (and drops it)."""
+        self._drop_prefetch()
         if self._capture is not None:
             self._capture.remove()
 
@@ -192,6 +258,8 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Forget the current generation (and the statistics); the next call starts a new one."""
+        self._drop_prefetch()
+        self.overlapped_steps = 0
         self._prompt_len: int | None = None
         self._seen = 0
         self._history: Tensor | None = None
@@ -264,8 +332,72 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         self._seen = width
         return self._history[:, -1:].tolist()
 
+    # ------------------------------------------------------------------ overlap
+    def stopping_criteria(self) -> StoppingCriteriaList:
+        """Stopping criteria for the same ``generate`` call that let the LLM's request overlap the SLM's
+        forward::
+
+            slm.generate(**private, logits_processor=[proc], stopping_criteria=proc.stopping_criteria())
+
+        ``generate``'s greedy and sampling loop (``_sample``) calls its stopping criteria right after it
+        appends the chosen tokens to ``input_ids`` and before the SLM's next forward, which it then
+        follows with this processor's call on the same ``input_ids``. The criterion (an
+        :class:`OverlapCriterion`, which never stops a row) reads the new tokens there, as the processor
+        would at its next call, and starts that call's LLM request in a thread; the processor's call
+        waits for it and fuses. A step then costs about max(SLM forward, LLM request) instead of their
+        sum; the tokens, α, statistics and LLM requests are the same as without it
+        (:attr:`overlapped_steps` counts the steps that overlapped).
+
+        It prefetches only when it can tell that the loop continues and calls this processor next:
+        under ``_sample``, as the last stopping criterion (transformers puts its own criteria first;
+        put yours before this one), without ``synced_gpus``. Elsewhere it does nothing and the processor
+        steps synchronously: beam search (its criteria see candidate beams, not the kept ones), the last
+        step, schedules that decide the LLM call from the SLM's logits (``entropy_gate``, ``head_gate``),
+        ``alpha=1``, and a head reading the hidden state of an SLM that is also the LLM.
+        """
+        return StoppingCriteriaList([OverlapCriterion(self)])
+
+    def _prefetch(self, input_ids: Tensor) -> None:
+        """Read the tokens appended to ``input_ids`` (as :meth:`_appended` would at the next call) and
+        start the session's LLM request for them in a thread. Does nothing where a synchronous call
+        would do more than append one column (a beam reorder) or refuse ``input_ids``."""
+        schedule = self.session.schedule
+        if (self._prefetched is not None or self._prompt_len is None or self.session.slm_only or self._same_model
+                or schedule.needs_entropy or schedule.needs_call_gain):
+            return
+        batch, width = input_ids.shape
+        if batch != self.session.batch_size or width != self._seen + 1:
+            return
+        generated = input_ids[:, self._prompt_len:].detach().cpu()
+        if self._history is not None and not torch.equal(generated[:, :self._history.shape[1]], self._history):
+            return
+        self._history, self._seen = generated, width
+        appended = generated[:, -1:].tolist()
+        self._prefetched = (input_ids, _in_background(lambda: self.session.request(appended)))
+
+    def _drop_prefetch(self) -> None:
+        """Wait for a prefetched request still in flight, then forget it (its error too, if any)."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            prefetched[1].exception()
+
+    def _complete_prefetch(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        """Fuse ``scores`` with the prefetched request, once it is back (the backend's errors surface here)."""
+        (seen_ids, future), self._prefetched = self._prefetched, None
+        request = future.result()
+        if input_ids is not seen_ids and (input_ids.shape != seen_ids.shape or not torch.equal(input_ids, seen_ids)):
+            raise ValueError(
+                "input_ids changed between the overlap stopping criterion and this processor's call (generate() "
+                "passes both the same tensor); call reset() and pass proc.stopping_criteria() only to the generate() "
+                "call that uses this processor"
+            )
+        self.overlapped_steps += 1
+        return self.session.complete(request, scores, slm_hidden=self._step_hidden(scores))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prefetched is not None:
+            return self._complete_prefetch(input_ids, scores)
         if self._prompt_len is None:
             self._begin(input_ids, scores)
             appended: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
