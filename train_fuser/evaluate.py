@@ -87,10 +87,20 @@ def _gated_nll(call: torch.Tensor, fused: torch.Tensor, slm: torch.Tensor) -> to
 
 
 def _top_fraction(score: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
-    """``(call, threshold)``: call where ``score >= threshold``, the threshold being the score's
-    ``1 - fraction`` quantile (so about ``fraction`` of the positions call)."""
-    threshold = torch.quantile(score.double(), 1.0 - fraction).item() if len(score) else 0.0
-    return score >= threshold, threshold
+    """``(call, threshold)``: call at the ``round(fraction * N)`` positions of highest ``score`` (ties
+    broken by position, so a score that is flat, e.g. a zero gain wherever the head sets α = 1, still
+    calls that fraction), the threshold being the lowest score called.
+
+    >>> _top_fraction(torch.tensor([0.0, 3.0, 0.0, 0.0]), 0.5)
+    (tensor([ True,  True, False, False]), 0.0)
+    """
+    n = round(fraction * len(score))
+    call = torch.zeros(len(score), dtype=torch.bool)
+    if n == 0:
+        return call, float("inf")
+    order = torch.sort(score.double(), descending=True, stable=True).indices[:n]
+    call[order] = True
+    return call, score[order[-1]].item()
 
 
 @torch.no_grad()
