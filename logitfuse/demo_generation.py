@@ -51,6 +51,7 @@ def _generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens:
     with torch.no_grad():
         out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                              logits_processor=[processor] if processor is not None else None, pad_token_id=pad,
+                             stopping_criteria=processor.stopping_criteria() if processor is not None else None,
                              **sampling)
     return out[0, inputs.shape[1]:].tolist(), time.perf_counter() - started
 
