@@ -172,6 +172,10 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     each row's former row by its public prompt and generated history and reorders the LLM's state
     the same way (a backend's ``reorder``; counted in ``stats["reorders"]``).
 
+    ``slm.generate(..., stopping_criteria=proc.stopping_criteria())`` overlaps each step's LLM request
+    with the SLM's forward (greedy and sampling; same tokens and requests; :meth:`stopping_criteria`);
+    :attr:`overlapped_steps` counts the steps that did.
+
     The processor is a thin adapter: it turns ``input_ids`` into the tokens each row appended (and
     beam reorders) for a :class:`logitfuse.FusionSession` (:attr:`session`: the LLM's state, schedule,
     α, fusion, :attr:`stats`, :attr:`alpha_history`). :meth:`reset` before reusing one instance for

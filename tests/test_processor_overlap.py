@@ -175,3 +175,21 @@ def test_a_reused_processor_after_reset_overlaps_again(tok, slm, llm_model):
     assert proc.overlapped_steps == 0
     again = generate(slm, inputs, N_NEW, proc, stopping_criteria=proc.stopping_criteria()).tolist()
     assert again == first and dict(proc.stats) == stats and proc.overlapped_steps == N_NEW - 1
+
+
+def test_the_demo_processor_engine_overlaps_with_a_head(tok, slm, llm_model):
+    """``--fused-engine processor`` (demo_generation.generate_fused) passes the criterion; a fusion
+    head's α is the same as without it."""
+    from logitfuse.demo_generation import generate_fused
+
+    head = logitfuse.FusionHead(len(tok), len(tok), init_alpha=0.5)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        head.mlp[-1].weight.data.normal_(0, 0.5)
+    private = private_prompt_ids(tok, PRIVATE, PUBLIC)
+    proc = logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, head=head)
+    fused = generate_fused(slm, tok, private, proc, N_NEW, do_sample=False)
+    assert proc.overlapped_steps == N_NEW - 1
+    plain, _ = run(slm, logitfuse.HFLLM(llm_model, tok), left_pad([private]), PUBLIC, overlap=False, head=head)
+    assert fused.token_ids == plain[0][0] and fused.alpha == [step[0] for step in plain[1]]
+    assert fused.stats == plain[2]
