@@ -1,6 +1,7 @@
 """The learned call gate (schedule ``head_gate(tau)``): parsing and checks, decoding decisions equal
 to the gate applied offline to the same SLM-side inputs, and skipped steps send nothing."""
 
+import importlib.util
 import json
 
 import pytest
@@ -137,7 +138,8 @@ def test_train_on_two_splits_with_slm_features_then_eval_reports_calls(tiny_run,
     methods = {r["method"].split("(")[0] for r in rows if r["llm_input"] == "dense"}
     assert methods == {"head_gate", "entropy_gate", "periodic", "oracle gate "}
     assert sorted({r["target_calls"] for r in rows}) == [0.25, 0.5, 0.75]
-    assert (out / "call_fraction-dense.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib"):  # the plot is skipped without it (CI installs no matplotlib)
+        assert (out / "call_fraction-dense.png").read_bytes()[:4] == b"\x89PNG"
     assert "head_gate(" in capsys.readouterr().out
     # an ablation without SLM-side features on the same examples reuses the shared caches: nothing is scored
     monkeypatch.setattr(train_cli, "score_example", lambda *a, **k: pytest.fail("scored again"))
