@@ -91,9 +91,11 @@ def _check_speculate(args: argparse.Namespace) -> None:
     if args.slm_engine == "llama.cpp":
         from logitfuse.llama_slm import llama_cpp_python_missing
 
+        if args.tiny:  # the contradiction first: it holds whatever is installed
+            raise UsageError("--slm-engine llama.cpp runs a zoo GGUF file: drop --tiny")
         missing = llama_cpp_python_missing()
-        if missing or args.tiny:
-            raise UsageError(f"--slm-engine llama.cpp {missing or 'runs a zoo GGUF file: drop --tiny'}")
+        if missing:
+            raise UsageError(f"--slm-engine llama.cpp {missing}")
     if args.tiny:
         if args.served:  # the server would run the zoo LLM's GGUF beside two tiny models
             raise UsageError("--served runs the LLM's zoo GGUF file in llama.cpp's server: drop --tiny (or --served)")
