@@ -246,8 +246,12 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     table = (tmp_path / "run" / "results.md").read_text()
     assert "trained head" in table and "LLM with context" in table and "aligned share" in table
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
-    # full table (2 + 4 variants x 6), then the dense rows again on the paper head's 2 examples, then its row
-    assert len(rows) == 2 + 4 * 6 + 8 + 1 and rows[-1]["method"].startswith("paper head")
+    # full table (2 + 4 variants x 7, with the fixed α chosen on the training data), then the dense rows
+    # again on the paper head's 2 examples, then its row
+    assert len(rows) == 2 + 4 * 7 + 8 + 1 and rows[-1]["method"].startswith("paper head")
+    chosen = [r for r in rows if r["method"].endswith("(chosen on the training splits)")]
+    assert [r["llm_input"] for r in chosen] == ["dense", "top5-slm", "top5-uniform", "top5-zero"]
+    assert chosen[0]["method"] == f"fixed alpha={summary['heads']['dense']['best_fixed_alpha']:g} (chosen on the training splits)"
     assert {r["llm_input"] for r in rows[-9:]} == {"dense, first 2 examples"}
     assert {r["tokens"] for r in rows[-9:]} == {rows[-1]["tokens"]} and rows[-1]["tokens"] < rows[0]["tokens"]
     assert all(math.isfinite(r["nll"]) for r in rows)

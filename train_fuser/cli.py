@@ -26,7 +26,7 @@ from logitfuse.cli import UsageError, check_device, check_model, check_out_dir, 
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
 from logitfuse.slm_side import check_feature_groups
-from logitfuse.train_fuser.evaluate import (evaluate_cached, evaluate_streaming, first_examples, head_alpha,
+from logitfuse.train_fuser.evaluate import (best_fixed_alpha, evaluate_cached, evaluate_streaming, first_examples, head_alpha,
                                             plot_alpha_trace, write_call_report, write_report)
 from logitfuse.train_fuser.scoring import (
     Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
@@ -207,7 +207,8 @@ def run_train(args: argparse.Namespace) -> int:
                           slm_hidden_size=hidden_size, hidden_projection=args.hidden_projection, gate_hidden=args.gate_hidden)
         data = (cache[f"{variant.name}.features"], cache[f"{variant.name}.terms"], cache["example"], config)
         fit = fit_cached(head, *data, slm_side=slm_side_inputs(cache, head))
-        summary["heads"][variant.name] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll), "train_nll": fit.train_nll[fit.best_epoch]}
+        summary["heads"][variant.name] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll), "train_nll": fit.train_nll[fit.best_epoch],
+                                          "best_fixed_alpha": best_fixed_alpha(cache[f"{variant.name}.terms"])}
         print(f"{variant.name}: validation NLL {min(fit.val_nll):.4f} (epoch {fit.best_epoch})")
         if head.gate is not None:  # target: NLL(SLM alone) - NLL(fused with this head's α), per position
             gate_fit = fit_gate(head, *data, slm_side=slm_side_inputs(cache, head))
@@ -241,7 +242,10 @@ def run_eval(args: argparse.Namespace) -> int:
                                   llm_with_context=not args.no_llm_context and args.served is None,
                                   max_history=args.max_history,
                                   slm_hidden=any(head.needs_slm_hidden for head in heads.values()))
-    rows = evaluate_cached(cache, variants, heads)
+    trained = heads_root.parent / "train.json"  # the fixed α each variant's training data chose, if recorded
+    chosen = {name: head["best_fixed_alpha"] for name, head in json.loads(trained.read_text())["heads"].items()
+              if "best_fixed_alpha" in head} if trained.is_file() else {}
+    rows = evaluate_cached(cache, variants, heads, {name: a for name, a in chosen.items() if name in heads})
     if (heads_root / "paper-dense").is_dir() and args.served is None:
         # the paper's head runs both models again, on fewer examples: the other rows on those same
         # positions come first, so that it compares like with like

@@ -52,9 +52,26 @@ def oracle_nll(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best.values, ORACLE_GRID[best.indices]
 
 
-def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant],
-                    heads: dict[str, FusionHead | None]) -> list[dict[str, Any]]:
-    """The table's rows from a scored cache (see :mod:`.scoring`); ``heads`` maps variant name -> head."""
+def best_fixed_alpha(terms: torch.Tensor) -> float:
+    """The fixed α (on a 0.01 grid) with the lowest mean NLL over these positions' ``terms``: what a
+    fixed-α deployment would pick on its training data (``logitfuse train`` records it per variant).
+
+    Two positions, one the SLM predicts (0.9 against 0.1) and one the LLM does (0.6 against 0.2):
+    ``-log(0.1 + 0.8 α) - log(0.6 - 0.4 α)`` is lowest at α = 0.6875.
+
+    >>> best_fixed_alpha(torch.tensor([[0.9, 0.1, 1.0], [0.2, 0.6, 1.0]]).log())
+    0.69
+    """
+    losses = torch.stack([linear_nll(torch.full((len(terms),), a.item()), terms).double().mean() for a in ORACLE_GRID])
+    return round(ORACLE_GRID[losses.argmin()].item(), 2)
+
+
+def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant], heads: dict[str, FusionHead | None],
+                    chosen_alpha: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The table's rows from a scored cache (see :mod:`.scoring`); ``heads`` maps variant name -> head;
+    ``chosen_alpha`` maps variant name -> the fixed α chosen on the training splits (a row each: the
+    honest fixed-α baseline, where "fixed alpha=0.75" rows let the test set pick)."""
+    chosen_alpha = chosen_alpha or {}
     rows = []
     first = variants[0].name
     slm_only = linear_nll(torch.ones(len(cache["targets"])), cache[f"{first}.terms"])
@@ -67,6 +84,10 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant],
         rows.append(_row(variant.name, "LLM without context (alpha=0)", linear_nll(torch.zeros(len(terms)), terms)))
         for alpha in FIXED_ALPHAS:
             rows.append(_row(variant.name, f"fixed alpha={alpha}", linear_nll(torch.full((len(terms),), alpha), terms)))
+        if variant.name in chosen_alpha:
+            alpha = chosen_alpha[variant.name]
+            rows.append(_row(variant.name, f"fixed alpha={alpha:g} (chosen on the training splits)",
+                             linear_nll(torch.full((len(terms),), alpha), terms)))
         head = heads.get(variant.name)
         if head is not None:
             alpha = head_alpha(cache, variant, head)
