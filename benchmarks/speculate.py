@@ -27,6 +27,10 @@ request (prefill, step, draft scoring) sleeps S seconds first (:class:`EmulatedL
 device-to-cloud regime speculation exists for (0.15 s is about what llama.cpp's server took per call
 in ``bench remote``). The rows say so (``llm_latency_s``).
 
+``--served`` serves the LLM's zoo GGUF file with llama.cpp's server (``--logits_all true``) and talks
+to it through :class:`~logitfuse.OpenAICompatibleLLM`: per-step requests, and drafts scored from the
+prompt log-probabilities it returns (``echo`` + ``logprobs``).
+
 Reported per path: tokens/s over all examples end to end, and **decode tokens/s** (the tokens after
 the first over the time after it: the prefill of ~1000-token private prompts, the same for every
 path, left out; ``prefill_s`` is its mean per example), LLM calls per generated token, the acceptance
@@ -42,6 +46,7 @@ made and dropped first (thread pools, allocator, caches); then each path generat
     logitfuse bench speculate --quick --threads 2
     logitfuse bench speculate --slm qwen2.5-coder-0.5b --llm qwen2.5-coder-1.5b --speculate 0 2 4 8
     logitfuse bench speculate --slm qwen2.5-coder-0.5b --llm qwen2.5-coder-1.5b --llm-latency 0.15
+    logitfuse bench speculate --slm qwen2.5-coder-0.5b --llm qwen2.5-coder-1.5b --served
     logitfuse bench speculate --slm smollm2-135m --llm qwen2.5-coder-0.5b --slm-engine llama.cpp --speculate 0
 """
 
