@@ -125,7 +125,8 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
             if (example.tid, name) in have:
                 continue
             torch.manual_seed(seed + index)
-            text, tokens = _one(name, example, models, max_new_tokens, max_history, sampling, alpha, schedule)
+            system = name.split("@", 1)[0]  # a --tag names the run, not the system
+            text, tokens = _one(system, example, models, max_new_tokens, max_history, sampling, alpha, schedule)
             records.append({"tid": example.tid, "system": name, "text": text, "tokens": tokens})
         if on_example is not None:
             on_example(records)

@@ -230,6 +230,10 @@ def test_generation_keeps_the_context_away_from_the_evaluated_llm(tok, slm, llm_
         assert again[:4] == records and [r["tid"] for r in again[4:]] == ["u2"] * 4
         generate_records([example()], models, {"llm+context": (None, "always")}, max_new_tokens=1, progress=False)
         assert CANARY in tok.decode(seen[-1])  # the leaking reference does read it: the check can fail
+        # a tagged run generates the same systems: its "slm@t" is the SLM alone, not a fused system
+        tagged = generate_records([example()], models, {"slm@t": (None, "always"), "fused-alpha0.5@t": (0.5, "always")},
+                                  max_new_tokens=3, progress=False)
+        assert [r["text"] for r in tagged] == [records[0]["text"], records[3]["text"]]
     finally:
         hook.remove()
 
