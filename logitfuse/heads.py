@@ -381,11 +381,14 @@ class FusionHead(BaseFusionHead):
             x = torch.cat([x, side], dim=-1)
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
-    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
-        if self.reads_slm_side:
-            raise ValueError(f"this head reads SLM-side features {self.slm_features}, which an aligned view lacks; call "
-                             "head(slm_logits, llm, vocab_map, slm_hidden=..., last_tokens=..., positions=...)")
-        return self._checked_features_alpha(self.features_from_aligned(aligned))
+    def alpha_from_aligned(self, aligned: Aligned, slm_hidden: Tensor | None = None, *, last_tokens: Any = None,
+                           positions: Any = None) -> Tensor:
+        """As the base class; the SLM-side inputs are as for :meth:`forward`."""
+        if self.reads_slm_side and slm_hidden is None and last_tokens is None and positions is None:
+            raise ValueError(f"this head reads SLM-side features {self.slm_features}, which an aligned view lacks; pass "
+                             "slm_hidden=..., last_tokens=..., positions=... (to fuse_with_head too)")
+        return self._checked_features_alpha(self.features_from_aligned(aligned), slm_hidden, last_tokens=last_tokens,
+                                            positions=positions)
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
                 slm_hidden: Tensor | None = None, *, last_tokens: Any = None, positions: Any = None) -> Tensor:

@@ -349,7 +349,7 @@ class FusionSession:
               slm_side: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``(alpha (rows,), fused (rows, v_slm))`` of one batch of positions; a fixed α is made on the
         host when ``host_alpha`` (no device read later). A head reading SLM-side features gets
-        ``slm_hidden`` and ``slm_side``, then its α is mixed (the same as fuse_with_head)."""
+        ``slm_hidden`` and ``slm_side`` through :func:`fuse_with_head`."""
         device = slm_logits.device
         if isinstance(llm_next, TopK):
             llm_next = TopK(llm_next.ids.to(device, non_blocking=True), llm_next.logprobs.to(device, non_blocking=True))
@@ -357,16 +357,15 @@ class FusionSession:
             llm_next = llm_next.to(device, non_blocking=True)
         options = dict(vocab_map=self._vocab_map, mode=self.mode, tail=self.tail, slm_temperature=self.slm_temperature,
                        llm_temperature=self.llm_temperature, validate=False)
-        if getattr(self.head, "reads_slm_side", False):
-            if slm_side is None:  # step_many
-                raise ValueError(f"speculative fusion does not pass SLM-side features (the head reads "
-                                 f"{self.head.slm_features}); use per-step fusion (step) with this head")
-            side = {key: value.to(device) for key, value in slm_side.items()}
-            alpha = self.head(slm_logits, llm_next, self._vocab_map, slm_hidden, **side).float()
-            fused = fuse(slm_logits, llm_next, alpha=alpha, **options)
-        elif self.head is not None:
+        if self.head is not None:
+            side = {}
+            if getattr(self.head, "reads_slm_side", False):
+                if slm_side is None:  # step_many
+                    raise ValueError(f"speculative fusion does not pass SLM-side features (the head reads "
+                                     f"{self.head.slm_features}); use per-step fusion (step) with this head")
+                side = {key: value.to(device) for key, value in slm_side.items()} | {"slm_hidden": slm_hidden}
             # rows whose LLM call failed are replaced by the SLM's row by the caller, whatever their α
-            alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options)
+            alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options, **side)
             alpha = alpha.float()
         else:
             fused = fuse(slm_logits, llm_next, alpha=self.alpha, **options)
