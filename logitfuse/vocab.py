@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from logitfuse.fileio import atomic_write
 
-_FORMAT = "logitfuse.VocabMap/1"
+MAP_FORMAT = "logitfuse.VocabMap/1"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -93,8 +93,8 @@ def normalized_vocab(tokenizer: Any) -> dict[int, tuple[str, bytes | str]]:
     return out
 
 
-def _content_hash(slm_to_llm: torch.Tensor, v_llm: int, llm_to_slm: torch.Tensor | None = None) -> str:
-    digest = hashlib.sha256(_FORMAT.encode())
+def content_hash(slm_to_llm: torch.Tensor, v_llm: int, llm_to_slm: torch.Tensor | None = None) -> str:
+    digest = hashlib.sha256(MAP_FORMAT.encode())
     digest.update(f"{slm_to_llm.numel()}:{v_llm}:".encode())
     digest.update(slm_to_llm.numpy().astype("<i8").tobytes())
     if llm_to_slm is not None:
@@ -252,7 +252,7 @@ class VocabMap:
     def hash(self) -> str:
         """A stable content hash (sha256 hex) of the sizes and the map."""
         if self._hash is None:
-            self._hash = _content_hash(self.slm_to_llm, self.v_llm, self.llm_to_slm)
+            self._hash = content_hash(self.slm_to_llm, self.v_llm, self.llm_to_slm)
         return self._hash
 
     def on(self, device: torch.device | str, which: str = "slm_to_llm") -> torch.Tensor:
@@ -265,7 +265,7 @@ class VocabMap:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the map to a safetensors file (atomically)."""
-        metadata = {"format": _FORMAT, "v_llm": str(self.v_llm), "hash": self.hash}
+        metadata = {"format": MAP_FORMAT, "v_llm": str(self.v_llm), "hash": self.hash}
         tensors = {"slm_to_llm": self.slm_to_llm}
         if self.llm_to_slm is not None:
             tensors["llm_to_slm"] = self.llm_to_slm
@@ -284,11 +284,11 @@ class VocabMap:
             raise
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable VocabMap file ({err}); recreate it with VocabMap.save") from err
-        if metadata.get("format") != _FORMAT or "slm_to_llm" not in tensors or "v_llm" not in metadata:
+        if metadata.get("format") != MAP_FORMAT or "slm_to_llm" not in tensors or "v_llm" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a VocabMap (format {metadata.get('format')!r})")
         slm_to_llm, v_llm = tensors["slm_to_llm"].to(torch.int64), int(metadata["v_llm"])
         llm_to_slm = tensors["llm_to_slm"].to(torch.int64) if "llm_to_slm" in tensors else None
-        if metadata.get("hash") != _content_hash(slm_to_llm, v_llm, llm_to_slm):
+        if metadata.get("hash") != content_hash(slm_to_llm, v_llm, llm_to_slm):
             raise ValueError(f"{path} is corrupted: its content hash does not match the one stored with it")
         try:
             return cls(slm_to_llm, v_llm, llm_to_slm)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models
 
 import logitfuse
 from logitfuse import FusionHead, TopK, VocabMap, reference
-from logitfuse.vocab import _FORMAT, _content_hash
+from logitfuse.vocab import MAP_FORMAT, content_hash
 
 # the interpreter evaluates both sides of tl.where in numpy: inf - inf in an unselected lane warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -212,7 +212,7 @@ def test_a_many_to_one_map_is_refused_at_load(tmp_path):
     path = tmp_path / "map.safetensors"
     slm_to_llm = torch.tensor([0, 0, 1])
     save_file({"slm_to_llm": slm_to_llm}, str(path),
-              metadata={"format": _FORMAT, "v_llm": "3", "hash": _content_hash(slm_to_llm, 3)})
+              metadata={"format": MAP_FORMAT, "v_llm": "3", "hash": content_hash(slm_to_llm, 3)})
     with pytest.raises(ValueError, match=r"map.safetensors holds an invalid VocabMap: .*both to LLM id 0"):
         VocabMap.load(path)
 

@@ -99,10 +99,10 @@ def test_the_adapter_round_trips(trained, base_dir, data_file):
     tuned_logits = logits_of(model, ids)
     assert not torch.allclose(tuned_logits, logits_of(base, ids), atol=1e-3)
     # the saved best adapter scores the held-out examples as training measured them
-    from logitfuse.train_fuser.finetune import _eval_loss
+    from logitfuse.train_fuser.finetune import held_out_loss
 
     held_out = [encode_example(tokenizer, e, max_length=300) for e in load_examples(data_file)[N_EXAMPLES:]]
-    assert _eval_loss(model, held_out, "cpu") == pytest.approx(result.best_eval_loss, abs=1e-4)
+    assert held_out_loss(model, held_out, "cpu") == pytest.approx(result.best_eval_loss, abs=1e-4)
     # merged into a transformers folder: the same logits
     merged = zoo.merge_adapter(base_dir, out, out.parent / "merged")
     from transformers import AutoModelForCausalLM

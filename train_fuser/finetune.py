@@ -39,7 +39,7 @@ from typing import Any
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.train_fuser.data import Example, bundled_split, load_examples, render_prompt
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "encode_example", "finetune", "add_subcommand"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "add_subcommand", "encode_example", "finetune", "held_out_loss"]
 
 RECORD = "logitfuse-finetune.json"
 CHECKPOINT = "checkpoint.pt"
@@ -189,7 +189,9 @@ def _response_loss(model: Any, ids: list[int], labels: list[int], device: str):
     return loss, int((targets != IGNORE).sum())
 
 
-def _eval_loss(model: Any, encoded: list[tuple[list[int], list[int]]], device: str) -> float:
+def held_out_loss(model: Any, encoded: list[tuple[list[int], list[int]]], device: str) -> float:
+    """Mean NLL in nats per response token of ``model`` over ``encoded`` (:func:`encode_example`'s
+    ``(ids, labels)`` pairs): the held-out loss that picks the best adapter."""
     import torch
 
     model.eval()
@@ -272,7 +274,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     def evaluate() -> bool:
         nonlocal best
-        loss = _eval_loss(model, held_out, config.device)
+        loss = held_out_loss(model, held_out, config.device)
         state["eval_history"].append([state["step"], loss])
         if loss < state["best_eval_loss"]:
             state.update(best_eval_loss=loss, best_step=state["step"], since_best=0)
