@@ -293,7 +293,7 @@ class FusionSession:
                 self._append(r, int(token))
         step = self._step
         self._step += 1
-        slm_side = self._slm_side.advance(appended, step)
+        slm_side = self._slm_side.advance(appended, step, inputs=getattr(self.head, "reads_slm_side", False))
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
         gain = (call_gain,) if self.schedule.needs_call_gain else ()  # a user's schedule may take two arguments

@@ -270,10 +270,10 @@ class SLMSideRows:
         (the tokens each row kept since the previous step), as a head reads them."""
         return self._as_inputs(self._last_after(appended), position, device)
 
-    def advance(self, appended: Sequence[Sequence[int]], position: int) -> dict[str, Tensor]:
-        """:meth:`inputs` (on the CPU), and remember each row's last token."""
+    def advance(self, appended: Sequence[Sequence[int]], position: int, *, inputs: bool = True) -> dict[str, Tensor] | None:
+        """Remember each row's last token, and return :meth:`inputs` (on the CPU) when ``inputs``."""
         self.last_tokens = self._last_after(appended)
-        return self._as_inputs(self.last_tokens, position, "cpu")
+        return self._as_inputs(self.last_tokens, position, "cpu") if inputs else None
 
     def _last_after(self, appended: Sequence[Sequence[int]]) -> list[int]:
         return [int(a[-1]) if len(a) else last for a, last in zip(appended, self.last_tokens)]
