@@ -5,7 +5,10 @@ sees the user's **private** profile (it rates personalization), so it must be a 
 controls; ``logitfuse judge`` refuses a non-loopback judge URL unless told otherwise.
 
 - **Ratings**: two rubrics (:data:`RUBRICS`), each answered with a final line ``Rating: N``
-  (an integer 1-10), read by :func:`parse_rating`.
+  (an integer 1-10), read by :func:`parse_rating`. By default the judge answers with that line only
+  (a few tokens); ``explain=True`` asks for a sentence of justification first, which a strong judge
+  may use well, but which costs ~10x the time on a CPU and sends a small judge (Qwen2.5-Coder-1.5B)
+  off doing the task itself (measured: train_fuser/RESULTS.md).
 - **Pairwise preference**: the judge sees two answers and ends with ``Preferred: A`` or
   ``Preferred: B`` (or ``Tie``); each pair is asked in both orders and a win counts only when
   both orders agree (:func:`both_orders`), which cancels a judge's position bias.
@@ -47,8 +50,8 @@ __all__ = ["JUDGE_SYSTEM", "RUBRICS", "Judge", "JudgeClient", "JudgeError", "Jud
            "render_markdown", "rouge_l"]
 
 JUDGE_SYSTEM = ("You are a strict, fair evaluator of texts written by AI assistants for a specific user. "
-                "Judge only what you are asked to judge, explain briefly, then give the verdict in the exact "
-                "format requested on the last line.")
+                "Judge only what you are asked to judge; do not do the task yourself. Give the verdict in the "
+                "exact format requested, on the last line.")
 
 #: rubric name -> what the judge rates (1-10)
 RUBRICS = {
@@ -70,27 +73,31 @@ def _user_block(example: Example, max_history: int, max_chars: int) -> str:
             f"## Samples of the user's own writing\n{history or '(none)'}\n\n## The task\n{example.instruction}")
 
 
+def _answer_format(line: str, explain: bool) -> str:
+    return ("Write one or two sentences of justification, then end with a line of exactly this form"
+            if explain else "Answer with one line only, exactly of this form") + line
+
+
 def rating_messages(example: Example, response: str, rubric: str, *, max_history: int = 2,
-                    max_chars: int = 1500) -> list[dict[str, str]]:
+                    max_chars: int = 1500, explain: bool = False) -> list[dict[str, str]]:
     """Chat messages asking the judge to rate ``response`` to ``example`` on ``rubric`` (a key of
-    :data:`RUBRICS`); the answer should end with ``Rating: N``."""
+    :data:`RUBRICS`); the answer should be (``explain``: end with) the line ``Rating: N``."""
     if rubric not in RUBRICS:
         raise ValueError(f"rubric={rubric!r} is not one of {sorted(RUBRICS)}")
     user = (f"{_user_block(example, max_history, max_chars)}\n\n## The response to judge\n{response[:4 * max_chars]}"
-            f"\n\n## What to judge\n{RUBRICS[rubric]}\n\nWrite one or two sentences of justification, then end "
-            "with a line of exactly this form, with an integer from 1 (worst) to 10 (best):\nRating: N")
+            f"\n\n## What to judge\n{RUBRICS[rubric]}\n\n"
+            + _answer_format(", with an integer from 1 (worst) to 10 (best):\nRating: N", explain))
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
 def pairwise_messages(example: Example, answer_a: str, answer_b: str, *, max_history: int = 2,
-                      max_chars: int = 1500) -> list[dict[str, str]]:
-    """Chat messages asking which of two responses is better for this user; the answer should end
-    with ``Preferred: A``, ``Preferred: B`` or ``Preferred: Tie``."""
+                      max_chars: int = 1500, explain: bool = False) -> list[dict[str, str]]:
+    """Chat messages asking which of two responses is better for this user; the answer should be
+    (``explain``: end with) ``Preferred: A``, ``Preferred: B`` or ``Preferred: Tie``."""
     user = (f"{_user_block(example, max_history, max_chars)}\n\n## Response A\n{answer_a[:4 * max_chars]}\n\n"
             f"## Response B\n{answer_b[:4 * max_chars]}\n\n## What to judge\nWhich response is better for this "
             "user, considering both overall quality and how well it fits the user's profile and style? Ignore "
-            "which one comes first. Write one or two sentences, then end with a line of exactly this form:\n"
-            "Preferred: A   (or Preferred: B, or Preferred: Tie)")
+            "which one comes first.\n\n" + _answer_format(":\nPreferred: A   (or Preferred: B, or Preferred: Tie)", explain))
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -289,7 +296,7 @@ class Judge:
 # ------------------------------------------------------------------------------------ a whole run
 def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example], judge: Judge | None, *,
                   rubrics: Sequence[str] = tuple(RUBRICS), pairs: Sequence[tuple[str, str]] = (),
-                  max_history: int = 2, progress: bool = True) -> dict[str, Any]:
+                  max_history: int = 2, explain: bool = False, progress: bool = True) -> dict[str, Any]:
     """Score generation ``records`` (``{"tid", "system", "text"}``; ``examples`` by tid).
 
     Returns ``{"systems": {system: {metric: {"mean", "se", "n"}, "unparseable": {rubric: n}}},
@@ -315,7 +322,8 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
     for tid in tids if judge else ():
         for system, texts in by_system.items():
             for rubric in rubrics if tid in texts else ():
-                answer = judge.ask(rating_messages(examples[tid], texts[tid], rubric, max_history=max_history))
+                answer = judge.ask(rating_messages(examples[tid], texts[tid], rubric, max_history=max_history,
+                                                   explain=explain))
                 ratings[system, tid, rubric] = parse_rating(answer)
                 bar.update()
     systems: dict[str, Any] = {}
@@ -339,8 +347,9 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
         for x, y in pairs:
             if tid in by_system.get(x, {}) and tid in by_system.get(y, {}):
                 tx, ty = by_system[x][tid], by_system[y][tid]
-                shown_first = parse_preference(judge.ask(pairwise_messages(examples[tid], tx, ty, max_history=max_history)))
-                shown_second = parse_preference(judge.ask(pairwise_messages(examples[tid], ty, tx, max_history=max_history)))
+                shown_first, shown_second = (
+                    parse_preference(judge.ask(pairwise_messages(examples[tid], a, b, max_history=max_history,
+                                                                 explain=explain))) for a, b in ((tx, ty), (ty, tx)))
                 verdicts[x, y, tid] = both_orders(shown_first, shown_second) or "unparseable"
                 bar.update(2)
     pairwise = {}

@@ -362,7 +362,8 @@ def run_judge(args: argparse.Namespace) -> int:
                                    on_example=lambda so_far: _write_jsonl(out / "generations.jsonl", so_far))
     judge = None
     if args.judge_url is not None:
-        client = JudgeClient(args.judge_url, args.judge_model, timeout=args.judge_timeout, retries=args.judge_retries)
+        client = JudgeClient(args.judge_url, args.judge_model, timeout=args.judge_timeout, retries=args.judge_retries,
+                             max_tokens=256 if args.explain else 16)
         judge = Judge(client.chat, args.judge_model, JudgmentCache(args.cache or out / "judgments.jsonl"))
     by_tid = {e.tid: e for e in examples}
     if args.sanity:
@@ -372,14 +373,16 @@ def run_judge(args: argparse.Namespace) -> int:
     pairs = [] if args.no_pairwise else judged_pairs(names)
     try:
         results = judge_records(records, by_tid, judge, pairs=pairs,
-                                max_history=args.max_history)
+                                max_history=args.max_history, explain=args.explain)
     except JudgeError as err:
         print(f"logitfuse judge: error: {err} (the answers so far are cached; run again to resume)", file=sys.stderr)
         return 1
     results["judge"] = {"url": args.judge_url, "model": args.judge_model} if judge else None
     results["notes"] = system_notes(names)
     results["arguments"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    header = "# Judged evaluation\n\n" + (f"Judge: {args.judge_model} at temperature 0; mean ± standard error."
+    asked = "a justification, then the verdict" if args.explain else "the verdict line only"
+    header = "# Judged evaluation\n\n" + (f"Judge: {args.judge_model} at temperature 0, asked for {asked}; "
+                                         "mean ± standard error."
                                          if judge else "No judge: reference-based scores only.")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(out / "results.md", render_markdown(results, results["notes"], header))
@@ -433,6 +436,9 @@ def add_judge_subcommand(subparsers: Any) -> None:
     parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
     parser.add_argument("--judge-retries", type=int, default=2, help="retries per judge request (default 2)")
     parser.add_argument("--cache", default=None, help="judgment cache, JSONL (default OUT/judgments.jsonl)")
+    parser.add_argument("--explain", action="store_true", help="ask the judge for a sentence of justification before "
+                        "each verdict (a strong judge may judge better; ~10x slower, and a small one drifts into "
+                        "doing the task). Default: the verdict line only")
     parser.add_argument("--no-pairwise", action="store_true", help="skip the pairwise preferences")
     parser.add_argument("--sanity", action="store_true", help="also rate the dataset's response (reference) and "
                         "another user's (off-task): a check of the judge itself")

@@ -211,6 +211,28 @@ def test_judge_end_to_end_on_a_generations_file(tmp_path, generations, capsys):
     assert (out / "results.png").is_file() or "no plot" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("explain, max_tokens", [(False, 16), (True, 256)])
+def test_the_judge_is_asked_for_the_verdict_line_only_unless_told_to_explain(tmp_path, generations, explain,
+                                                                             max_tokens):
+    argv = ["judge", "--generations", str(generations), "--out", str(tmp_path / "out"), "--judge-model", "judge"]
+    with serving(fair_judge) as server:
+        assert main(argv + ["--judge-url", server.url] + (["--explain"] if explain else [])) == 0
+        bodies = [json.loads(body) for *_, body in server.received]
+    prompts = [body["messages"][-1]["content"] for body in bodies]
+    assert {body["max_tokens"] for body in bodies} == {max_tokens}
+    ratings = [p for p in prompts if "## The response to judge" in p]
+    pairs = [p for p in prompts if "## Response A" in p]
+    assert ratings and pairs
+    for prompt in ratings:
+        assert prompt.endswith("(worst) to 10 (best):\nRating: N")
+        assert ("sentences of justification" in prompt) == explain and ("one line only" in prompt) != explain
+    for prompt in pairs:
+        assert prompt.endswith("Preferred: A   (or Preferred: B, or Preferred: Tie)")
+        assert ("sentences of justification" in prompt) == explain and ("one line only" in prompt) != explain
+    results_md = (tmp_path / "out" / "results.md").read_text()
+    assert ("a justification, then the verdict" in results_md) == explain
+
 # ------------------------------------------------------------------------------------ privacy
 def test_generation_keeps_the_context_away_from_the_evaluated_llm(tok, slm, llm_model):
     seen = []
