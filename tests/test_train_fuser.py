@@ -274,3 +274,34 @@ def test_scoring_cache_is_reused(tiny_pair_dirs, tmp_path, monkeypatch):
     assert metadata["tids"] == [e.tid for e in examples]
     score_split(pair, examples[:2], tmp_path / "cache", default_variants(5), feature_k=4, llm_with_context=False, progress=False)
     assert len(calls) == 7  # other examples: scored again
+
+
+def test_scoring_resumes_shard_by_shard(tiny_pair_dirs, tmp_path, monkeypatch):
+    """An interrupted or extended run scores only the shards it lacks; other settings are scored again."""
+    from logitfuse.train_fuser import cli as cli_mod
+
+    root = tiny_pair_dirs
+    args = parse(["train", "--slm", str(root / "slm"), "--llm", str(root / "llm"), "--out", str(tmp_path), "--dtype", "float32"])
+    pair = cli_mod.load_pair(args)
+    examples = load_examples(root / "data" / "context_aware_dev.json")
+    calls = []
+    real = cli_mod.score_example
+    monkeypatch.setattr(cli_mod, "score_example", lambda p, e, **k: calls.append(e.tid) or real(p, e, **k))
+    cache = tmp_path / "cache"
+    split = dict(feature_k=4, llm_with_context=False, progress=False, shard_size=2)
+    whole, _ = score_split(pair, examples, tmp_path / "whole", default_variants(5), **split)
+    calls.clear()
+    score_split(pair, examples[:3], cache, default_variants(5), slm_hidden=True, **split)  # shards 0 and 1
+    (cache / "shard-00001.safetensors").unlink()  # as if interrupted while writing shard 1
+    calls.clear()
+    extended, metadata = score_split(pair, examples, cache, default_variants(5), **split)  # no hidden asked
+    assert calls == [e.tid for e in examples[2:]]  # shard 0 kept; shards 1 and 2 scored
+    assert metadata["tids"] == [e.tid for e in examples] and metadata["setting"]["slm_hidden"]
+    assert torch.equal(extended["dense.terms"], whole["dense.terms"]) and len(extended["slm_hidden"]) == len(whole["targets"])
+    calls.clear()
+    score_split(pair, examples, cache, default_variants(5), **dict(split, feature_k=3))  # another setting
+    assert calls == [e.tid for e in examples]
+    calls.clear()
+    _, metadata = score_split(pair, examples[:2], cache, default_variants(5), **dict(split, feature_k=3))
+    assert calls == [] and metadata["tids"] == [e.tid for e in examples[:2]]  # the shards after it are removed
+    assert sorted(p.name for p in cache.iterdir()) == ["shard-00000.safetensors"]

@@ -29,7 +29,7 @@ from logitfuse.slm_side import check_feature_groups
 from logitfuse.train_fuser.evaluate import (best_fixed_alpha, evaluate_cached, evaluate_streaming, first_examples, head_alpha,
                                             plot_alpha_trace, write_call_report, write_report)
 from logitfuse.train_fuser.scoring import (
-    Pair, Variant, cache_example, default_variants, read_shards, score_example, write_shard,
+    Pair, Variant, cache_example, default_variants, read_shards, score_example, shard_metadata, write_shard,
 )
 from logitfuse.train_fuser.served import check_served, is_url
 from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_gate, fit_streaming, slm_side_inputs
@@ -130,30 +130,40 @@ def _check_eval(args: argparse.Namespace) -> Path:
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
                 llm_with_context: bool, max_history: int | None = None, shard_size: int = 32,
                 progress: bool = True, slm_hidden: bool = False) -> tuple[dict, dict]:
-    """Score ``examples`` into ``cache_dir`` (reused when it already holds the same setting);
-    ``slm_hidden``: keep the SLM's hidden states too (float16)."""
+    """Score ``examples`` into ``cache_dir``, one shard per ``shard_size`` examples; ``slm_hidden``:
+    keep the SLM's hidden states too (float16).
+
+    A shard already there with the same setting and the same examples is kept, so an interrupted
+    run, or a longer one over the same examples in the same order, scores only what is missing. A
+    cache that kept the hidden states also serves a run that does not read them (and is extended
+    with them)."""
     setting = dict(slm=pair.slm_name, llm=pair.llm_name, vocab_map=pair.vocab_map.hash, feature_k=feature_k,
                    variants=[v.name for v in variants], llm_with_context=llm_with_context, max_history=max_history,
                    slm_hidden=slm_hidden)
-    try:
-        cache, metadata = read_shards(cache_dir)
-        # a cache that kept the hidden states also serves a run that does not read them
-        reusable = (setting, dict(setting, slm_hidden=True)) if not slm_hidden else (setting,)
-        if metadata["setting"] in reusable and metadata["tids"] == [e.tid for e in examples]:
-            return cache, metadata
-    except (FileNotFoundError, ValueError):
-        pass
-    for old in cache_dir.glob("shard-*.safetensors"):
-        old.unlink()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for path in cache_dir.glob("shard-*.safetensors"):
+        try:
+            found[path.name] = shard_metadata(path)
+        except Exception:  # an unreadable shard (a foreign or damaged file) is scored again
+            found[path.name] = {}
+    if not slm_hidden and any(meta.get("setting") == dict(setting, slm_hidden=True) for meta in found.values()):
+        setting = dict(setting, slm_hidden=True)
+    needed = {}
     for start in range(0, len(examples), shard_size):
-        chunk = examples[start : start + shard_size]
+        needed[f"shard-{start // shard_size:05d}.safetensors"] = examples[start : start + shard_size]
+    for name in set(found) - set(needed):
+        (cache_dir / name).unlink()
+    for start, (name, chunk) in zip(range(0, len(examples), shard_size), needed.items()):
+        tids = [e.tid for e in chunk]
+        if found.get(name, {}).get("setting") == setting and found[name].get("tids") == tids:
+            continue
         scored_chunk, positions = [], 0
         for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
             scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
             positions += scored.n_positions
-            scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=slm_hidden))
-        write_shard(cache_dir / f"shard-{start // shard_size:05d}.safetensors", scored_chunk,
-                    {"setting": setting, "tids": [e.tid for e in chunk], "positions": positions})
+            scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=setting["slm_hidden"]))
+        write_shard(cache_dir / name, scored_chunk, {"setting": setting, "tids": tids, "positions": positions})
     return read_shards(cache_dir)
 
 

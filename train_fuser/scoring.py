@@ -228,21 +228,26 @@ def write_shard(path: str | os.PathLike, examples: list[dict[str, torch.Tensor]]
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"logitfuse": json.dumps(metadata)}))
 
 
+def shard_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """One shard's ``{"setting", "tids", "positions"}`` (``{}`` for a file without it), read without its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("logitfuse", "{}"))
+
+
 def read_shards(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """All shards of a cache folder, concatenated; ``example`` ids are renumbered across shards.
 
     Each shard's metadata is ``{"setting": ..., "tids": [...], "positions": n}``; the result's is the
     common setting, all tids, and the total number of SLM response positions before alignment.
     """
-    from safetensors import safe_open
-
     paths = sorted(Path(directory).glob("shard-*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no shard-*.safetensors in {directory}; run `logitfuse train` (it scores the data first)")
     parts, setting, tids, positions = [], None, [], 0
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("logitfuse", "{}"))
+        meta = shard_metadata(path)
         if setting is not None and meta.get("setting") != setting:
             raise ValueError(f"{path} was scored with another setting than the shards before it; delete the cache")
         setting = meta.get("setting")
