@@ -227,6 +227,10 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
+def rows_by(rows, llm_input, method):
+    return next(r for r in rows if r["llm_input"] == llm_input and r["method"] == method)
+
+
 def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     root = tiny_pair_dirs
     common = ["--slm", str(root / "slm"), "--llm", str(root / "llm"), "--data", str(root / "data"),
@@ -252,6 +256,15 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     chosen = [r for r in rows if r["method"].endswith("(chosen on the training splits)")]
     assert [r["llm_input"] for r in chosen] == ["dense", "top5-slm", "top5-uniform", "top5-zero"]
     assert chosen[0]["method"] == f"fixed alpha={summary['heads']['dense']['best_fixed_alpha']:g} (chosen on the training splits)"
+    # the head's paired difference from that baseline: the two rows' NLLs apart, over all test examples
+    for fixed in chosen:
+        head_row = rows_by(rows, fixed["llm_input"], "trained head")
+        paired = head_row["vs_chosen_alpha"]
+        assert paired["diff"] == pytest.approx(head_row["nll"] - fixed["nll"], abs=1e-9)
+        n = json.loads((tmp_path / "run" / "results.json").read_text())["info"]["test examples"]
+        assert paired["examples"] == n > 1 and 0 <= paired["better"] <= n and paired["se"] >= 0
+    assert "Trained head − fixed α chosen on the training splits" in table
+    assert f"- dense: {rows_by(rows, 'dense', 'trained head')['vs_chosen_alpha']['diff']:+.4f}" in table
     assert {r["llm_input"] for r in rows[-9:]} == {"dense, first 2 examples"}
     assert {r["tokens"] for r in rows[-9:]} == {rows[-1]["tokens"]} and rows[-1]["tokens"] < rows[0]["tokens"]
     assert all(math.isfinite(r["nll"]) for r in rows)

@@ -66,11 +66,31 @@ def best_fixed_alpha(terms: torch.Tensor) -> float:
     return round(ORACLE_GRID[losses.argmin()].item(), 2)
 
 
+def paired_difference(nll: torch.Tensor, baseline: torch.Tensor, example: torch.Tensor) -> dict[str, float]:
+    """``nll - baseline`` averaged over positions, with a standard error that treats each example as
+    one unit (positions of one text are not independent: cluster-robust, ``sqrt(E/(E-1))``-corrected),
+    and how many examples' mean NLL is lower than the baseline's.
+
+    >>> d = paired_difference(torch.tensor([1., 1., 2., 4.]), torch.tensor([2., 2., 2., 3.]), torch.tensor([0, 0, 1, 1]))
+    >>> d["diff"], round(d["se"], 4), d["better"], d["examples"]
+    (-0.25, 0.75, 1, 2)
+    """
+    diff = (nll.double() - baseline.double())
+    ids, index = example.unique(return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, index, diff)
+    counts = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, index, torch.ones_like(diff))
+    mean = diff.mean().item()
+    e = len(ids)
+    se = ((sums - counts * mean).pow(2).sum().sqrt() / len(diff) * math.sqrt(e / (e - 1))).item() if e > 1 else math.nan
+    return {"diff": mean, "se": se, "better": int((sums < 0).sum()), "examples": e}
+
+
 def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant], heads: dict[str, FusionHead | None],
                     chosen_alpha: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """The table's rows from a scored cache (see :mod:`.scoring`); ``heads`` maps variant name -> head;
     ``chosen_alpha`` maps variant name -> the fixed α chosen on the training splits (a row each: the
-    honest fixed-α baseline, where "fixed alpha=0.75" rows let the test set pick)."""
+    honest fixed-α baseline, where "fixed alpha=0.75" rows let the test set pick); the trained head's
+    row then carries ``vs_chosen_alpha``, its :func:`paired_difference` from that baseline."""
     chosen_alpha = chosen_alpha or {}
     rows = []
     first = variants[0].name
@@ -84,14 +104,17 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant], hea
         rows.append(_row(variant.name, "LLM without context (alpha=0)", linear_nll(torch.zeros(len(terms)), terms)))
         for alpha in FIXED_ALPHAS:
             rows.append(_row(variant.name, f"fixed alpha={alpha}", linear_nll(torch.full((len(terms),), alpha), terms)))
+        chosen = None
         if variant.name in chosen_alpha:
             alpha = chosen_alpha[variant.name]
-            rows.append(_row(variant.name, f"fixed alpha={alpha:g} (chosen on the training splits)",
-                             linear_nll(torch.full((len(terms),), alpha), terms)))
+            chosen = linear_nll(torch.full((len(terms),), alpha), terms)
+            rows.append(_row(variant.name, f"fixed alpha={alpha:g} (chosen on the training splits)", chosen))
         head = heads.get(variant.name)
         if head is not None:
             alpha = head_alpha(cache, variant, head)
             rows.append(_row(variant.name, "trained head", linear_nll(alpha, terms), alpha))
+            if chosen is not None:
+                rows[-1]["vs_chosen_alpha"] = paired_difference(linear_nll(alpha, terms), chosen, cache["example"])
         nll, alpha = oracle_nll(terms)
         rows.append(_row(variant.name, "per-token best alpha (oracle)", nll, alpha))
     return rows
@@ -250,7 +273,12 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict[str, Any]], info: d
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "results.json", json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
     header = "\n".join(f"- {key}: {value}" for key, value in info.items())
-    atomic_write_text(out_dir / "results.md", f"{header}\n\n{markdown_table(rows)}")
+    paired = "".join(f"- {row['llm_input']}: {d['diff']:+.4f} (SE {d['se']:.4f}); the head is better in {d['better']} "
+                     f"of {d['examples']} examples\n" for row in rows if (d := row.get("vs_chosen_alpha")))
+    if paired:
+        paired = ("\nTrained head − fixed α chosen on the training splits, nats/token over the positions above "
+                  "(SE over examples):\n\n" + paired)
+    atomic_write_text(out_dir / "results.md", f"{header}\n\n{markdown_table(rows)}{paired}")
     return out_dir / "results.md"
 
 
