@@ -45,7 +45,7 @@ from logitfuse.backends.transport import MAX_REPLY_BYTES, TRANSIENT_HTTP, Deadli
 from logitfuse.fileio import atomic_write_text
 from logitfuse.prompts import Example
 
-__all__ = ["JUDGE_SYSTEM", "RUBRICS", "Judge", "JudgeClient", "JudgeError", "JudgmentCache", "both_orders",
+__all__ = ["JUDGE_SYSTEM", "RUBRICS", "Judge", "JudgeClient", "JudgeError", "JudgmentCache", "both_orders", "compare_ratings",
            "judge_records", "mean_se", "pairwise_messages", "parse_preference", "parse_rating", "rating_messages",
            "render_markdown", "rouge_l"]
 
@@ -360,9 +360,28 @@ def judge_records(records: Sequence[dict[str, Any]], examples: dict[str, Example
         pairwise[f"{x} vs {y}"] = {**outcomes, "n": n, "win_rate": outcomes["win"] / n if n else math.nan,
                                    "loss_rate": outcomes["loss"] / n if n else math.nan}
     bar.close()
-    return {"systems": systems, "pairwise": pairwise, "judge_calls": dict(judge.counts) if judge else {},
+    per_response = [{"tid": tid, "system": system, "rubric": rubric, "rating": rating}
+                    for (system, tid, rubric), rating in ratings.items()]
+    return {"systems": systems, "pairwise": pairwise, "ratings": per_response,
+            "judge_calls": dict(judge.counts) if judge else {},
             "missing": [] if with_rouge else ["ROUGE-L: the rouge-score package is not installed "
                                               "(pip install 'logitfuse[judge]')"]}
+
+
+def compare_ratings(ratings: Sequence[dict[str, Any]], x: str, y: str, rubric: str) -> dict[str, int]:
+    """Per example, is system ``x`` rated above, below or level with system ``y`` on ``rubric``?
+    ``ratings`` is ``judge_records(...)["ratings"]``; examples with an unparseable rating are left out.
+
+    >>> r = [{"tid": t, "system": s, "rubric": "quality", "rating": v}
+    ...      for t, s, v in [("1", "ref", 8), ("1", "bad", 3), ("2", "ref", 5), ("2", "bad", 5), ("3", "ref", None)]]
+    >>> compare_ratings(r, "ref", "bad", "quality")
+    {'higher': 1, 'lower': 0, 'equal': 1, 'n': 2}
+    """
+    by = {(r["system"], r["tid"]): r["rating"] for r in ratings if r["rubric"] == rubric}
+    diffs = [by[x, tid] - by[y, tid] for (system, tid) in by
+             if system == x and by[x, tid] is not None and by.get((y, tid)) is not None]
+    return {"higher": sum(d > 0 for d in diffs), "lower": sum(d < 0 for d in diffs), "equal": sum(d == 0 for d in diffs),
+            "n": len(diffs)}
 
 
 def _cell(stat: dict[str, float] | None, digits: int = 2) -> str:
@@ -390,6 +409,9 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
         for pair, p in results["pairwise"].items():
             lines.append(f"| {pair} | {p['win_rate']:.2f} | {p['loss_rate']:.2f} | {p['win']} | {p['loss']} | "
                          f"{p['tie']} | {p['unparseable']} | {p['n']} |")
+    for rubric, c in (results.get("sanity") or {}).items():
+        lines += ["", f"Judge check ({rubric}): the reference response rated above the off-task one in {c['higher']} "
+                      f"of {c['n']} examples, below in {c['lower']}, level in {c['equal']}."]
     lines += [f"\nNot scored: {missing}" for missing in results.get("missing", [])]
     calls = results.get("judge_calls") or {}
     if calls:

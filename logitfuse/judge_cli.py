@@ -347,7 +347,8 @@ def _plot(results: dict[str, Any], path: Path) -> str:
 
 
 def run_judge(args: argparse.Namespace) -> int:
-    from logitfuse.judge import Judge, JudgeClient, JudgeError, JudgmentCache, judge_records, render_markdown
+    from logitfuse.judge import (RUBRICS, Judge, JudgeClient, JudgeError, JudgmentCache, compare_ratings, judge_records,
+                                 render_markdown)
 
     examples, records, systems = _check(args)
     out = Path(args.out).expanduser()
@@ -377,6 +378,9 @@ def run_judge(args: argparse.Namespace) -> int:
     except JudgeError as err:
         print(f"logitfuse judge: error: {err} (the answers so far are cached; run again to resume)", file=sys.stderr)
         return 1
+    if judge and args.sanity:
+        results["sanity"] = {rubric: compare_ratings(results["ratings"], "reference", "off-task", rubric)
+                             for rubric in RUBRICS}
     results["judge"] = {"url": args.judge_url, "model": args.judge_model} if judge else None
     results["notes"] = system_notes(names)
     results["arguments"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}

@@ -204,9 +204,19 @@ def test_judge_end_to_end_on_a_generations_file(tmp_path, generations, capsys):
     with serving(fair_judge) as server:  # --sanity: the dataset's response and another user's, rated too
         assert main(argv + ["--judge-url", server.url, "--sanity"]) == 0
         assert len(server.received) == 2 * 2 * 2  # only the two new systems' ratings
-    systems = json.loads((out / "results.json").read_text())["systems"]
+    results = json.loads((out / "results.json").read_text())
+    systems = results["systems"]
     assert systems["reference"]["quality"]["n"] == systems["off-task"]["quality"]["n"] == 2
+    # the per-example check of the judge, from the fair judge's rule (1 + words, at most 10)
+    refs = [e.response for e in load_examples(bundled_split("test"), max_examples=2)]
+    rated = [min(10, 1 + len(text.split())) for text in refs]
+    diffs = [rated[0] - rated[1], rated[1] - rated[0]]  # off-task: the other example's reference
+    expected = {"higher": sum(d > 0 for d in diffs), "lower": sum(d < 0 for d in diffs),
+                "equal": sum(d == 0 for d in diffs), "n": 2}
+    assert results["sanity"] == {"quality": expected, "personalization": expected}
+    assert len(results["ratings"]) == 5 * 2 * 2 and all(r["rating"] is not None for r in results["ratings"])
     table = (out / "results.md").read_text()
+    assert f"Judge check (quality): the reference response rated above the off-task one in {expected['higher']} of 2" in table
     assert "| fused-alpha0.25 (logit fusion, fixed α) |" in table and "± " in table and "win rate" in table
     assert (out / "results.png").is_file() or "no plot" in capsys.readouterr().err
 
