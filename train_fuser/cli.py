@@ -149,12 +149,12 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
             found[path.name] = {}
     if not slm_hidden and any(meta.get("setting") == dict(setting, slm_hidden=True) for meta in found.values()):
         setting = dict(setting, slm_hidden=True)
-    needed = {}
-    for start in range(0, len(examples), shard_size):
-        needed[f"shard-{start // shard_size:05d}.safetensors"] = examples[start : start + shard_size]
-    for name in set(found) - set(needed):
+    starts = range(0, len(examples), shard_size)
+    names = [f"shard-{start // shard_size:05d}.safetensors" for start in starts]
+    for name in set(found) - set(names):
         (cache_dir / name).unlink()
-    for start, (name, chunk) in zip(range(0, len(examples), shard_size), needed.items()):
+    for start, name in zip(starts, names):
+        chunk = examples[start : start + shard_size]
         tids = [e.tid for e in chunk]
         if found.get(name, {}).get("setting") == setting and found[name].get("tids") == tids:
             continue

@@ -75,7 +75,7 @@ def paired_difference(nll: torch.Tensor, baseline: torch.Tensor, example: torch.
     >>> d["diff"], round(d["se"], 4), d["better"], d["examples"]
     (-0.25, 0.75, 1, 2)
     """
-    diff = (nll.double() - baseline.double())
+    diff = nll.double() - baseline.double()
     ids, index = example.unique(return_inverse=True)
     sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, index, diff)
     counts = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, index, torch.ones_like(diff))
