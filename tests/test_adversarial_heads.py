@@ -12,10 +12,11 @@ import torch
 
 import logitfuse
 import logitfuse.fileio as file_io
-from logitfuse import FusionHead, PaperFusionHead, VocabMap, train_fuser
+from logitfuse import FusionHead, PaperFusionHead, VocabMap
 from logitfuse.heads import SHA256_KEY
 
-SHIPPED = Path(train_fuser.__file__).parent / "heads" / "smollm2-135m__qwen2.5-coder-0.5b"
+#: the heads shipped for SmolLM2-135M + Qwen2.5-Coder-0.5B until issue 16, kept as a format fixture
+OLD_HEADS = Path(__file__).parent / "data" / "heads-v1"
 
 
 def _trained_like(head, seed=0):
@@ -114,15 +115,15 @@ def test_a_head_saved_before_the_hash_still_loads(tmp_path):
     assert torch.equal(loaded(slm, llm), head(slm, llm))
 
 
-def test_shipped_heads_load_with_their_alpha_unchanged():
-    """Re-saving the shipped heads with a hash kept their numbers: α on fixed features as before."""
+def test_old_heads_load_with_their_alpha_unchanged():
+    """Re-saving the first shipped heads with a hash kept their numbers: α on fixed features as before."""
     recorded = {"dense": [0.8504789471626282, 0.6888675689697266, 0.5526857376098633],
                 "top20-slm": [0.8915595412254333, 0.7124826908111572, 0.5804563760757446]}
     features = torch.linspace(-8, 3, 3 * 15).reshape(3, 15)
     features[:, 12] = torch.tensor([0.0, 1.0, 0.0])  # the argmax-agreement column
     for variant, alpha in recorded.items():
-        head = logitfuse.load_head(SHIPPED / variant)
-        config = json.loads((SHIPPED / variant / "config.json").read_text())
+        head = logitfuse.load_head(OLD_HEADS / variant)
+        config = json.loads((OLD_HEADS / variant / "config.json").read_text())
         assert len(config[SHA256_KEY]) == 64
         with torch.no_grad():
             torch.testing.assert_close(head.alpha_from_features(features), torch.tensor(alpha), rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 inputs, and the decoding paths that capture the hidden state without a second forward."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import logitfuse
 from logitfuse.heads import SHA256_KEY, FusionHead
-from logitfuse.prompts import shipped_path
+
 from logitfuse.slm_side import NO_TOKEN, HiddenStateCapture, SLMSideEncoder
 
 ALL_GROUPS = ["hidden", "token", "position"]
@@ -39,8 +40,8 @@ def _side(batch: int, d: int, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("name", ["dense", "top20-slm"])
-def test_shipped_heads_load_and_give_the_alpha_of_their_weights(name):
-    folder = shipped_path("heads", "smollm2-135m__qwen2.5-coder-0.5b", name)
+def test_old_heads_load_and_give_the_alpha_of_their_weights(name):
+    folder = Path(__file__).parent / "data" / "heads-v1" / name  # saved before the feature groups existed
     head = logitfuse.load_head(folder)
     config = json.loads((folder / "config.json").read_text())
     assert "slm_features" not in config and SHA256_KEY in config  # saved before the groups existed
