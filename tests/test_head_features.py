@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 import logitfuse
 from logitfuse.heads import SHA256_KEY, FusionHead
-
 from logitfuse.slm_side import NO_TOKEN, HiddenStateCapture, SLMSideEncoder
 
 ALL_GROUPS = ["hidden", "token", "position"]
