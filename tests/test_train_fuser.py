@@ -270,16 +270,20 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     assert all(math.isfinite(r["nll"]) for r in rows)
 
 
-def test_scoring_cache_is_reused(tiny_pair_dirs, tmp_path, monkeypatch):
+@pytest.fixture
+def counted_scoring(tiny_pair_dirs, tmp_path, monkeypatch):
+    """``(pair, dev examples, calls)``: ``calls`` lists the tid of every example scored from then on."""
     from logitfuse.train_fuser import cli as cli_mod
 
     root = tiny_pair_dirs
     args = parse(["train", "--slm", str(root / "slm"), "--llm", str(root / "llm"), "--out", str(tmp_path), "--dtype", "float32"])
-    pair = cli_mod.load_pair(args)
-    examples = load_examples(root / "data" / "context_aware_dev.json")
-    calls = []
-    real = cli_mod.score_example
-    monkeypatch.setattr(cli_mod, "score_example", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], cli_mod.score_example
+    monkeypatch.setattr(cli_mod, "score_example", lambda p, e, **k: calls.append(e.tid) or real(p, e, **k))
+    return cli_mod.load_pair(args), load_examples(root / "data" / "context_aware_dev.json"), calls
+
+
+def test_scoring_cache_is_reused(counted_scoring, tmp_path):
+    pair, examples, calls = counted_scoring
     first, _ = score_split(pair, examples, tmp_path / "cache", default_variants(5), feature_k=4, llm_with_context=False, progress=False)
     assert len(calls) == 5
     again, metadata = score_split(pair, examples, tmp_path / "cache", default_variants(5), feature_k=4, llm_with_context=False, progress=False)
@@ -289,17 +293,9 @@ def test_scoring_cache_is_reused(tiny_pair_dirs, tmp_path, monkeypatch):
     assert len(calls) == 7  # other examples: scored again
 
 
-def test_scoring_resumes_shard_by_shard(tiny_pair_dirs, tmp_path, monkeypatch):
+def test_scoring_resumes_shard_by_shard(counted_scoring, tmp_path):
     """An interrupted or extended run scores only the shards it lacks; other settings are scored again."""
-    from logitfuse.train_fuser import cli as cli_mod
-
-    root = tiny_pair_dirs
-    args = parse(["train", "--slm", str(root / "slm"), "--llm", str(root / "llm"), "--out", str(tmp_path), "--dtype", "float32"])
-    pair = cli_mod.load_pair(args)
-    examples = load_examples(root / "data" / "context_aware_dev.json")
-    calls = []
-    real = cli_mod.score_example
-    monkeypatch.setattr(cli_mod, "score_example", lambda p, e, **k: calls.append(e.tid) or real(p, e, **k))
+    pair, examples, calls = counted_scoring
     cache = tmp_path / "cache"
     split = dict(feature_k=4, llm_with_context=False, progress=False, shard_size=2)
     whole, _ = score_split(pair, examples, tmp_path / "whole", default_variants(5), **split)
