@@ -313,8 +313,24 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         self.session.reorder(order)
         self._row_keys = [self._row_keys[s] for s in order]
 
+    def _plain_append(self, input_ids: Tensor) -> list[list[int]] | None:
+        """The column each row appended since the previous call, when that is all that changed (same
+        rows, one more column, the earlier generated tokens as they were), recorded as seen; ``None``
+        otherwise (a beam reorder, another generation), with nothing recorded."""
+        batch, width = input_ids.shape
+        if batch != self.session.batch_size or width != self._seen + 1:
+            return None
+        generated = input_ids[:, self._prompt_len:].detach().cpu()
+        if self._history is not None and not torch.equal(generated[:, :self._history.shape[1]], self._history):
+            return None
+        self._history, self._seen = generated, width
+        return generated[:, -1:].tolist()
+
     def _appended(self, input_ids: Tensor) -> list[list[int]]:
         """The tokens each row appended since the previous call (one column), after following beams."""
+        appended = self._plain_append(input_ids)
+        if appended is not None:
+            return appended
         batch, width = input_ids.shape
         if batch != self.session.batch_size:
             raise ValueError(
@@ -369,15 +385,9 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         if (self._prefetched is not None or self._prompt_len is None or self.session.slm_only or self._same_model
                 or schedule.needs_entropy or schedule.needs_call_gain):
             return
-        batch, width = input_ids.shape
-        if batch != self.session.batch_size or width != self._seen + 1:
-            return
-        generated = input_ids[:, self._prompt_len:].detach().cpu()
-        if self._history is not None and not torch.equal(generated[:, :self._history.shape[1]], self._history):
-            return
-        self._history, self._seen = generated, width
-        appended = generated[:, -1:].tolist()
-        self._prefetched = (input_ids, _in_background(lambda: self.session.request(appended)))
+        appended = self._plain_append(input_ids)
+        if appended is not None:
+            self._prefetched = (input_ids, _in_background(lambda: self.session.request(appended)))
 
     def _drop_prefetch(self) -> None:
         """Wait for a prefetched request still in flight, then forget it (its error too, if any)."""
