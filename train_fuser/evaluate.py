@@ -45,10 +45,14 @@ def _row(setting: str, method: str, nll: torch.Tensor, alpha: torch.Tensor | Non
     return row
 
 
+def grid_nll(terms: torch.Tensor) -> torch.Tensor:
+    """``(len(ORACLE_GRID), N)``: each position's NLL at each fixed α of the 0.01 grid."""
+    return torch.stack([linear_nll(torch.full((len(terms),), a.item()), terms) for a in ORACLE_GRID])
+
+
 def oracle_nll(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position best α on a 0.01 grid: ``(nll (N,), alpha (N,))``."""
-    losses = torch.stack([linear_nll(torch.full((len(terms),), a.item()), terms) for a in ORACLE_GRID])
-    best = losses.min(dim=0)
+    best = grid_nll(terms).min(dim=0)
     return best.values, ORACLE_GRID[best.indices]
 
 
@@ -62,8 +66,7 @@ def best_fixed_alpha(terms: torch.Tensor) -> float:
     >>> best_fixed_alpha(torch.tensor([[0.9, 0.1, 1.0], [0.2, 0.6, 1.0]]).log())
     0.69
     """
-    losses = torch.stack([linear_nll(torch.full((len(terms),), a.item()), terms).double().mean() for a in ORACLE_GRID])
-    return round(ORACLE_GRID[losses.argmin()].item(), 2)
+    return round(ORACLE_GRID[grid_nll(terms).double().mean(dim=1).argmin()].item(), 2)
 
 
 def paired_difference(nll: torch.Tensor, baseline: torch.Tensor, example: torch.Tensor) -> dict[str, float]:
@@ -112,9 +115,10 @@ def evaluate_cached(cache: dict[str, torch.Tensor], variants: list[Variant], hea
         head = heads.get(variant.name)
         if head is not None:
             alpha = head_alpha(cache, variant, head)
-            rows.append(_row(variant.name, "trained head", linear_nll(alpha, terms), alpha))
+            nll = linear_nll(alpha, terms)
+            rows.append(_row(variant.name, "trained head", nll, alpha))
             if chosen is not None:
-                rows[-1]["vs_chosen_alpha"] = paired_difference(linear_nll(alpha, terms), chosen, cache["example"])
+                rows[-1]["vs_chosen_alpha"] = paired_difference(nll, chosen, cache["example"])
         nll, alpha = oracle_nll(terms)
         rows.append(_row(variant.name, "per-token best alpha (oracle)", nll, alpha))
     return rows
