@@ -15,7 +15,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["logitfuse", "logitfuse.backends", "logitfuse.zoo", "logitfuse.bench", "logitfuse.testing", "logitfuse.kernels", "logitfuse.train_fuser"],
+    packages=[
+        "logitfuse", "logitfuse.vocab", "logitfuse.heads", "logitfuse.decoding", "logitfuse.backends", "logitfuse.zoo",
+        "logitfuse.evaluation", "logitfuse.serve", "logitfuse.cli", "logitfuse.testing",
+        "logitfuse.kernels", "logitfuse.train_fuser", "logitfuse.bench",
+    ],
     package_dir={
         "logitfuse": "logitfuse",
         "logitfuse.kernels": "kernels",

@@ -31,7 +31,7 @@ from logitfuse.backends import HFLLM
 from logitfuse.bench import common
 from logitfuse.functional import fuse
 from logitfuse.heads import FusionHead, PaperFusionHead
-from logitfuse.processor import CoGenesisLogitsProcessor
+from logitfuse.decoding.processor import CoGenesisLogitsProcessor
 from logitfuse.vocab import VocabMap
 
 PRIVATE_TEXT = ("Context: my name is Martin, I sell houses on Maple Drive and I host a charity dinner on "
@@ -273,7 +273,7 @@ def run_generate_loop(s: Setup, new_tokens: int, head_kind: str, llama: Any = No
 
 def _llama_slm(s: Setup, slm_name: str, new_tokens: int) -> Any:
     from logitfuse import zoo
-    from logitfuse.llama_slm import LlamaCppSLM
+    from logitfuse.decoding.llama_cpp import LlamaCppSLM
 
     return LlamaCppSLM(zoo.gguf_path(slm_name), tokenizer=s.slm_tok, n_ctx=len(s.private_ids) + new_tokens + 8,
                        n_threads=torch.get_num_threads())

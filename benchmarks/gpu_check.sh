@@ -79,7 +79,7 @@ fi
 in_bench_dir() { (cd "$BENCH_DIR" && "$@"); }
 in_bench_dir python -c 'import logitfuse, logitfuse.kernels, logitfuse.bench; print("logitfuse from", logitfuse.__file__)' || true
 # `timeout` cannot call a shell function: BENCH is a command line that changes folder first
-BENCH=(bash -c 'cd "$0" && exec python -m logitfuse.bench.cli "$@"' "$BENCH_DIR")
+BENCH=(bash -c 'cd "$0" && exec python -m logitfuse.cli.bench "$@"' "$BENCH_DIR")
 installed() { in_bench_dir python -c 'import sys; from logitfuse import zoo; [zoo.path(n) for n in sys.argv[1:]]' "$@" \
     2>/dev/null; }
 

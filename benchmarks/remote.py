@@ -7,7 +7,7 @@ greedy, exactly ``--new-tokens`` new tokens, for three paths:
 - ``slm-only``: the SLM alone (no processor), the floor;
 - ``hfllm (in-process)``: the LLM in transformers, its own KV cache, dense logits;
 - ``llama.cpp server (top-K)``: the LLM behind llama.cpp's server
-  (:class:`logitfuse.engines.LlamaCppServer`, which starts ``python -m logitfuse.engines_server``:
+  (:class:`logitfuse.serve.engines.LlamaCppServer`, which starts ``python -m logitfuse.serve.llama_server``:
   llama.cpp's extra CPU weight buffers off) on 127.0.0.1, serving the zoo's GGUF file of ``--llm``;
   text prompts re-sent each step, its prompt cache reusing the prefix; top-K log-probabilities;
 - ``generate, served, overlap`` / ``generate, served, no overlap``: the same served LLM under our own
@@ -97,7 +97,7 @@ def run(*, slm: str, llm: str, device: torch.device, new_tokens: int, reps: int,
         n_ctx: int, log=print) -> dict[str, Any]:
     import logitfuse
     from logitfuse import zoo
-    from logitfuse.engines import LlamaCppServer
+    from logitfuse.serve.engines import LlamaCppServer
 
     t0 = time.perf_counter()
     slm_model, slm_tok, _ = zoo.load(slm, device=str(device), install=False, progress=False)

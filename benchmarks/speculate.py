@@ -151,7 +151,7 @@ class Pair:
     def add_llama(self, slm_name: str, new_tokens: int) -> None:
         """The SLM's GGUF file in llama.cpp, with as many threads as torch (call after :meth:`add_examples`)."""
         from logitfuse import zoo
-        from logitfuse.llama_slm import LlamaCppSLM
+        from logitfuse.decoding.llama_cpp import LlamaCppSLM
 
         n_ctx = max(len(p) for p, _ in self.prompts) + new_tokens + 8
         self.llama = LlamaCppSLM(zoo.gguf_path(slm_name), tokenizer=self.slm_tok, n_ctx=n_ctx,
@@ -230,7 +230,7 @@ def processor_generate(pair: Pair, weight: dict[str, Any], new_tokens: int,
                        overlap: bool = False) -> tuple[list[list[int]], dict[str, int], list]:
     """Every example through ``slm.generate`` with a :class:`~logitfuse.CoGenesisLogitsProcessor`
     (``overlap``: and its overlap stopping criterion)."""
-    from logitfuse.processor import CoGenesisLogitsProcessor
+    from logitfuse.decoding.processor import CoGenesisLogitsProcessor
 
     device = next(pair.slm.parameters()).device
     outputs, totals, clocks = [], {}, []
@@ -334,7 +334,7 @@ def run(*, slm: str = DEFAULT_SLM, llm: str = DEFAULT_LLM, device: torch.device,
         llm_latency: float = 0.0, slm_engine: str = "transformers", served: bool = False, log=print) -> dict[str, Any]:
     if served:  # the LLM's GGUF in llama.cpp's server, started with logits_all (prompt scoring)
         from logitfuse import zoo
-        from logitfuse.engines import LlamaCppServer
+        from logitfuse.serve.engines import LlamaCppServer
 
         with LlamaCppServer(zoo.gguf_path(llm), alias="llm", n_ctx=4096, n_threads=torch.get_num_threads(),
                             logits_all=True) as server:

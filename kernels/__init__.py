@@ -28,7 +28,25 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from types import SimpleNamespace
+
+if __name__ != "logitfuse.kernels":  # pragma: no cover - exercised by tests/test_repository_root.py in a subprocess
+    # Python started in the repository root (``python -c``, ``python -m pytest``, a REPL) finds this
+    # folder as a top-level ``kernels`` package, ahead of the unrelated ``kernels`` distribution that
+    # transformers imports. Hand the name over to that distribution (or to nothing), never pose as it.
+    import importlib.machinery
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    del sys.modules[__name__]
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this body
+    _spec.loader.exec_module(_module)
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,13 +13,14 @@ torch.Size([1, 8])
 from logitfuse.functional import align, fuse, fuse_sample, fuse_with_head, fused_cross_entropy, row_stats
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.types import MODES, TAILS, Aligned, RowStats, TopK
+from logitfuse.config import FusionConfig, SamplingConfig
 from logitfuse.vocab import VocabMap
 from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
-from logitfuse.session import FusionSession, SessionStats
-from logitfuse.processor import CoGenesisLogitsProcessor
-from logitfuse.decode import FusedGeneration, generate
-from logitfuse.sketch import SketchResult, sketch_generate
-from logitfuse.llama_slm import LlamaCppSLM, SLMGeneration  # llama-cpp-python is imported only when used
+from logitfuse.decoding.session import FusionSession, SessionStats
+from logitfuse.decoding.processor import CoGenesisLogitsProcessor
+from logitfuse.decoding.engine import FusedGeneration, generate
+from logitfuse.decoding.sketch import SketchResult, sketch_generate
+from logitfuse.decoding.llama_cpp import LlamaCppSLM, SLMGeneration  # llama-cpp-python is imported only when used
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "MODES",
     "TAILS",
     "Aligned",
+    "FusionConfig",
+    "SamplingConfig",
     "FusionHead",
     "PaperFusionHead",
     "RowStats",

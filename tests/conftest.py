@@ -37,7 +37,7 @@ def llm_model(tok):
 def served(llm_model, tok):
     """``(server, url)``: `logitfuse serve`'s server on the tiny LLM, recording what it receives
     (``server.received``); a test module may define its own ``served``."""
-    from logitfuse.server import serve_in_thread
+    from logitfuse.serve.server import serve_in_thread
 
     server, url = serve_in_thread(llm_model, tok, model_name="tiny", log_requests=True)
     yield server, url

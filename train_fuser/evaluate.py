@@ -24,7 +24,7 @@ import torch
 import logitfuse
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.heads import FusionHead, PaperFusionHead
-from logitfuse.schedules import Periodic
+from logitfuse.decoding.schedules import Periodic
 from logitfuse.train_fuser.data import Example
 from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example
 from logitfuse.train_fuser.train import slm_side_inputs

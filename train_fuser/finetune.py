@@ -344,7 +344,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
 # ---------------------------------------------------------------------------------------- CLI
 def run_finetune(args: argparse.Namespace) -> int:
-    from logitfuse.cli import UsageError
+    from logitfuse.errors import UsageError
 
     config = FinetuneConfig(
         slm=args.slm, out=args.out, data=args.data, max_examples=args.max_examples, eval_examples=args.eval_examples,

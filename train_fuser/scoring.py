@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from logitfuse import reference
 from logitfuse.fileio import atomic_write
-from logitfuse.retokenize import token_bytes_table
-from logitfuse.slm_side import NO_TOKEN, HiddenStateCapture
+from logitfuse.vocab.retokenize import token_bytes_table
+from logitfuse.heads.slm_side import NO_TOKEN, HiddenStateCapture
 from logitfuse.types import TopK
 from logitfuse.train_fuser.data import Example, render_prompt
 from logitfuse.train_fuser.served import ServedScorer

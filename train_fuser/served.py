@@ -79,7 +79,8 @@ def check_served(args: Any) -> ServedScorer | None:
     """``--llm``, ``--llm-model`` and ``--llm-tokenizer`` of `train`/`eval` checked (``UsageError``):
     for ``--llm URL``, the served scorer, after one probe of the server (before any model loads);
     otherwise ``None``."""
-    from logitfuse.cli import UsageError, check_model
+    from logitfuse.errors import UsageError
+    from logitfuse.zoo import check_model
     from logitfuse.zoo import resolve
 
     if not is_url(args.llm):

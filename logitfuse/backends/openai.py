@@ -22,7 +22,7 @@ from logitfuse.backends.prompt_scores import SCORE_METHODS
 from logitfuse.backends.served_scoring import PROBE_TEXT, ServedScoring
 from logitfuse.backends.strings import TokenStringMap
 from logitfuse.backends.transport import TRANSIENT_HTTP, build_opener
-from logitfuse.retokenize import token_bytes
+from logitfuse.vocab.retokenize import token_bytes
 
 __all__ = ["PROBE_TEXT", "OpenAICompatibleLLM"]
 
@@ -226,7 +226,7 @@ class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
         tokens such as ``<|im_start|>`` as their string, which servers parse as special tokens);
         the generated ids follow as their bytes decoded as UTF-8 (invalid bytes inside become
         U+FFFD, as ``tokenizer.decode`` does). In cross-tokenizer decoding these bytes are exactly
-        the text the processor re-tokenized (:class:`logitfuse.retokenize.IncrementalRetokenizer`).
+        the text the processor re-tokenized (:class:`logitfuse.vocab.retokenize.IncrementalRetokenizer`).
         """
         return self._text_upto(r, len(self._ids[r]))
 

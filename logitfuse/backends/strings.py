@@ -6,7 +6,7 @@ import functools
 import math
 from typing import Any
 
-from logitfuse.retokenize import token_bytes_table
+from logitfuse.vocab.retokenize import token_bytes_table
 
 __all__ = ["TOKEN_ID_KEY", "TokenStringMap", "parse_top_logprobs", "render_token_bytes"]
 
@@ -15,7 +15,7 @@ def render_token_bytes(data: bytes) -> str:
     """How llama.cpp's server (llama-cpp-python) renders one token as a ``top_logprobs`` key: its
     bytes decoded as UTF-8 with invalid or incomplete sequences *dropped*
     (``bytes.decode("utf-8", errors="ignore")``), so a lone byte token ``b"\\xe2"`` is ``""`` and
-    ``b" \\xe2"`` is ``" "``. Checked against the real server in tests/test_engine.py.
+    ``b" \\xe2"`` is ``" "``. Checked against the real server in tests/backends/test_engine.py.
 
     >>> render_token_bytes(b" caf\\xc3\\xa9"), render_token_bytes(b" \\xe2")
     (' café', ' ')
@@ -26,7 +26,7 @@ def render_token_bytes(data: bytes) -> str:
 class TokenStringMap:
     """Token strings, as a server prints them in ``top_logprobs``, back to LLM token ids.
 
-    Built once per tokenizer (cached): each id's raw bytes (:func:`logitfuse.retokenize.token_bytes_table`:
+    Built once per tokenizer (cached): each id's raw bytes (:func:`logitfuse.vocab.retokenize.token_bytes_table`:
     byte-level ``Ġ``/``Ċ`` and sentencepiece ``▁`` undone, ``<0xNN>`` byte tokens, added tokens as
     their string) rendered with ``render`` (default :func:`render_token_bytes`, llama.cpp's rule).
 

@@ -4,7 +4,7 @@
 that answers each request with ``behave(handler, body)`` and records ``(method, path, headers,
 body)`` in ``server.received``. Handlers should wait on ``server.stop`` (never longer than a few
 seconds), so that leaving the ``with`` block ends them too. A real model behind the same API is
-:func:`logitfuse.server.serve_in_thread`; :func:`model_scores` answers with a tiny model's
+:func:`logitfuse.serve.server.serve_in_thread`; :func:`model_scores` answers with a tiny model's
 log-probabilities the way other servers lay out prompt scores (vLLM's ``prompt_logprobs``, a server
 that ignores ``echo``).
 

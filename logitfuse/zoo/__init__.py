@@ -16,13 +16,16 @@ The modules, each importing only those above it:
 - :mod:`~logitfuse.zoo.cache`: the on-disk layout under ``<home>`` and whether a model is installed.
 - :mod:`~logitfuse.zoo.installer`: pip, join and verify, convert; locks and interrupted installs.
 - :mod:`~logitfuse.zoo.loader`: ``install`` (any name, tuned ones too), ``resolve``, ``load``, adapters.
-- :mod:`~logitfuse.zoo.cli`: ``logitfuse models``.
+- :func:`check_model`: a ``--slm``/``--llm`` value is a zoo name or a model folder (for the CLI).
 
 Nothing here imports torch or transformers until a model is converted, merged or loaded.
 """
 
+import os
+from pathlib import Path
+
+from logitfuse.errors import UsageError
 from logitfuse.zoo.cache import MARKER, gguf_path, home, is_installed, path
-from logitfuse.zoo.cli import add_models_subcommand, format_model_list, run_models
 from logitfuse.zoo.installer import (
     convert_gguf,
     install_gguf,
@@ -72,10 +75,9 @@ __all__ = [
     "TunedSpec",
     "ZooError",
     "adapter_sha256",
-    "add_models_subcommand",
+    "check_model",
     "apply_adapter",
     "convert_gguf",
-    "format_model_list",
     "get_spec",
     "gguf_path",
     "home",
@@ -94,9 +96,24 @@ __all__ = [
     "path",
     "pip_install",
     "resolve",
-    "run_models",
     "sha256_file",
     "shipped_adapter_dir",
     "tuned_path",
     "verify_sha256",
 ]
+
+
+def check_model(flag: str, value: str) -> str:
+    """``value`` is a zoo model name or a transformers model folder; returns the name a head records
+    for it (the zoo name, or the folder's name), as :func:`logitfuse.zoo.load` does."""
+    if value in known_names():
+        return value
+    folder = Path(value).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{flag} {value!r} is a folder without config.json, not a transformers model folder "
+                             "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
+        return folder.name
+    near = ", ".join(known_names())
+    raise UsageError(f"{flag} {value!r} is neither a zoo model ({near}) nor an existing model folder"
+                     + ("" if os.sep in value else "; `logitfuse models list` shows the zoo"))

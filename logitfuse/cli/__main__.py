@@ -1,0 +1,7 @@
+"""``python -m logitfuse.cli``: the ``logitfuse`` command."""
+
+import sys
+
+from logitfuse.cli import main
+
+sys.exit(main())

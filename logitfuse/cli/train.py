@@ -1,0 +1,338 @@
+"""`logitfuse train` and `logitfuse eval`: fit fusion heads on CoGenesis data and report held-out NLL.
+
+    logitfuse train --slm SLM --llm LLM --out runs/pair            # scores dev, fits one head per LLM input
+    logitfuse train ... --split train_wo_profile --split dev --slm-features hidden,token,position
+    logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
+
+SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders; the LLM can also
+be a server that returns prompt log-probabilities (``--llm http://HOST:PORT/v1 --llm-model NAME
+[--llm-tokenizer NAME]``, train_fuser/served.py): it then scores the LLM side, top-k only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from logitfuse import zoo
+from logitfuse.fileio import atomic_write_text
+from logitfuse.errors import UsageError, check_device, check_out_dir, check_range
+from logitfuse.zoo import check_model
+from logitfuse.heads import FusionHead, PaperFusionHead, load_head
+from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
+from logitfuse.heads.slm_side import check_feature_groups
+from logitfuse.train_fuser.evaluate import (best_fixed_alpha, evaluate_cached, evaluate_streaming, first_examples, head_alpha,
+                                            plot_alpha_trace, write_call_report, write_report)
+from logitfuse.train_fuser.scoring import (
+    Pair, Variant, cache_example, default_variants, read_shards, score_example, shard_metadata, write_shard,
+)
+from logitfuse.train_fuser.served import check_served, is_url
+from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_gate, fit_streaming, slm_side_inputs
+
+HEADS_DIR = "heads"
+TRAIN_SPLITS = ("train_wo_profile", "dev")  # the test split stays held out
+
+
+def load_pair(args: argparse.Namespace) -> Pair:
+    slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    if getattr(args, "served", None) is not None:  # --llm URL: scored by the server (train_fuser/served.py)
+        return Pair.build(slm, slm_tok, args.served, args.served.tokenizer, slm_name, args.served.name)
+    llm, llm_tok, llm_name = zoo.load(args.llm, dtype=args.dtype, device=args.device)
+    return Pair.build(slm, slm_tok, llm, llm_tok, slm_name, llm_name)
+
+
+def split_path(data: str | None, split: str) -> Path:
+    return bundled_split(split) if data is None else Path(data) / SPLITS[split]
+
+
+def _check_common(args: argparse.Namespace, split: str) -> None:
+    """The arguments `train` and `eval` share, checked before any model loads (``UsageError``)."""
+    check_model("--slm", args.slm)
+    if not is_url(args.llm):
+        check_model("--llm", args.llm)
+    if args.adapter is not None:  # a LoRA adapter folder: its files are there
+        try:
+            zoo.adapter_sha256(args.adapter)
+        except zoo.ZooError as err:
+            raise UsageError(f"--adapter {args.adapter!r}: {err}") from None
+    if args.data is not None and not split_path(args.data, split).is_file():
+        raise UsageError(f"--data {args.data!r} has no {SPLITS[split]}; pass the folder that holds "
+                         f"context_aware_{{dev,test}}.json, or leave --data out for the bundled copy")
+    check_range("--max-examples", args.max_examples, low=2 if split == "dev" else 1,
+                meaning="training needs 2: one to fit on, one to validate on" if split == "dev" else "")
+    check_range("--llm-top-k", args.llm_top_k, low=1)
+    check_range("--max-history", args.max_history, low=0)
+    check_range("--paper-examples", args.paper_examples, low=1)
+    check_device("--device", args.device)
+    if args.cache is not None:
+        check_out_dir("--cache", args.cache)
+    if is_url(args.llm) and getattr(args, "paper_head", False):
+        raise UsageError("--paper-head needs the LLM's full logits, which a server does not give; leave it out "
+                         "with --llm URL")
+    args.served = check_served(args)  # last: it probes the server
+
+
+def variants_for(args: argparse.Namespace) -> list[Variant]:
+    """The LLM inputs to train or evaluate: all, or only the top-k ones for a served LLM."""
+    variants = default_variants(args.llm_top_k)
+    return [v for v in variants if v.top_k is not None] if is_url(args.llm) else variants
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    _check_common(args, "dev")
+    check_out_dir("--out", args.out)
+    check_range("--feature-k", args.feature_k, low=1)
+    check_range("--lr", args.lr, low=0, low_open=True)
+    check_range("--max-epochs", args.max_epochs, low=1)
+    check_range("--patience", args.patience, low=1)
+    check_range("--paper-epochs", args.paper_epochs, low=1)
+    check_range("--seed", args.seed, low=0)
+    check_range("--hidden-projection", args.hidden_projection, low=1)
+    check_range("--gate-hidden", args.gate_hidden, low=0)
+    try:
+        args.slm_features = list(check_feature_groups(args.slm_features, name="--slm-features"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    args.split = args.split or ["dev"]
+    for split in args.split:
+        if split not in TRAIN_SPLITS:
+            held_out = "the test split is held out for `logitfuse eval`" if split == "test" else "not a split"
+            raise UsageError(f"--split {split}: {held_out}; train on {' and/or '.join(TRAIN_SPLITS)}")
+        if args.data is not None and not split_path(args.data, split).is_file():
+            raise UsageError(f"--data {args.data!r} has no {SPLITS[split]} (--split {split}); pass the folder that holds "
+                             "it, or leave --data out for the bundled copy")
+
+
+def _heads_root(value: str) -> Path:
+    """--head: a `logitfuse train` output folder or its heads/ folder."""
+    root = Path(value).expanduser()
+    return root / HEADS_DIR if (root / HEADS_DIR).is_dir() else root
+
+
+def _check_eval(args: argparse.Namespace) -> Path:
+    """Check `eval`'s arguments; returns the folder that holds the trained heads."""
+    _check_common(args, "test")
+    heads_root = _heads_root(args.head)
+    names = [v.name for v in default_variants(args.llm_top_k)]
+    if not any((heads_root / name / "config.json").is_file() for name in names):
+        what = "does not exist" if not heads_root.exists() else "holds no trained heads"
+        raise UsageError(f"--head {args.head!r} {what} (expected folders named {names} with a config.json); pass "
+                         "the --out folder of `logitfuse train` (with the same --llm-top-k)")
+    check_out_dir("--out", args.out or str(heads_root.parent))
+    return heads_root
+
+
+def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
+                llm_with_context: bool, max_history: int | None = None, shard_size: int = 32,
+                progress: bool = True, slm_hidden: bool = False) -> tuple[dict, dict]:
+    """Score ``examples`` into ``cache_dir``, one shard per ``shard_size`` examples; ``slm_hidden``:
+    keep the SLM's hidden states too (float16).
+
+    A shard already there with the same setting and the same examples is kept, so an interrupted
+    run, or a longer one over the same examples in the same order, scores only what is missing. A
+    cache that kept the hidden states also serves a run that does not read them (and is extended
+    with them)."""
+    setting = dict(slm=pair.slm_name, llm=pair.llm_name, vocab_map=pair.vocab_map.hash, feature_k=feature_k,
+                   variants=[v.name for v in variants], llm_with_context=llm_with_context, max_history=max_history,
+                   slm_hidden=slm_hidden)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for path in cache_dir.glob("shard-*.safetensors"):
+        try:
+            found[path.name] = shard_metadata(path)
+        except Exception:  # an unreadable shard (a foreign or damaged file) is scored again
+            found[path.name] = {}
+    if not slm_hidden and any(meta.get("setting") == dict(setting, slm_hidden=True) for meta in found.values()):
+        setting = dict(setting, slm_hidden=True)
+    starts = range(0, len(examples), shard_size)
+    names = [f"shard-{start // shard_size:05d}.safetensors" for start in starts]
+    for name in set(found) - set(names):
+        (cache_dir / name).unlink()
+    for start, name in zip(starts, names):
+        chunk = examples[start : start + shard_size]
+        tids = [e.tid for e in chunk]
+        if found.get(name, {}).get("setting") == setting and found[name].get("tids") == tids:
+            continue
+        scored_chunk, positions = [], 0
+        for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
+            scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
+            positions += scored.n_positions
+            scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=setting["slm_hidden"]))
+        write_shard(cache_dir / name, scored_chunk, {"setting": setting, "tids": tids, "positions": positions})
+    return read_shards(cache_dir)
+
+
+def training_examples(args: argparse.Namespace) -> list[tuple[str, list]]:
+    """``[(split, examples), ...]`` in ``--split`` order; ``--max-examples`` caps the run's total,
+    taken in that order (the first split first)."""
+    chosen, left = [], args.max_examples
+    for split in args.split:
+        examples = load_examples(split_path(args.data, split), max_examples=left)
+        chosen.append((split, examples))
+        left = None if left is None else left - len(examples)
+        if left is not None and left <= 0:
+            break
+    return chosen
+
+
+def score_training_splits(pair: Pair, splits: list[tuple[str, list]], out: Path, variants: list[Variant], *,
+                          feature_k: int, max_history: int | None, slm_hidden: bool) -> tuple[dict, dict]:
+    """Score each split into ``out/cache-SPLIT`` (reused as :func:`score_split` does) and concatenate
+    them; example ids run on across splits (the validation split for early stopping draws from all)."""
+    caches, offset, tids, positions = [], 0, [], 0
+    for split, examples in splits:
+        cache, metadata = score_split(pair, examples, out / f"cache-{split}", variants, feature_k=feature_k,
+                                      llm_with_context=False, max_history=max_history, slm_hidden=slm_hidden)
+        caches.append(dict(cache, example=cache["example"] + offset))
+        offset, tids, positions = offset + len(metadata["tids"]), tids + metadata["tids"], positions + metadata["positions"]
+    merged = {key: torch.cat([c[key] for c in caches]) for key in caches[0]}
+    return merged, {"setting": metadata["setting"], "tids": tids, "positions": positions}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    _check_train(args)
+    out = Path(args.out)
+    pair = load_pair(args)
+    splits = training_examples(args)
+    examples = [example for _, chunk in splits for example in chunk]
+    variants = variants_for(args)
+    started = time.perf_counter()
+    cache, metadata = score_training_splits(pair, splits, Path(args.cache or out), variants, feature_k=args.feature_k,
+                                            max_history=args.max_history, slm_hidden="hidden" in args.slm_features)
+    config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
+    summary = {"slm": pair.slm_name, "llm": pair.llm_name, "examples": len(examples), "positions": len(cache["targets"]),
+               "splits": {split: len(chunk) for split, chunk in splits}, "slm_features": args.slm_features,
+               "vocab_map_coverage": pair.vocab_map.coverage, "heads": {}}
+    hidden_size = pair.slm.config.hidden_size if "hidden" in args.slm_features else 0
+    torch.manual_seed(args.seed)
+    for variant in variants:
+        head = FusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, mode="linear", tail=variant.tail,
+                          top_k=args.feature_k, slm_name=pair.slm_name, llm_name=pair.llm_name,
+                          vocab_map_hash=pair.vocab_map.hash, llm_top_k=variant.top_k, slm_features=args.slm_features,
+                          slm_hidden_size=hidden_size, hidden_projection=args.hidden_projection, gate_hidden=args.gate_hidden)
+        data = (cache[f"{variant.name}.features"], cache[f"{variant.name}.terms"], cache["example"], config)
+        fit = fit_cached(head, *data, slm_side=slm_side_inputs(cache, head))
+        summary["heads"][variant.name] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll), "train_nll": fit.train_nll[fit.best_epoch],
+                                          "best_fixed_alpha": best_fixed_alpha(cache[f"{variant.name}.terms"])}
+        print(f"{variant.name}: validation NLL {min(fit.val_nll):.4f} (epoch {fit.best_epoch})")
+        if head.gate is not None:  # target: NLL(SLM alone) - NLL(fused with this head's α), per position
+            gate_fit = fit_gate(head, *data, slm_side=slm_side_inputs(cache, head))
+            summary["heads"][variant.name]["gate_val_mse"] = min(gate_fit.val_nll)
+        head.save_pretrained(out / HEADS_DIR / variant.name)
+    if args.paper_head:
+        paper = PaperFusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm, slm_name=pair.slm_name, llm_name=pair.llm_name,
+                                vocab_map_hash=pair.vocab_map.hash)
+        fit = fit_streaming(paper, pair, examples[: args.paper_examples], variants[0],
+                            TrainConfig(lr=1e-4, max_epochs=args.paper_epochs, patience=2, seed=args.seed),
+                            max_history=args.max_history)
+        paper.save_pretrained(out / HEADS_DIR / "paper-dense")
+        summary["heads"]["paper-dense"] = {"best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll)}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_text(out / "train.json", json.dumps(summary, indent=2) + "\n")
+    print(f"heads saved under {out / HEADS_DIR}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    heads_root = _check_eval(args)
+    out = Path(args.out or heads_root.parent)
+    pair = load_pair(args)
+    variants = variants_for(args)
+    heads = {}
+    for variant in variants:
+        if (heads_root / variant.name).is_dir():
+            heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
+    examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
+    cache, metadata = score_split(pair, examples, Path(args.cache or out) / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
+                                  llm_with_context=not args.no_llm_context and args.served is None,
+                                  max_history=args.max_history,
+                                  slm_hidden=any(head.needs_slm_hidden for head in heads.values()))
+    trained = heads_root.parent / "train.json"  # the fixed α each variant's training data chose, if recorded
+    chosen = {name: head["best_fixed_alpha"] for name, head in json.loads(trained.read_text())["heads"].items()
+              if "best_fixed_alpha" in head} if trained.is_file() else {}
+    rows = evaluate_cached(cache, variants, heads, {name: a for name, a in chosen.items() if name in heads})
+    if (heads_root / "paper-dense").is_dir() and args.served is None:
+        # the paper's head runs both models again, on fewer examples: the other rows on those same
+        # positions come first, so that it compares like with like
+        paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
+        n = min(args.paper_examples, len(examples))
+        label = f"{variants[0].name}, first {n} examples"
+        rows += [dict(row, llm_input=label) for row in evaluate_cached(first_examples(cache, n), variants[:1], heads)]
+        paper_row = evaluate_streaming(paper, pair, examples[:n], variants[0], max_history=args.max_history)
+        rows.append(dict(paper_row, llm_input=label))
+    info = {"slm": pair.slm_name, "llm": pair.llm_name, "test examples": len(examples),
+            "aligned positions": len(cache["targets"]), "vocab map coverage": round(pair.vocab_map.coverage, 4)}
+    info["aligned share of SLM response tokens"] = round(len(cache["targets"]) / max(metadata["positions"], 1), 4)
+    report = write_report(out, rows, info)
+    first = cache["example"] == 0
+    dense = variants[0].name
+    if dense in heads:
+        alpha = head_alpha(cache, variants[0], heads[dense])[first]
+        tokens = pair.slm_tokenizer.convert_ids_to_tokens(cache["targets"][first].tolist())
+        plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
+    print(report.read_text())
+    calls = write_call_report(out, cache, [v for v in variants if v.name in heads], heads, info)
+    print(calls.read_text())
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder, or a server "
+                        "http://HOST:PORT/v1 that returns prompt log-probabilities (scored there, top-k only)")
+    parser.add_argument("--llm-model", default=None, help="with --llm URL: the served model's name")
+    parser.add_argument("--llm-tokenizer", default=None,
+                        help="with --llm URL: the served LLM's tokenizer, a zoo name or folder (default: --slm's)")
+    parser.add_argument("--data", default=None, help="folder with context_aware_{dev,test}.json (default: the bundled copy)")
+    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
+    parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model weights' dtype (default float32: faster than bf16 on most CPUs)")
+    parser.add_argument("--max-history", type=int, default=None,
+                        help="keep only the first N writing-history items in the private prompt (shorter prompts, faster on CPU)")
+    parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")
+    parser.add_argument("--cache", default=None, help="folder of the scoring caches (cache-SPLIT/), shared by runs that "
+                        "score the same examples, e.g. ablations (default: the output folder)")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register `train` and `eval` on an argparse subparsers object."""
+    train = subparsers.add_parser("train", help="fit fusion heads on the CoGenesis dev split",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(train)
+    train.add_argument("--out", required=True, help="output folder (heads/, cache-dev/, train.json)")
+    train.add_argument("--feature-k", type=int, default=4, help="top-k log-probabilities per model among the head's features")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--max-epochs", type=int, default=300)
+    train.add_argument("--patience", type=int, default=20)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--paper-head", action="store_true", help="also train the paper's 2V-input head (slow)")
+    train.add_argument("--paper-epochs", type=int, default=2)
+    train.add_argument("--split", action="append", default=None,
+                       help="a training split, repeatable (default: dev); --max-examples caps the total, in this order")
+    train.add_argument("--slm-features", default="", help="SLM-side feature groups of the heads and gates, comma-"
+                       "separated: hidden (last hidden state), token (last generated token), position (default: none)")
+    train.add_argument("--hidden-projection", type=int, default=32, help="width the SLM's hidden state is projected to")
+    train.add_argument("--gate-hidden", type=int, default=32,
+                       help="width of each head's call gate (schedule head_gate(tau)); 0: no gate")
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser("eval", help="held-out NLL table of trained heads on the CoGenesis test split",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(evaluate)
+    evaluate.add_argument("--head", required=True, help="a `logitfuse train` output folder (or its heads/ folder)")
+    evaluate.add_argument("--out", default=None, help="where results go (default: beside the heads)")
+    evaluate.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
+    evaluate.set_defaults(func=run_eval)
+
+    from logitfuse.train_fuser.finetune import add_subcommand as add_finetune
+
+    add_finetune(subparsers)

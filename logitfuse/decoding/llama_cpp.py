@@ -1,0 +1,463 @@
+"""The SLM in llama.cpp: a GGUF file run through llama-cpp-python, fused by a :class:`FusionSession`.
+
+On a laptop or phone the on-device model runs in llama.cpp from a quantized GGUF file, not in
+transformers. :class:`LlamaCppSLM` is the second engine adapter of :class:`logitfuse.FusionSession`
+(the first is :class:`logitfuse.CoGenesisLogitsProcessor`): a small decode loop of its own, batch
+size 1, that keeps the private prompt in llama.cpp's KV cache and per step hands the session the one
+token it kept and the SLM's logits for the next position::
+
+    slm = LlamaCppSLM(zoo.gguf_path("smollm2-135m"), tokenizer=hf_tokenizer)
+    session = FusionSession(llm, alpha=0.5, slm_tokenizer=hf_tokenizer)
+    out = slm.generate(slm.tokenize(private_messages), session=session, public_prompt=public_ids)
+
+It uses llama-cpp-python's low-level C API (``llama_decode`` and ``llama_get_logits_ith``) rather
+than its ``Llama`` class, for two reasons: the loop needs the raw logits of the last position only
+(``Llama`` keeps logits in an ``n_ctx x n_vocab`` array when asked for them), and the model has to be
+loaded with llama.cpp's extra weight buffers switchable (``extra_buffers``): on CPUs that announce
+Intel AMX inside virtual machines that do not let a process use it, llama.cpp's AMX matrix product
+dies with a general protection fault at the first ``llama_decode`` (seen on this project's
+Firecracker build machine with llama-cpp-python 0.3.36), and ``Llama`` offers no way to turn it off.
+
+``import logitfuse`` does not import llama-cpp-python; constructing a :class:`LlamaCppSLM` does
+(``pip install "llama-cpp-python[server]==0.3.36"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from logitfuse.reference import sample_from_logprobs
+from logitfuse.decoding.session import FusionSession
+
+Tensor = torch.Tensor
+
+__all__ = ["LlamaCppCache", "LlamaCppSLM", "SLMGeneration", "generate_fused_llama_cpp", "llama_cpp_python_missing"]
+
+INSTALL_HINT = 'pip install "llama-cpp-python[server]==0.3.36"'
+
+
+def llama_cpp_python_missing() -> str | None:
+    """Why llama-cpp-python cannot be imported here (``None`` when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"needs llama-cpp-python: {INSTALL_HINT}"
+    return None
+
+
+_BACKEND_READY = False
+
+
+def _llama_cpp(verbose: bool) -> Any:
+    """The ``llama_cpp`` module, its backend initialized once per process."""
+    global _BACKEND_READY
+    missing = llama_cpp_python_missing()
+    if missing:
+        raise ImportError(f"LlamaCppSLM {missing}")
+    import llama_cpp
+
+    # llama-cpp-python routes llama.cpp's log lines to this logger (what Llama(verbose=False) does)
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not _BACKEND_READY:
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+    return llama_cpp
+
+
+@dataclass
+class SLMGeneration:
+    """What :meth:`LlamaCppSLM.generate` produced (the fields of ``logitfuse demo``'s ``Generation``).
+
+    Attributes:
+        text: the generated text (special tokens left out).
+        token_ids: the generated SLM ids, without the end-of-generation or stop id that ended it.
+        seconds: wall time of the decode loop (prompt evaluation included).
+        alpha: the α of each generated token (1 = the SLM alone); empty without a session.
+        stats: the session's statistics as a dict (``steps``, ``llm_calls``...); empty without a session.
+        stopped: ``"eos"`` (an end-of-generation id), ``"stop"`` (one of ``stop_ids``) or ``"length"``.
+    """
+
+    text: str
+    token_ids: list[int]
+    seconds: float
+    alpha: list[float] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    stopped: str = "length"
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
+        raise ValueError(f"{name}={value!r} must be in {bounds}")
+    return float(value)
+
+
+class LlamaCppSLM:
+    r"""An on-device SLM in llama.cpp (a GGUF file), with a fused decode loop over a :class:`FusionSession`.
+
+    Args:
+        model_path (`str` or `os.PathLike`): the GGUF file (e.g. ``logitfuse.zoo.gguf_path("smollm2-135m")``).
+        n_ctx (`int`, defaults to 2048): context length: the private prompt plus the generated tokens.
+        n_threads (`int`, *optional*): CPU threads; default half the CPUs (at least 1).
+        seed (`int`, defaults to 0): the sampling seed when :meth:`generate` gets neither ``seed`` nor
+            ``generator``.
+        tokenizer (*optional*): the same model's transformers tokenizer. It renders chat messages in
+            :meth:`tokenize`, and is what a cross-tokenizer session needs as ``slm_tokenizer``; it must
+            tokenize like the GGUF's own tokenizer (checked on a probe text).
+        extra_buffers (`bool`, defaults to `False`): let llama.cpp use its extra CPU weight buffers
+            (repacked weights, Intel AMX tiles). Off by default: where a virtual machine announces AMX
+            but does not allow it, the first evaluation crashes the process (see the module docstring).
+            Turn it on where they work; the outputs agree up to rounding.
+        verbose (`bool`, defaults to `False`): llama.cpp's log lines on stderr.
+
+    Batch size 1: one prompt, one row. The model's logits come back as float32 tensors ``(1, n_vocab)``.
+
+    Attributes:
+        vocab_size (`int`): the model's vocabulary size (the width of its logits).
+        eos_token_ids (`frozenset[int]`): the ids llama.cpp marks as ending generation (EOS, EOT...).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 seed: int = 0, tokenizer: Any = None, extra_buffers: bool = False, verbose: bool = False):
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model_path={path!r} is not a file; pass a GGUF file (e.g. "
+                                    "logitfuse.zoo.gguf_path('smollm2-135m') after `logitfuse models install smollm2-135m`)")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
+            raise ValueError(f"n_ctx={n_ctx!r} must be an int >= 2 (prompt plus generated tokens)")
+        if n_threads is None:
+            n_threads = max(1, (os.cpu_count() or 2) // 2)
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+            raise ValueError(f"n_threads={n_threads!r} must be an int >= 1 (or None for half the CPUs)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        self._lib = lib = _llama_cpp(verbose)
+        self._model = self._ctx = self._batch = None
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = bool(extra_buffers)
+        self._model = lib.llama_model_load_from_file(path.encode("utf-8"), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load model_path={path!r}; is it a GGUF file of a model "
+                             "this llama-cpp-python supports? (verbose=True shows llama.cpp's reason)")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_batch = min(512, n_ctx)
+        context_params = lib.llama_context_default_params()
+        context_params.n_ctx = n_ctx
+        context_params.n_batch = context_params.n_ubatch = self.n_batch
+        context_params.n_threads = context_params.n_threads_batch = n_threads
+        context_params.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            self.close()
+            raise ValueError(f"llama.cpp could not create a context of n_ctx={n_ctx} for {path!r}; try a smaller n_ctx")
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.model_path, self.n_ctx, self.n_threads, self.seed = path, int(lib.llama_n_ctx(self._ctx)), n_threads, seed
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if lib.llama_vocab_is_eog(self._vocab, i))
+        self.n_past = 0  # positions held in the KV cache
+        self.tokenizer = None
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------ resources
+    def close(self) -> None:
+        """Free llama.cpp's context and model (also on garbage collection)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> LlamaCppSLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaCppSLM({os.path.basename(self.model_path)!r}, vocab_size={self.vocab_size}, n_ctx={self.n_ctx})"
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, text: str | Sequence[dict], *, add_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (special tokens such as ``<|im_start|>`` in it are parsed), or of a chat
+        (a list of ``{"role", "content"}`` messages) rendered with the transformers ``tokenizer``'s
+        chat template, generation prompt added. ``add_special`` adds the BOS token where the GGUF says so."""
+        if isinstance(text, (list, tuple)):
+            if self.tokenizer is None:
+                raise ValueError("tokenize got chat messages but this LlamaCppSLM has no tokenizer to render them; "
+                                 "pass tokenizer= (the same model's transformers tokenizer) or give text")
+            text = self.tokenizer.apply_chat_template(list(text), add_generation_prompt=True, tokenize=False)
+            add_special = False
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize takes a str or a list of chat messages, got {type(text).__name__}")
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buffer = (self._lib.llama_token * size)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, size, add_special, True)
+        if n < 0:  # more tokens than bytes (cannot happen with BPE, but the API allows it)
+            size = -n
+            buffer = (self._lib.llama_token * size)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, size, add_special, True)
+        return list(buffer[:n])
+
+    def token_bytes(self, token_id: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (empty for special tokens unless ``special``)."""
+        buffer = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, int(token_id), buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, int(token_id), buffer, len(buffer), 0, special)
+        return buffer.raw[:n]
+
+    def detokenize(self, token_ids: Sequence[int], *, special: bool = False) -> str:
+        """The text of ``token_ids`` (special tokens left out unless ``special``; invalid UTF-8 replaced)."""
+        return b"".join(self.token_bytes(t, special=special) for t in token_ids).decode("utf-8", "replace")
+
+    def _check_tokenizer(self, tokenizer: Any) -> None:
+        if not hasattr(tokenizer, "encode"):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        probe = "Dear Martin, the café opens at 9:30.\n\tdef f(x): return x ** 2  # naïve résumé 日本"
+        ours, theirs = self.tokenize(probe, add_special=False), tokenizer.encode(probe, add_special_tokens=False)
+        if len(tokenizer) > self.vocab_size or ours != theirs:
+            raise ValueError(f"tokenizer does not tokenize like {os.path.basename(self.model_path)!r} (a probe text gave "
+                             f"different ids, or it has {len(tokenizer)} > {self.vocab_size} tokens); pass the "
+                             "transformers tokenizer of the same model")
+
+    def _check_ids(self, ids: Any, name: str) -> list[int]:
+        if isinstance(ids, Tensor):
+            ids = ids.reshape(-1).tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"{name} must be a list of token ids (slm.tokenize(text) gives them), got {type(ids).__name__}")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{name} holds ids outside [0, {self.vocab_size}): {bad[:5]}")
+        return list(ids)
+
+    # ------------------------------------------------------------------ evaluation
+    def reset(self) -> None:
+        """Empty the KV cache (:meth:`generate` does it before each prompt)."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        """Drop the KV cache's positions from ``n_past`` on (to re-evaluate from there)."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"n_past={n_past!r} must be in [0, {self.n_past}] (the positions held)")
+        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), 0, n_past, -1)
+        self.n_past = n_past
+
+    def _logits_row(self, i: int) -> Tensor:
+        row = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.vocab_size,))
+        return torch.from_numpy(row.copy())  # llama.cpp reuses its buffer at the next decode
+
+    def eval(self, token_ids: Sequence[int], *, all_logits: bool = False) -> Tensor:
+        """Append ``token_ids`` after the :attr:`n_past` cached positions; return the logits for the
+        next position, float32 ``(1, vocab_size)``, or with ``all_logits`` those after every given token
+        ``(len(token_ids), vocab_size)``."""
+        ids = self._check_ids(token_ids, "token_ids")
+        if not ids:
+            raise ValueError("token_ids is empty; evaluate at least one token")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise ValueError(f"{self.n_past} cached + {len(ids)} new tokens exceed n_ctx={self.n_ctx}; "
+                             "build the LlamaCppSLM with a larger n_ctx")
+        batch, rows = self._batch, []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i] = token, self.n_past + i
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
+                batch.logits[i] = all_logits or (start + i == len(ids) - 1)
+            status = self._lib.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status} at position {self.n_past}")
+            self.n_past += len(chunk)
+            if all_logits:
+                rows += [self._logits_row(i) for i in range(len(chunk))]
+        return torch.stack(rows) if all_logits else self._logits_row(-1)[None]
+
+    def decode_cache(self, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None) -> LlamaCppCache:
+        """The KV-cache engine :func:`logitfuse.generate` drives (prefill, append, drop) over one private
+        prompt: ``prompt_ids`` as a list of ids, a list of one list, or a ``(1, L)`` / ``(L,)`` tensor
+        (batch size 1: a ``ValueError`` names the fix for more rows)."""
+        return LlamaCppCache(self, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids: Sequence[int], *, session: FusionSession | None = None, public_prompt: Any = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+                 stop_ids: Sequence[int] = ()) -> SLMGeneration:
+        r"""Generate from the private ``prompt_ids``: the SLM alone, or fused with ``session``'s LLM.
+
+        The prompt is evaluated once (it stays in llama.cpp's KV cache); then, per step, the SLM's
+        logits for the next position go to ``session.step`` with the one token kept at the previous
+        step, a token is chosen from the fused log-probabilities, and only that token is evaluated.
+        The session (its LLM) gets ``public_prompt`` and the generated tokens: never ``prompt_ids``.
+
+        Args:
+            prompt_ids (`list[int]`): the private prompt as SLM ids (:meth:`tokenize`).
+            session (`FusionSession`, *optional*): fuse with its LLM; it is (re)started here with
+                ``public_prompt``. ``None``: the SLM alone.
+            public_prompt (`str` or `list[int]`): with ``session``: what the LLM may see.
+            max_new_tokens (`int`, defaults to 64): tokens to generate at most.
+            temperature (`float`, defaults to 0): 0 is greedy; else sample with ``top_k`` (0 = off) and
+                ``top_p`` (1 = off) on the (fused) distribution, by :func:`logitfuse.fuse_sample`'s rules.
+            repetition_penalty (`float`, defaults to 1): transformers' rule on the SLM logits before fusion
+                (a seen token's positive logit divided by it, a negative one multiplied), over the prompt
+                and the generated tokens.
+            seed (`int`, *optional*) / generator (`torch.Generator`, *optional*): the sampling draws;
+                default a generator seeded with the constructor's ``seed``.
+            stop_ids (`list[int]`): ids that end generation besides :attr:`eos_token_ids`.
+
+        Returns:
+            :class:`SLMGeneration` (text, token_ids, seconds, alpha per token, stats, why it stopped).
+        """
+        ids = self._check_ids(prompt_ids, "prompt_ids")
+        if not ids:
+            raise ValueError("prompt_ids is empty; pass the private prompt's token ids (slm.tokenize(...))")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed n_ctx={self.n_ctx}; "
+                             "build the LlamaCppSLM with a larger n_ctx or generate fewer tokens")
+        temperature = _check_number("temperature", temperature, low=0.0)
+        top_p = _check_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        penalty = _check_number("repetition_penalty", repetition_penalty, low=0.0, low_open=True)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 = off)")
+        stops = frozenset(self._check_ids(list(stop_ids), "stop_ids")) | self.eos_token_ids
+        if session is not None and not isinstance(session, FusionSession):
+            raise TypeError(f"session must be a logitfuse.FusionSession or None, got {type(session).__name__}")
+        if (session is None) != (public_prompt is None):
+            raise ValueError("pass session= and public_prompt= together (fused), or neither (the SLM alone)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
+        sampling = dict(temperature=torch.tensor([temperature]), top_k=torch.tensor([top_k]),
+                        top_p=torch.tensor([top_p]))
+        seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+        seen[ids] = True
+
+        started = time.perf_counter()
+        if session is not None:
+            session.start([public_prompt], v_slm=self.vocab_size)  # the LLM prefills the public prompt only
+        self.reset()
+        logits = self.eval(ids)
+        out: list[int] = []
+        stopped, appended = "length", []
+        for _ in range(max_new_tokens):
+            if penalty != 1.0:
+                scores = logits[0, seen]
+                logits[0, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+            if session is not None:
+                logprobs = session.step([appended], logits)  # only the token kept at the previous step
+            else:
+                logprobs = torch.log_softmax(logits, dim=-1)
+            uniform = torch.rand(1, generator=generator)
+            token = int(sample_from_logprobs(logprobs, uniform, **sampling)[0])
+            if token in stops:
+                stopped = "stop" if token not in self.eos_token_ids else "eos"
+                break
+            out.append(token)
+            seen[token] = True
+            appended = [token]
+            if len(out) < max_new_tokens:
+                logits = self.eval(appended)
+        seconds = time.perf_counter() - started
+        alpha, stats = [], {}
+        if session is not None:
+            alpha = [float(a[0]) for a in session.alpha_history][: len(out)]
+            stats = dict(session.stats)
+        return SLMGeneration(self.detokenize(out), out, seconds, alpha, stats, stopped)
+
+
+class LlamaCppCache:
+    """A :class:`LlamaCppSLM`'s KV cache as the SLM engine of :func:`logitfuse.generate` (the role the
+    transformers KV cache plays there): :meth:`prefill` the private prompt, :meth:`append` one token,
+    :meth:`drop` rejected drafts (``llama_memory_seq_rm``). One row. Nothing here is sent anywhere.
+
+    Attributes:
+        ids, mask: the prompt ``(1, L)`` and its all-ones attention mask (CPU tensors).
+        batch_size (`int`): 1. device: the CPU (where the logits come back).
+    """
+
+    batch_size = 1
+    device = torch.device("cpu")
+
+    def __init__(self, slm: LlamaCppSLM, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None):
+        rows = prompt_ids.tolist() if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 2 else None
+        if rows is None and isinstance(prompt_ids, Sequence) and prompt_ids and all(
+                isinstance(row, (Sequence, Tensor)) and not isinstance(row, str) for row in prompt_ids):
+            rows = list(prompt_ids)
+        if rows is not None:
+            if len(rows) != 1:
+                raise ValueError(f"private_input_ids holds {len(rows)} rows but a LlamaCppSLM runs one (batch size 1); "
+                                 "call logitfuse.generate once per prompt, or use a transformers SLM for batches")
+            prompt_ids = rows[0]
+        if attention_mask is not None and not bool((torch.as_tensor(attention_mask) == 1).all()):
+            raise ValueError("attention_mask must be all ones with a LlamaCppSLM (one row, no padding); leave it out")
+        ids = slm._check_ids(prompt_ids, "private_input_ids")
+        if not ids:
+            raise ValueError("private_input_ids is empty; pass the private prompt's token ids (slm.tokenize(...))")
+        if len(ids) + max_new_tokens > slm.n_ctx:
+            raise ValueError(f"the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed n_ctx={slm.n_ctx}; "
+                             "build the LlamaCppSLM with a larger n_ctx or generate fewer tokens")
+        self.slm, self.ids = slm, torch.tensor([ids])
+        self.mask = torch.ones_like(self.ids)
+
+    def prefill(self) -> Tensor:
+        """Empty the KV cache and evaluate the prompt: the logits ``(1, V)`` for the first new position."""
+        self.slm.reset()
+        return self.slm.eval(self.ids[0].tolist())
+
+    def append(self, tokens: Tensor) -> Tensor:
+        """Evaluate one token ``(1,)``: the logits ``(1, V)`` for the position after it."""
+        return self.slm.eval([int(tokens.reshape(-1)[0])])
+
+    def drop(self, n: Sequence[int]) -> None:
+        """Forget the last ``n[0]`` tokens (rejected drafts)."""
+        if n[0]:
+            self.slm.truncate(self.slm.n_past - int(n[0]))
+
+
+def generate_fused_llama_cpp(slm: LlamaCppSLM, llm: Any, private_ids: Sequence[int], public_prompt: Any, *,
+                             max_new_tokens: int, head: Any = None, alpha: float | None = None, vocab_map: Any = None,
+                             mode: str | None = None, tail: str | None = None, schedule: Any = "always",
+                             **sampling: Any) -> SLMGeneration:
+    """One fused generation with the SLM in llama.cpp: a :class:`FusionSession` over ``llm`` (head or
+    fixed α, vocabulary map, mode, tail, schedule as in :class:`logitfuse.CoGenesisLogitsProcessor`),
+    then :meth:`LlamaCppSLM.generate` (``sampling``: ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``seed``, ``stop_ids``). ``slm.tokenizer`` serves cross-tokenizer maps."""
+    if getattr(head, "needs_slm_hidden", False):
+        raise ValueError("this head reads the SLM's last hidden state, which the llama.cpp SLM does not expose; use "
+                         "a head without the 'hidden' group (logitfuse train --slm-features token,position) or the "
+                         "transformers SLM (CoGenesisLogitsProcessor(..., slm=model))")
+    session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
+                            slm_tokenizer=slm.tokenizer, eos_token_id=sorted(slm.eos_token_ids))
+    return slm.generate(private_ids, session=session, public_prompt=public_prompt, max_new_tokens=max_new_tokens,
+                        **sampling)

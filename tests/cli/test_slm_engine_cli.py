@@ -1,0 +1,100 @@
+"""`logitfuse demo` / `generate --slm-engine llama.cpp`: the SLM from the zoo's GGUF file in llama.cpp.
+
+The argument checks run in this process with tripwires on every way to load a model, as in
+tests/cli/test_adversarial_cli.py: each mistake is one line, exit status 2, before anything loads. One
+slow check runs the real SmolLM2-135M GGUF where the zoo has it installed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+from test_adversarial_cli import assert_usage_error, no_loading  # noqa: F401  (a fixture)
+
+from logitfuse import zoo
+from logitfuse.cli import main
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGITFUSE_HOME", str(tmp_path / "zoo-home"))
+
+
+def _argv(command: str, *extra: str) -> list[str]:
+    argv = [command, "--slm-engine", "llama.cpp", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b"]
+    if command == "generate":
+        argv += ["--instruction", "Write a toast: for Ann"]
+    return argv + list(extra)
+
+
+MISTAKES = [
+    (["--slm", "{folder}"], "--slm-engine llama.cpp runs a zoo model's GGUF file", "is none of smollm2-135m, "),
+    (["--slm", "smollm2-135m-cogenesis"], "--slm 'smollm2-135m-cogenesis' is none of", "--slm-engine transformers"),
+    (["--adapter", "{folder}"], "--adapter is a LoRA adapter for the transformers SLM", "drop --adapter"),
+    (["--device", "cuda"], "--device cuda: --slm-engine llama.cpp runs on the CPU", "--device cpu"),
+]
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+@pytest.mark.parametrize("case", MISTAKES, ids=lambda case: " ".join(case[0]))
+def test_llama_cpp_engine_mistakes(case, command, tmp_path, empty_home, no_loading, monkeypatch,  # noqa: F811
+                                   capsys):
+    # as if llama-cpp-python were installed: these checks must not depend on this machine
+    monkeypatch.setattr("logitfuse.cli.demo.llama_cpp_python_missing", lambda: None)
+    (tmp_path / "slm").mkdir()
+    (tmp_path / "slm" / "config.json").write_text("{}")
+    extra, *fragments = case
+    code = main(_argv(command, *[a.format(folder=tmp_path / "slm") for a in extra]))
+    assert_usage_error(code, capsys.readouterr().err, command, *fragments)
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_llama_cpp_engine_without_llama_cpp_python(command, empty_home, no_loading, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # how Python marks a module as not importable
+    code = main(_argv(command))
+    assert_usage_error(code, capsys.readouterr().err, command, "--slm-engine llama.cpp needs llama-cpp-python",
+                       "pip install", "--slm-engine transformers")
+
+
+def test_unknown_engine_is_refused(empty_home, no_loading, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--slm-engine", "onnx", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
+              "--instruction", "Write: x"])
+    assert exit_.value.code == 2 and "--slm-engine: invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def _real_models_or_skip():
+    from logitfuse.decoding.llama_cpp import llama_cpp_python_missing
+
+    missing = llama_cpp_python_missing()
+    if missing:
+        pytest.skip(missing)
+    try:
+        zoo.path("smollm2-135m"), zoo.gguf_path("smollm2-135m")
+    except zoo.ZooError:
+        pytest.skip("needs the real models: run `logitfuse models install smollm2-135m`")
+
+
+@pytest.mark.engine
+@pytest.mark.real_models
+@pytest.mark.slow
+def test_generate_runs_the_slm_in_llama_cpp(capsys):
+    """SmolLM2-135M's GGUF in llama.cpp: alone (--alpha 1, nothing else loaded), then fused with the
+    same model in transformers as the LLM (8 tokens each)."""
+    _real_models_or_skip()
+    threads = torch.get_num_threads()
+    base = ["generate", "--slm-engine", "llama.cpp", "--slm", "smollm2-135m", "--max-new-tokens", "8",
+            "--instruction", "Write a short birthday message: for my dog Biscuit, who turns five", "--color", "never"]
+    try:
+        assert main([*base, "--llm", "qwen2.5-coder-0.5b", "--alpha", "1"]) == 0
+        alone = capsys.readouterr()
+        assert main([*base, "--llm", "smollm2-135m", "--alpha", "0.5"]) == 0
+        fused = capsys.readouterr()
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.out.strip() and "SLM alone (--alpha 1), no LLM calls" in alone.err, alone
+    assert fused.out.strip() and "fixed α 0.5" in fused.err, fused
+    assert re.search(r"\[(\d+) steps, \1 LLM calls, 0 fallbacks", fused.err), fused.err  # the LLM answered every step
