@@ -167,7 +167,8 @@ def _check_digest(actual: str, expected: str, what: str) -> None:
         )
 
 
-def _bar(progress: bool, total: int, desc: str):
+def progress_bar(progress: bool, total: int, desc: str):
+    """A byte-counting tqdm bar on stderr (disabled unless ``progress``); the tests swap it to interrupt a join."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
@@ -178,7 +179,7 @@ def sha256_file(file: str | os.PathLike, *, progress: bool = False) -> str:
     """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     file = Path(file)
-    with open(file, "rb") as f, _bar(progress, file.stat().st_size, f"hashing {file.name}") as bar:
+    with open(file, "rb") as f, progress_bar(progress, file.stat().st_size, f"hashing {file.name}") as bar:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -211,7 +212,7 @@ def join_parts(
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, _bar(progress, total, f"joining {dest.name}") as bar:
+        with os.fdopen(fd, "wb") as out, progress_bar(progress, total, f"joining {dest.name}") as bar:
             for part in parts:
                 with open(part, "rb") as f:
                     while chunk := f.read(_CHUNK):

@@ -15,7 +15,7 @@ import logitfuse
 from logitfuse.testing.generation import PUBLIC, generate, left_pad, private_prompt_ids
 from logitfuse.backends import TokenStringMap, parse_top_logprobs, render_token_bytes
 from logitfuse.vocab.retokenize import token_bytes, token_bytes_table
-from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+from logitfuse.testing import sentencepiece_tokenizer, tiny_llama
 
 # ------------------------------------------------------------------- recorded reply shapes
 # llama-cpp-python 0.3.36, POST /v1/completions {"prompt": "The capital of France is", "max_tokens": 1,
@@ -45,11 +45,6 @@ SGLANG_REPLY = {
                               "top_logprobs": [{" Paris": -0.031, " London": -4.03}]}}],
     "usage": {"prompt_tokens": 6, "total_tokens": 7, "completion_tokens": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_level_tokenizer()
 
 
 @pytest.fixture(scope="module")

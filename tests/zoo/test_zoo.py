@@ -444,7 +444,7 @@ class KillOnFirstChunk:  # stands in for the progress bar: the join is SIGTERMed
     def update(self, n): os.kill(os.getpid(), signal.SIGTERM)
 
 
-installer._bar = KillOnFirstChunk
+installer.progress_bar = KillOnFirstChunk
 sys.exit(main(["models", "--home", sys.argv[2], "install", "-q", "--gguf-only", "fake-tiny"]))
 """
 
