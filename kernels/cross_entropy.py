@@ -40,7 +40,7 @@ from ._common import (MODE_CODES, TAIL_CODES, _at_index, _row_inputs, _row_scala
 
 
 @triton.jit
-def _fused_ce_kernel(
+def fused_ce_kernel(
     loss_ptr, dalpha_ptr,
     slm_ptr, slm_stride,
     llm_ptr, llm_stride,
@@ -82,7 +82,7 @@ def _fused_ce_kernel(
 
 def fused_cross_entropy_forward(slm_logits, llm, slm_to_llm, alpha, targets, *, mode, tail,
                                 slm_temperature, llm_temperature, ignore_index):
-    """Launch :func:`_fused_ce_kernel`: ``(loss (N,), dloss/dα (N,))`` float32."""
+    """Launch :func:`fused_ce_kernel`: ``(loss (N,), dloss/dα (N,))`` float32."""
     slm, vmap, (dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk) = launch_inputs(
         slm_logits, llm, slm_to_llm, alpha=alpha, targets=targets, slm_temperature=slm_temperature,
         llm_temperature=llm_temperature)
@@ -91,7 +91,7 @@ def fused_cross_entropy_forward(slm_logits, llm, slm_to_llm, alpha, targets, *, 
     dalpha = torch.empty(batch, dtype=torch.float32, device=slm.device)
     if batch == 0:
         return loss, dalpha
-    _fused_ce_kernel[(batch,)](
+    fused_ce_kernel[(batch,)](
         loss, dalpha,
         slm, slm.stride(0),
         dense, dense_stride,

@@ -24,7 +24,7 @@ from ._common import (MODE_CODES, TAIL_CODES, _load_block, _mix, _row_inputs, _r
 
 
 @triton.jit
-def _fuse_kernel(
+def fuse_kernel(
     out_ptr, out_stride,
     slm_ptr, slm_stride,
     llm_ptr, llm_stride,
@@ -55,14 +55,14 @@ def _fuse_kernel(
 
 
 def fuse_forward(slm_logits, llm, slm_to_llm, alpha, *, mode, tail, slm_temperature, llm_temperature):
-    """Launch :func:`_fuse_kernel`; returns ``(B, V_S)`` float32 fused log-probabilities."""
+    """Launch :func:`fuse_kernel`; returns ``(B, V_S)`` float32 fused log-probabilities."""
     slm, vmap, (dense, dense_stride, v_l, ids, lps, topk_stride, k, has_topk) = launch_inputs(
         slm_logits, llm, slm_to_llm, alpha=alpha, slm_temperature=slm_temperature, llm_temperature=llm_temperature)
     batch, v_slm = slm.shape
     out = torch.empty((batch, v_slm), dtype=torch.float32, device=slm.device)
     if batch == 0:
         return out
-    _fuse_kernel[(batch,)](
+    fuse_kernel[(batch,)](
         out, out.stride(0),
         slm, slm.stride(0),
         dense, dense_stride,

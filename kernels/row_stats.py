@@ -21,7 +21,7 @@ from ._common import _stats_block, _store_stats, block_size, check_device, merge
 
 
 @triton.jit
-def _row_stats_kernel(
+def row_stats_kernel(
     x_ptr, x_stride,
     lse_ptr, max_ptr, entropy_ptr,
     cand_val_ptr, cand_id_ptr, cand_stride,
@@ -52,7 +52,7 @@ def row_stats(logits: torch.Tensor, k: int) -> RowStats:
     block = block_size(vocab, 4096)
     lse, max_logprob, entropy, cand_val, cand_id = stats_buffers(batch, vocab, block, k, x.device)
     if batch > 0:
-        _row_stats_kernel[(batch,)](
+        row_stats_kernel[(batch,)](
             x, x.stride(0), lse, max_logprob, entropy, cand_val, cand_id, cand_val.stride(0),
             vocab, k, BLOCK=block, num_warps=8,
         )

@@ -127,7 +127,7 @@ def _bisect_bits(slm_row, llm_row, ids_row, lps_row, map_ptr, V_S, K, a, t_slm, 
 
 
 @triton.jit
-def _fuse_sample_kernel(
+def fuse_sample_kernel(
     ids_out_ptr, logprob_out_ptr,
     slm_ptr, slm_stride,
     llm_ptr, llm_stride,
@@ -233,7 +233,7 @@ def fuse_sample(slm_logits, llm, slm_to_llm, alpha, uniform, *, v_llm, mode, tai
     logprob_out = torch.empty(batch, dtype=torch.float32, device=slm.device)
     if batch == 0:
         return ids_out, logprob_out
-    _fuse_sample_kernel[(batch,)](
+    fuse_sample_kernel[(batch,)](
         ids_out, logprob_out,
         slm, slm.stride(0),
         dense, dense_stride,

@@ -537,10 +537,10 @@ def build(fn, dtype, **constexprs):
     triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
-build(mix._fuse_kernel, "bf16", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=False, MODE=1, TAIL=0)
-build(sample._fuse_sample_kernel, "fp16", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=True, MODE=0, TAIL=1)
-build(cross_entropy._fused_ce_kernel, "fp32", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=False, MODE=2, TAIL=2)
-build(row_stats._row_stats_kernel, "bf16", BLOCK=4096)
+build(mix.fuse_kernel, "bf16", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=False, MODE=1, TAIL=0)
+build(sample.fuse_sample_kernel, "fp16", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=True, MODE=0, TAIL=1)
+build(cross_entropy.fused_ce_kernel, "fp32", BLOCK_S=2048, BLOCK_L=4096, HAS_TOPK=False, MODE=2, TAIL=2)
+build(row_stats.row_stats_kernel, "bf16", BLOCK=4096)
 print("compiled")
 """
 
