@@ -44,6 +44,7 @@ setup(
         "bench": ["matplotlib>=3.7"],
         "engine": ["llama-cpp-python[server]==0.3.36"],
         "judge": ["rouge-score>=0.1.2"],  # logitfuse judge: ROUGE-L against the reference responses
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # mkdocs build --strict
     },
     entry_points={"console_scripts": ["logitfuse=logitfuse.cli:main"]},
 )
