@@ -1,9 +1,10 @@
-"""``logitfuse bench {kernels,sampling,decode,train,remote,speculate,plot}``: register with :func:`add_bench_subcommand`.
+"""`logitfuse bench {kernels,sampling,decode,train,remote,speculate,plot}`: run the benchmarks (JSON + PNG under --out).
 
 Each benchmark module (``logitfuse.bench.NAME``, source ``benchmarks/NAME.py``) provides
 ``add_args(parser)``, ``execute(args, argv)`` and ``plot(result, out_dir, stem)``; this module adds
-one sub-subcommand per name in :data:`~logitfuse.bench.BENCHMARKS` and checks every argument
-(:func:`check_args`, ``UsageError``) before a benchmark builds or loads anything.
+one sub-subcommand per name in ``logitfuse.bench.BENCHMARKS`` (and ``plot``, which redraws PNGs
+from JSON files) and checks every argument (:func:`check_args`, ``UsageError``) before a benchmark
+builds or loads anything.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import sys
 
 from logitfuse.bench import BENCHMARKS
 from logitfuse.errors import UsageError, check_device, check_out_dir, check_range
+
+__all__ = ["HELP", "add_arguments", "check_args", "main", "replot", "run", "validate"]
+
+HELP = "run the benchmarks (JSON + PNG under --out)"
 
 _HELP = {
     "kernels": "fused mix: Triton kernel vs eager vs torch.compile, bandwidth vs copy",
@@ -142,32 +147,47 @@ def _check_remote(args: argparse.Namespace) -> None:
         raise UsageError(f"--llm {args.llm}: {err}") from None
 
 
-def _runner(name: str):
-    def run(args: argparse.Namespace) -> int:
-        check_args(name, args)
-        # for the JSON's command line: what followed the benchmark's name (`logitfuse bench NAME ...`
-        # or `python -m logitfuse.cli.bench NAME ...`)
-        argv = sys.argv[1:]
-        argv = argv[argv.index(name) + 1:] if name in argv else []
-        return _module(name).execute(args, argv)
-
-    return run
-
-
-def add_bench_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` with one sub-subcommand per benchmark; each sets ``func`` (args -> exit status)."""
-    bench = subparsers.add_parser("bench", help="run the benchmarks (JSON + PNG under --out)",
-                                  description="Benchmarks of logitfuse; each writes one JSON and one PNG.")
-    inner = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-subcommand per benchmark, and ``plot``."""
+    inner = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     inner.required = True
     for name in BENCHMARKS:
-        parser = inner.add_parser(name, help=_HELP[name], description=_HELP[name])
-        _module(name).add_args(parser)
-        parser.set_defaults(func=_runner(name))
-    parser = inner.add_parser("plot", help="redraw PNGs from benchmark JSON files (e.g. ones written with --no-plot)")
-    parser.add_argument("files", nargs="+", help="JSON files written by `logitfuse bench ...`")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: next to each JSON)")
-    parser.set_defaults(func=_run_replot)
+        sub = inner.add_parser(name, help=_HELP[name], description=_HELP[name])
+        _module(name).add_args(sub)
+    sub = inner.add_parser("plot", help="redraw PNGs from benchmark JSON files (e.g. ones written with --no-plot)")
+    sub.add_argument("files", nargs="+", help="JSON files written by `logitfuse bench ...`")
+    sub.add_argument("--out", default=None, help="folder for the PNGs (default: next to each JSON)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """A benchmark's arguments (or ``plot``'s files), checked before anything is built or loaded."""
+    if args.benchmark != "plot":
+        check_args(args.benchmark, args)
+        return
+    from pathlib import Path
+
+    for file in args.files:
+        if not Path(file).is_file():
+            raise UsageError(f"{file!r} is not a file; pass JSON files written by `logitfuse bench NAME`")
+    if args.out is not None:
+        check_out_dir("--out", args.out)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.benchmark
+    if name == "plot":
+        try:
+            pngs = replot(args.files, args.out)
+        except (ValueError, KeyError, TypeError, ModuleNotFoundError) as err:
+            raise UsageError(f"not a benchmark JSON written by `logitfuse bench NAME` ({type(err).__name__}: {err})") from None
+        for png in pngs:
+            print(f"wrote {png}")
+        return 0
+    # for the JSON's command line: what followed the benchmark's name (`logitfuse bench NAME ...`
+    # or `python -m logitfuse.cli.bench NAME ...`)
+    argv = sys.argv[1:]
+    argv = argv[argv.index(name) + 1:] if name in argv else []
+    return _module(name).execute(args, argv)
 
 
 def replot(paths: list[str], out_dir: str | None = None) -> list[str]:
@@ -182,23 +202,6 @@ def replot(paths: list[str], out_dir: str | None = None) -> list[str]:
         if png is not None:
             written.append(str(png))
     return written
-
-
-def _run_replot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    for file in args.files:
-        if not Path(file).is_file():
-            raise UsageError(f"{file!r} is not a file; pass JSON files written by `logitfuse bench NAME`")
-    if args.out is not None:
-        check_out_dir("--out", args.out)
-    try:
-        pngs = replot(args.files, args.out)
-    except (ValueError, KeyError, TypeError, ModuleNotFoundError) as err:
-        raise UsageError(f"not a benchmark JSON written by `logitfuse bench NAME` ({type(err).__name__}: {err})") from None
-    for png in pngs:
-        print(f"wrote {png}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
     logitfuse judge --generations runs/judged/generations.jsonl --out runs/judged \\
         --judge-url http://127.0.0.1:8080 --judge-model qwen2.5-coder-1.5b     # score existing texts only
 
-Systems: the SLM with the private context, the LLM without it, the LLM with it (it leaks the context:
+Systems: the SLM with the private context (logitfuse.generate at α = 1), the LLM without it, the LLM with it (it leaks the context:
 a reference only), the sketch variant, fused with a fixed α, fused with the trained head (plus any
 --extra-alpha / --extra-schedule). Same decoding for all (greedy with a repetition penalty of 1.1 by default) and the same max length.
 
@@ -30,7 +30,10 @@ from logitfuse.zoo import check_model
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.prompts import SPLITS, Example, bundled_split, load_examples
 
-__all__ = ["BASE_SYSTEMS", "Models", "add_judge_subcommand", "generate_records", "judged_pairs", "system_notes"]
+__all__ = ["BASE_SYSTEMS", "HELP", "Models", "add_arguments", "generate_records", "judged_pairs", "run", "system_notes",
+           "validate"]
+
+HELP = "generate per system and score with an LLM judge (quality, personalization, pairwise, ROUGE-L)"
 
 #: the systems a generation run can produce, and what each is
 BASE_SYSTEMS = {
@@ -75,30 +78,33 @@ def _context_text(example: Example, max_history: int) -> str:
 
 
 def _one(system: str, example: Example, models: Models, max_new_tokens: int, max_history: int,
-         sampling: dict[str, Any], alpha: float | None, schedule: str) -> tuple[str, int]:
-    from logitfuse.cli.generation import fuse_on_engine, generate_alone
-    from logitfuse.prompts import render_prompt
+         sampling: dict[str, Any], alpha: float | None, schedule: str, seed: int) -> tuple[str, int]:
+    from logitfuse.cli.common import fusion_config, llm_alone, response, run_engine, sampling_config, slm_alone
     from logitfuse.decoding.sketch import sketch_generate
+    from logitfuse.prompts import render_prompt
 
     private_ids = render_prompt(models.slm_tok, example.private_messages(max_history))
     public_ids = render_prompt(models.llm_tok, example.public_messages())
-    if system == "slm":
-        out = generate_alone(models.slm, models.slm_tok, private_ids, max_new_tokens, **sampling)
-    elif system == "llm":
-        out = generate_alone(models.llm_model, models.llm_tok, public_ids, max_new_tokens, **sampling)
-    elif system == "llm+context":  # the local LLM reads the private prompt: an upper bound that leaks
-        leaking_ids = render_prompt(models.llm_tok, example.private_messages(max_history))
-        out = generate_alone(models.llm_model, models.llm_tok, leaking_ids, max_new_tokens, **sampling)
-    elif system == "sketch":
+    if system in ("llm", "llm+context"):  # the LLM alone, plain model.generate
+        # llm+context: the local LLM reads the private prompt: an upper bound that leaks
+        prompt = public_ids if system == "llm" else render_prompt(models.llm_tok, example.private_messages(max_history))
+        ids, text, _ = llm_alone(models.llm_model, models.llm_tok, prompt, max_new_tokens, **sampling)
+        return text.strip(), len(ids)
+    if system == "sketch":
         sketch = sketch_generate(models.llm, models.slm, example.public_instruction, _context_text(example, max_history),
                                  slm_tokenizer=models.slm_tok, max_new_tokens=max_new_tokens, **sampling)
         return sketch.text.strip(), len(sketch.output_ids)
-    else:  # fused, with the head (alpha None) or a fixed α; greedy: logitfuse.generate (overlap), same tokens
-        loop = "processor" if sampling["do_sample"] else "generate"
-        out = fuse_on_engine(models.slm, models.slm_tok, private_ids, models.llm, public_ids, max_new_tokens, sampling,
-                             loop=loop, head=models.head if alpha is None else None, alpha=alpha,
-                             vocab_map=models.vocab_map, schedule=schedule)
-    return out.text.strip(), len(out.token_ids)
+    config = sampling_config(models.slm, models.slm_tok, max_new_tokens, temperature=sampling.get("temperature", 0.0),
+                             top_p=sampling.get("top_p", 1.0), repetition_penalty=sampling["repetition_penalty"],
+                             seed=seed)
+    if system == "slm":  # the SLM alone: logitfuse.generate at α = 1 (the LLM is never asked)
+        out, _ = slm_alone(models.slm, models.slm_tok, private_ids, config)
+    else:  # fused, with the head (alpha None) or a fixed α
+        fusion = fusion_config(head=models.head if alpha is None else None, alpha=alpha, vocab_map=models.vocab_map,
+                               schedule=schedule)
+        out, _ = run_engine(models.slm, models.slm_tok, private_ids, models.llm, public_ids, fusion, config)
+    ids, _, text = response(models.slm, models.slm_tok, out)
+    return text.strip(), len(ids)
 
 
 def generate_records(examples: list[Example], models: Models, systems: dict[str, tuple[float | None, str]], *,
@@ -108,8 +114,10 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
     """One record ``{"tid", "system", "text", "tokens"}`` per example and system.
 
     ``systems``: name -> ``(alpha, schedule)``; ``alpha`` is the fused systems' fixed α (``None``:
-    the head; ignored by the others). Greedy at ``temperature`` 0, else sampled from ``seed`` (reset
-    per example and system, so a system's text does not depend on which systems ran before it).
+    the head; ignored by the others). The SLM alone and the fused systems come from
+    :func:`logitfuse.generate`, the LLM alone from plain ``model.generate``. Greedy at
+    ``temperature`` 0, else sampled from ``seed`` + the example's index (reset per example and
+    system, so a system's text does not depend on which systems ran before it).
     ``on_example(records)`` is called after each example (to save progress). Records in ``done``
     (an interrupted run's) are kept and their (tid, system) not generated again.
     """
@@ -125,9 +133,10 @@ def generate_records(examples: list[Example], models: Models, systems: dict[str,
         for name, (alpha, schedule) in systems.items():
             if (example.tid, name) in have:
                 continue
-            torch.manual_seed(seed + index)
+            torch.manual_seed(seed + index)  # the LLM alone and the sketch sample from torch's generator
             system = name.split("@", 1)[0]  # a --tag names the run, not the system
-            text, tokens = _one(system, example, models, max_new_tokens, max_history, sampling, alpha, schedule)
+            text, tokens = _one(system, example, models, max_new_tokens, max_history, sampling, alpha, schedule,
+                                seed + index)
             records.append({"tid": example.tid, "system": name, "text": text, "tokens": tokens})
         if on_example is not None:
             on_example(records)
@@ -251,9 +260,14 @@ def _systems(args: argparse.Namespace) -> dict[str, tuple[float | None, str]]:
     return systems
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Everything checked before a model loads or a request is sent (``UsageError``); ``args.plan`` is
+    ``(examples, records, systems)`` (``records`` read from --generations, else ``None`` and the
+    ``systems`` to generate)."""
+    args.plan = _check(args)
+
+
 def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]] | None, dict[str, Any]]:
-    """Everything checked before a model loads or a request is sent: ``(examples, records, systems)``
-    (``records`` read from --generations, else ``None`` and the ``systems`` to generate)."""
     _check_judge(args)
     check_out_dir("--out", args.out)
     check_range("--max-examples", args.max_examples, low=1)
@@ -299,8 +313,7 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
 def _load_models(args: argparse.Namespace, systems: dict[str, Any]) -> Models:
     from logitfuse import zoo
     from logitfuse.backends import HFLLM
-    from logitfuse.cli.demo import bundled_head_dir
-    from logitfuse.cli.generation import vocab_map_for
+    from logitfuse.cli.common import bundled_head_dir, vocab_map_for
     from logitfuse.heads import load_head
 
     slm, slm_tok, slm_name = zoo.load(args.slm, dtype=args.dtype, device=args.device, adapter=args.adapter)
@@ -347,11 +360,11 @@ def _plot(results: dict[str, Any], path: Path) -> str:
     return ""
 
 
-def run_judge(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from logitfuse.evaluation.judge import (RUBRICS, Judge, JudgeClient, JudgeError, JudgmentCache, compare_ratings, judge_records,
                                  render_markdown)
 
-    examples, records, systems = _check(args)
+    examples, records, systems = args.plan
     out = Path(args.out).expanduser()
     if records is None:
         done = _read_generations(str(out / "generations.jsonl")) if args.resume else []
@@ -384,7 +397,7 @@ def run_judge(args: argparse.Namespace) -> int:
                              for rubric in RUBRICS}
     results["judge"] = {"url": args.judge_url, "model": args.judge_model} if judge else None
     results["notes"] = system_notes(names)
-    results["arguments"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    results["arguments"] = {k: v for k, v in vars(args).items() if k not in ("command", "plan")}
     asked = "a justification, then the verdict" if args.explain else "the verdict line only"
     header = "# Judged evaluation\n\n" + (f"Judge: {args.judge_model} at temperature 0, asked for {asked}; "
                                          "mean ± standard error."
@@ -398,11 +411,7 @@ def run_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_judge_subcommand(subparsers: Any) -> None:
-    """Register `logitfuse judge`."""
-    parser = subparsers.add_parser("judge", help="generate per system and score with an LLM judge (quality, "
-                                   "personalization, pairwise, ROUGE-L)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for generations.jsonl, results.{md,json,png}, judgments.jsonl")
     parser.add_argument("--generations", action="append", default=[],
                         help="judge this generations.jsonl instead of generating (repeatable: the runs are merged)")
@@ -447,4 +456,3 @@ def add_judge_subcommand(subparsers: Any) -> None:
     parser.add_argument("--no-pairwise", action="store_true", help="skip the pairwise preferences")
     parser.add_argument("--sanity", action="store_true", help="also rate the dataset's response (reference) and "
                         "another user's (off-task): a check of the judge itself")
-    parser.set_defaults(func=run_judge)

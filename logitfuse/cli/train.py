@@ -1,12 +1,13 @@
-"""`logitfuse train` and `logitfuse eval`: fit fusion heads on CoGenesis data and report held-out NLL.
+"""`logitfuse train`: fit fusion heads on CoGenesis data (one per LLM input), beside their scoring caches.
 
     logitfuse train --slm SLM --llm LLM --out runs/pair            # scores dev, fits one head per LLM input
     logitfuse train ... --split train_wo_profile --split dev --slm-features hidden,token,position
-    logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
 
 SLM and LLM are zoo names (``logitfuse models list``) or transformers model folders; the LLM can also
 be a server that returns prompt log-probabilities (``--llm http://HOST:PORT/v1 --llm-model NAME
 [--llm-tokenizer NAME]``, train_fuser/served.py): it then scores the LLM side, top-k only.
+`logitfuse eval` (logitfuse.cli.evaluate) shares this module's arguments, checks and scoring
+(:func:`add_common_arguments`, :func:`check_common`, :func:`load_pair`, :func:`score_split`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,17 +24,20 @@ from logitfuse import zoo
 from logitfuse.fileio import atomic_write_text
 from logitfuse.errors import UsageError, check_device, check_out_dir, check_range
 from logitfuse.zoo import check_model
-from logitfuse.heads import FusionHead, PaperFusionHead, load_head
+from logitfuse.heads import FusionHead, PaperFusionHead
 from logitfuse.train_fuser.data import SPLITS, bundled_split, load_examples
 from logitfuse.heads.slm_side import check_feature_groups
-from logitfuse.train_fuser.evaluate import (best_fixed_alpha, evaluate_cached, evaluate_streaming, first_examples, head_alpha,
-                                            plot_alpha_trace, write_call_report, write_report)
+from logitfuse.train_fuser.evaluate import best_fixed_alpha
 from logitfuse.train_fuser.scoring import (
     Pair, Variant, cache_example, default_variants, read_shards, score_example, shard_metadata, write_shard,
 )
 from logitfuse.train_fuser.served import check_served, is_url
 from logitfuse.train_fuser.train import TrainConfig, fit_cached, fit_gate, fit_streaming, slm_side_inputs
 
+__all__ = ["HEADS_DIR", "HELP", "add_arguments", "add_common_arguments", "check_common", "load_pair", "run",
+           "score_split", "split_path", "validate", "variants_for"]
+
+HELP = "fit fusion heads on the CoGenesis dev split"
 HEADS_DIR = "heads"
 TRAIN_SPLITS = ("train_wo_profile", "dev")  # the test split stays held out
 
@@ -51,7 +54,7 @@ def split_path(data: str | None, split: str) -> Path:
     return bundled_split(split) if data is None else Path(data) / SPLITS[split]
 
 
-def _check_common(args: argparse.Namespace, split: str) -> None:
+def check_common(args: argparse.Namespace, split: str) -> None:
     """The arguments `train` and `eval` share, checked before any model loads (``UsageError``)."""
     check_model("--slm", args.slm)
     if not is_url(args.llm):
@@ -84,8 +87,9 @@ def variants_for(args: argparse.Namespace) -> list[Variant]:
     return [v for v in variants if v.top_k is not None] if is_url(args.llm) else variants
 
 
-def _check_train(args: argparse.Namespace) -> None:
-    _check_common(args, "dev")
+def validate(args: argparse.Namespace) -> None:
+    """Every check before a model loads (``UsageError``); a served --llm is probed here (``args.served``)."""
+    check_common(args, "dev")
     check_out_dir("--out", args.out)
     check_range("--feature-k", args.feature_k, low=1)
     check_range("--lr", args.lr, low=0, low_open=True)
@@ -107,25 +111,6 @@ def _check_train(args: argparse.Namespace) -> None:
         if args.data is not None and not split_path(args.data, split).is_file():
             raise UsageError(f"--data {args.data!r} has no {SPLITS[split]} (--split {split}); pass the folder that holds "
                              "it, or leave --data out for the bundled copy")
-
-
-def _heads_root(value: str) -> Path:
-    """--head: a `logitfuse train` output folder or its heads/ folder."""
-    root = Path(value).expanduser()
-    return root / HEADS_DIR if (root / HEADS_DIR).is_dir() else root
-
-
-def _check_eval(args: argparse.Namespace) -> Path:
-    """Check `eval`'s arguments; returns the folder that holds the trained heads."""
-    _check_common(args, "test")
-    heads_root = _heads_root(args.head)
-    names = [v.name for v in default_variants(args.llm_top_k)]
-    if not any((heads_root / name / "config.json").is_file() for name in names):
-        what = "does not exist" if not heads_root.exists() else "holds no trained heads"
-        raise UsageError(f"--head {args.head!r} {what} (expected folders named {names} with a config.json); pass "
-                         "the --out folder of `logitfuse train` (with the same --llm-top-k)")
-    check_out_dir("--out", args.out or str(heads_root.parent))
-    return heads_root
 
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
@@ -195,8 +180,7 @@ def score_training_splits(pair: Pair, splits: list[tuple[str, list]], out: Path,
     return merged, {"setting": metadata["setting"], "tids": tids, "positions": positions}
 
 
-def run_train(args: argparse.Namespace) -> int:
-    _check_train(args)
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pair = load_pair(args)
     splits = training_examples(args)
@@ -239,50 +223,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    heads_root = _check_eval(args)
-    out = Path(args.out or heads_root.parent)
-    pair = load_pair(args)
-    variants = variants_for(args)
-    heads = {}
-    for variant in variants:
-        if (heads_root / variant.name).is_dir():
-            heads[variant.name] = FusionHead.from_pretrained(heads_root / variant.name, vocab_map=pair.vocab_map, tail=variant.tail)
-    examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
-    cache, metadata = score_split(pair, examples, Path(args.cache or out) / "cache-test", variants, feature_k=next(iter(heads.values())).top_k,
-                                  llm_with_context=not args.no_llm_context and args.served is None,
-                                  max_history=args.max_history,
-                                  slm_hidden=any(head.needs_slm_hidden for head in heads.values()))
-    trained = heads_root.parent / "train.json"  # the fixed α each variant's training data chose, if recorded
-    chosen = {name: head["best_fixed_alpha"] for name, head in json.loads(trained.read_text())["heads"].items()
-              if "best_fixed_alpha" in head} if trained.is_file() else {}
-    rows = evaluate_cached(cache, variants, heads, {name: a for name, a in chosen.items() if name in heads})
-    if (heads_root / "paper-dense").is_dir() and args.served is None:
-        # the paper's head runs both models again, on fewer examples: the other rows on those same
-        # positions come first, so that it compares like with like
-        paper = load_head(heads_root / "paper-dense", vocab_map=pair.vocab_map)
-        n = min(args.paper_examples, len(examples))
-        label = f"{variants[0].name}, first {n} examples"
-        rows += [dict(row, llm_input=label) for row in evaluate_cached(first_examples(cache, n), variants[:1], heads)]
-        paper_row = evaluate_streaming(paper, pair, examples[:n], variants[0], max_history=args.max_history)
-        rows.append(dict(paper_row, llm_input=label))
-    info = {"slm": pair.slm_name, "llm": pair.llm_name, "test examples": len(examples),
-            "aligned positions": len(cache["targets"]), "vocab map coverage": round(pair.vocab_map.coverage, 4)}
-    info["aligned share of SLM response tokens"] = round(len(cache["targets"]) / max(metadata["positions"], 1), 4)
-    report = write_report(out, rows, info)
-    first = cache["example"] == 0
-    dense = variants[0].name
-    if dense in heads:
-        alpha = head_alpha(cache, variants[0], heads[dense])[first]
-        tokens = pair.slm_tokenizer.convert_ids_to_tokens(cache["targets"][first].tolist())
-        plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
-    print(report.read_text())
-    calls = write_call_report(out, cache, [v for v in variants if v.name in heads], heads, info)
-    print(calls.read_text())
-    return 0
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments `train` and `eval` share."""
     parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
     parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder, or a server "
@@ -303,36 +245,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "score the same examples, e.g. ablations (default: the output folder)")
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Register `train` and `eval` on an argparse subparsers object."""
-    train = subparsers.add_parser("train", help="fit fusion heads on the CoGenesis dev split",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(train)
-    train.add_argument("--out", required=True, help="output folder (heads/, cache-dev/, train.json)")
-    train.add_argument("--feature-k", type=int, default=4, help="top-k log-probabilities per model among the head's features")
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--max-epochs", type=int, default=300)
-    train.add_argument("--patience", type=int, default=20)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--paper-head", action="store_true", help="also train the paper's 2V-input head (slow)")
-    train.add_argument("--paper-epochs", type=int, default=2)
-    train.add_argument("--split", action="append", default=None,
-                       help="a training split, repeatable (default: dev); --max-examples caps the total, in this order")
-    train.add_argument("--slm-features", default="", help="SLM-side feature groups of the heads and gates, comma-"
-                       "separated: hidden (last hidden state), token (last generated token), position (default: none)")
-    train.add_argument("--hidden-projection", type=int, default=32, help="width the SLM's hidden state is projected to")
-    train.add_argument("--gate-hidden", type=int, default=32,
-                       help="width of each head's call gate (schedule head_gate(tau)); 0: no gate")
-    train.set_defaults(func=run_train)
-
-    evaluate = subparsers.add_parser("eval", help="held-out NLL table of trained heads on the CoGenesis test split",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(evaluate)
-    evaluate.add_argument("--head", required=True, help="a `logitfuse train` output folder (or its heads/ folder)")
-    evaluate.add_argument("--out", default=None, help="where results go (default: beside the heads)")
-    evaluate.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
-    evaluate.set_defaults(func=run_eval)
-
-    from logitfuse.train_fuser.finetune import add_subcommand as add_finetune
-
-    add_finetune(subparsers)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder (heads/, cache-dev/, train.json)")
+    parser.add_argument("--feature-k", type=int, default=4, help="top-k log-probabilities per model among the head's features")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-epochs", type=int, default=300)
+    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paper-head", action="store_true", help="also train the paper's 2V-input head (slow)")
+    parser.add_argument("--paper-epochs", type=int, default=2)
+    parser.add_argument("--split", action="append", default=None,
+                        help="a training split, repeatable (default: dev); --max-examples caps the total, in this order")
+    parser.add_argument("--slm-features", default="", help="SLM-side feature groups of the heads and gates, comma-"
+                        "separated: hidden (last hidden state), token (last generated token), position (default: none)")
+    parser.add_argument("--hidden-projection", type=int, default=32, help="width the SLM's hidden state is projected to")
+    parser.add_argument("--gate-hidden", type=int, default=32,
+                        help="width of each head's call gate (schedule head_gate(tau)); 0: no gate")

@@ -182,37 +182,27 @@ def served_pair(tmp_path_factory, slm, llm_model, tok):
     server.server_close()
 
 
-def _parse(argv):
-    import argparse
-
-    from logitfuse.cli.train import add_subcommands
-
-    parser = argparse.ArgumentParser()
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
 
 
 def test_train_and_eval_with_a_served_llm_match_the_in_process_cache(served_pair, tmp_path):
     """`train --llm URL` scores the LLM side through the server: top-k heads only, the cache keyed by
     server and model, its top-5 terms those of the in-process LLM (same weights), no canary sent."""
+    from logitfuse.cli import main
     from logitfuse.train_fuser.scoring import read_shards
 
     root, server, url = served_pair
     common = ["--slm", str(root / "slm"), "--data", str(root / "data"), "--llm-top-k", "5"]
     remote = common + ["--llm", url + "/v1", "--llm-model", "tiny", "--llm-tokenizer", str(root / "llm")]
     server.received.clear()
-    args = _parse(["train", *remote, "--out", str(tmp_path / "remote"), "--max-epochs", "3"])
-    assert args.func(args) == 0
+    assert main(["train", *remote, "--out", str(tmp_path / "remote"), "--max-epochs", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "remote" / "heads").iterdir()) == ["top5-slm", "top5-uniform", "top5-zero"]
-    args = _parse(["train", *common, "--llm", str(root / "llm"), "--out", str(tmp_path / "local"), "--max-epochs", "3"])
-    assert args.func(args) == 0
+    assert main(["train", *common, "--llm", str(root / "llm"), "--out", str(tmp_path / "local"), "--max-epochs", "3"]) == 0
     served_cache, meta = read_shards(tmp_path / "remote" / "cache-dev")
     local_cache, _ = read_shards(tmp_path / "local" / "cache-dev")
     assert meta["setting"]["llm"] == f"tiny@{url}/v1/completions" and "dense.terms" not in served_cache
     for name in ("top5-slm.terms", "top5-uniform.features"):
         torch.testing.assert_close(served_cache[name], local_cache[name], atol=1e-4, rtol=1e-4)
-    args = _parse(["eval", *remote, "--head", str(tmp_path / "remote")])
-    assert args.func(args) == 0
+    assert main(["eval", *remote, "--head", str(tmp_path / "remote")]) == 0
     assert "LLM with context" not in (tmp_path / "remote" / "results.md").read_text()  # never sends the private prompt
     assert server.received and not any(CANARY.encode() in raw for raw in server.received)
 

@@ -4,7 +4,6 @@ ever asserted (timings on a shared CPU mean nothing)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -19,8 +18,8 @@ import logitfuse.bench  # noqa: E402
 import logitfuse  # noqa: E402
 from logitfuse import zoo  # noqa: E402
 from logitfuse.bench import BENCHMARKS, common  # noqa: E402
-from logitfuse.cli.bench import add_bench_subcommand, replot  # noqa: E402
-from logitfuse.cli import main  # noqa: E402
+from logitfuse.cli.bench import replot  # noqa: E402
+from logitfuse.cli import build_parser, main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,11 +69,10 @@ def test_importing_the_benchmarks_needs_no_optional_package():
 
 def test_cli_registers_every_benchmark():
     assert "remote" in BENCHMARKS
-    parser = argparse.ArgumentParser(prog="logitfuse")
-    add_bench_subcommand(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     for name in BENCHMARKS:
         args = parser.parse_args(["bench", name, "--quick", "--out", "x", "--device", "cpu"])
-        assert callable(args.func) and args.quick and args.out == "x"
+        assert args.benchmark == name and args.quick and args.out == "x"
 
 
 # ------------------------------------------------------------------------------------ the timing helper

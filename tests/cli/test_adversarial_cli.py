@@ -17,34 +17,10 @@ import sys
 import pytest
 import torch
 
-from logitfuse import zoo
 from logitfuse.cli import main
-from logitfuse.zoo import installer, loader
 
 
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    home = tmp_path / "zoo-home"
-    monkeypatch.setenv("LOGITFUSE_HOME", str(home))
-    return home
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load, install or network lookup fails the test: the mistake must be caught first."""
-    import transformers
-    import urllib.request
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError(f"something was loaded before the arguments were checked: {args!r}")
-
-    monkeypatch.setattr(zoo, "load", tripwire)  # the commands call zoo.load
-    monkeypatch.setattr(installer, "pip_install", tripwire)  # where the install looks them up
-    monkeypatch.setattr(installer, "convert_gguf", tripwire)
-    monkeypatch.setattr(loader, "merge_adapter", tripwire)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tripwire)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tripwire)
-    monkeypatch.setattr(urllib.request, "urlopen", tripwire)
+pytestmark = pytest.mark.usefixtures("empty_home")  # conftest.py: no installed model is ever touched
 
 
 @pytest.fixture
@@ -59,15 +35,6 @@ def folders(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "context.txt").write_text("private")
     return tmp_path
-
-
-def assert_usage_error(code: int, err: str, command: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith(f"logitfuse {command}: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def _f(folders, name):
@@ -107,7 +74,7 @@ GENERATE_MISTAKES = [
 
 
 @pytest.mark.parametrize("case", GENERATE_MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_generate_mistakes(case, folders, no_loading, capsys):
+def test_generate_mistakes(case, folders, no_loading, capsys, assert_usage_error):
     argv, *fragments = case
     argv = [a.format(**{n: _f(folders, n) for n in ("empty", "missing", "head", "other-head", "llm")}) for a in argv]
     base = {"--slm": _f(folders, "slm"), "--llm": _f(folders, "llm"), "--instruction": "Write a toast: for Ann"}
@@ -130,7 +97,7 @@ DEMO_MISTAKES = [
 
 
 @pytest.mark.parametrize("case", DEMO_MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_demo_mistakes(case, folders, no_loading, capsys):
+def test_demo_mistakes(case, folders, no_loading, capsys, assert_usage_error):
     argv, *fragments = case
     argv = [a.format(missing=_f(folders, "missing")) for a in argv]
     base = ["--slm", _f(folders, "slm"), "--llm", _f(folders, "llm")] if "--slm" not in argv else ["--llm", _f(folders, "llm")]
@@ -140,7 +107,7 @@ def test_demo_mistakes(case, folders, no_loading, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 @pytest.mark.parametrize("command", ["demo", "generate", "train", "bench"])
-def test_cuda_without_a_gpu_is_refused(command, folders, no_loading, capsys):
+def test_cuda_without_a_gpu_is_refused(command, folders, no_loading, capsys, assert_usage_error):
     models = ["--slm", _f(folders, "slm"), "--llm", _f(folders, "llm")]
     argv = {"demo": ["demo", *models], "generate": ["generate", *models, "--instruction", "a: b"],
             "train": ["train", *models, "--out", _f(folders, "run")], "bench": ["bench", "sampling"]}[command]
@@ -163,7 +130,7 @@ TRAIN_EVAL_MISTAKES = [
 
 
 @pytest.mark.parametrize("case", TRAIN_EVAL_MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_train_and_eval_mistakes(case, folders, no_loading, capsys):
+def test_train_and_eval_mistakes(case, folders, no_loading, capsys, assert_usage_error):
     argv, command, *fragments = case
     names = {n: _f(folders, n) for n in ("run", "a-file", "empty", "missing")}
     argv = [a.format(**names) for a in argv]
@@ -184,7 +151,7 @@ MODELS_MISTAKES = [
 
 
 @pytest.mark.parametrize("case", MODELS_MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_models_mistakes(case, folders, no_loading, capsys, empty_home):
+def test_models_mistakes(case, folders, no_loading, capsys, empty_home, assert_usage_error):
     argv, *fragments = case
     code = main([a.format(**{"a-file": _f(folders, "a-file")}) for a in argv])
     assert_usage_error(code, capsys.readouterr().err, "models", *fragments)
@@ -211,7 +178,7 @@ BENCH_MISTAKES = [
 
 
 @pytest.mark.parametrize("case", BENCH_MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_bench_mistakes(case, folders, no_loading, capsys):
+def test_bench_mistakes(case, folders, no_loading, capsys, assert_usage_error):
     argv, *fragments = case
     (folders / "not-json.json").write_text('{"benchmark": "nope"}')
     names = {"a-file": _f(folders, "a-file"), "missing": _f(folders, "missing"), "not-json": _f(folders, "not-json.json")}
@@ -229,7 +196,7 @@ SUBPROCESS_CASES = [
 ]
 
 
-def test_the_command_line_reports_mistakes_in_one_line(folders, empty_home):
+def test_the_command_line_reports_mistakes_in_one_line(folders, empty_home, assert_usage_error):
     """The real `logitfuse` process: one line, exit status 2, no traceback (run side by side)."""
     env = dict(os.environ, LOGITFUSE_HOME=str(empty_home), NO_COLOR="1")
     runs = []

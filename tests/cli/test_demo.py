@@ -7,7 +7,7 @@ from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tin
 
 from logitfuse import FusionHead
 from logitfuse.cli import main
-from logitfuse.cli.demo import colour_by_alpha, vocab_map_for
+from logitfuse.cli.common import colour_by_alpha, vocab_map_for
 from logitfuse.serve.server import serve_in_thread
 
 
@@ -176,7 +176,7 @@ def test_colour_by_alpha_marks_each_token():
     assert coloured.count("\033[38;5;") == len(ids) and coloured.endswith("\033[0m")
 
 
-# ------------------------------------------------------------------------------------ the fused run's loop
+# ------------------------------------------------------------------------------------ one engine
 @pytest.fixture(scope="module")
 def same_tokenizer_llm(model_dirs):
     """A second byte-level model (another seed): the SLM's tokenizer on both sides."""
@@ -187,9 +187,9 @@ def same_tokenizer_llm(model_dirs):
     return folder
 
 
-def _fused_run(model_dirs, llm, capsys, *extra, penalty="1", alpha="0.5") -> tuple[str, str]:
-    """``(fused text, summary line)`` of a demo run (no repetition penalty unless ``penalty``; None: the default;
-    ``alpha=None``: no --alpha)."""
+def _fused_run(model_dirs, llm, capsys, *extra, penalty="1", alpha="0.5") -> tuple[str, str, str]:
+    """``(SLM-alone text, fused text, summary line)`` of a demo run (no repetition penalty unless
+    ``penalty``; None: the default; ``alpha=None``: no --alpha)."""
     import re
 
     penalty_args = ["--repetition-penalty", penalty] if penalty is not None else []
@@ -198,63 +198,111 @@ def _fused_run(model_dirs, llm, capsys, *extra, penalty="1", alpha="0.5") -> tup
                  "--max-history", "0", *penalty_args, "--color", "never", *extra])
     assert code == 0
     out = capsys.readouterr().out
+    alone = re.search(r"== SLM alone, with the private context [^\n]*==\n(.*?)\n\n== LLM alone", out, re.DOTALL).group(1)
     text, summary = re.search(r"== Fused, [^\n]*==\n(.*)\n\n(\d+ steps[^\n]*)", out, re.DOTALL).groups()
-    return text, summary
+    return alone.strip(), text.strip(), summary
 
 
-def test_demo_speculates_with_one_tokenizer_and_matches_the_processor(model_dirs, same_tokenizer_llm, capsys):
+def _before(model_dirs, llm_dir, *, private, public, penalty=1.0, alpha=0.5, head=None, n=8, **sampling):
+    """``(SLM-alone text, fused text, mean α)`` as the CLI computed them before everything went through
+    logitfuse.generate: ``slm.generate`` alone, and ``slm.generate`` + CoGenesisLogitsProcessor."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitfuse import HFLLM, CoGenesisLogitsProcessor
+    from logitfuse.prompts import render_prompt
+
+    slm = AutoModelForCausalLM.from_pretrained(model_dirs / "slm", dtype=torch.float32).eval()
+    slm_tok = AutoTokenizer.from_pretrained(model_dirs / "slm")
+    llm_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    llm_tok = AutoTokenizer.from_pretrained(llm_dir)
+    llm = HFLLM(llm_model, llm_tok)
+    vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
+    ids = torch.tensor([render_prompt(slm_tok, private)])
+    pad = slm_tok.pad_token_id if slm_tok.pad_token_id is not None else slm_tok.eos_token_id
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, pad_token_id=pad,
+                  repetition_penalty=penalty, do_sample=bool(sampling), **sampling)
+
+    def text(out):
+        new = out[0, ids.shape[1]:].tolist()
+        while new and new[-1] in set(slm_tok.all_special_ids):
+            new = new[:-1]
+        return new, slm_tok.decode(new, skip_special_tokens=True)
+
+    with torch.no_grad():
+        alone = text(slm.generate(**common))[1]
+        weight = dict(head=head) if head is not None else dict(alpha=alpha)
+        proc = CoGenesisLogitsProcessor(llm, render_prompt(llm_tok, public), slm_tokenizer=slm_tok, slm=slm,
+                                        vocab_map=vmap, **weight)
+        fused_ids, fused = text(slm.generate(**common, logits_processor=[proc]))
+    alphas = [float(a[0]) for a in proc.alpha_history][: len(fused_ids)]
+    proc.close()
+    return alone, fused, sum(alphas) / max(len(alphas), 1)
+
+
+def _demo_before(model_dirs, llm_dir, **kwargs):
+    from logitfuse.prompts import bundled_split, load_examples
+
+    example = load_examples(bundled_split("test"))[0]
+    alone, fused, mean_alpha = _before(model_dirs, llm_dir, private=example.private_messages(0),
+                                       public=example.public_messages(), **kwargs)
+    return alone.strip(), fused.strip(), mean_alpha  # the demo shows each section stripped
+
+
+def test_demo_speculates_with_one_tokenizer_with_the_tokens_of_before(model_dirs, same_tokenizer_llm, capsys):
     # speculation is opt-in (the LLM also sees rejected drafts): --speculate 4
-    fast_text, fast = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "4")
-    slow_text, slow = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--fused-engine", "processor")
-    assert fast_text == slow_text
+    alone, fast_text, fast = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "4")
+    before_alone, before_fused, _ = _demo_before(model_dirs, same_tokenizer_llm)
+    assert (alone, fast_text) == (before_alone, before_fused)
     assert "fused by logitfuse.generate (speculate 4)" in fast and "draft tokens sent" in fast
-    assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token, 0 saved" in slow
-    assert "fused by slm.generate + CoGenesisLogitsProcessor" in slow
     steps, calls = (int(n) for n in fast.split(" LLM calls")[0].split(" steps, "))
     assert calls < steps and f"{calls / steps:.2f} LLM calls per generated token" in fast
-    per_step_text, per_step = _fused_run(model_dirs, same_tokenizer_llm, capsys)  # the default: per step
-    assert per_step_text == slow_text and "fused by logitfuse.generate (per step, overlap)" in per_step
+    _, per_step_text, per_step = _fused_run(model_dirs, same_tokenizer_llm, capsys)  # the default: per step
+    assert per_step_text == before_fused and "fused by logitfuse.generate (per step, overlap)" in per_step
+    assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token, 0 saved" in per_step
 
 
-def test_demo_across_tokenizers_takes_the_loop_per_step(model_dirs, capsys):
-    fast_text, fast = _fused_run(model_dirs, model_dirs / "llm", capsys)
-    slow_text, _ = _fused_run(model_dirs, model_dirs / "llm", capsys, "--fused-engine", "processor")
-    assert fast_text == slow_text and "fused by logitfuse.generate (per step, overlap)" in fast
-    assert "1.00 LLM calls per generated token" in fast and "draft tokens" not in fast
+def test_demo_across_tokenizers_fuses_per_step_with_the_tokens_of_before(model_dirs, capsys):
+    alone, text, summary = _fused_run(model_dirs, model_dirs / "llm", capsys)
+    assert (alone, text) == _demo_before(model_dirs, model_dirs / "llm")[:2]
+    assert "fused by logitfuse.generate (per step, overlap)" in summary
+    assert "1.00 LLM calls per generated token" in summary and "draft tokens" not in summary
 
 
-def test_demo_default_penalty_takes_the_loop_and_matches_the_processor(model_dirs, same_tokenizer_llm, capsys):
-    """The demo's default (--repetition-penalty 1.1, greedy) runs logitfuse.generate per step with overlap,
-    with the processor's text, and still prints LLM calls per token."""
-    processor_text = {}
-    for llm in (same_tokenizer_llm, model_dirs / "llm"):  # one tokenizer, and two
-        fast_text, fast = _fused_run(model_dirs, llm, capsys, penalty=None)
-        processor_text[llm], slow = _fused_run(model_dirs, llm, capsys, "--fused-engine", "processor", penalty=None)
-        assert fast_text == processor_text[llm]
-        assert "fused by logitfuse.generate (per step, overlap)" in fast and "draft tokens" not in fast
-        assert "fused by slm.generate + CoGenesisLogitsProcessor" in slow
-        assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token" in fast
-    spec_text, spec = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "2", penalty=None)
-    assert spec_text == processor_text[same_tokenizer_llm] and "fused by logitfuse.generate (speculate 2)" in spec
-    # a penalty strong enough to change these 8 tokens: still the processor's text
-    strong, _ = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--fused-engine", "processor", penalty="3")
-    assert strong != _fused_run(model_dirs, same_tokenizer_llm, capsys)[0]
-    assert _fused_run(model_dirs, same_tokenizer_llm, capsys, penalty="3")[0] == strong
+def test_demo_default_penalty_gives_the_text_of_before(model_dirs, same_tokenizer_llm, capsys):
+    """The demo's default (--repetition-penalty 1.1, greedy): the SLM alone and the fused text are
+    those slm.generate (+ the processor) gave, one tokenizer and two, and with --speculate."""
+    before = {}
+    for llm in (same_tokenizer_llm, model_dirs / "llm"):
+        alone, text, summary = _fused_run(model_dirs, llm, capsys, penalty=None)
+        before[llm] = _demo_before(model_dirs, llm, penalty=1.1)
+        assert (alone, text) == before[llm][:2]
+        assert "fused by logitfuse.generate (per step, overlap)" in summary and "draft tokens" not in summary
+        assert "8 steps, 8 LLM calls, 1.00 LLM calls per generated token" in summary
+    _, spec_text, spec = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--speculate", "2", penalty=None)
+    assert spec_text == before[same_tokenizer_llm][1] and "fused by logitfuse.generate (speculate 2)" in spec
+    # a penalty strong enough to change these 8 tokens: still the text of before
+    strong = _fused_run(model_dirs, same_tokenizer_llm, capsys, penalty="3")[:2]
+    assert strong[1] != _fused_run(model_dirs, same_tokenizer_llm, capsys)[1]
+    assert strong == _demo_before(model_dirs, same_tokenizer_llm, penalty=3.0)[:2]
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--fused-engine", "processor", "--speculate", "2"], "--speculate 2 needs logitfuse.generate"),
-    (["--speculate", "-1"], "--speculate -1 must be >= 0"),
-])
-def test_demo_fused_engine_mistakes_are_one_line(model_dirs, capsys, argv, fragment):
-    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), *argv])
+def test_demo_engine_mistakes_are_one_line(model_dirs, capsys):
+    code = main(["demo", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--speculate", "-1"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("logitfuse demo: error: ") and fragment in err and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("logitfuse demo: error: ") and "--speculate -1 must be >= 0" in err
+    assert len(err.splitlines()) == 1
+    # one engine: the processor path (--fused-engine) is gone
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--fused-engine", "processor"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "unrecognized arguments: --fused-engine processor" in err
+    assert len(err.splitlines()) == 1
 
 
-def test_demo_runs_a_hidden_state_head_on_both_loops(model_dirs, same_tokenizer_llm, tmp_path, capsys):
-    """A head reading the SLM's hidden state: the processor is given the SLM (its hook), the loop
-    captures it too; both give the same text, and α varies with the hidden state."""
+def test_demo_runs_a_hidden_state_head(model_dirs, same_tokenizer_llm, tmp_path, capsys):
+    """A head reading the SLM's hidden state: logitfuse.generate captures it; the text and mean α
+    are those of the processor (given the SLM for its hook), and α varies with the hidden state."""
     import re
 
     import torch
@@ -269,30 +317,47 @@ def test_demo_runs_a_hidden_state_head_on_both_loops(model_dirs, same_tokenizer_
         for p in head.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     head.save_pretrained(tmp_path / "hidden")
-    loop_text, loop = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--head", str(tmp_path / "hidden"),
-                                 alpha=None)
-    processor_text, processor = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--head", str(tmp_path / "hidden"),
-                                           "--fused-engine", "processor", alpha=None)
-    assert loop_text == processor_text and "mean α 0.50" not in loop
-    assert "logitfuse.generate (per step, overlap)" in loop and "CoGenesisLogitsProcessor" in processor
-    assert re.search(r"mean α [\d.]+", loop).group() == re.search(r"mean α [\d.]+", processor).group()
+    _, text, summary = _fused_run(model_dirs, same_tokenizer_llm, capsys, "--head", str(tmp_path / "hidden"),
+                                  alpha=None)
+    _, before, mean_alpha = _demo_before(model_dirs, same_tokenizer_llm, head=FusionHead.from_pretrained(
+        tmp_path / "hidden", vocab_map=vmap))
+    assert text == before and "mean α 0.50" not in summary
+    assert "logitfuse.generate (per step, overlap)" in summary
+    assert re.search(r"mean α ([\d.]+)", summary).group(1) == f"{mean_alpha:.2f}"
 
 
-def test_generate_takes_the_loop_with_the_processors_text(model_dirs, same_tokenizer_llm, capsys):
-    """`logitfuse generate` greedy: logitfuse.generate per step with overlap (as the demo), the text of
-    slm.generate + CoGenesisLogitsProcessor (--fused-engine processor), one tokenizer and two; sampling
-    keeps the processor."""
+def test_generate_gives_the_text_of_before(model_dirs, same_tokenizer_llm, capsys):
+    """`logitfuse generate` greedy: logitfuse.generate per step with overlap, the text that slm.generate
+    + CoGenesisLogitsProcessor gave, one tokenizer and two."""
+    from logitfuse.prompts import private_messages, public_messages
+
+    instruction = "Write a toast: for Ann"
     for llm in (same_tokenizer_llm, model_dirs / "llm"):
-        runs = {}
-        for engine in ("auto", "processor"):
-            code = _generate(model_dirs, "--llm", str(llm), "--alpha", "0.95", "--max-new-tokens", "12",
-                             "--instruction", "Write a toast: for Ann", "--fused-engine", engine)
-            assert code == 0
-            runs[engine] = capsys.readouterr()
-        assert runs["auto"].out == runs["processor"].out and len(runs["auto"].out.strip()) > 4
-        assert "; fused by logitfuse.generate (per step, overlap);" in runs["auto"].err
-        assert "; fused by slm.generate + CoGenesisLogitsProcessor;" in runs["processor"].err
-        assert "12 steps, 12 LLM calls" in runs["auto"].err
-    assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--alpha", "0.5", "--temperature", "0.7",
+        code = _generate(model_dirs, "--llm", str(llm), "--alpha", "0.95", "--max-new-tokens", "12",
+                         "--instruction", instruction)
+        assert code == 0
+        run = capsys.readouterr()
+        _, before, _ = _before(model_dirs, llm, private=private_messages(instruction, ""),
+                               public=public_messages("Write a toast"), alpha=0.95, n=12)
+        assert run.out == before + "\n" and len(run.out.strip()) > 4
+        assert "; fused by logitfuse.generate (per step, overlap);" in run.err and "12 steps, 12 LLM calls" in run.err
+
+
+def test_generate_samples_through_logitfuse_generate_from_the_seed(model_dirs, capsys):
+    runs = []
+    for seed in ("0", "0", "1"):
+        assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--alpha", "0.5", "--temperature", "1.5",
+                         "--max-new-tokens", "12", "--seed", seed, "--instruction", "Write a toast: for Ann") == 0
+        runs.append(capsys.readouterr())
+    assert "; fused by logitfuse.generate (per step, overlap);" in runs[0].err
+    assert runs[0].out == runs[1].out != runs[2].out
+
+
+def test_generate_with_alpha_1_gives_the_slm_alone_of_before(model_dirs, capsys):
+    from logitfuse.prompts import private_messages, public_messages
+
+    assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--alpha", "1", "--max-new-tokens", "12",
                      "--instruction", "Write a toast: for Ann") == 0
-    assert "; fused by slm.generate + CoGenesisLogitsProcessor;" in capsys.readouterr().err
+    alone, _, _ = _before(model_dirs, model_dirs / "llm", private=private_messages("Write a toast: for Ann", ""),
+                          public=public_messages("Write a toast"), n=12)
+    assert capsys.readouterr().out == alone + "\n"

@@ -14,7 +14,7 @@ import pytest
 
 from logitfuse.backends import HFLLM
 from logitfuse.cli import main
-from logitfuse.cli.generation import vocab_map_for
+from logitfuse.cli.common import vocab_map_for
 from logitfuse.evaluation.judge import (Judge, JudgeClient, JudgeError, JudgmentCache, both_orders, judge_records, mean_se,
                              parse_preference, parse_rating)
 from logitfuse.cli.judge import Models, generate_records

@@ -12,15 +12,8 @@ import sys
 
 import pytest
 import torch
-from test_adversarial_cli import assert_usage_error, no_loading  # noqa: F401  (a fixture)
-
 from logitfuse import zoo
 from logitfuse.cli import main
-
-
-@pytest.fixture
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOGITFUSE_HOME", str(tmp_path / "zoo-home"))
 
 
 def _argv(command: str, *extra: str) -> list[str]:
@@ -40,10 +33,10 @@ MISTAKES = [
 
 @pytest.mark.parametrize("command", ["demo", "generate"])
 @pytest.mark.parametrize("case", MISTAKES, ids=lambda case: " ".join(case[0]))
-def test_llama_cpp_engine_mistakes(case, command, tmp_path, empty_home, no_loading, monkeypatch,  # noqa: F811
-                                   capsys):
+def test_llama_cpp_engine_mistakes(case, command, tmp_path, empty_home, no_loading, monkeypatch,
+                                   capsys, assert_usage_error):
     # as if llama-cpp-python were installed: these checks must not depend on this machine
-    monkeypatch.setattr("logitfuse.cli.demo.llama_cpp_python_missing", lambda: None)
+    monkeypatch.setattr("logitfuse.cli.common.llama_cpp_python_missing", lambda: None)
     (tmp_path / "slm").mkdir()
     (tmp_path / "slm" / "config.json").write_text("{}")
     extra, *fragments = case
@@ -52,14 +45,15 @@ def test_llama_cpp_engine_mistakes(case, command, tmp_path, empty_home, no_loadi
 
 
 @pytest.mark.parametrize("command", ["demo", "generate"])
-def test_llama_cpp_engine_without_llama_cpp_python(command, empty_home, no_loading, monkeypatch, capsys):  # noqa: F811
+def test_llama_cpp_engine_without_llama_cpp_python(command, empty_home, no_loading, monkeypatch, capsys,
+                                                   assert_usage_error):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # how Python marks a module as not importable
     code = main(_argv(command))
     assert_usage_error(code, capsys.readouterr().err, command, "--slm-engine llama.cpp needs llama-cpp-python",
                        "pip install", "--slm-engine transformers")
 
 
-def test_unknown_engine_is_refused(empty_home, no_loading, capsys):  # noqa: F811
+def test_unknown_engine_is_refused(empty_home, no_loading, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--slm-engine", "onnx", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
               "--instruction", "Write: x"])

@@ -139,13 +139,17 @@ def test_prompts_read_the_bundled_data_without_importing_train_fuser():
 def test_demo_and_its_argument_checks_never_import_train_fuser():
     imported = _run_isolated("""
         import argparse
-        from logitfuse.cli import demo
+        from logitfuse.cli import demo, generate
 
-        parser = argparse.ArgumentParser()
-        demo.add_subcommands(parser.add_subparsers(dest="command"))
-        plan = demo._check_demo(parser.parse_args(["demo"]))  # the default pair: example and shipped head found
-        assert plan.example is not None and plan.head_dir is not None, plan
-        demo._check_generate(parser.parse_args(["generate", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
-                                                "--instruction", "Write a toast: for my sister"]))
+        def parse(module, argv):
+            parser = argparse.ArgumentParser()
+            module.add_arguments(parser)
+            return parser.parse_args(argv)
+
+        args = parse(demo, [])
+        demo.validate(args)  # the default pair: example and shipped head found
+        assert args.plan.example is not None and args.plan.head_dir is not None, args.plan
+        generate.validate(parse(generate, ["--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b",
+                                           "--instruction", "Write a toast: for my sister"]))
     """)
     assert imported == []

@@ -1,6 +1,5 @@
 """train_fuser: data loading, the privacy split, exact cached losses, training, evaluation, the CLI."""
 
-import argparse
 import json
 import math
 
@@ -10,7 +9,8 @@ from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tin
 
 import logitfuse
 from logitfuse import FusionHead, VocabMap
-from logitfuse.cli.train import add_subcommands, score_split
+from logitfuse.cli import build_parser, main
+from logitfuse.cli.train import score_split
 from logitfuse.train_fuser.data import bundled_split, load_examples, public_instruction
 from logitfuse.train_fuser.evaluate import evaluate_cached
 from logitfuse.train_fuser.scoring import (
@@ -222,9 +222,7 @@ def tiny_pair_dirs(tmp_path_factory):
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def rows_by(rows, llm_input, method):
@@ -235,9 +233,8 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     root = tiny_pair_dirs
     common = ["--slm", str(root / "slm"), "--llm", str(root / "llm"), "--data", str(root / "data"),
               "--dtype", "float32", "--llm-top-k", "5"]
-    args = parse(["train", *common, "--out", str(tmp_path / "run"), "--max-epochs", "5",
-                  "--paper-head", "--paper-examples", "3", "--paper-epochs", "1"])
-    assert args.func(args) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "run"), "--max-epochs", "5",
+                 "--paper-head", "--paper-examples", "3", "--paper-epochs", "1"]) == 0
     heads = sorted(p.name for p in (tmp_path / "run" / "heads").iterdir())
     assert heads == ["dense", "paper-dense", "top5-slm", "top5-uniform", "top5-zero"]
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
@@ -245,8 +242,7 @@ def test_train_and_eval_end_to_end(tiny_pair_dirs, tmp_path, capsys):
     head = FusionHead.from_pretrained(tmp_path / "run" / "heads" / "dense")
     assert head.slm_name == "slm" and head.llm_name == "llm" and head.llm_top_k is None
 
-    args = parse(["eval", *common, "--head", str(tmp_path / "run"), "--paper-examples", "2"])
-    assert args.func(args) == 0
+    assert main(["eval", *common, "--head", str(tmp_path / "run"), "--paper-examples", "2"]) == 0
     table = (tmp_path / "run" / "results.md").read_text()
     assert "trained head" in table and "LLM with context" in table and "aligned share" in table
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]

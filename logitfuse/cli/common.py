@@ -1,0 +1,392 @@
+"""What `logitfuse demo`, `generate` and `judge` share (CLI-only code, kept in one place).
+
+- the weight of a fused run: a head folder, a fixed α, or the head shipped for the pair
+  (:func:`choose_weight` before anything loads, :func:`load_weight` once the vocabulary map is known);
+- the flags and checks common to demo and generate (:func:`add_shared_arguments`, :func:`check_shared`);
+- loading the SLM on either engine (:func:`load_slm`: transformers, or llama.cpp from the zoo's GGUF
+  file) and the vocabulary map (:func:`vocab_map_for`);
+- one run through the one engine, :func:`logitfuse.generate` (:func:`run_engine`): fused, or the SLM
+  alone at α = 1 (:func:`slm_alone`: a stand-in backend, :class:`NoLLM`, that is never asked), with
+  :class:`logitfuse.FusionConfig` / :class:`logitfuse.SamplingConfig` built here; the result is a
+  :class:`logitfuse.FusedGeneration`. The LLM alone is plain ``model.generate`` (:func:`llm_alone`);
+- printing a run: the text coloured by α (:func:`colour_by_alpha`), the warning when the LLM answered
+  no step (:func:`llm_silence`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitfuse import FusedGeneration, generate, zoo
+from logitfuse.backends import LLMBackend
+from logitfuse.config import FusionConfig, SamplingConfig
+from logitfuse.decoding.llama_cpp import LlamaCppSLM, llama_cpp_python_missing
+from logitfuse.decoding.schedules import parse as parse_schedule
+from logitfuse.errors import UsageError, check_device, check_range
+from logitfuse.heads import load_head
+from logitfuse.prompts import render_prompt, shipped_path
+from logitfuse.vocab import VocabMap
+
+__all__ = ["DEFAULT_ALPHA", "NoLLM", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
+           "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
+           "load_slm", "load_weight", "response", "run_engine", "sampling_config", "slm_alone", "use_color",
+           "vocab_map_for"]
+
+DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
+
+
+# ------------------------------------------------------------------------------------ the weight
+def bundled_head_dir(slm_name: str, llm_name: str, variant: str = "dense") -> Path | None:
+    """The head shipped for a model pair, trained with `logitfuse train` (``None`` when there is none)."""
+    folder = shipped_path("heads", f"{slm_name}__{llm_name}", variant)
+    return folder if (folder / "config.json").is_file() else None
+
+
+@dataclass
+class Plan:
+    """What the checked arguments ask for, worked out before anything is loaded (``args.plan``)."""
+
+    slm_name: str
+    llm_name: str | None  # the name heads record for the LLM (None: unknown, a URL without a zoo tokenizer)
+    head_dir: Path | None = None  # the head to load, or None for a fixed α
+    alpha: float | None = None  # the fixed α (None with a head)
+    head_named: bool = False  # the user named the head: a head that does not fit is an error, not a fallback
+    note: str = ""  # why a fixed α was chosen where a head could have been
+    public: str = ""  # generate: what the cloud LLM may see
+    context: str = ""  # generate: the private context
+    example: Any = None  # demo: the test-split example
+
+
+def check_head(value: str, slm_name: str, llm_name: str | None) -> Path:
+    """A head folder given with --head: it exists, has a readable config, and names this pair if it names one."""
+    folder = Path(value).expanduser()
+    config = folder / "config.json"
+    if not config.is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise UsageError(f"--head {value!r} {what}; pass a head folder written by `logitfuse train` "
+                         "(e.g. RUN/heads/dense), or --head none for a fixed --alpha")
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        recorded = f"unreadable ({err})"
+    if not isinstance(recorded, dict):
+        raise UsageError(f"--head {value!r}: its config.json is not a JSON object: {recorded!s:.200}; "
+                         "re-save the head with save_pretrained")
+    for side, ours in (("slm", slm_name), ("llm", llm_name)):
+        theirs = recorded.get(f"{side}_name")
+        if theirs and ours and theirs != ours:
+            raise UsageError(f"--head {value!r} was trained for --{side} {theirs!r}, not {ours!r}; train a head for "
+                             "this pair (`logitfuse train`) or pass --alpha A for a fixed weight")
+    return folder
+
+
+def choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
+    """Fill ``plan``'s head/α: --head DIR, else --alpha (or --head none), else the head shipped for the pair."""
+    if args.head not in (None, "none"):
+        if args.alpha is not None:
+            raise UsageError(f"--alpha {args.alpha:g} and --head {args.head!r} both given: a head predicts α per token, "
+                             "a fixed --alpha replaces it; pass one of them")
+        plan.head_dir, plan.head_named = check_head(args.head, plan.slm_name, plan.llm_name), True
+        return
+    if args.head == "none" or args.alpha is not None:
+        plan.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        return
+    plan.head_dir = bundled_head_dir(plan.slm_name, plan.llm_name, variant) if plan.llm_name else None
+    if plan.head_dir is None:
+        plan.alpha = DEFAULT_ALPHA
+        plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}"
+
+
+def load_weight(plan: Plan, vmap: VocabMap) -> tuple[Any, float | None, str]:
+    """``(head, alpha, label)``: the planned head loaded for ``vmap`` (or the fixed α)."""
+    if plan.head_dir is None:
+        return None, plan.alpha, f"fixed α {plan.alpha:g}" + (f" ({plan.note})" if plan.note else "")
+    try:
+        head = load_head(plan.head_dir, vocab_map=vmap)
+    except ValueError as err:
+        if plan.head_named:
+            raise UsageError(f"--head {str(plan.head_dir)!r} does not fit these models: {err}") from None
+        print(f"(the shipped head does not fit these models, using a fixed α {DEFAULT_ALPHA:g}: {err})", file=sys.stderr)
+        return None, DEFAULT_ALPHA, f"fixed α {DEFAULT_ALPHA:g} (the shipped head does not fit)"
+    return head, None, f"trained head {plan.head_dir.parent.name}/{plan.head_dir.name}"
+
+
+# ------------------------------------------------------------------------------------ flags and checks
+_HEAD_HELP = ("head folder (predicts α per token); default: the head shipped for the pair, when there is one; "
+              "'none': a fixed --alpha")
+_ALPHA_HELP = f"fixed α instead of a head (1 = SLM alone, 0 = LLM alone; default {DEFAULT_ALPHA} where no head fits)"
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `demo` and `generate` (after each one's --slm and --llm)."""
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
+    parser.add_argument("--head", default=None, help=_HEAD_HELP)
+    parser.add_argument("--alpha", type=float, default=None, help=_ALPHA_HELP)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    parser.add_argument("--schedule", default="always", help='"always", "periodic(P, K, T)" or "entropy_gate(h)"')
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device for the local models (default cpu)")
+    parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="run the SLM in transformers, or in llama.cpp from the zoo's GGUF file")
+    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
+
+
+def is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def check_url(flag: str, value: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as err:
+        raise UsageError(f"{flag} {value!r} is not a valid URL ({err}); e.g. http://127.0.0.1:8000") from None
+    if not parts.hostname:
+        raise UsageError(f"{flag} {value!r} has no host; e.g. http://127.0.0.1:8000")
+
+
+def check_slm_engine(args: argparse.Namespace) -> None:
+    """--slm-engine llama.cpp runs a zoo model's GGUF file on the CPU, as it is."""
+    if args.slm_engine != "llama.cpp":
+        return
+    missing = llama_cpp_python_missing()
+    if missing:
+        raise UsageError(f"--slm-engine llama.cpp {missing} (or use --slm-engine transformers)")
+    gguf_models = [spec.name for spec in zoo.list_models()]
+    if args.slm not in gguf_models:
+        raise UsageError(f"--slm-engine llama.cpp runs a zoo model's GGUF file, and --slm {args.slm!r} is none of "
+                         f"{', '.join(gguf_models)}; pass one of them, or --slm-engine transformers")
+    if args.adapter is not None:
+        raise UsageError("--adapter is a LoRA adapter for the transformers SLM; llama.cpp runs the GGUF file as it "
+                         "is: drop --adapter, or use --slm-engine transformers")
+    if args.device != "cpu":
+        raise UsageError(f"--device {args.device}: --slm-engine llama.cpp runs on the CPU; pass --device cpu (the "
+                         "default), or use --slm-engine transformers")
+
+
+def check_shared(args: argparse.Namespace) -> None:
+    """The checks of :func:`add_shared_arguments`' flags (``UsageError``), before anything loads."""
+    check_range("--max-new-tokens", args.max_new_tokens, low=1)
+    check_slm_engine(args)
+    if args.adapter is not None:  # a LoRA adapter folder: its files are there
+        try:
+            zoo.adapter_sha256(args.adapter)
+        except zoo.ZooError as err:
+            raise UsageError(f"--adapter {args.adapter!r}: {err}") from None
+    check_range("--alpha", args.alpha, low=0, high=1, meaning="1 = the SLM alone, 0 = the LLM alone")
+    try:
+        parse_schedule(args.schedule)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--schedule {args.schedule!r}: {err}") from None
+    check_device("--device", args.device)
+
+
+def check_head_on_engine(head: Any, slm: Any) -> None:
+    """A head reading the SLM's hidden state cannot run on llama.cpp (``UsageError``)."""
+    if getattr(head, "needs_slm_hidden", False) and isinstance(slm, LlamaCppSLM):
+        raise UsageError("--head reads the SLM's hidden state, which llama.cpp does not expose: use --slm-engine "
+                         "transformers, or a head trained without it (logitfuse train --slm-features token,position)")
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transformers", max_new_tokens: int,
+             dtype: str = "float32", device: str = "cpu", adapter: str | None = None,
+             torch_llm: bool = True) -> tuple[Any, Any, list[int]]:
+    """``(slm, tokenizer, private prompt ids)`` for zoo model or folder ``name``.
+
+    ``engine="transformers"``: the transformers model (``dtype``, ``device``, LoRA ``adapter``).
+    ``engine="llama.cpp"``: a :class:`logitfuse.LlamaCppSLM` on the zoo's GGUF file, its context sized
+    for the prompt and ``max_new_tokens`` (of the transformers folder only the tokenizer is loaded).
+    With a torch LLM in the same process (``torch_llm``) llama.cpp takes half the cores and torch at
+    most the rest.
+    """
+    if engine == "transformers":
+        slm, tokenizer, _ = zoo.load(name, dtype=dtype, device=device, adapter=adapter)
+        return slm, tokenizer, render_prompt(tokenizer, messages)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(name, install=True))
+    ids = render_prompt(tokenizer, messages)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    threads = max(1, cores // 2)
+    if torch_llm:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - threads)))
+    slm = LlamaCppSLM(zoo.gguf_path(name), tokenizer=tokenizer, n_ctx=len(ids) + max_new_tokens + 8, n_threads=threads)
+    return slm, tokenizer, ids
+
+
+def slm_vocab_size(slm: Any) -> int:
+    """The size of the SLM's logits (a transformers model or a :class:`logitfuse.LlamaCppSLM`)."""
+    return slm.vocab_size if isinstance(slm, LlamaCppSLM) else int(slm.get_output_embeddings().weight.shape[0])
+
+
+def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokenizer: Any) -> VocabMap:
+    """Identity for one tokenizer on both sides, else the exact-text map between the two (``slm``: the
+    transformers model or a :class:`logitfuse.LlamaCppSLM`)."""
+    v_slm = slm_vocab_size(slm)
+    if slm_tokenizer.get_vocab() == llm_tokenizer.get_vocab():
+        return VocabMap.identity(v_slm, llm_vocab_size, n_shared=min(len(slm_tokenizer), v_slm, llm_vocab_size))
+    return VocabMap.from_tokenizers(slm_tokenizer, llm_tokenizer, v_slm=v_slm, v_llm=llm_vocab_size)
+
+
+# ------------------------------------------------------------------------------------ the engine
+class NoLLM(LLMBackend):
+    """The LLM side of a run of the SLM alone (α = 1): :func:`logitfuse.generate` never asks it, and
+    asking it would be a bug, so every request raises. Nothing is loaded, nothing is sent."""
+
+    output_kind = "dense"
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def _never(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the SLM alone (alpha=1) never asks the LLM")
+
+    start = advance = rollback = _never
+
+    def reset(self) -> None:
+        pass
+
+    @property
+    def batch_size(self) -> int:
+        return 0
+
+
+def fusion_config(*, head: Any = None, alpha: float | None = None, vocab_map: VocabMap | None = None,
+                  mode: str | None = None, tail: str | None = None, schedule: str = "always",
+                  speculate: int = 0) -> FusionConfig:
+    """The :class:`logitfuse.FusionConfig` of a CLI run (overlap on: the LLM's request runs beside the SLM's forward)."""
+    return FusionConfig(head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
+                        speculate=speculate, overlap=True)
+
+
+def sampling_config(slm: Any, tokenizer: Any, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, seed: int | None = None) -> SamplingConfig:
+    """The :class:`logitfuse.SamplingConfig` of a CLI run: the SLM's own end-of-generation ids (a
+    transformers SLM: those of its generation config, where ``slm.generate`` stops), draws from a
+    generator seeded with ``seed`` (default: a :class:`logitfuse.LlamaCppSLM`'s own seed, else 0)."""
+    if isinstance(slm, LlamaCppSLM):
+        eos, pad = sorted(slm.eos_token_ids), 0
+    else:
+        eos = getattr(getattr(slm, "generation_config", None), "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seed = (slm.seed if isinstance(slm, LlamaCppSLM) else 0) if seed is None else int(seed)
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          repetition_penalty=repetition_penalty, generator=torch.Generator().manual_seed(seed),
+                          eos_token_id=eos, pad_token_id=pad)
+
+
+def _options(config: Any) -> dict[str, Any]:
+    """A config's fields set away from their defaults, as keyword arguments (what ``generate`` takes as sugar)."""
+    options = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is not f.default and not (isinstance(value, (int, float, str)) and value == f.default):
+            options[f.name] = value
+    return options
+
+
+def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend, public_prompt: Any,
+               fusion: FusionConfig, sampling: SamplingConfig) -> tuple[FusedGeneration, float]:
+    """``(result, seconds)`` of one row through :func:`logitfuse.generate`, the one loop that chooses
+    fused tokens (the SLM alone too, at α = 1: the LLM is never asked)."""
+    started = time.perf_counter()
+    out = generate(slm, llm, [private_ids], public_prompt, slm_tokenizer=tokenizer, **_options(fusion),
+                   **_options(sampling))
+    return out, time.perf_counter() - started
+
+
+def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], sampling: SamplingConfig) -> tuple[FusedGeneration, float]:
+    """The SLM alone: :func:`run_engine` at α = 1 against :class:`NoLLM` (nothing loaded, nothing sent)."""
+    return run_engine(slm, tokenizer, private_ids, NoLLM(slm_vocab_size(slm)), "", FusionConfig(alpha=1.0), sampling)
+
+
+def response(slm: Any, tokenizer: Any, out: FusedGeneration) -> tuple[list[int], list[float], str]:
+    """``(ids, α per id, text)`` of row 0 without its end-of-generation id (a transformers SLM: any
+    trailing special ids, as ``slm.generate``'s output was read)."""
+    ids = list(out.sequences[0])
+    if isinstance(slm, LlamaCppSLM):
+        ids = ids[:-1] if out.stopped[0] == "eos" else ids
+        return ids, out.alpha[0][: len(ids)], slm.detokenize(ids)
+    ids = _strip_special(ids, tokenizer)
+    return ids, out.alpha[0][: len(ids)], tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _strip_special(ids: list[int], tokenizer: Any) -> list[int]:
+    special = set(tokenizer.all_special_ids)
+    while ids and ids[-1] in special:
+        ids = ids[:-1]
+    return ids
+
+
+def llm_alone(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int,
+              **sampling: Any) -> tuple[list[int], str, float]:
+    """``(ids, text, seconds)`` of plain ``model.generate`` (the LLM alone: nothing is fused)."""
+    inputs = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **sampling)
+    seconds = time.perf_counter() - started
+    ids = _strip_special(out[0, inputs.shape[1]:].tolist(), tokenizer)
+    return ids, tokenizer.decode(ids, skip_special_tokens=True), seconds
+
+
+# ------------------------------------------------------------------------------------ printing a run
+def llm_silence(stats: Any, where: str) -> str:
+    """Warn on stderr when the LLM answered none of the steps it was asked; the summary's note ('' otherwise)."""
+    asked = stats.llm_row_calls
+    if asked == 0 or stats.fallbacks < asked:
+        return ""
+    print(f"warning: the LLM answered none of {asked} steps ({where} unreachable?): this text is the SLM alone",
+          file=sys.stderr, flush=True)
+    return "; the LLM answered none: SLM alone"
+
+
+_SCALE = [27, 33, 39, 75, 111, 148, 184, 178, 172, 166, 160]  # 256-colour: blue (LLM) ... red-orange (SLM)
+
+
+def use_color(choice: str, stream: Any = None) -> bool:
+    """Whether to colour (``choice``: ``"auto"``, ``"always"``, ``"never"``): auto colours a terminal
+    (``stream``, default stdout) unless ``NO_COLOR`` is set or ``TERM`` is dumb."""
+    stream = sys.stdout if stream is None else stream
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
+
+
+def colour_by_alpha(tokenizer: Any, ids: list[int], alpha: list[float], color: bool) -> str:
+    """The text with each token coloured by who drove it (α = 1: SLM alone; 0: LLM alone)."""
+    if not color or not alpha:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    pieces, previous = [], ""
+    for n in range(1, len(ids) + 1):  # decode prefixes so multi-byte characters come out whole
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        piece, previous = text[len(previous):], text
+        a = alpha[n - 1] if n - 1 < len(alpha) else 1.0
+        pieces.append(f"\033[38;5;{_SCALE[round(a * (len(_SCALE) - 1))]}m{piece}")
+    return "".join(pieces) + "\033[0m"
+
+
+def legend(color: bool) -> str:
+    """The colour scale of :func:`colour_by_alpha` as one line (empty without colour)."""
+    if not color:
+        return ""
+    swatch = "".join(f"\033[38;5;{c}m█" for c in _SCALE)
+    return f"  colour = α per token: LLM-driven {swatch}\033[0m SLM-driven\n"

@@ -1,0 +1,182 @@
+"""`logitfuse generate`: fused generation for your own models and context.
+
+    logitfuse generate --slm smollm2-135m --llm qwen2.5-coder-0.5b \\
+        --context profile.txt --instruction "Write a toast for my sister's wedding: mention our trip to Rome"
+    logitfuse generate ... --llm http://127.0.0.1:8000 --llm-tokenizer qwen2.5-coder-0.5b   # a served LLM
+    logitfuse generate ... --alpha 1        # the SLM alone: the LLM is neither loaded nor contacted
+
+The text goes to stdout, what the LLM saw and the run's counters to stderr. Tokens are chosen by
+logitfuse.generate, greedy at --temperature 0, else sampled from --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from logitfuse import zoo
+from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
+from logitfuse.cli.common import (
+    Plan, add_shared_arguments, check_head_on_engine, check_shared, check_url, choose_weight, colour_by_alpha,
+    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_engine, sampling_config, slm_alone,
+    use_color, vocab_map_for,
+)
+from logitfuse.errors import UsageError, check_range
+from logitfuse.prompts import private_messages, public_instruction, public_messages, render_prompt
+from logitfuse.zoo import check_model
+
+__all__ = ["HELP", "add_arguments", "run", "served_model_name", "validate"]
+
+HELP = "fused generation for your own models and context"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slm", required=True, help="on-device model: zoo name or folder")
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name, folder, or URL of an OpenAI-compatible server")
+    parser.add_argument("--llm-tokenizer", default=None, help="with a URL: the served model's tokenizer (zoo name or folder)")
+    parser.add_argument("--served-model", default=None,
+                        help="with a URL: the model name the server expects (default: the first of /v1/models)")
+    parser.add_argument("--top-k", type=int, default=20, help="with a URL: logprobs to request (default 20)")
+    parser.add_argument("--on-failure", default="fallback", choices=["fallback", "raise"],
+                        help="when the LLM does not answer a step: use the SLM alone for it (default), or stop")
+    parser.add_argument("--context", default=None, help="file with the private context (stays on this machine)")
+    parser.add_argument("--instruction", required=True, help="the full instruction (the SLM sees it whole)")
+    parser.add_argument("--public", default=None,
+                        help="what the cloud LLM may see (default: the instruction before its first ': '; required "
+                             "when the instruction has none)")
+    parser.add_argument("--mode", default=None, choices=["linear", "geometric", "logit"],
+                        help="with --alpha: how to mix (default linear)")
+    parser.add_argument("--tail", default=None, choices=["slm", "uniform", "zero"],
+                        help="with --alpha: the LLM's missing tail (default slm)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1] (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_shared_arguments(parser)
+
+
+def _public_prompt(args: argparse.Namespace) -> str:
+    """What the cloud LLM may see: --public, else the instruction before its first ': '."""
+    if args.public is not None:
+        if not args.public.strip():
+            raise UsageError("--public is empty; pass the part of the task the cloud LLM may see")
+        return args.public.strip()
+    if ": " not in args.instruction:
+        raise UsageError("--instruction has no ': ', so nothing marks what is private: the part before ': ' goes to "
+                         "the cloud LLM, the rest stays on this machine; pass --public TEXT to say exactly what the "
+                         "cloud LLM may see")
+    return public_instruction(args.instruction)
+
+
+def _read_context(value: str | None) -> str:
+    if value is None:
+        return ""
+    file = Path(value).expanduser()
+    if not file.is_file():
+        raise UsageError(f"--context {value!r} is not a file; pass a text file with the private context")
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--context {value!r} could not be read as UTF-8 text ({err})") from None
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check before anything loads (``UsageError``); what they work out goes to ``args.plan``."""
+    check_shared(args)
+    check_range("--temperature", args.temperature, low=0, meaning="0 = greedy")
+    check_range("--top-p", args.top_p, low=0, high=1, low_open=True)
+    check_range("--top-k", args.top_k, low=1, meaning="log-probabilities asked of a served LLM")
+    check_range("--seed", args.seed, low=0)
+    if not args.instruction.strip():
+        raise UsageError("--instruction is empty; pass the task for the SLM")
+    if is_url(args.llm):
+        check_url("--llm", args.llm)
+        if not args.llm_tokenizer:
+            raise UsageError("--llm is a URL: pass --llm-tokenizer NAME|FOLDER (the served model's tokenizer)")
+        llm_name = check_model("--llm-tokenizer", args.llm_tokenizer)
+    else:
+        llm_name = check_model("--llm", args.llm)
+    plan = Plan(check_model("--slm", args.slm), llm_name, public=_public_prompt(args), context=_read_context(args.context))
+    choose_weight(args, plan, f"top{args.top_k}-slm" if is_url(args.llm) else "dense")
+    if (args.mode is not None or args.tail is not None) and args.alpha is None and args.head != "none":
+        raise UsageError("--mode and --tail shape a fixed α; a head brings its own: pass --alpha A (or --head none) "
+                         "with them")
+    args.plan = plan
+
+
+def served_model_name(base_url: str, timeout: float = 10.0) -> str:
+    """The first model an OpenAI-compatible server lists at ``/v1/models``."""
+    import urllib.request
+
+    root = base_url.rstrip("/")
+    url = (root if root.endswith("/v1") else root + "/v1") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return json.load(reply)["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise UsageError(f"could not read the served model's name from {url} ({err}); check --llm, or pass "
+                         "--served-model NAME") from None
+
+
+def _llm_backend(args: argparse.Namespace, served_model: str | None) -> tuple[Any, Any]:
+    """``(backend, llm tokenizer)`` for --llm: a URL (a served model) or a zoo name / folder."""
+    if is_url(args.llm):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(args.llm_tokenizer, install=True))
+        backend = OpenAICompatibleLLM(args.llm, served_model, top_k=args.top_k, tokenizer=tokenizer,
+                                      on_failure=args.on_failure)
+        return backend, tokenizer
+    model, tokenizer, _ = zoo.load(args.llm, dtype=args.dtype, device=args.device)
+    return HFLLM(model, tokenizer), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run, after :func:`validate`; a model that cannot be installed, or an LLM that fails with
+    --on-failure raise, is one line on stderr and exit status 1."""
+    try:
+        return _run(args, args.plan)
+    except (zoo.ZooError, LLMBackendError) as err:
+        print(f"logitfuse generate: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, plan: Plan) -> int:
+    slm_only, served = plan.head_dir is None and plan.alpha == 1.0, None
+    if slm_only:
+        print("logitfuse generate: --alpha 1 is the SLM alone: the cloud LLM is neither loaded nor contacted",
+              file=sys.stderr, flush=True)
+    else:
+        served = args.served_model or (served_model_name(args.llm) if is_url(args.llm) else None)
+        print(f"logitfuse generate: the cloud LLM ({args.llm}) will see: {plan.public!r}, then the text generated "
+              "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
+    slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
+                                         engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                         device=args.device, adapter=args.adapter,
+                                         torch_llm=not (slm_only or is_url(args.llm)))
+    sampling = sampling_config(slm, slm_tok, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed)
+    if slm_only:
+        alone, seconds = slm_alone(slm, slm_tok, private_ids, sampling)
+        ids, _, text = response(slm, slm_tok, alone)
+        print(text)
+        print(f"[{len(ids)} tokens, SLM alone (--alpha 1), no LLM calls, {seconds:.1f} s; the LLM saw nothing]",
+              file=sys.stderr)
+        return 0
+    llm, llm_tok = _llm_backend(args, served)
+    vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
+    head, alpha, weight = load_weight(plan, vmap)
+    check_head_on_engine(head, slm)
+    fusion = fusion_config(head=head, alpha=alpha, vocab_map=vmap, mode=None if head else (args.mode or "linear"),
+                           tail=None if head else (args.tail or "slm"), schedule=args.schedule)
+    fused, seconds = run_engine(slm, slm_tok, private_ids, llm, render_prompt(llm_tok, public_messages(plan.public)),
+                                fusion, sampling)
+    ids, alphas, _ = response(slm, slm_tok, fused)
+    print(colour_by_alpha(slm_tok, ids, alphas, use_color(args.color)))
+    silence = llm_silence(fused.stats, args.llm)
+    stats = fused.stats
+    print(f"[{stats.steps} steps, {stats.llm_calls} LLM calls, {stats.fallbacks} fallbacks, {seconds:.1f} s; {weight}; "
+          f"fused by logitfuse.generate (per step, overlap); the LLM saw: {plan.public!r}{silence}]", file=sys.stderr)
+    return 0
