@@ -270,6 +270,38 @@ def test_generation_keeps_the_context_away_from_the_evaluated_llm(tok, slm, llm_
         hook.remove()
 
 
+def test_the_slm_and_fused_systems_give_the_texts_of_before(tok, slm, llm_model):
+    """The SLM alone and the fused systems come from logitfuse.generate (α = 1 for the SLM alone):
+    greedy with the default penalty, the texts slm.generate alone and with the processor gave."""
+    import torch
+
+    from logitfuse import CoGenesisLogitsProcessor
+    from logitfuse.prompts import render_prompt
+
+    llm = HFLLM(llm_model, tok)
+    vmap = vocab_map_for(slm, tok, llm.vocab_size, tok)
+    models = Models(slm, tok, llm_model, tok, llm, vmap)
+    systems = {"slm": (None, "always"), "fused-alpha0.5": (0.5, "always")}
+    records = generate_records([example()], models, systems, max_new_tokens=8, repetition_penalty=1.1, progress=False)
+    private = render_prompt(tok, example().private_messages(2))
+    ids = torch.tensor([private])
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                  repetition_penalty=1.1, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    special = set(tok.all_special_ids)
+
+    def text(out):
+        new = out[0, len(private):].tolist()
+        while new and new[-1] in special:
+            new = new[:-1]
+        return tok.decode(new, skip_special_tokens=True).strip()
+
+    proc = CoGenesisLogitsProcessor(HFLLM(llm_model, tok), render_prompt(tok, example().public_messages()),
+                                    alpha=0.5, vocab_map=vmap, slm_tokenizer=tok)
+    with torch.no_grad():
+        before = [text(slm.generate(**common)), text(slm.generate(**common, logits_processor=[proc]))]
+    assert [r["text"] for r in records] == before
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--judge-url", "http://127.0.0.1:9"], "--judge-url needs --judge-model"),
     (["--judge-url", "ftp://127.0.0.1:9", "--judge-model", "j"], "needs http(s)://"),
