@@ -31,7 +31,7 @@ setup(
         # torch is deliberately unpinned here; install a wheel that fits your machine first
         # (CI and the README install torch==2.13.0, a CPU build, before this package).
         "torch>=2.4",
-        "transformers>=4.46",
+        "transformers>=4.46,<6",  # logitfuse.decoding.guard.REQUIREMENT (tests/decoding/test_guard.py)
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.60",
