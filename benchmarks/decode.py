@@ -175,7 +175,7 @@ def run_llm_alone(s: Setup, batch: int, new_tokens: int) -> dict[str, Any]:
     stamps = []
     with torch.inference_mode():
         llm.start(s.public_batch(batch))
-        nxt = llm._last.argmax(-1)
+        nxt = llm.next_logits.argmax(-1)
         for _ in range(new_tokens):
             stamps.append(common.now(s.device))
             out = llm.advance([[int(t)] for t in nxt.tolist()])

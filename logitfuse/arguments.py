@@ -12,17 +12,13 @@ import math
 
 import torch
 
+from logitfuse.config import check_choice
 from logitfuse.types import MODES, TAILS, TopK
 from logitfuse.vocab import VocabMap, identity_map
 
 Tensor = torch.Tensor
 #: the largest float32: the fusion computes in float32, so larger inputs (or quotients) overflow to inf
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
 def check_logits(name: str, logits: object, validate: bool) -> Tensor:
@@ -151,8 +147,8 @@ def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear",
     slm_logits = check_logits("slm_logits", slm_logits, validate)
     batch, v_slm = slm_logits.shape
     device = slm_logits.device
-    _check_choice("mode", mode, MODES)
-    _check_choice("tail", tail, TAILS)
+    check_choice("mode", mode, MODES)
+    check_choice("tail", tail, TAILS)
     if vocab_map is not None and not isinstance(vocab_map, VocabMap):
         raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
     if isinstance(llm, TopK):

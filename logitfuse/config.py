@@ -57,7 +57,7 @@ def check_int(name: str, value: Any, low: int = 0, *, fix: str = "") -> int:
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``; otherwise ``ValueError`` listing them."""
     if value not in choices:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
     return value
 
 
@@ -148,6 +148,11 @@ class FusionConfig(_Config):
         for name in ("slm_temperature", "llm_temperature"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), 0.0, low_open=True,
                                                         fix="1 leaves the logits as they are"))
+
+    @property
+    def slm_only(self) -> bool:
+        """A fixed α of 1: the SLM alone, the LLM never asked."""
+        return self.alpha == 1.0
 
 
 # ------------------------------------------------------------------------- sampling

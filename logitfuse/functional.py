@@ -188,10 +188,12 @@ def fuse_with_head(
     slm_hidden: Tensor | None = None,
     last_tokens: Any = None,
     positions: Any = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(alpha, fused)``: the fusion head's α for these logits, and :func:`fuse` with that α.
     ``slm_hidden``, ``last_tokens``, ``positions``: the SLM-side inputs of a head that reads them
-    (``head.reads_slm_side``; as for :meth:`logitfuse.FusionHead.forward`).
+    (``head.reads_slm_side``; as for :meth:`logitfuse.FusionHead.forward`). ``check_finite=False``: the
+    head does not check (by a device read) that α is finite; the caller does.
 
     Bit for bit the same as ``alpha = head(slm_logits, llm, vocab_map)`` then
     ``fuse(..., alpha=alpha)``, with the step aligned once:
@@ -217,16 +219,17 @@ def fuse_with_head(
     args = prepare_arguments(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
     head.check_vocab_sizes(args["slm_logits"].shape[1], args["v_llm"])
     side = dict(slm_hidden=slm_hidden, last_tokens=last_tokens, positions=positions) \
-        if getattr(head, "reads_slm_side", False) else {}
+        if head.reads_slm_side else {}
     ops = ops_for(args)
     if ops is not REFERENCE_OPS and not head.needs_aligned_view:
-        alpha = head(slm_logits, llm, vocab_map, **side)  # per-row features from a kernel, no (B, V) LLM tensor
+        alpha = head(slm_logits, llm, vocab_map, **side, check_finite=check_finite)  # per-row features from a kernel, no (B, V) LLM tensor
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
         args["alpha"] = per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
         return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
     aligned = _align(args)
     same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
-    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side)
+    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side,
+                                    check_finite=check_finite)
     return alpha, reference.mix(aligned, alpha, mode=mode)
 
 

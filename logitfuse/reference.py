@@ -261,8 +261,9 @@ def fuse_reference(
     return mix(aligned, alpha, mode=mode)
 
 
-def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Which tokens survive top-k then top-p, ``(B, V)`` bool.
+def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor, filters: tuple[bool, bool] | None = None) -> Tensor:
+    """Which tokens survive top-k then top-p, ``(B, V)`` bool. ``filters``: whether top-k and top-p are on
+    in any row, where the caller knows it on the host (else it is read from ``top_k`` and ``top_p``).
 
     - ``top_k[b] > 0`` keeps tokens whose probability is at least the k-th largest (ties kept);
     - then, over the renormalized survivors, ``top_p[b] < 1`` keeps the smallest set whose mass
@@ -273,10 +274,11 @@ def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     vocab = probs.shape[-1]
     keep = probs > 0
     k = top_k.clamp(min=0, max=vocab)
-    if bool((k > 0).any()):
+    any_top_k, any_top_p = filters if filters is not None else (bool((k > 0).any()), bool((top_p < 1).any()))
+    if any_top_k:
         kth = probs.sort(dim=-1, descending=True).values.gather(1, (k.clamp(min=1) - 1)[:, None])
         keep = keep & ((k[:, None] == 0) | (probs >= kth))
-    if bool((top_p < 1).any()):
+    if any_top_p:
         kept = torch.where(keep, probs, 0.0)
         kept = kept / kept.sum(dim=-1, keepdim=True)
         sorted_probs = kept.sort(dim=-1, descending=True).values
@@ -288,25 +290,29 @@ def sampling_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return keep
 
 
-def sampling_weights(logprobs: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def sampling_weights(logprobs: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                     filters: tuple[bool, bool] | None = None) -> Tensor:
     """The distribution :func:`sample_from_logprobs` draws from, ``(B, V)``, unnormalized: the
-    probabilities at ``temperature`` (1 in greedy rows) with the tokens top-k and top-p remove at 0."""
+    probabilities at ``temperature`` (1 in greedy rows) with the tokens top-k and top-p remove at 0
+    (``filters`` as in :func:`sampling_mask`)."""
     scaled = logprobs / torch.where(temperature == 0, 1.0, temperature)[:, None]
     probs = torch.softmax(scaled, dim=-1)
-    return torch.where(sampling_mask(probs, top_k, top_p), probs, 0.0)
+    return torch.where(sampling_mask(probs, top_k, top_p, filters), probs, 0.0)
 
 
 def sample_from_logprobs(
-    logprobs: Tensor, uniform: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor
+    logprobs: Tensor, uniform: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+    filters: tuple[bool, bool] | None = None,
 ) -> Tensor:
     """Draw one token per row from ``logprobs`` ``(B, V)`` with temperature, top-k and top-p.
 
     ``uniform`` ``(B,)`` holds one U[0, 1) draw per row; the token is found by inverse CDF in
     vocabulary order over the surviving tokens (no sort of the distribution is needed for the draw
-    itself). ``temperature[b] == 0`` means greedy (argmax) for that row.
+    itself). ``temperature[b] == 0`` means greedy (argmax) for that row. ``filters``: as in
+    :func:`sampling_mask` (no device read when given).
     """
     greedy = temperature == 0
-    weights = sampling_weights(logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
+    weights = sampling_weights(logprobs, temperature=temperature, top_k=top_k, top_p=top_p, filters=filters)
     cdf = weights.cumsum(dim=-1)
     target = uniform.float()[:, None] * cdf[:, -1:]
     # first index whose cdf exceeds the target; rounding at u -> 1 falls back to the last survivor

@@ -71,10 +71,13 @@ class LLMOutput:
         ok: ``(batch_size,)`` bool: rows whose information is valid. False where the row was not
             asked for (``need``) or its request failed under ``on_failure="fallback"``; those rows
             hold placeholder values that must not be used.
+        ok_rows: ``ok`` as host booleans, where the backend knows them without reading a tensor (so
+            the session does not read ``ok`` back from the device); ``None``: read ``ok``.
     """
 
     next: Tensor | TopK
     ok: Tensor
+    ok_rows: list[bool] | None = None
 
 
 def check_prompts(public_prompts: Any) -> list[str | list[int]]:

@@ -12,7 +12,7 @@ from logitfuse.backends.base import LLMBackend, LLMOutput
 
 Tensor = torch.Tensor
 
-__all__ = ["HFLLM", "drop_last_tokens"]
+__all__ = ["HFLLM", "KVCacheDriver"]
 
 
 class HFLLM(LLMBackend):
@@ -51,10 +51,6 @@ class HFLLM(LLMBackend):
         self.model, self.tokenizer, self.add_special_tokens = model, tokenizer, add_special_tokens
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
-        params = inspect.signature(model.forward).parameters
-        # transformers >= 5.2x calls the cache `cache`; earlier 5.x `past_key_values`
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self._pad_id = int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
         self.reset()
@@ -65,34 +61,23 @@ class HFLLM(LLMBackend):
 
     @property
     def batch_size(self) -> int:
-        return 0 if self._mask is None else int(self._mask.shape[0])
+        return 0 if self.kv is None or self.kv.mask is None else int(self.kv.mask.shape[0])
+
+    @property
+    def next_logits(self) -> Tensor | None:
+        """The next-token logits ``(B, V)`` of every row (``None`` before :meth:`start`)."""
+        return self._last
 
     def reset(self) -> None:
         """Drop the sequences and the KV cache (the audit log is kept)."""
-        self._cache = None
-        self._mask: Tensor | None = None  # (B, columns) 1 = real token, 0 = padding / rolled back
+        self.kv: KVCacheDriver | None = None  # the model's KV cache and attention mask
         self._lengths: list[int] = []  # real tokens per row
         self._last: Tensor | None = None  # (B, V) next-token logits
         self._stale: list[bool] = []
 
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older signatures
-            return DynamicCache()
-
-    @torch.inference_mode()
-    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor, *, every_position: bool = False) -> Tensor:
-        """Logits after the chunk's last column ``(B, V)``, or after every column ``(B, W, V)``."""
-        mask = chunk_mask if self._mask is None else torch.cat([self._mask, chunk_mask], dim=1)
-        kwargs = {self._cache_kw: self._cache, "use_cache": True}
-        if self._keep_kw and not every_position:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        self._mask = mask
-        return out.logits.float() if every_position else out.logits[:, -1, :].float()
+    def _forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor, live: list[int], *,
+                 every_position: bool = False) -> Tensor:
+        return self.kv.forward(ids, chunk_mask, positions, live=live, every_position=every_position)
 
     def start(self, public_prompts: list[str] | list[list[int]]) -> None:
         """Prefill the public prompts (one per row), left padded."""
@@ -107,8 +92,8 @@ class HFLLM(LLMBackend):
             mask[r, width - len(row):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self.device
-        self._cache = self._new_cache()
-        self._last = self._forward(ids.to(device), mask.to(device), positions.to(device))
+        self.kv = KVCacheDriver(self.model)
+        self._last = self._forward(ids.to(device), mask.to(device), positions.to(device), [len(r) for r in rows])
         self._lengths = [len(r) for r in rows]
         self._stale = [False] * len(rows)
 
@@ -141,12 +126,12 @@ class HFLLM(LLMBackend):
             raise RuntimeError("HFLLM: a rolled-back row needs at least one new token before its logits are read")
         if max(counts) > 0:
             self.audit_log.append({"op": "advance", "token_ids": [list(r) for r in rows]})
-            logits = self._forward(*self._chunk(rows))
+            logits = self._forward(*self._chunk(rows), counts)
             fed = torch.tensor([c > 0 for c in counts], device=logits.device)
             self._last = torch.where(fed[:, None], logits, self._last)
             self._appended(counts)
-        ok = torch.tensor([not s for s in self._stale], device=self._last.device)
-        return LLMOutput(self._last.clone(), ok)
+        ok_rows = [not s for s in self._stale]
+        return LLMOutput(self._last.clone(), torch.tensor(ok_rows, device=self._last.device), ok_rows)
 
     supports_score = True
 
@@ -164,22 +149,21 @@ class HFLLM(LLMBackend):
         if width == 0:
             return LLMOutput(self._last.clone()[:, None], torch.ones(len(rows), dtype=torch.bool))
         self.audit_log.append({"op": "score", "token_ids": [list(r) for r in rows]})
-        logits = torch.cat([self._last[:, None], self._forward(*self._chunk(rows), every_position=True)], dim=1)
+        logits = torch.cat([self._last[:, None], self._forward(*self._chunk(rows), counts, every_position=True)], dim=1)
         for r, c in enumerate(counts):
             logits[r, width - c] = self._last[r]  # the position before the row's first new token
         fed = torch.tensor([c > 0 for c in counts], device=logits.device)
         self._last = torch.where(fed[:, None], logits[:, -1], self._last)
         self._appended(counts)
-        return LLMOutput(logits, torch.ones(len(rows), dtype=torch.bool, device=logits.device))
+        return LLMOutput(logits, torch.ones(len(rows), dtype=torch.bool, device=logits.device), [True] * len(rows))
 
     def reorder(self, order: list[int]) -> None:
         """Row ``r`` becomes former row ``order[r]`` (cache, mask and logits follow the beams)."""
         if len(order) != self.batch_size or any(not 0 <= s < self.batch_size for s in order):
             raise ValueError(f"reorder needs {self.batch_size} row indices in [0, {self.batch_size})")
         self.audit_log.append({"op": "reorder", "rows": [int(s) for s in order]})
-        index = torch.tensor(order, device=self._mask.device)
-        self._cache.reorder_cache(index)
-        self._mask = self._mask.index_select(0, index)
+        index = torch.tensor(order, device=self.kv.mask.device)
+        self.kv.reorder(index, order)
         self._last = self._last.index_select(0, index.to(self._last.device))
         self._lengths = [self._lengths[s] for s in order]
         self._stale = [self._stale[s] for s in order]
@@ -198,25 +182,83 @@ class HFLLM(LLMBackend):
             if count:
                 self._lengths[r] -= count
                 self._stale[r] = True
-        self._mask = drop_last_tokens(self._cache, self._mask, n, who="HFLLM")
+        self.kv.drop(n, who="HFLLM")
 
 
-def drop_last_tokens(cache: Any, mask: Tensor, n: Sequence[int], *, who: str) -> Tensor:
-    """Mask out the last ``n[r]`` live positions of each row of a left-padded KV ``cache`` and its
-    attention ``mask`` ``(B, columns)``; columns dead in every row at the end are cropped from the
-    cache. Returns the new mask (``mask`` itself is not changed)."""
-    mask = mask.clone()
-    for r, count in enumerate(n):
-        if count:
-            live = mask[r].nonzero().flatten()
-            mask[r, live[-count:]] = 0
-    alive = mask.any(dim=0).flatten().nonzero()
-    keep = int(alive[-1]) + 1 if alive.numel() else 0
-    drop = mask.shape[1] - keep
-    if drop > 0:
-        before = cache.get_seq_length()
-        cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
-        if cache.get_seq_length() != before - drop:
-            raise RuntimeError(f"{who}: cropping the KV cache by {drop} left {cache.get_seq_length()} of {before} positions")
-        mask = mask[:, :keep]
-    return mask
+class KVCacheDriver:
+    """One transformers causal LM's KV cache over left-padded rows: the driver both :class:`HFLLM` and the
+    transformers SLM runner of :func:`logitfuse.generate` use. :meth:`forward` appends a chunk of columns
+    (with its attention mask and position ids) and returns the logits; :meth:`drop` masks out each row's
+    last positions (cropping columns dead in every row); :meth:`reorder` follows beams. Which columns of
+    each row are live is also kept on the host, so dropping reads nothing back from the device.
+
+    Attributes:
+        model: the model. cache: its ``DynamicCache``. mask: ``(B, columns)`` 1 = a live position, 0 =
+            padding or dropped (``None`` before the first forward).
+    """
+
+    def __init__(self, model: Any):
+        from transformers import DynamicCache
+
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x calls the cache `cache`; earlier 5.x `past_key_values`
+        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
+        self.keeps_logits = "logits_to_keep" in params
+        try:
+            self.cache = DynamicCache(config=model.config)
+        except TypeError:  # older signatures
+            self.cache = DynamicCache()
+        self.mask: Tensor | None = None
+        self._live: list[list[int]] = []  # per row, its live columns (host)
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor, chunk_mask: Tensor, positions: Tensor, *, live: Sequence[int] | None = None,
+                every_position: bool = False) -> Tensor:
+        """Append the chunk ``ids`` ``(B, W)`` whose ``live[r]`` last columns are row ``r``'s tokens (the rest
+        masked padding in front; ``None``: read from ``chunk_mask``, e.g. once for a prompt); float32
+        logits after its last column ``(B, V)``, or after every column ``(B, W, V)``."""
+        columns, width = (0 if self.mask is None else self.mask.shape[1]), ids.shape[1]
+        if live is None:
+            live = chunk_mask.sum(dim=1).tolist()
+        if not self._live:
+            self._live = [[] for _ in range(ids.shape[0])]
+        for cols, count in zip(self._live, live):
+            cols.extend(range(columns + width - count, columns + width))
+        mask = chunk_mask if self.mask is None else torch.cat([self.mask, chunk_mask], dim=1)
+        kwargs = {self.cache_keyword: self.cache, "use_cache": True}
+        if self.keeps_logits and not every_position:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        self.mask = mask
+        return out.logits.float() if every_position else out.logits[:, -1, :].float()
+
+    def drop(self, n: Sequence[int], *, who: str) -> None:
+        """Forget the last ``n[r]`` live positions of each row (masked out; columns dead in every row at the
+        end cropped from the cache). ``who`` names the caller in errors."""
+        if not any(n):
+            return
+        rows, cols = [], []
+        for r, count in enumerate(n):
+            if count:
+                rows += [r] * count
+                cols += self._live[r][-count:]
+                del self._live[r][-count:]
+        mask = self.mask.clone()
+        mask[torch.tensor(rows, device=mask.device), torch.tensor(cols, device=mask.device)] = 0
+        keep = max((live[-1] + 1 for live in self._live if live), default=0)
+        drop = mask.shape[1] - keep
+        if drop > 0:
+            before = self.cache.get_seq_length()
+            self.cache.crop(-drop)  # a negative argument removes tokens in every transformers 5.x
+            if self.cache.get_seq_length() != before - drop:
+                raise RuntimeError(f"{who}: cropping the KV cache by {drop} left {self.cache.get_seq_length()} of "
+                                   f"{before} positions")
+            mask = mask[:, :keep]
+        self.mask = mask
+
+    def reorder(self, index: Tensor, order: Sequence[int]) -> None:
+        """Row ``r`` becomes former row ``order[r]`` (``index``: the same on the mask's device)."""
+        self.cache.reorder_cache(index)
+        self.mask = self.mask.index_select(0, index)
+        self._live = [list(self._live[s]) for s in order]

@@ -1,14 +1,13 @@
-"""The SLM in llama.cpp: a GGUF file run through llama-cpp-python, fused by a :class:`FusionSession`.
+"""The SLM in llama.cpp: a GGUF file run through llama-cpp-python, fused by :func:`logitfuse.generate`.
 
 On a laptop or phone the on-device model runs in llama.cpp from a quantized GGUF file, not in
-transformers. :class:`LlamaCppSLM` is the second engine adapter of :class:`logitfuse.FusionSession`
-(the first is :class:`logitfuse.CoGenesisLogitsProcessor`): a small decode loop of its own, batch
-size 1, that keeps the private prompt in llama.cpp's KV cache and per step hands the session the one
-token it kept and the SLM's logits for the next position::
+transformers. :class:`LlamaCppSLM` holds the model; :func:`logitfuse.generate` drives it through its
+SLM runner (:class:`LlamaCppRunner`, batch size 1: prefill the private prompt into llama.cpp's KV cache,
+append one token, drop rejected drafts), the same loop as for a transformers SLM::
 
     slm = LlamaCppSLM(zoo.gguf_path("smollm2-135m"), tokenizer=hf_tokenizer)
-    session = FusionSession(llm, alpha=0.5, slm_tokenizer=hf_tokenizer)
-    out = slm.generate(slm.tokenize(private_messages), session=session, public_prompt=public_ids)
+    out = logitfuse.generate(slm, llm, [slm.tokenize(private_messages)], public_ids, alpha=0.5)
+    alone = logitfuse.generate(slm, None, [slm.tokenize(private_messages)], alpha=1.0)  # the SLM alone
 
 It uses llama-cpp-python's low-level C API (``llama_decode`` and ``llama_get_logits_ith``) rather
 than its ``Llama`` class, for two reasons: the loop needs the raw logits of the last position only
@@ -27,20 +26,26 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from logitfuse.reference import sample_from_logprobs
+from logitfuse.config import SamplingConfig, check_int
+from logitfuse.decoding.engine import generate as fused_generate
+from logitfuse.decoding.sampling import FusedGeneration
 from logitfuse.decoding.session import FusionSession
+from logitfuse.heads.protocol import check_slm_side_inputs
 
 Tensor = torch.Tensor
 
-__all__ = ["LlamaCppCache", "LlamaCppSLM", "SLMGeneration", "generate_fused_llama_cpp", "llama_cpp_python_missing"]
+__all__ = ["LlamaCppCache", "LlamaCppRunner", "LlamaCppSLM", "SLMGeneration", "generate_fused_llama_cpp",
+           "llama_cpp_python_missing"]
+
+#: the one result type of :func:`logitfuse.generate`, under the name this module used to give its own
+SLMGeneration = FusedGeneration
 
 INSTALL_HINT = 'pip install "llama-cpp-python[server]==0.3.36"'
 
@@ -71,36 +76,6 @@ def _llama_cpp(verbose: bool) -> Any:
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
     return llama_cpp
-
-
-@dataclass
-class SLMGeneration:
-    """What :meth:`LlamaCppSLM.generate` produced (the fields of ``logitfuse demo``'s ``Generation``).
-
-    Attributes:
-        text: the generated text (special tokens left out).
-        token_ids: the generated SLM ids, without the end-of-generation or stop id that ended it.
-        seconds: wall time of the decode loop (prompt evaluation included).
-        alpha: the α of each generated token (1 = the SLM alone); empty without a session.
-        stats: the session's statistics as a dict (``steps``, ``llm_calls``...); empty without a session.
-        stopped: ``"eos"`` (an end-of-generation id), ``"stop"`` (one of ``stop_ids``) or ``"length"``.
-    """
-
-    text: str
-    token_ids: list[int]
-    seconds: float
-    alpha: list[float] = field(default_factory=list)
-    stats: dict[str, int] = field(default_factory=dict)
-    stopped: str = "length"
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
-        raise ValueError(f"{name}={value!r} must be in {bounds}")
-    return float(value)
 
 
 class LlamaCppSLM:
@@ -300,116 +275,55 @@ class LlamaCppSLM:
                 rows += [self._logits_row(i) for i in range(len(chunk))]
         return torch.stack(rows) if all_logits else self._logits_row(-1)[None]
 
-    def decode_cache(self, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None) -> LlamaCppCache:
-        """The KV-cache engine :func:`logitfuse.generate` drives (prefill, append, drop) over one private
-        prompt: ``prompt_ids`` as a list of ids, a list of one list, or a ``(1, L)`` / ``(L,)`` tensor
+    def open_runner(self, private_input_ids: Any, *, attention_mask: Any = None, max_new_tokens: int,
+                    pad_token_id: int | None = None) -> LlamaCppRunner:
+        """The SLM runner :func:`logitfuse.generate` drives (prefill, append, drop) over one private prompt:
+        ``private_input_ids`` as a list of ids, a list of one list, or a ``(1, L)`` / ``(L,)`` tensor
         (batch size 1: a ``ValueError`` names the fix for more rows)."""
-        return LlamaCppCache(self, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask)
+        return LlamaCppRunner(self, private_input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                              pad_token_id=pad_token_id)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation (deprecated)
     def generate(self, prompt_ids: Sequence[int], *, session: FusionSession | None = None, public_prompt: Any = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-                 stop_ids: Sequence[int] = ()) -> SLMGeneration:
-        r"""Generate from the private ``prompt_ids``: the SLM alone, or fused with ``session``'s LLM.
-
-        The prompt is evaluated once (it stays in llama.cpp's KV cache); then, per step, the SLM's
-        logits for the next position go to ``session.step`` with the one token kept at the previous
-        step, a token is chosen from the fused log-probabilities, and only that token is evaluated.
-        The session (its LLM) gets ``public_prompt`` and the generated tokens: never ``prompt_ids``.
-
-        Args:
-            prompt_ids (`list[int]`): the private prompt as SLM ids (:meth:`tokenize`).
-            session (`FusionSession`, *optional*): fuse with its LLM; it is (re)started here with
-                ``public_prompt``. ``None``: the SLM alone.
-            public_prompt (`str` or `list[int]`): with ``session``: what the LLM may see.
-            max_new_tokens (`int`, defaults to 64): tokens to generate at most.
-            temperature (`float`, defaults to 0): 0 is greedy; else sample with ``top_k`` (0 = off) and
-                ``top_p`` (1 = off) on the (fused) distribution, by :func:`logitfuse.fuse_sample`'s rules.
-            repetition_penalty (`float`, defaults to 1): transformers' rule on the SLM logits before fusion
-                (a seen token's positive logit divided by it, a negative one multiplied), over the prompt
-                and the generated tokens.
-            seed (`int`, *optional*) / generator (`torch.Generator`, *optional*): the sampling draws;
-                default a generator seeded with the constructor's ``seed``.
-            stop_ids (`list[int]`): ids that end generation besides :attr:`eos_token_ids`.
-
-        Returns:
-            :class:`SLMGeneration` (text, token_ids, seconds, alpha per token, stats, why it stopped).
-        """
-        ids = self._check_ids(prompt_ids, "prompt_ids")
-        if not ids:
-            raise ValueError("prompt_ids is empty; pass the private prompt's token ids (slm.tokenize(...))")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-        if len(ids) + max_new_tokens > self.n_ctx:
-            raise ValueError(f"the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed n_ctx={self.n_ctx}; "
-                             "build the LlamaCppSLM with a larger n_ctx or generate fewer tokens")
-        temperature = _check_number("temperature", temperature, low=0.0)
-        top_p = _check_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
-        penalty = _check_number("repetition_penalty", repetition_penalty, low=0.0, low_open=True)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 = off)")
-        stops = frozenset(self._check_ids(list(stop_ids), "stop_ids")) | self.eos_token_ids
+                 stop_ids: Sequence[int] = ()) -> FusedGeneration:
+        """Deprecated: use :func:`logitfuse.generate` (``logitfuse.generate(slm, None, [prompt_ids], alpha=1.0)``
+        for the SLM alone). A thin wrapper over it: the SLM alone, or fused with ``session``'s LLM and
+        settings; ``stop_ids`` end generation like :attr:`eos_token_ids`; without ``seed`` nor ``generator``
+        the draws come from a generator seeded with the constructor's ``seed``."""
+        warnings.warn("LlamaCppSLM.generate is deprecated; use logitfuse.generate(slm, llm, [prompt_ids], ...)",
+                      DeprecationWarning, stacklevel=2)
         if session is not None and not isinstance(session, FusionSession):
             raise TypeError(f"session must be a logitfuse.FusionSession or None, got {type(session).__name__}")
         if (session is None) != (public_prompt is None):
             raise ValueError("pass session= and public_prompt= together (fused), or neither (the SLM alone)")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator is None:
-            generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
-        sampling = dict(temperature=torch.tensor([temperature]), top_k=torch.tensor([top_k]),
-                        top_p=torch.tensor([top_p]))
-        seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-        seen[ids] = True
-
-        started = time.perf_counter()
-        if session is not None:
-            session.start([public_prompt], v_slm=self.vocab_size)  # the LLM prefills the public prompt only
-        self.reset()
-        logits = self.eval(ids)
-        out: list[int] = []
-        stopped, appended = "length", []
-        for _ in range(max_new_tokens):
-            if penalty != 1.0:
-                scores = logits[0, seen]
-                logits[0, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
-            if session is not None:
-                logprobs = session.step([appended], logits)  # only the token kept at the previous step
-            else:
-                logprobs = torch.log_softmax(logits, dim=-1)
-            uniform = torch.rand(1, generator=generator)
-            token = int(sample_from_logprobs(logprobs, uniform, **sampling)[0])
-            if token in stops:
-                stopped = "stop" if token not in self.eos_token_ids else "eos"
-                break
-            out.append(token)
-            seen[token] = True
-            appended = [token]
-            if len(out) < max_new_tokens:
-                logits = self.eval(appended)
-        seconds = time.perf_counter() - started
-        alpha, stats = [], {}
-        if session is not None:
-            alpha = [float(a[0]) for a in session.alpha_history][: len(out)]
-            stats = dict(session.stats)
-        return SLMGeneration(self.detokenize(out), out, seconds, alpha, stats, stopped)
+            generator = torch.Generator().manual_seed(self.seed if seed is None else check_int("seed", seed, 0))
+        eos = sorted(self.eos_token_ids | frozenset(self._check_ids(list(stop_ids), "stop_ids")))
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, generator=generator, eos_token_id=eos)
+        if session is None:
+            return fused_generate(self, None, [prompt_ids], None, None, sampling, alpha=1.0)
+        return fused_generate(self, session.llm, [prompt_ids], public_prompt, session.config, sampling,
+                              slm_tokenizer=session.slm_tokenizer)
 
 
-class LlamaCppCache:
-    """A :class:`LlamaCppSLM`'s KV cache as the SLM engine of :func:`logitfuse.generate` (the role the
-    transformers KV cache plays there): :meth:`prefill` the private prompt, :meth:`append` one token,
-    :meth:`drop` rejected drafts (``llama_memory_seq_rm``). One row. Nothing here is sent anywhere.
-
-    Attributes:
-        ids, mask: the prompt ``(1, L)`` and its all-ones attention mask (CPU tensors).
-        batch_size (`int`): 1. device: the CPU (where the logits come back).
+class LlamaCppRunner:
+    """A :class:`LlamaCppSLM`'s KV cache as the SLM runner of :func:`logitfuse.generate`
+    (:class:`logitfuse.decoding.runners.SLMRunner`): :meth:`prefill` the private prompt, :meth:`append` one
+    token, :meth:`drop` rejected drafts (``llama_memory_seq_rm``). One row, logits on the CPU; no hidden
+    state (llama.cpp does not expose it). Nothing here is sent anywhere.
     """
 
     batch_size = 1
     device = torch.device("cpu")
+    name = "the llama.cpp SLM"
+    supports_hidden = False
+    last_hidden = None
 
-    def __init__(self, slm: LlamaCppSLM, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None):
+    def __init__(self, slm: LlamaCppSLM, prompt_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
+                 pad_token_id: int | None = None):
         rows = prompt_ids.tolist() if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 2 else None
         if rows is None and isinstance(prompt_ids, Sequence) and prompt_ids and all(
                 isinstance(row, (Sequence, Tensor)) and not isinstance(row, str) for row in prompt_ids):
@@ -424,11 +338,14 @@ class LlamaCppCache:
         ids = slm._check_ids(prompt_ids, "private_input_ids")
         if not ids:
             raise ValueError("private_input_ids is empty; pass the private prompt's token ids (slm.tokenize(...))")
+        check_int("max_new_tokens", max_new_tokens, 1, fix="tokens to generate per row")
         if len(ids) + max_new_tokens > slm.n_ctx:
             raise ValueError(f"the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed n_ctx={slm.n_ctx}; "
                              "build the LlamaCppSLM with a larger n_ctx or generate fewer tokens")
         self.slm, self.ids = slm, torch.tensor([ids])
         self.mask = torch.ones_like(self.ids)
+        self.vocab_size, self.tokenizer, self.eos_token_ids = slm.vocab_size, slm.tokenizer, slm.eos_token_ids
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
 
     def prefill(self) -> Tensor:
         """Empty the KV cache and evaluate the prompt: the logits ``(1, V)`` for the first new position."""
@@ -444,20 +361,36 @@ class LlamaCppCache:
         if n[0]:
             self.slm.truncate(self.slm.n_past - int(n[0]))
 
+    def watch_hidden(self, head: Any) -> None:
+        raise ValueError("the llama.cpp SLM does not expose its hidden state")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """llama.cpp's own detokenizer (special tokens left out)."""
+        return self.slm.detokenize(ids)
+
+    def close(self) -> None:
+        """Nothing to release (the model stays loaded in the :class:`LlamaCppSLM`)."""
+
+
+#: the name this runner had before the runner interface
+LlamaCppCache = LlamaCppRunner
+
 
 def generate_fused_llama_cpp(slm: LlamaCppSLM, llm: Any, private_ids: Sequence[int], public_prompt: Any, *,
                              max_new_tokens: int, head: Any = None, alpha: float | None = None, vocab_map: Any = None,
                              mode: str | None = None, tail: str | None = None, schedule: Any = "always",
-                             **sampling: Any) -> SLMGeneration:
-    """One fused generation with the SLM in llama.cpp: a :class:`FusionSession` over ``llm`` (head or
-    fixed α, vocabulary map, mode, tail, schedule as in :class:`logitfuse.CoGenesisLogitsProcessor`),
-    then :meth:`LlamaCppSLM.generate` (``sampling``: ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``seed``, ``stop_ids``). ``slm.tokenizer`` serves cross-tokenizer maps."""
-    if getattr(head, "needs_slm_hidden", False):
-        raise ValueError("this head reads the SLM's last hidden state, which the llama.cpp SLM does not expose; use "
-                         "a head without the 'hidden' group (logitfuse train --slm-features token,position) or the "
-                         "transformers SLM (CoGenesisLogitsProcessor(..., slm=model))")
+                             **sampling: Any) -> FusedGeneration:
+    """Deprecated: use :func:`logitfuse.generate` (the same settings as keywords). A thin wrapper that
+    fuses through it, with :meth:`LlamaCppSLM.generate`'s sampling keywords (``temperature``, ``top_k``,
+    ``top_p``, ``repetition_penalty``, ``seed``, ``stop_ids``)."""
+    warnings.warn("generate_fused_llama_cpp is deprecated; use logitfuse.generate(slm, llm, [private_ids], "
+                  "public_prompt, ...)", DeprecationWarning, stacklevel=2)
     session = FusionSession(llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, schedule=schedule,
-                            slm_tokenizer=slm.tokenizer, eos_token_id=sorted(slm.eos_token_ids))
-    return slm.generate(private_ids, session=session, public_prompt=public_prompt, max_new_tokens=max_new_tokens,
-                        **sampling)
+                            slm_tokenizer=None if slm is None else slm.tokenizer)
+    if slm is None or head is not None and head.needs_slm_hidden:
+        check_slm_side_inputs(head, hidden=False, side=True, where="the llama.cpp SLM",
+                              fix="use a head without the 'hidden' group (logitfuse train --slm-features token,position)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return slm.generate(private_ids, session=session, public_prompt=public_prompt, max_new_tokens=max_new_tokens,
+                            **sampling)

@@ -48,8 +48,10 @@ from logitfuse.backends import LLMBackend, LLMOutput
 from logitfuse.functional import fuse, fuse_with_head, keep_banned
 from logitfuse.prompts import has_chat_template, render_prompt
 from logitfuse.vocab.retokenize import IncrementalRetokenizer
-from logitfuse.decoding.schedules import Schedule, parse
-from logitfuse.decoding.checks import as_id_set, check_session_arguments
+from logitfuse.decoding.schedules import parse
+from logitfuse.config import FUSION_FIELDS, FusionConfig, split_options
+from logitfuse.decoding.checks import as_id_set, check_fusion
+from logitfuse.heads.protocol import check_slm_side_inputs
 from logitfuse.heads.slm_side import SLMSideRows, check_slm_hidden
 from logitfuse.types import SessionStats, TopK
 from logitfuse.vocab import VocabMap
@@ -73,47 +75,55 @@ class FusionSession:
     r"""Fused decoding state and step, for any SLM engine (see the module docstring).
 
     Args:
-        llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`.
-        head (`FusionHead`, *optional*): predicts α per row; exclusive with ``alpha``.
-        alpha (`float`, *optional*): fixed SLM weight in ``[0, 1]`` (1 = SLM only: the LLM is never
-            contacted); exclusive with ``head``.
-        vocab_map (`VocabMap`, *optional*): SLM id -> LLM id; default the identity. A map that is not
-            the identity turns on cross-tokenizer decoding and needs ``slm_tokenizer``.
-        mode, tail (`str`, *optional*): as in :func:`logitfuse.fuse`; default the head's, or
-            ``"linear"`` and ``"slm"``.
-        schedule (`str` or `Schedule`, defaults to ``"always"``): when to consult the LLM.
-        slm_tokenizer (*optional*): the SLM's tokenizer (cross-tokenizer decoding; its
-            ``eos_token_id`` is the default ``eos_token_id``).
+        llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`; ``None``
+            only with ``alpha=1`` (the SLM alone: the LLM is never contacted).
+        fusion (`FusionConfig`, *optional*): head or fixed α, vocabulary map, mode, tail, schedule,
+            ``apply_chat_template``, ``lookbehind``, temperatures: see :class:`logitfuse.FusionConfig`.
+            Checked once here against ``llm``.
+        slm_tokenizer (*optional*): the SLM's tokenizer (what the SLM is, not how to fuse: so not a config
+            field). Needed across tokenizers (a ``vocab_map`` that is not the identity); its
+            ``eos_token_id`` is the default ``eos_token_id``.
         eos_token_id (`int` or `list[int]`, *optional*): SLM ids that end a row.
-        apply_chat_template (`bool`, defaults to `False`): format text public prompts with the LLM
-            tokenizer's chat template (one user message, generation prompt added).
-        lookbehind (`int`, defaults to 4): LLM tokens re-encoded each step across tokenizers.
-        slm_temperature, llm_temperature (`float`, default 1.0): passed to :func:`logitfuse.fuse`.
+        **options: keyword sugar for the fields of :class:`logitfuse.FusionConfig` (``alpha=0.5``,
+            ``head=...``, ``vocab_map=...``, ``mode=...``, ``schedule=...``), applied over ``fusion``.
     """
 
-    def __init__(self, llm: LLMBackend, *, head: Any = None, alpha: float | None = None,
-                 vocab_map: VocabMap | None = None, mode: str | None = None, tail: str | None = None,
-                 schedule: str | Schedule = "always", slm_tokenizer: Any = None, eos_token_id: Any = None,
-                 apply_chat_template: bool = False, lookbehind: int = 4, slm_temperature: float = 1.0,
-                 llm_temperature: float = 1.0):
-        mode, tail, self.cross_tokenizer = check_session_arguments(
-            llm, head=head, alpha=alpha, vocab_map=vocab_map, mode=mode, tail=tail, slm_tokenizer=slm_tokenizer,
-            apply_chat_template=apply_chat_template, lookbehind=lookbehind, slm_temperature=slm_temperature,
-            llm_temperature=llm_temperature)
-        self.llm, self.head, self.alpha = llm, head, alpha
-        self.vocab_map, self.mode, self.tail = vocab_map, mode, tail
-        self.schedule = parse(schedule)
-        if self.schedule.needs_call_gain and getattr(head, "gate", None) is None:
+    def __init__(self, llm: LLMBackend | None, fusion: FusionConfig | None = None, *, slm_tokenizer: Any = None,
+                 eos_token_id: Any = None, **options: Any):
+        fusion, _ = split_options("FusionSession", fusion, None, options, allow=FUSION_FIELDS)
+        if fusion is None:
+            raise ValueError("pass exactly one of head= (a trained fusion head, logitfuse.load_head) and alpha= "
+                             "(a fixed weight in [0, 1]; 1 = the SLM alone), or fusion=FusionConfig(...)")
+        mode, tail, self.cross_tokenizer = check_fusion(llm, fusion, slm_tokenizer)
+        self.config = fusion
+        self.llm, self.head, self.alpha = llm, fusion.head, fusion.alpha
+        self.vocab_map, self.mode, self.tail = fusion.vocab_map, mode, tail
+        self.schedule = parse(fusion.schedule)
+        if self.schedule.needs_call_gain and (self.head is None or self.head.gate is None):
             raise ValueError(f"schedule {self.schedule.spec!r} needs a fusion head with a call gate (logitfuse train "
                              "--gate-hidden 32); use another schedule (entropy_gate, periodic) with this head or alpha")
         self.slm_tokenizer = slm_tokenizer
-        if eos_token_id is None and slm_tokenizer is not None:
-            eos_token_id = getattr(slm_tokenizer, "eos_token_id", None)
+        if eos_token_id is None and self.slm_tokenizer is not None:
+            eos_token_id = getattr(self.slm_tokenizer, "eos_token_id", None)
         self.eos_token_ids = as_id_set(eos_token_id, "eos_token_id")
-        self.apply_chat_template = apply_chat_template
-        self.lookbehind = lookbehind
-        self.slm_temperature, self.llm_temperature = float(slm_temperature), float(llm_temperature)
+        self.apply_chat_template = fusion.apply_chat_template
+        self.lookbehind = fusion.lookbehind
+        self.slm_temperature, self.llm_temperature = fusion.slm_temperature, fusion.llm_temperature
+        self._defer_alpha_checks = False
         self.reset()
+
+    def defer_alpha_checks(self) -> None:
+        """A head's α is no longer checked to be finite at each step (that check reads the device); instead
+        :attr:`alpha_finite` holds, after each :meth:`complete` (or :meth:`step_many`) that used the head,
+        which of its α are finite, for the decode loop to fold into the ids it reads anyway and to raise
+        :meth:`non_finite_alpha` on (:func:`logitfuse.generate` does)."""
+        self._defer_alpha_checks = True
+
+    def non_finite_alpha(self, rows: Sequence[int]) -> ValueError:
+        """The error for rows whose α was not finite (with :meth:`defer_alpha_checks`)."""
+        return ValueError(f"α is NaN: this {type(self.head).__name__} gave a non-finite α for rows {list(rows)[:10]}; "
+                          "the head or its inputs hold non-finite values: check its weights (load or re-train it) "
+                          "and the SLM's logits")
 
     @property
     def slm_only(self) -> bool:
@@ -140,6 +150,7 @@ class FusionSession:
         self._alpha_history: list[Tensor] = []  # α per step, (batch,); on the device until read
         self._stats = SessionStats()
         self._device_fallbacks: Tensor | None = None  # fallbacks counted on the device, until read
+        self.alpha_finite: Tensor | None = None  # deferred α checks: the latest α's finiteness, on the device
 
     @property
     def stats(self) -> SessionStats:
@@ -149,6 +160,12 @@ class FusionSession:
             self._stats.fallbacks += int(self._device_fallbacks)
             self._device_fallbacks = None
         return self._stats
+
+    @property
+    def last_alpha(self) -> Tensor:
+        """α of the latest step ``(batch_size,)``, where it was made (on the device for a head): no copy,
+        no read; :func:`logitfuse.generate` collects these and reads them once at the end."""
+        return self._alpha_history[-1]
 
     @property
     def alpha_history(self) -> list[Tensor]:
@@ -177,9 +194,9 @@ class FusionSession:
         """
         self.reset()
         batch = len(public_prompts)
-        rows = [self.format_prompt(p) for p in public_prompts]
+        rows = [] if self.slm_only else [self.format_prompt(p) for p in public_prompts]  # never sent at α = 1
         if self._vocab_map is None:
-            self._vocab_map = VocabMap.identity(v_slm, self.llm.vocab_size)
+            self._vocab_map = VocabMap.identity(v_slm, v_slm if self.llm is None else self.llm.vocab_size)
         elif self._vocab_map.v_slm != v_slm:
             raise ValueError(
                 f"the SLM's scores have vocabulary size {v_slm} but vocab_map was built for "
@@ -293,7 +310,7 @@ class FusionSession:
                 self._append(r, int(token))
         step = self._step
         self._step += 1
-        slm_side = self._slm_side.advance(appended, step, inputs=getattr(self.head, "reads_slm_side", False))
+        slm_side = self._slm_side.advance(appended, step, inputs=self.head is not None and self.head.reads_slm_side)
         # which rows ask the LLM is host knowledge (the backend needs it as a list); a schedule that
         # decides on the device (the entropy gate) is read here: the one read the step itself needs
         gain = (call_gain,) if self.schedule.needs_call_gain else ()  # a user's schedule may take two arguments
@@ -327,17 +344,21 @@ class FusionSession:
         batch = slm_logits.shape[0]
         if batch != self.batch_size:
             raise ValueError(f"complete got {batch} rows of logits, but the session started {self.batch_size} rows")
-        ok = False if request.out is None else self._answered_rows(request.out.ok, request.call, slm_logits.device)
+        self.alpha_finite = None
+        ok = False if request.out is None else self._answered_rows(request.out, request.call, slm_logits.device)
         if ok is False:
             self._alpha_history.append(torch.ones(batch))
             return self._slm_logprobs(slm_logits) if slm_logprobs is None else slm_logprobs
         check_slm_hidden(self.head, slm_hidden)
         alpha, fused = self._fuse(slm_logits, request.out.next, host_alpha=ok is True, slm_hidden=slm_hidden,
                                   slm_side=request.slm_side)
+        if ok is not True:
+            alpha = torch.where(ok, alpha, 1.0)
+        if self._defer_alpha_checks and self.head is not None:
+            self.alpha_finite = torch.isfinite(alpha)
+        self._alpha_history.append(alpha)
         if ok is True:
-            self._alpha_history.append(alpha)
             return fused
-        self._alpha_history.append(torch.where(ok, alpha, 1.0))
         slm_logprobs = self._slm_logprobs(slm_logits) if slm_logprobs is None else slm_logprobs
         return torch.where(ok[:, None], fused, slm_logprobs)
 
@@ -359,13 +380,14 @@ class FusionSession:
                        llm_temperature=self.llm_temperature, validate=False)
         if self.head is not None:
             side = {}
-            if getattr(self.head, "reads_slm_side", False):
+            if self.head.reads_slm_side:
                 if slm_side is None:  # step_many
-                    raise ValueError(f"speculative fusion does not pass SLM-side features (the head reads "
-                                     f"{self.head.slm_features}); use per-step fusion (step) with this head")
+                    check_slm_side_inputs(self.head, hidden=False, side=False, where="speculative fusion (step_many)",
+                                          fix="use per-step fusion (step) with this head")
                 side = {key: value.to(device) for key, value in slm_side.items()} | {"slm_hidden": slm_hidden}
             # rows whose LLM call failed are replaced by the SLM's row by the caller, whatever their α
-            alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options, **side)
+            alpha, fused = fuse_with_head(slm_logits, llm_next, self.head, **options, **side,
+                                          check_finite=not self._defer_alpha_checks)
             alpha = alpha.float()
         else:
             fused = fuse(slm_logits, llm_next, alpha=self.alpha, **options)
@@ -384,7 +406,7 @@ class FusionSession:
         still running; finished rows' drafts are ignored); ``slm_logits`` ``(batch_size, n + 1,
         v_slm)``: the SLM's logits after ``appended`` and after each draft token. Returns
         ``(fused, alpha)``: ``(batch_size, n + 1, v_slm)`` float32 log-probabilities and the α of
-        each position ``(batch_size, n + 1)`` on the CPU (not added to :attr:`alpha_history`).
+        each position ``(batch_size, n + 1)`` on the logits' device (not added to :attr:`alpha_history`).
 
         The drafts are sent to the LLM now: call :meth:`accept_drafts` with how many of each row's
         drafts were kept; the others are rolled back before the next LLM call. Needs one tokenizer
@@ -429,18 +451,21 @@ class FusionSession:
         stats.llm_tokens += sum(len(r) for r in rows)
         stats.draft_tokens_sent += sum(self._drafted)
         device = slm_logits.device
-        ok = self._answered_rows(out.ok, active, device)
+        self.alpha_finite = None
+        ok = self._answered_rows(out, active, device)
         if ok is False:
-            return slm_logprobs, torch.ones(batch, positions)
+            return slm_logprobs, torch.ones(batch, positions, device=device)
         if isinstance(out.next, TopK):  # a served LLM's top-k: (B, 1 + W, k) each
             llm_next = TopK(*(part[:, -positions:].flatten(0, 1) for part in out.next))
         else:
             llm_next = out.next[:, -positions:].flatten(0, 1)
         alpha, fused = self._fuse(slm_logits.flatten(0, 1), llm_next, host_alpha=True)
-        fused, alpha = fused.view(batch, positions, v_slm), alpha.view(batch, positions).cpu()
-        if ok is True:
-            return fused, alpha
-        return torch.where(ok[:, None, None], fused, slm_logprobs), torch.where(ok.cpu()[:, None], alpha, 1.0)
+        fused, alpha = fused.view(batch, positions, v_slm), alpha.to(device).view(batch, positions)
+        if ok is not True:
+            fused, alpha = torch.where(ok[:, None, None], fused, slm_logprobs), torch.where(ok[:, None], alpha, 1.0)
+        if self._defer_alpha_checks and self.head is not None:
+            self.alpha_finite = torch.isfinite(alpha)
+        return fused, alpha
 
     def accept_drafts(self, kept: Sequence[int], decided: Sequence[int] | None = None) -> None:
         """After :meth:`step_many`: row ``r`` kept its first ``kept[r]`` drafts; the rest are rolled back
@@ -461,12 +486,15 @@ class FusionSession:
         self._stats.steps = max(self._stats.steps, max(self._decided, default=0))
         self._drafted = []
 
-    def _answered_rows(self, backend_ok: Tensor, call: list[bool], device: torch.device) -> bool | Tensor:
+    def _answered_rows(self, out: LLMOutput, call: list[bool], device: torch.device) -> bool | Tensor:
         """Which called rows got a usable LLM answer: ``True`` (all of them), ``False`` (none), or a
-        ``(batch_size,)`` bool tensor on ``device``. Counts the others as fallbacks. A backend's ``ok``
-        on the CPU (an HTTP client) is read for free; one on a device stays there, counted lazily."""
-        if backend_ok.device.type == "cpu":
-            ok = [bool(o) and c for o, c in zip(backend_ok.tolist(), call)]
+        ``(batch_size,)`` bool tensor on ``device``. Counts the others as fallbacks. A backend that knows
+        ``ok`` on the host (``ok_rows``) is not read; an ``ok`` on the CPU (an HTTP client) is read for
+        free; one on a device stays there, counted lazily."""
+        backend_ok = out.ok
+        if out.ok_rows is not None or backend_ok.device.type == "cpu":
+            rows = out.ok_rows if out.ok_rows is not None else backend_ok.tolist()
+            ok = [bool(o) and c for o, c in zip(rows, call)]
             self._stats.fallbacks += sum(c and not o for o, c in zip(ok, call))
             if all(ok) or not any(ok):
                 return all(ok)

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from logitfuse.reference import sample_from_logprobs
 from logitfuse.decoding.session import FusionSession
+from logitfuse.heads.protocol import check_slm_side_inputs
+from logitfuse.reference import sample_from_logprobs
 
 if TYPE_CHECKING:  # the loop's parts (logitfuse.decoding.engine imports this module)
-    from logitfuse.decoding.engine import GeneratedRows, RepetitionPenalty, SLMCache, TokenChooser
-    from logitfuse.decoding.llama_cpp import LlamaCppCache
+    from logitfuse.decoding.runners import SLMRunner
+    from logitfuse.decoding.sampling import GeneratedRows, RepetitionPenalty, TokenChooser
 
 Tensor = torch.Tensor
 
@@ -40,9 +41,8 @@ def check_speculation(session: FusionSession, v_slm: int) -> bool:
     drafts (``supports_score``; a server is probed once, with a fixed text). Then it fuses per step
     instead, with a warning shown once and ``stats.speculation_fallbacks`` counted."""
     llm = session.llm
-    if getattr(session.head, "reads_slm_side", False):
-        raise ValueError(f"speculate > 0 cannot give the head its SLM-side features ({session.head.slm_features}): one "
-                         "LLM call scores a whole draft; use speculate=0 (per-step fusion) with this head")
+    check_slm_side_inputs(session.head, hidden=False, side=False, where="speculate > 0",
+                          fix="one LLM call scores a whole draft; use speculate=0 (per-step fusion) with this head")
     if session.schedule.spec != "always":
         raise ValueError(f"speculate > 0 needs schedule='always' (got {session.schedule.spec!r}); a schedule that "
                          "skips the LLM already saves calls: use speculate=0 with it")
@@ -62,39 +62,49 @@ def check_speculation(session: FusionSession, v_slm: int) -> bool:
     return False
 
 
-def speculative_fusion(slm: SLMCache | LlamaCppCache, session: FusionSession, rows: GeneratedRows,
-                       chooser: TokenChooser, logits: Tensor, pad_id: int, k: int, penalty: RepetitionPenalty) -> None:
+def speculative_fusion(slm: SLMRunner, session: FusionSession, rows: GeneratedRows, chooser: TokenChooser,
+                       logits: Tensor, k: int, penalty: RepetitionPenalty) -> None:
     """Speculative fusion from the SLM's prefill ``logits``. With a repetition ``penalty`` the draft and
     the target read the same penalized SLM logits: at each drafted position the seen tokens include the
-    drafts before it, as per-step fusion's would had those been kept (so the rule stays exact)."""
-    batch, device = logits.shape[0], logits.device
+    drafts before it, as per-step fusion's would had those been kept (so the rule stays exact).
+    Host reads per LLM call: the drafts (once, to send them) and the accepted counts with the token
+    after them; α is read once at the end."""
+    batch, device, pad_id = slm.batch_size, slm.device, slm.pad_token_id
     logits = penalty(logits)
     appended: list[list[int]] = [[] for _ in range(batch)]
     while True:
         left = max(rows.max_new_tokens - len(t) for r, t in enumerate(rows.tokens) if rows.running(r))
         n = min(k, left - 1)
-        # the SLM drafts n tokens alone (finished rows are fed padding)
-        running = torch.tensor([rows.running(r) for r in range(batch)])
-        slm_logits, drafts = [logits], torch.full((batch, n), pad_id, dtype=torch.long)
+        # the SLM drafts n tokens alone (finished rows are fed padding), on the device
+        running = torch.tensor([rows.running(r) for r in range(batch)], device=device)
+        slm_logits, drafts = [logits], torch.full((batch, n), pad_id, dtype=torch.long, device=device)
         seen = penalty.fork()
         for i in range(n):
             q = torch.log_softmax(slm_logits[-1].float() / session.slm_temperature, dim=-1)
-            drafts[:, i] = torch.where(running, chooser.choose(q).cpu(), pad_id)
-            penalty.mark(drafts[:, i, None].tolist(), seen)
-            slm_logits.append(penalty(slm.append(drafts[:, i].to(device)), seen))
+            drafts[:, i] = torch.where(running, chooser.choose(q).to(device), pad_id)
+            penalty.mark_column(drafts[:, i], seen)
+            slm_logits.append(penalty(slm.append(drafts[:, i]), seen))
         stacked = torch.stack(slm_logits, dim=1)
-        draft_lists = [drafts[r].tolist() if rows.running(r) else [] for r in range(batch)]
+        drafted = drafts.tolist()  # read once: the drafts are sent to the LLM
+        draft_lists = [drafted[r] if rows.running(r) else [] for r in range(batch)]
         fused, alpha = session.step_many(appended, draft_lists, stacked)
         # accept or reject each row's drafts (all rows at once)
         accepted, after = accept_or_correct(chooser, drafts, stacked, fused, session.slm_temperature)
+        if session.alpha_finite is not None:  # a head's α checked with the ids, not by a read of its own
+            after = torch.where(session.alpha_finite.all(dim=1).to(after.device), after, -1)
+        decided = torch.stack([accepted.to(after.device), after]).tolist()  # read once per LLM call
+        bad = [r for r in range(batch) if rows.running(r) and decided[1][r] < 0]
+        if bad:
+            raise session.non_finite_alpha(bad)
         kept, taken, chosen = [0] * batch, [0] * batch, [pad_id] * batch
         for r in range(batch):
             if rows.running(r):
-                a, token = int(accepted[r]), int(after[r])
-                taken[r] = rows.add(r, draft_lists[r][:a] + [token], alpha[r, :a + 1].tolist())
+                a, token = decided[0][r], decided[1][r]
+                taken[r] = rows.add(r, draft_lists[r][:a] + [token])
                 kept[r] = min(a, taken[r])
                 if rows.running(r):
                     chosen[r] = token
+        rows.record_alpha(alpha, taken)
         penalty.mark([(draft_lists[r][:kept[r]] + [chosen[r]]) if rows.running(r) else [] for r in range(batch)])
         session.accept_drafts(kept, taken)
         slm.drop([n - kept[r] for r in range(batch)])
@@ -109,21 +119,22 @@ def speculative_fusion(slm: SLMCache | LlamaCppCache, session: FusionSession, ro
 
 def accept_or_correct(chooser: TokenChooser, drafts: Tensor, slm_logits: Tensor, fused: Tensor,
                       slm_temperature: float) -> tuple[Tensor, Tensor]:
-    """``(accepted, token)`` ``(B,)`` each: how many of its ``drafts`` ``(B, n)`` each row accepts, and
-    the token after them (the correction at the first rejection, or one more from the last fused
-    distribution). ``slm_logits`` and ``fused`` are ``(B, n + 1, V)``: the SLM's logits and the fused
-    log-probabilities at each position."""
+    """``(accepted, token)`` ``(B,)`` each, on the device: how many of its ``drafts`` ``(B, n)`` each row
+    accepts, and the token after them (the correction at the first rejection, or one more from the last
+    fused distribution). ``slm_logits`` and ``fused`` are ``(B, n + 1, V)``: the SLM's logits and the
+    fused log-probabilities at each position."""
     batch, positions, vocab = fused.shape
-    drafts = drafts.to(fused.device)
+    device = fused.device
+    drafts = drafts.to(device)
     if chooser.greedy:
         best = fused.argmax(dim=-1)
         accepted = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)
-        return accepted.cpu(), best.gather(1, accepted[:, None].to(best.device))[:, 0].cpu()
+        return accepted, best.gather(1, accepted[:, None])[:, 0]
     p = chooser.probs(fused.flatten(0, 1)).view(batch, positions, vocab)
     q = chooser.probs(torch.log_softmax(slm_logits.flatten(0, 1).float() / slm_temperature, dim=-1))
     q = q.view(batch, positions, vocab)
-    return speculative_accept(p, q, drafts.cpu(), chooser.uniform(batch * (positions - 1)).view(batch, positions - 1),
-                              chooser.uniform(batch))
+    return speculative_accept(p, q, drafts, chooser.uniform(batch * (positions - 1), device).view(batch, positions - 1),
+                              chooser.uniform(batch, device))
 
 
 def speculative_accept(p: Tensor, q: Tensor, drafts: Tensor, accept_uniform: Tensor,
@@ -156,6 +167,7 @@ def speculative_accept(p: Tensor, q: Tensor, drafts: Tensor, accept_uniform: Ten
 
 def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
     """One id per row drawn by inverse CDF from unnormalized ``weights`` ``(B, V)`` (as sampling draws)."""
-    rows = weights.shape[0]
-    return sample_from_logprobs(weights.log(), uniform, temperature=torch.ones(rows),
-                                top_k=torch.zeros(rows, dtype=torch.long), top_p=torch.ones(rows))
+    rows, device = weights.shape[0], weights.device
+    return sample_from_logprobs(weights.log(), uniform.to(device), temperature=torch.ones(rows, device=device),
+                                top_k=torch.zeros(rows, dtype=torch.long, device=device),
+                                top_p=torch.ones(rows, device=device), filters=(False, False))

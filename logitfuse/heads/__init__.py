@@ -7,7 +7,7 @@ import math
 import numbers
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from logitfuse.fileio import atomic_write_folder
 from logitfuse.heads.files import CONFIG_NAME, FORMAT, SHA256_KEY, WEIGHTS_NAME, file_sha256, read_head_files
 from logitfuse.heads.files import non_finite_tensors as _non_finite_tensors
 from logitfuse.functional import align, fusion_feature_stats
+from logitfuse.heads.protocol import FusionHeadProtocol
 from logitfuse.heads.slm_side import CallGate, SLMSideEncoder, check_feature_groups, slm_distribution_features
 from logitfuse.types import MODES, TAILS, Aligned, TopK
 from logitfuse.vocab import VocabMap
 
-__all__ = ["CONFIG_NAME", "SHA256_KEY", "WEIGHTS_NAME", "BaseFusionHead", "FusionHead", "PaperFusionHead", "load_head"]
+__all__ = ["CONFIG_NAME", "SHA256_KEY", "WEIGHTS_NAME", "BaseFusionHead", "FusionHead", "FusionHeadProtocol",
+           "PaperFusionHead", "load_head"]
 MAX_VOCAB_SIZE = 1 << 24
 MAX_FEATURE_TOP_K = 1024
 Tensor = torch.Tensor
@@ -69,6 +71,12 @@ class BaseFusionHead(nn.Module):
     #: whether the head's input is the whole ``(batch_size, v_slm)`` pulled-back view (the paper's
     #: head) rather than per-row statistics, which the CUDA kernels compute without that tensor
     needs_aligned_view: bool = True
+    #: SLM-side feature groups read (:mod:`logitfuse.heads.slm_side`); none by default
+    slm_features: Sequence[str] = ()
+    #: whether α needs SLM-side inputs / the SLM's last hidden state (see :class:`FusionHeadProtocol`)
+    reads_slm_side: bool = False
+    needs_slm_hidden: bool = False
+    slm_hidden_size: int = 0
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str, tail: str, slm_name: str | None,
                  llm_name: str | None, vocab_map_hash: str | None, llm_top_k: int | None = None):
@@ -86,6 +94,12 @@ class BaseFusionHead(nn.Module):
         # the LLM's input: None = dense logits, K = its top-K logprobs
         self.llm_top_k = None if llm_top_k is None else _int_argument(
             "llm_top_k", llm_top_k, 1, self.v_llm, "pass how many top log-probabilities the LLM gives, or None for dense logits")
+        self.gate: nn.Module | None = None  # a call gate (FusionHead with gate_hidden > 0)
+
+    def call_gain(self, slm_logits: Tensor, slm_hidden: Tensor | None = None, **slm_side: Any) -> Tensor:
+        """What an LLM call is predicted to gain; only heads with a call gate (:attr:`gate`) say."""
+        raise ValueError(f"this {type(self).__name__} has no call gate; train a FusionHead with one (logitfuse train "
+                         "--gate-hidden 32) or use another schedule (entropy_gate, periodic)")
 
     #: most parameters a head of this class may have without ``allow_large=True``
     _max_parameters = 1_000_000
@@ -98,9 +112,14 @@ class BaseFusionHead(nn.Module):
                 f"{self._max_parameters:,} it is meant to stay under; use smaller sizes, or pass allow_large=True"
             )
 
-    def _checked_alpha(self, alpha: Tensor, non_finite_inputs: Callable[[Tensor], list[str]]) -> Tensor:
+    def _checked_alpha(self, alpha: Tensor, non_finite_inputs: Callable[[Tensor], list[str]],
+                       check_finite: bool = True) -> Tensor:
         """``alpha`` if every entry is finite, else a ``ValueError`` naming the head, the rows and what is
-        not finite: ``non_finite_inputs(rows)`` names the inputs holding NaN/inf in those rows."""
+        not finite: ``non_finite_inputs(rows)`` names the inputs holding NaN/inf in those rows. Without
+        ``check_finite``, ``alpha`` as it is (the check reads the device; a decode loop that folds it into
+        the ids it reads anyway passes False)."""
+        if not check_finite:
+            return alpha
         bad = ~torch.isfinite(alpha)
         if not bool(bad.any()):
             return alpha
@@ -171,10 +190,11 @@ class BaseFusionHead(nn.Module):
         self._check_inputs(slm_logits, llm, vocab_map)
         return align(slm_logits, llm, vocab_map=vocab_map, tail=self.tail, validate=False)
 
-    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
-        """α ``(batch_size,)`` in ``(0, 1)`` from an aligned view (``ValueError`` where it would be NaN),
-        so that a caller who aligned the step already (:func:`logitfuse.fuse_with_head`) need not again.
-        The view should be the head's own (:meth:`aligned`: temperature 1, the head's tail)."""
+    def alpha_from_aligned(self, aligned: Aligned, *, check_finite: bool = True) -> Tensor:
+        """α ``(batch_size,)`` in ``(0, 1)`` from an aligned view (``ValueError`` where it would be NaN,
+        unless not ``check_finite``), so that a caller who aligned the step already
+        (:func:`logitfuse.fuse_with_head`) need not again. The view should be the head's own
+        (:meth:`aligned`: temperature 1, the head's tail)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- persistence
@@ -382,22 +402,24 @@ class FusionHead(BaseFusionHead):
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
     def alpha_from_aligned(self, aligned: Aligned, slm_hidden: Tensor | None = None, *, last_tokens: Any = None,
-                           positions: Any = None) -> Tensor:
+                           positions: Any = None, check_finite: bool = True) -> Tensor:
         """As the base class; the SLM-side inputs are as for :meth:`forward`."""
         if self.reads_slm_side and slm_hidden is None and last_tokens is None and positions is None:
             raise ValueError(f"this head reads SLM-side features {self.slm_features}, which an aligned view lacks; pass "
                              "slm_hidden=..., last_tokens=..., positions=... (to fuse_with_head too)")
         return self._checked_features_alpha(self.features_from_aligned(aligned), slm_hidden, last_tokens=last_tokens,
-                                            positions=positions)
+                                            positions=positions, check_finite=check_finite)
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
-                slm_hidden: Tensor | None = None, *, last_tokens: Any = None, positions: Any = None) -> Tensor:
+                slm_hidden: Tensor | None = None, *, last_tokens: Any = None, positions: Any = None,
+                check_finite: bool = True) -> Tensor:
         """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN. The
         SLM-side inputs are as for :meth:`alpha_from_features` (needed only for the groups the head reads)."""
         return self._checked_features_alpha(self.features(slm_logits, llm, vocab_map), slm_hidden,
-                                            last_tokens=last_tokens, positions=positions)
+                                            last_tokens=last_tokens, positions=positions, check_finite=check_finite)
 
-    def _checked_features_alpha(self, features: Tensor, slm_hidden: Tensor | None = None, **slm_side: Any) -> Tensor:
+    def _checked_features_alpha(self, features: Tensor, slm_hidden: Tensor | None = None, *, check_finite: bool = True,
+                                **slm_side: Any) -> Tensor:
         def non_finite_inputs(rows: Tensor) -> list[str]:
             bad = ~torch.isfinite(features[rows]).all(dim=0)
             names = [name for name, is_bad in zip(self.feature_names(), bad.tolist()) if is_bad]
@@ -405,7 +427,8 @@ class FusionHead(BaseFusionHead):
                 names.append("slm_hidden")
             return names
 
-        return self._checked_alpha(self.alpha_from_features(features, slm_hidden, **slm_side), non_finite_inputs)
+        return self._checked_alpha(self.alpha_from_features(features, slm_hidden, **slm_side), non_finite_inputs,
+                                   check_finite)
 
     # ---------------------------------------------------------------- the call gate
     def _require_gate(self) -> CallGate:
@@ -452,11 +475,11 @@ class PaperFusionHead(BaseFusionHead):
         self.mlp = nn.Sequential(nn.Linear(2 * self.v_slm, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 1))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,
-                slm_hidden: Tensor | None = None) -> Tensor:
+                slm_hidden: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
         """α ``(batch_size,)`` in ``(0, 1)`` for each row; ``ValueError`` where it would be NaN."""
-        return self.alpha_from_aligned(self.aligned(slm_logits, llm, vocab_map))
+        return self.alpha_from_aligned(self.aligned(slm_logits, llm, vocab_map), check_finite=check_finite)
 
-    def alpha_from_aligned(self, aligned: Aligned) -> Tensor:
+    def alpha_from_aligned(self, aligned: Aligned, *, check_finite: bool = True) -> Tensor:
         # raw logit scales: the SLM's logits as given, the LLM's pulled-back log-probabilities + its lse
         llm_raw = (aligned.llm_logprobs + aligned.llm_lse[:, None]).clamp(min=-1e4)  # -inf would poison the matmul
         slm_raw = aligned.slm_logits.float().clamp(min=-1e4)
@@ -466,7 +489,7 @@ class PaperFusionHead(BaseFusionHead):
             sides = {"slm_logits": slm_raw, "llm (pulled back onto the SLM vocabulary)": llm_raw}
             return [name for name, values in sides.items() if not bool(torch.isfinite(values[rows]).all())]
 
-        return self._checked_alpha(torch.sigmoid(self.mlp(x)).squeeze(-1), non_finite_inputs)
+        return self._checked_alpha(torch.sigmoid(self.mlp(x)).squeeze(-1), non_finite_inputs, check_finite)
 
 
 _HEAD_CLASSES: dict[str, type[BaseFusionHead]] = {"FusionHead": FusionHead, "PaperFusionHead": PaperFusionHead}

@@ -246,7 +246,7 @@ class HiddenStateCapture:
 def check_slm_hidden(head: Any, slm_hidden: Tensor | None) -> None:
     """``ValueError`` when ``head`` reads the SLM's last hidden state and ``slm_hidden`` is ``None``:
     raised before a decoding step sends anything."""
-    if slm_hidden is None and getattr(head, "needs_slm_hidden", False):
+    if slm_hidden is None and head is not None and head.needs_slm_hidden:
         raise ValueError(
             f"this head reads the SLM's last hidden state (slm_features {head.slm_features}): pass slm_hidden= "
             f"(batch_size, {head.slm_hidden_size}) to FusionSession.step/complete, the input of the SLM's output layer "

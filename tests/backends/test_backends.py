@@ -46,7 +46,7 @@ def test_hfllm_cache_equals_full_reforward_every_step(model, seed):
         assert out.ok.all() and out.next.shape == (3, 400) and out.next.dtype == torch.float32
         for r, row in enumerate(rows):
             torch.testing.assert_close(out.next[r], full_forward(model, row), atol=1e-4, rtol=1e-4)
-    assert llm._cache.get_seq_length() == llm._mask.shape[1]
+    assert llm.kv.cache.get_seq_length() == llm.kv.mask.shape[1]
 
 
 def test_hfllm_text_prompts_and_audit_log(model, tok):

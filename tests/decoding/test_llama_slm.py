@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +30,17 @@ import logitfuse
 from logitfuse import zoo
 from logitfuse.decoding.llama_cpp import LlamaCppSLM, generate_fused_llama_cpp, llama_cpp_python_missing
 from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+
+
+def fused_llama(slm, llm, private_ids, public_ids, **options):
+    """logitfuse.generate over the llama.cpp SLM, one row."""
+    return logitfuse.generate(slm, llm, [private_ids], public_ids, **options)
+
+
+def alone(slm, ids, **options):
+    """The llama.cpp SLM alone through logitfuse.generate (α = 1, no LLM)."""
+    return logitfuse.generate(slm, None, [ids], alpha=1.0, **options)
+
 
 pytestmark = pytest.mark.engine
 
@@ -185,8 +197,8 @@ def test_tiny_fused_greedy_is_the_transformers_processor_output(tiny):
         llm_model = tiny_llama(len(tok), seed=1)
         ref_ids, ref_rows, proc = transformers_fused(model, tok, logitfuse.HFLLM(llm_model, tok), private_ids,
                                                      public_ids, 16, TINY_EOS, alpha=alpha, schedule=schedule)
-        out = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
-                                       schedule=schedule, max_new_tokens=16)
+        out = fused_llama(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
+                          schedule=schedule, max_new_tokens=16)
         same, gap = agreement(ref_ids, out.token_ids, ref_rows)
         # the same weights in float32 on both sides: identical, or a difference only at an exact near-tie
         assert same == len(ref_ids) == len(out.token_ids) or gap < 1e-3, (alpha, schedule, ref_ids, out.token_ids)
@@ -194,18 +206,18 @@ def test_tiny_fused_greedy_is_the_transformers_processor_output(tiny):
         if same == len(ref_ids):
             for key in ("steps", "llm_calls", "saved_calls", "llm_tokens"):
                 assert out.stats[key] == proc.stats[key], key
-            assert out.alpha == [float(a[0]) for a in proc.alpha_history][: len(out.token_ids)]
+            assert out.alpha[0][: len(out.token_ids)] == [float(a[0]) for a in proc.alpha_history][: len(out.token_ids)]
         expected_alpha = {alpha} if schedule == "always" else {alpha, 1.0}  # 1: steps the schedule skipped
-        assert {round(a, 6) for a in out.alpha} == expected_alpha
-    alone = slm.generate(private_ids, max_new_tokens=16)
-    assert alone.token_ids != out.token_ids  # the LLM changed the output: fusion is not a no-op here
+        assert {round(a, 6) for a in out.alpha[0]} == expected_alpha
+    slm_alone = alone(slm, private_ids, max_new_tokens=16)
+    assert slm_alone.token_ids != out.token_ids  # the LLM changed the output: fusion is not a no-op here
 
 
 def test_tiny_private_prompt_never_reaches_the_llm(tiny):
     slm, _, tok, _ = tiny
     private_ids, public_ids = tok.encode(PRIVATE), tok.encode(PUBLIC)
     llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
-    out = generate_fused_llama_cpp(slm, llm, private_ids, public_ids, alpha=0.5, max_new_tokens=12)
+    out = fused_llama(slm, llm, private_ids, public_ids, alpha=0.5, max_new_tokens=12)
     starts = [entry for entry in llm.audit_log if entry["op"] == "start"]
     assert starts == [{"op": "start", "token_ids": [public_ids]}]
     sent = [t for entry in llm.audit_log if entry["op"] == "advance" for row in entry["token_ids"] for t in row]
@@ -218,10 +230,12 @@ def test_tiny_alpha_1_is_the_slm_alone_and_never_contacts_the_llm(tiny):
     slm, _, tok, _ = tiny
     private_ids = tok.encode(PRIVATE)
     llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
-    fused = generate_fused_llama_cpp(slm, llm, private_ids, tok.encode(PUBLIC), alpha=1.0, max_new_tokens=10)
-    alone = slm.generate(private_ids, max_new_tokens=10)
-    assert fused.token_ids == alone.token_ids and llm.audit_log == []
-    assert fused.stats["llm_calls"] == 0 and alone.stats == {} and alone.alpha == []
+    fused = fused_llama(slm, llm, private_ids, tok.encode(PUBLIC), alpha=1.0, max_new_tokens=10)
+    slm_alone = alone(slm, private_ids, max_new_tokens=10)
+    assert fused.token_ids == slm_alone.token_ids and llm.audit_log == []
+    assert fused.stats["llm_calls"] == 0 and slm_alone.stats.llm_calls == 0 and set(slm_alone.alpha[0]) == {1.0}
+    with pytest.warns(DeprecationWarning, match="logitfuse.generate"):  # the old entry point: a thin wrapper
+        assert slm.generate(private_ids, max_new_tokens=10).token_ids == slm_alone.token_ids
 
 
 def test_tiny_repetition_penalty_follows_transformers(tiny):
@@ -233,43 +247,45 @@ def test_tiny_repetition_penalty_follows_transformers(tiny):
                              eos_token_id=TINY_EOS)
     reference = out[0, len(ids):].tolist()
     reference = reference[: next((i for i, t in enumerate(reference) if t in TINY_EOS), len(reference))]
-    ours = slm.generate(ids, max_new_tokens=16, repetition_penalty=1.5).token_ids
-    plain = slm.generate(ids, max_new_tokens=16).token_ids
+    ours = alone(slm, ids, max_new_tokens=16, repetition_penalty=1.5).token_ids
+    plain = alone(slm, ids, max_new_tokens=16).token_ids
     assert ours == reference and plain != reference
 
 
 def test_tiny_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     slm, _, tok, _ = tiny
     ids = tok.encode(PRIVATE)
-    first = slm.generate(ids, max_new_tokens=12, temperature=1.0, seed=3).token_ids
-    assert slm.generate(ids, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(3)).token_ids == first
-    others = {tuple(slm.generate(ids, max_new_tokens=12, temperature=1.0, seed=s).token_ids) for s in (4, 5, 6)}
+    first = alone(slm, ids, max_new_tokens=12, temperature=1.0, seed=3).token_ids
+    assert alone(slm, ids, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(3)).token_ids == first
+    others = {tuple(alone(slm, ids, max_new_tokens=12, temperature=1.0, seed=s).token_ids) for s in (4, 5, 6)}
     assert others != {tuple(first)}  # the seed matters
-    greedy = slm.generate(ids, max_new_tokens=12).token_ids
-    assert slm.generate(ids, max_new_tokens=12, temperature=1.0, top_k=1, seed=9).token_ids == greedy
-    assert slm.generate(ids, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=9).token_ids == greedy
+    greedy = alone(slm, ids, max_new_tokens=12).token_ids
+    assert alone(slm, ids, max_new_tokens=12, temperature=1.0, top_k=1, seed=9).token_ids == greedy
+    assert alone(slm, ids, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=9).token_ids == greedy
     stop = greedy[3]
-    stopped = slm.generate(ids, max_new_tokens=12, stop_ids=[stop])
-    assert stopped.token_ids == greedy[: greedy.index(stop)] and stopped.stopped == "stop"
+    stopped = alone(slm, ids, max_new_tokens=12, eos_token_id=TINY_EOS + [stop])
+    assert stopped.token_ids == greedy[: greedy.index(stop)] and stopped.stopped == ["eos"]
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda s, i: s.generate(i, max_new_tokens=0), "max_new_tokens=0"),
-    (lambda s, i: s.generate(i, max_new_tokens=300), "n_ctx=256"),
-    (lambda s, i: s.generate([], max_new_tokens=4), "prompt_ids is empty"),
-    (lambda s, i: s.generate([1, 10_000], max_new_tokens=4), "prompt_ids holds ids outside [0, 400)"),
-    (lambda s, i: s.generate("text", max_new_tokens=4), "prompt_ids must be a list of token ids"),
-    (lambda s, i: s.generate(i, temperature=-1.0), "temperature=-1.0"),
-    (lambda s, i: s.generate(i, top_p=0.0), "top_p=0.0"),
-    (lambda s, i: s.generate(i, top_k=-2), "top_k=-2"),
-    (lambda s, i: s.generate(i, repetition_penalty=0), "repetition_penalty=0"),
+    (lambda s, i: alone(s, i, max_new_tokens=0), "max_new_tokens=0"),
+    (lambda s, i: alone(s, i, max_new_tokens=300), "n_ctx=256"),
+    (lambda s, i: alone(s, [], max_new_tokens=4), "private_input_ids is empty"),
+    (lambda s, i: alone(s, [1, 10_000], max_new_tokens=4), "private_input_ids holds ids outside [0, 400)"),
+    (lambda s, i: logitfuse.generate(s, None, "text", alpha=1.0), "private_input_ids must be a list of token ids"),
+    (lambda s, i: alone(s, i, temperature=-1.0), "temperature=-1.0"),
+    (lambda s, i: alone(s, i, top_p=0.0), "top_p=0.0"),
+    (lambda s, i: alone(s, i, top_k=-2), "top_k=-2"),
+    (lambda s, i: alone(s, i, repetition_penalty=0), "repetition_penalty=0"),
+    (lambda s, i: logitfuse.generate(s, None, [i], alpha=0.5), "llm=None works only with alpha=1"),
     (lambda s, i: s.generate(i, public_prompt="Write:"), "pass session= and public_prompt= together"),
     (lambda s, i: s.generate(i, session="llm", public_prompt="Write:"), "session must be a logitfuse.FusionSession"),
     (lambda s, i: s.truncate(10_000), "n_past=10000"),
 ])
 def test_tiny_bad_arguments_name_the_argument(tiny, call, message):
     slm, _, tok, _ = tiny
-    with pytest.raises((ValueError, TypeError)) as err:
+    with pytest.raises((ValueError, TypeError)) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         call(slm, tok.encode(PRIVATE))
     assert message in str(err.value)
 
@@ -278,7 +294,7 @@ def test_tiny_errors_come_before_the_llm_is_contacted(tiny, tmp_path):
     slm, _, tok, path = tiny
     llm = logitfuse.HFLLM(tiny_llama(len(tok), seed=1), tok)
     with pytest.raises(ValueError, match="exceed n_ctx"):
-        generate_fused_llama_cpp(slm, llm, tok.encode(PRIVATE), tok.encode(PUBLIC), alpha=0.5, max_new_tokens=500)
+        fused_llama(slm, llm, tok.encode(PRIVATE), tok.encode(PUBLIC), alpha=0.5, max_new_tokens=500)
     assert llm.audit_log == []
     with pytest.raises(FileNotFoundError, match="model_path="):
         LlamaCppSLM(tmp_path / "missing.gguf")
@@ -305,57 +321,65 @@ def _without_eos(ids: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_tiny_generate_loop_equals_the_llama_cpp_loop(tiny, penalty):
-    """logitfuse.generate over the llama.cpp SLM: the tokens, α and counters of LlamaCppSLM's own loop,
-    with overlap on and off, and speculating (K = 2, 4: the rejected drafts leave llama.cpp's cache)."""
+def test_tiny_generate_on_llama_cpp_is_the_same_whatever_the_path(tiny, penalty):
+    """logitfuse.generate over the llama.cpp SLM: per-step with overlap on and off and speculating (K = 2, 4:
+    the rejected drafts leave llama.cpp's cache) give the same tokens; the per-step paths the same α and
+    counters; the deprecated wrapper is the same call."""
     slm, _, tok, _ = tiny
     private_ids, public_ids = tok.encode(PRIVATE), tok.encode(PUBLIC)
     llm_model = tiny_llama(len(tok), seed=1)
     for alpha in (0.5, 0.95):
-        ref = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
-                                       max_new_tokens=16, repetition_penalty=penalty)
-        for options in (dict(overlap=True), dict(overlap=False), dict(speculate=2), dict(speculate=4)):
-            out = logitfuse.generate(slm, logitfuse.HFLLM(llm_model, tok), [private_ids], public_ids, alpha=alpha,
-                                     max_new_tokens=16, repetition_penalty=penalty, **options)
-            assert _without_eos(out.sequences[0]) == ref.token_ids, (alpha, options)
-            assert out.stopped[0] == ("eos" if ref.stopped == "eos" else "length")
+        ref = fused_llama(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
+                          max_new_tokens=16, repetition_penalty=penalty, overlap=False)
+        for options in (dict(overlap=True), dict(speculate=2), dict(speculate=4)):
+            out = fused_llama(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
+                              max_new_tokens=16, repetition_penalty=penalty, **options)
+            assert out.sequences == ref.sequences and out.stopped == ref.stopped, (alpha, options)
             if not options.get("speculate"):
-                assert out.alpha[0][: len(ref.token_ids)] == ref.alpha
-                assert out.stats.llm_calls == ref.stats["llm_calls"]
+                assert out.alpha == ref.alpha and out.stats.llm_calls == ref.stats.llm_calls
             elif alpha == 0.95:
-                assert out.stats.draft_tokens_kept > 0 and out.stats.llm_calls < ref.stats["llm_calls"]
+                assert out.stats.draft_tokens_kept > 0 and out.stats.llm_calls < ref.stats.llm_calls
+        with pytest.warns(DeprecationWarning):
+            old = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=alpha,
+                                           max_new_tokens=16, repetition_penalty=penalty)
+        assert old.sequences == ref.sequences and old.alpha == ref.alpha
 
 
-def test_tiny_generate_loop_across_tokenizers_equals_the_llama_cpp_loop(tiny):
+def test_tiny_generate_across_tokenizers_overlaps_exactly(tiny):
     """The demo's shape: the llama.cpp SLM and an LLM with another tokenizer (per-step fusion)."""
     slm, _, tok, _ = tiny
     sp = sentencepiece_tokenizer()
     llm_model = tiny_llama(len(sp), seed=1)
     vocab_map = logitfuse.VocabMap.from_tokenizers(tok, sp, v_slm=slm.vocab_size, v_llm=len(sp))
     private_ids, public_ids = tok.encode(PRIVATE), sp.encode(PUBLIC)
-    ref = generate_fused_llama_cpp(slm, logitfuse.HFLLM(llm_model, sp), private_ids, public_ids, alpha=0.4,
-                                   vocab_map=vocab_map, max_new_tokens=12, repetition_penalty=1.1)
-    out = logitfuse.generate(slm, logitfuse.HFLLM(llm_model, sp), private_ids, public_ids, alpha=0.4,
-                             vocab_map=vocab_map, max_new_tokens=12, repetition_penalty=1.1)
-    assert _without_eos(out.sequences[0]) == ref.token_ids and out.stats.llm_calls == ref.stats["llm_calls"]
+    runs = [logitfuse.generate(slm, logitfuse.HFLLM(llm_model, sp), private_ids, public_ids, alpha=0.4,
+                               vocab_map=vocab_map, max_new_tokens=12, repetition_penalty=1.1, overlap=overlap)
+            for overlap in (False, True)]
+    assert runs[0].sequences == runs[1].sequences and runs[0].stats.llm_calls == runs[1].stats.llm_calls > 0
+    assert runs[0].text == tok.decode(runs[0].token_ids, skip_special_tokens=True)  # slm.tokenizer decodes
 
 
 def test_tiny_cli_engine_takes_logitfuse_generate_with_the_own_loops_tokens(tiny):
-    """`logitfuse demo/generate --slm-engine llama.cpp` fuse through logitfuse.generate (loop "auto"):
-    the text, ids and α of LlamaCppSLM's own loop, greedy with a penalty and sampled from a seed."""
-    from logitfuse.cli.generation import fuse_on_engine
+    """`logitfuse demo/generate --slm-engine llama.cpp` run logitfuse.generate (logitfuse.cli.common):
+    fused, the text, ids and α of LlamaCppSLM's own fused loop; alone (α = 1), those of its own
+    generate; greedy with a penalty and sampled from a seed."""
+    from logitfuse.cli.common import fusion_config, response, run_engine, sampling_config, slm_alone
 
     slm, _, tok, _ = tiny
     private_ids, public_ids = tok.encode(PRIVATE), tok.encode(PUBLIC)
     llm_model = tiny_llama(len(tok), seed=1)
     for sampling in ({"repetition_penalty": 1.1}, {"temperature": 0.9, "top_p": 0.9, "seed": 3}):
-        runs = [fuse_on_engine(slm, tok, private_ids, logitfuse.HFLLM(llm_model, tok), public_ids, 12, sampling,
-                               alpha=0.5, loop=loop) for loop in ("auto", "llama.cpp")]
-        assert runs[0].token_ids == runs[1].token_ids and runs[0].text == runs[1].text, sampling
-        assert runs[0].alpha == runs[1].alpha and runs[0].stats["llm_calls"] == runs[1].stats["llm_calls"]
-    with pytest.raises(ValueError, match="loop='processor'"):
-        fuse_on_engine(slm, tok, private_ids, logitfuse.HFLLM(llm_model, tok), public_ids, 4, {}, alpha=0.5,
-                       loop="processor")
+        config = sampling_config(slm, tok, 12, **sampling)
+        out, _ = run_engine(slm, tok, private_ids, logitfuse.HFLLM(llm_model, tok), public_ids,
+                            fusion_config(alpha=0.5), config)
+        ids, alpha, text = response(slm, tok, out)
+        own = fused_llama(slm, logitfuse.HFLLM(llm_model, tok), private_ids, public_ids, alpha=0.5,
+                          max_new_tokens=12, **sampling)
+        assert (ids, text, alpha) == (own.token_ids, own.text, own.alpha[0][:len(own.token_ids)]), sampling
+        assert out.stats.llm_calls == own.stats["llm_calls"]
+        by_cli, _ = slm_alone(slm, tok, private_ids, sampling_config(slm, tok, 12, **sampling))
+        own = alone(slm, private_ids, max_new_tokens=12, **sampling)
+        assert response(slm, tok, by_cli)[::2] == (own.token_ids, own.text) and by_cli.stats.llm_calls == 0, sampling
 
 
 def test_tiny_generate_loop_refuses_what_llama_cpp_cannot_do(tiny):
@@ -438,7 +462,7 @@ def test_real_fused_greedy_agrees_with_transformers_until_a_near_tie_and_keeps_t
         ref_ids, ref_rows, _ = transformers_fused(model, tok, logitfuse.HFLLM(model, tok), private_ids, public_ids,
                                                   N_NEW, eos)
         llm = logitfuse.HFLLM(model, tok)
-        out = generate_fused_llama_cpp(slm, llm, private_ids, public_ids, alpha=0.5, max_new_tokens=N_NEW)
+        out = fused_llama(slm, llm, private_ids, public_ids, alpha=0.5, max_new_tokens=N_NEW)
         same, gap = agreement(ref_ids, out.token_ids, ref_rows)
         results.append((same, gap))
         assert out.stats["fallbacks"] == 0 and out.stats["llm_calls"] == out.stats["steps"]

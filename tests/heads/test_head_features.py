@@ -180,10 +180,13 @@ def test_a_hidden_state_head_without_the_hidden_state_is_refused_before_anything
     with pytest.raises(ValueError, match=r"pass slm_hidden= \(batch_size, \d+\) to FusionSession.step"):
         session.step([[]], torch.randn(1, len(tok)))
     assert session.stats.llm_calls == 0
-    from logitfuse.decoding.llama_cpp import generate_fused_llama_cpp
+    from logitfuse.heads.protocol import check_slm_side_inputs  # the one refusal every engine calls
 
     with pytest.raises(ValueError, match="llama.cpp SLM does not expose"):
-        generate_fused_llama_cpp(None, llm, [1, 2], PUBLIC, max_new_tokens=2, head=head)
+        check_slm_side_inputs(head, hidden=False, side=True, where="the llama.cpp SLM", fix="use another head")
+    check_slm_side_inputs(head, hidden=True, side=True, where="the transformers SLM", fix="")  # can give it
+    with pytest.raises(ValueError, match=r"speculate > 0 cannot give the head its SLM-side features"):
+        check_slm_side_inputs(head, hidden=True, side=False, where="speculate > 0", fix="use speculate=0")
 
 
 # ---------------------------------------------------------------- training on cached SLM-side inputs
