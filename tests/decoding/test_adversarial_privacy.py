@@ -20,9 +20,11 @@ from logitfuse.testing.generation import PUBLIC, generate, left_pad, private_pro
 CANARY = "Zq8WkP3xLm2T"
 PRIVATE = f"{CANARY} is my door code. {CANARY} again, and {CANARY} once more."
 
-# every mode that calls logits processors on unverified candidate tokens
+# every mode that calls logits processors on unverified candidate tokens (transformers 4.46's prompt
+# lookup fails without an end-of-sequence id, before it calls any processor: EOS gives it one)
+EOS = 2
 LEAKY_MODES = {
-    "prompt_lookup": lambda slm: {"prompt_lookup_num_tokens": 10},
+    "prompt_lookup": lambda slm: {"prompt_lookup_num_tokens": 10, "eos_token_id": EOS},
     "assistant_model": lambda slm: {"assistant_model": slm},
 }
 
@@ -70,7 +72,7 @@ def test_refusal_leaves_the_processor_usable_for_a_safe_generate(slm, llm_model,
     proc = logitfuse.CoGenesisLogitsProcessor(llm, PUBLIC, alpha=0.5)
     inputs = _inputs(tok)
     with pytest.raises(ValueError):
-        generate(slm, inputs, 4, proc, prompt_lookup_num_tokens=3)
+        generate(slm, inputs, 4, proc, prompt_lookup_num_tokens=3, eos_token_id=EOS)
     proc.reset()
     generate(slm, inputs, 4, proc)
     assert proc.stats["llm_calls"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import inspect
 
 import pytest
 import torch
@@ -198,6 +199,39 @@ def test_a_new_generation_without_reset_raises(tok, slm, llm_model):
 def test_constructor_validation(tok, llm_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, **kwargs)
+
+
+def test_a_fusion_config_or_its_fields_as_keywords(tok, slm, llm_model):
+    """One FusionConfig, the same fields as keywords, or keywords over another config: the same run."""
+    inputs = private_batch(tok, PUBLICS)
+    fields = dict(alpha=0.4, mode="geometric", schedule="periodic(2, 1, 1)")
+    runs = []
+    for args, kwargs in (((logitfuse.FusionConfig(**fields),), {}), ((), fields),
+                         ((logitfuse.FusionConfig(alpha=0.9, tail="uniform"),), dict(fields, tail="slm"))):
+        llm = logitfuse.HFLLM(llm_model, tok)
+        proc = logitfuse.CoGenesisLogitsProcessor(llm, PUBLICS, *args, **kwargs)
+        runs.append((generate(slm, inputs, 6, proc).tolist(), dict(proc.stats), llm.audit_log))
+        assert (proc.fusion.alpha, proc.mode, proc.tail, proc.schedule.spec) == (0.4, "geometric", "slm",
+                                                                                "periodic(2, 1, 1)")
+    assert runs[0] == runs[1] == runs[2] and runs[0][1]["saved_calls"] > 0
+    assert len(inspect.signature(logitfuse.CoGenesisLogitsProcessor).parameters) <= 7  # and self
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((), dict(alpha=0.5, max_new_tokens=4), TypeError, r"CoGenesisLogitsProcessor\(\) got unexpected .*max_new_tokens"),
+    ((), dict(alpha=0.5, speculate=2), ValueError, r"speculate=2.*logitfuse.generate"),
+    (("alpha=0.5",), {}, TypeError, "expected a FusionConfig, got str"),
+    ((logitfuse.FusionConfig(alpha=0.5),), dict(mode="max"), ValueError, "mode='max'"),
+])
+def test_bad_settings_name_the_argument(tok, llm_model, args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), PUBLIC, *args, **kwargs)
+
+
+@pytest.mark.parametrize("public_prompt", [5, [], None, [["a"], "b"]])
+def test_a_public_prompt_that_is_no_prompt_is_refused(tok, llm_model, public_prompt):
+    with pytest.raises(ValueError, match="public_prompt must be one prompt"):
+        logitfuse.CoGenesisLogitsProcessor(logitfuse.HFLLM(llm_model, tok), public_prompt, alpha=0.5)
 
 
 def test_text_prompt_needs_a_backend_tokenizer(llm_model):
