@@ -8,8 +8,6 @@ in use), batch 1, one example after the other. For each weight (a fixed ``--alph
 of ``--head``) and each path:
 
 - ``processor``: ``slm.generate(..., logits_processor=[CoGenesisLogitsProcessor(...)])``;
-- ``processor, overlap``: the same with ``stopping_criteria=processor.stopping_criteria()`` (the
-  LLM's request for a position in a thread beside the SLM's forward for it);
 - ``per-step, no overlap`` / ``per-step, overlap``: ``logitfuse.generate`` with ``speculate=0``,
   the LLM's request run one after the SLM's forward or in a thread beside it;
 - ``speculate K``: ``logitfuse.generate(..., speculate=K)`` for each K > 0 of ``--speculate``.
@@ -226,10 +224,8 @@ class _FirstCall(LogitsProcessor):
         return scores
 
 
-def processor_generate(pair: Pair, weight: dict[str, Any], new_tokens: int,
-                       overlap: bool = False) -> tuple[list[list[int]], dict[str, int], list]:
-    """Every example through ``slm.generate`` with a :class:`~logitfuse.CoGenesisLogitsProcessor`
-    (``overlap``: and its overlap stopping criterion)."""
+def processor_generate(pair: Pair, weight: dict[str, Any], new_tokens: int) -> tuple[list[list[int]], dict[str, int], list]:
+    """Every example through ``slm.generate`` with a :class:`~logitfuse.CoGenesisLogitsProcessor`."""
     from logitfuse.decoding.processor import CoGenesisLogitsProcessor
 
     device = next(pair.slm.parameters()).device
@@ -242,8 +238,7 @@ def processor_generate(pair: Pair, weight: dict[str, Any], new_tokens: int,
         with torch.inference_mode():
             out = pair.slm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                     do_sample=False, repetition_penalty=1.0, eos_token_id=pair.eos,
-                                    pad_token_id=pair.pad, logits_processor=[processor, first],
-                                    stopping_criteria=processor.stopping_criteria() if overlap else None)
+                                    pad_token_id=pair.pad, logits_processor=[processor, first])
         clocks.append((time.perf_counter() - started, first.at - started))
         outputs.append(out[0, ids.shape[1]:].tolist())
         _add_stats(totals, processor.stats)
@@ -256,8 +251,7 @@ def paths(speculate: list[int], *, llama: bool = False, one_tokenizer: bool = Tr
     ks = [k for k in speculate if k > 0] if one_tokenizer else []
     loops = [("per-step, no overlap", {"speculate": 0, "overlap": False}), (PER_STEP, {"speculate": 0, "overlap": True})]
     loops += [(f"speculate {k}", {"speculate": k}) for k in ks]
-    processors = [("processor", {"processor": True}), ("processor, overlap", {"processor": True, "overlap": True})]
-    named = [("SLM alone", {"slm_alone": True}), *processors, *loops]
+    named = [("SLM alone", {"slm_alone": True}), ("processor", {"processor": True}), *loops]
     if llama:
         named += [("SLM alone" + LLAMA, {"slm_alone": True, "engine": "llama.cpp"})]
         named += [(name + LLAMA, {**how, "engine": "llama.cpp"}) for name, how in loops]
@@ -266,7 +260,7 @@ def paths(speculate: list[int], *, llama: bool = False, one_tokenizer: bool = Tr
 
 def run_path(pair: Pair, weight: dict[str, Any], how: dict[str, Any], new_tokens: int):
     if how.get("processor"):
-        return processor_generate(pair, weight, new_tokens, overlap=how.get("overlap", False))
+        return processor_generate(pair, weight, new_tokens)
     options = {k: v for k, v in how.items() if k != "slm_alone"}
     return fused_generate(pair, {"alpha": 1.0} if how.get("slm_alone") else weight, new_tokens, **options)
 
