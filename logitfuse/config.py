@@ -111,6 +111,10 @@ class FusionConfig(_Config):
         apply_chat_template: wrap text public prompts in the LLM tokenizer's chat template.
         lookbehind: LLM tokens re-encoded each step when the two models have different tokenizers.
         slm_temperature, llm_temperature: scale each model's logits before fusion.
+
+    The SLM's tokenizer is no field: it describes the SLM, not the fusion. It is an attribute of the SLM
+    runner (a :class:`logitfuse.LlamaCppSLM`'s ``tokenizer``), or ``slm_tokenizer=`` given to
+    :func:`logitfuse.generate` and :class:`logitfuse.FusionSession` beside the configs.
     """
 
     head: Any = None

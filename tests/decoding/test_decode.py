@@ -34,8 +34,9 @@ def random_head(tok, seed=0):
     return head
 
 
-def fused(slm, llm, inputs, publics, **kwargs):
-    return logitfuse.generate(slm, llm, inputs["input_ids"], publics, attention_mask=inputs["attention_mask"], **kwargs)
+def fused(slm, llm, inputs, publics, *configs, **kwargs):
+    return logitfuse.generate(slm, llm, inputs["input_ids"], publics, *configs, attention_mask=inputs["attention_mask"],
+                              **kwargs)
 
 
 def without_padding(ids: torch.Tensor, eos: int | None) -> list[list[int]]:
@@ -413,3 +414,58 @@ def test_overlap_sends_only_public_and_generated_text_to_a_server(tok, slm, llm_
     assert all(CANARY not in tok.decode(prompt) for prompt in prompts)
     public = tok.encode(PUBLIC)
     assert all(prompt[:len(public)] == public for prompt in prompts)
+
+
+# ------------------------------------------------------------------ configuration
+def test_configs_and_keywords_are_the_same_call(tok, slm, llm_model):
+    """generate(..., FusionConfig, SamplingConfig) is what the keywords build; keywords given beside a config
+    replace its fields (alpha replaces a config's head); α = 1 needs no LLM and no public prompt."""
+    inputs = private_batch(tok, 2)
+    head = random_head(tok)
+    fusion = logitfuse.FusionConfig(head=head, schedule="periodic(2, 3, 1)")
+    sampling = logitfuse.SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
+    by_config = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, PUBLICS[:2], fusion, sampling)
+    by_keywords = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, PUBLICS[:2], head=head,
+                        schedule="periodic(2, 3, 1)", max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
+    assert by_config.sequences == by_keywords.sequences and by_config.alpha == by_keywords.alpha
+    overridden = fused(slm, logitfuse.HFLLM(llm_model, tok), inputs, PUBLICS[:2], fusion, sampling, alpha=1.0,
+                       max_new_tokens=3)
+    assert [len(s) for s in overridden.sequences] == [3, 3] and overridden.stats.llm_calls == 0
+    alone = logitfuse.generate(slm, None, inputs["input_ids"], None, logitfuse.FusionConfig(alpha=1.0), sampling,
+                               attention_mask=inputs["attention_mask"], max_new_tokens=3)
+    assert alone.sequences == overridden.sequences and alone.alpha == [[1.0] * 3] * 2
+
+
+def test_configuration_errors_name_the_argument(tok, slm, llm_model):
+    llm = logitfuse.HFLLM(llm_model, tok)
+    private = [[5, 6, 7]]
+    with pytest.raises(TypeError, match=r"generate\(\) got unexpected keyword argument\(s\) temprature"):
+        logitfuse.generate(slm, llm, private, PUBLIC, alpha=0.5, temprature=1.0)
+    with pytest.raises(TypeError, match="expected a SamplingConfig, got FusionConfig"):
+        logitfuse.generate(slm, llm, private, PUBLIC, logitfuse.FusionConfig(alpha=0.5), logitfuse.FusionConfig(alpha=0.5))
+    with pytest.raises(ValueError, match="exactly one of head"):
+        logitfuse.generate(slm, llm, private, PUBLIC, max_new_tokens=4)
+    with pytest.raises(TypeError, match="llm=None works only with alpha=1"):
+        logitfuse.generate(slm, None, private, PUBLIC, alpha=0.5)
+    with pytest.raises(ValueError, match="public_prompt is missing"):
+        logitfuse.generate(slm, llm, private, alpha=0.5)
+    with pytest.raises(TypeError, match="slm must be a transformers causal LM"):
+        logitfuse.generate(object(), llm, private, PUBLIC, alpha=0.5)
+    with pytest.raises(TypeError, match=r"FusionSession\(\) got unexpected keyword argument\(s\) max_new_tokens"):
+        logitfuse.FusionSession(llm, alpha=0.5, max_new_tokens=3)
+    with pytest.raises(TypeError, match="head must be a logitfuse.FusionHead or PaperFusionHead"):
+        logitfuse.FusionSession(llm, head=object())
+    assert llm.audit_log == []
+
+
+def test_a_session_takes_a_config_or_its_keywords(tok, llm_model):
+    llm = logitfuse.HFLLM(llm_model, tok)
+    fusion = logitfuse.FusionConfig(alpha=0.25, mode="geometric", schedule="periodic(2, 3, 1)")
+    by_config = logitfuse.FusionSession(llm, fusion, eos_token_id=[0])
+    by_keywords = logitfuse.FusionSession(llm, alpha=0.25, mode="geometric", schedule="periodic(2, 3, 1)",
+                                          eos_token_id=[0])
+    for session in (by_config, by_keywords):
+        assert (session.alpha, session.mode, session.tail, session.schedule.spec) == (0.25, "geometric", "slm",
+                                                                                     "periodic(2, 3, 1)")
+        assert session.eos_token_ids == frozenset([0])
+    assert logitfuse.FusionSession(llm, fusion, alpha=0.5).alpha == 0.5  # a keyword replaces the field
