@@ -5,10 +5,11 @@
 - the flags and checks common to demo and generate (:func:`add_shared_arguments`, :func:`check_shared`);
 - loading the SLM on either engine (:func:`load_slm`: transformers, or llama.cpp from the zoo's GGUF
   file) and the vocabulary map (:func:`vocab_map_for`);
-- one run through the one engine, :func:`logitfuse.generate` (:func:`run_engine`): fused, or the SLM
-  alone at α = 1 (:func:`slm_alone`: a stand-in backend, :class:`NoLLM`, that is never asked), with
-  :class:`logitfuse.FusionConfig` / :class:`logitfuse.SamplingConfig` built here; the result is a
-  :class:`logitfuse.FusedGeneration`. The LLM alone is plain ``model.generate`` (:func:`llm_alone`);
+- one run through the one engine, :func:`logitfuse.generate` (:func:`run_engine`), given the
+  :class:`logitfuse.FusionConfig` and :class:`logitfuse.SamplingConfig` built here
+  (:func:`fusion_config`, :func:`sampling_config`): fused, or the SLM alone at α = 1 with no LLM at
+  all (:func:`slm_alone`); the result is a :class:`logitfuse.FusedGeneration`. The LLM alone is plain
+  ``model.generate`` (:func:`llm_alone`);
 - printing a run: the text coloured by α (:func:`colour_by_alpha`), the warning when the LLM answered
   no step (:func:`llm_silence`).
 """
@@ -20,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from logitfuse.heads import load_head
 from logitfuse.prompts import render_prompt, shipped_path
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_ALPHA", "NoLLM", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
+__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
            "load_slm", "load_weight", "response", "run_engine", "sampling_config", "slm_alone", "use_color",
            "vocab_map_for"]
@@ -241,29 +242,6 @@ def vocab_map_for(slm: Any, slm_tokenizer: Any, llm_vocab_size: int, llm_tokeniz
 
 
 # ------------------------------------------------------------------------------------ the engine
-class NoLLM(LLMBackend):
-    """The LLM side of a run of the SLM alone (α = 1): :func:`logitfuse.generate` never asks it, and
-    asking it would be a bug, so every request raises. Nothing is loaded, nothing is sent."""
-
-    output_kind = "dense"
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def _never(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("the SLM alone (alpha=1) never asks the LLM")
-
-    start = advance = rollback = _never
-
-    def reset(self) -> None:
-        pass
-
-    @property
-    def batch_size(self) -> int:
-        return 0
-
-
 def fusion_config(*, head: Any = None, alpha: float | None = None, vocab_map: VocabMap | None = None,
                   mode: str | None = None, tail: str | None = None, schedule: str = "always",
                   speculate: int = 0) -> FusionConfig:
@@ -289,29 +267,18 @@ def sampling_config(slm: Any, tokenizer: Any, max_new_tokens: int, *, temperatur
                           eos_token_id=eos, pad_token_id=pad)
 
 
-def _options(config: Any) -> dict[str, Any]:
-    """A config's fields set away from their defaults, as keyword arguments (what ``generate`` takes as sugar)."""
-    options = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if value is not f.default and not (isinstance(value, (int, float, str)) and value == f.default):
-            options[f.name] = value
-    return options
-
-
-def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend, public_prompt: Any,
+def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend | None, public_prompt: Any,
                fusion: FusionConfig, sampling: SamplingConfig) -> tuple[FusedGeneration, float]:
     """``(result, seconds)`` of one row through :func:`logitfuse.generate`, the one loop that chooses
     fused tokens (the SLM alone too, at α = 1: the LLM is never asked)."""
     started = time.perf_counter()
-    out = generate(slm, llm, [private_ids], public_prompt, slm_tokenizer=tokenizer, **_options(fusion),
-                   **_options(sampling))
+    out = generate(slm, llm, [private_ids], public_prompt, fusion, sampling, slm_tokenizer=tokenizer)
     return out, time.perf_counter() - started
 
 
 def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], sampling: SamplingConfig) -> tuple[FusedGeneration, float]:
-    """The SLM alone: :func:`run_engine` at α = 1 against :class:`NoLLM` (nothing loaded, nothing sent)."""
-    return run_engine(slm, tokenizer, private_ids, NoLLM(slm_vocab_size(slm)), "", FusionConfig(alpha=1.0), sampling)
+    """The SLM alone: :func:`run_engine` at α = 1 with no LLM at all (nothing loaded, nothing sent)."""
+    return run_engine(slm, tokenizer, private_ids, None, None, FusionConfig(alpha=1.0), sampling)
 
 
 def response(slm: Any, tokenizer: Any, out: FusedGeneration) -> tuple[list[int], list[float], str]:
