@@ -263,8 +263,7 @@ def sampling_config(slm: Any, tokenizer: Any, max_new_tokens: int, *, temperatur
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seed = (slm.seed if isinstance(slm, LlamaCppSLM) else 0) if seed is None else int(seed)
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          repetition_penalty=repetition_penalty, generator=torch.Generator().manual_seed(seed),
-                          eos_token_id=eos, pad_token_id=pad)
+                          repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos, pad_token_id=pad)
 
 
 def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend | None, public_prompt: Any,
