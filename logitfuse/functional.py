@@ -220,16 +220,17 @@ def fuse_with_head(
     head.check_vocab_sizes(args["slm_logits"].shape[1], args["v_llm"])
     side = dict(slm_hidden=slm_hidden, last_tokens=last_tokens, positions=positions) \
         if head.reads_slm_side else {}
+    if not check_finite:  # passed only when asked: a head of one's own need not take it otherwise
+        side["check_finite"] = False
     ops = ops_for(args)
     if ops is not REFERENCE_OPS and not head.needs_aligned_view:
-        alpha = head(slm_logits, llm, vocab_map, **side, check_finite=check_finite)  # per-row features from a kernel, no (B, V) LLM tensor
+        alpha = head(slm_logits, llm, vocab_map, **side)  # per-row features from a kernel, no (B, V) LLM tensor
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
         args["alpha"] = per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
         return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
     aligned = _align(args)
     same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
-    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side,
-                                    check_finite=check_finite)
+    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side)
     return alpha, reference.mix(aligned, alpha, mode=mode)
 
 

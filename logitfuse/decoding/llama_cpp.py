@@ -79,14 +79,16 @@ def _llama_cpp(verbose: bool) -> Any:
 
 
 class LlamaCppSLM:
-    r"""An on-device SLM in llama.cpp (a GGUF file), with a fused decode loop over a :class:`FusionSession`.
+    r"""An on-device SLM in llama.cpp (a GGUF file): pass it to :func:`logitfuse.generate` as ``slm`` (it makes
+    its own SLM runner, :meth:`open_runner`; its :attr:`eos_token_ids` and ``tokenizer`` are the defaults
+    there).
 
     Args:
         model_path (`str` or `os.PathLike`): the GGUF file (e.g. ``logitfuse.zoo.gguf_path("smollm2-135m")``).
         n_ctx (`int`, defaults to 2048): context length: the private prompt plus the generated tokens.
         n_threads (`int`, *optional*): CPU threads; default half the CPUs (at least 1).
-        seed (`int`, defaults to 0): the sampling seed when :meth:`generate` gets neither ``seed`` nor
-            ``generator``.
+        seed (`int`, defaults to 0): the sampling seed of the deprecated :meth:`generate` when it gets
+            neither ``seed`` nor ``generator``.
         tokenizer (*optional*): the same model's transformers tokenizer. It renders chat messages in
             :meth:`tokenize`, and is what a cross-tokenizer session needs as ``slm_tokenizer``; it must
             tokenize like the GGUF's own tokenizer (checked on a probe text).

@@ -187,16 +187,19 @@ def _session(reads: HostReads, **kwargs) -> logitfuse.FusionSession:
     return session
 
 
-@pytest.mark.parametrize("kind", ["alpha", "head"])
+@pytest.mark.parametrize("kind", ["alpha", "head", "head, deferred check"])
 def test_a_session_step_reads_only_what_it_needs(kind):
-    """Per step: the backend's ok flags (host data for an HTTP client; a device backend's stay on the
-    device), and with a head its α-is-finite check. The step used to read 8 (fixed α) / 11 (head)."""
+    """Per step: nothing (the backend gives its ok flags as host data, ``ok_rows``), and with a head its
+    α-is-finite check, unless the decode loop folds that into the ids it reads (``defer_alpha_checks``,
+    as logitfuse.generate does). The step used to read 8 (fixed α) / 11 (head), then 1 / 2."""
     reads = HostReads()
     v = len(byte_level_tokenizer())
     session = _session(reads, **(dict(alpha=0.5) if kind == "alpha" else dict(head=FusionHead(v, v))))
+    if kind == "head, deferred check":
+        session.defer_alpha_checks()
     with reads:
         session.step([[5], [6]], torch.randn(2, v))
-    assert reads.seen == (["tolist"] if kind == "alpha" else ["tolist", "__bool__"])
+    assert reads.seen == (["__bool__"] if kind == "head" else [])
     assert session.stats.steps == 2 and session.stats["llm_calls"] == 2 and session.stats.fallbacks == 0
     assert [a.device.type for a in session.alpha_history] == ["cpu", "cpu"]
 
