@@ -224,7 +224,11 @@ def fuse_with_head(
         side["check_finite"] = False
     ops = ops_for(args)
     if ops is not REFERENCE_OPS and not head.needs_aligned_view:
-        alpha = head(slm_logits, llm, vocab_map, **side)  # per-row features from a kernel, no (B, V) LLM tensor
+        # per-row statistics from a kernel (no (B, V) LLM tensor), at temperature 1 with the head's tail,
+        # computed here once and handed to the head: it calls nothing back
+        stats_args = {key: value for key, value in args.items()
+                      if key not in ("alpha", "mode", "slm_temperature", "llm_temperature")} | {"tail": head.tail}
+        alpha = head.alpha_from_stats(ops.fusion_feature_stats(**stats_args, k=head.stats_top_k), **side)
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
         args["alpha"] = per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
         return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)

@@ -22,7 +22,7 @@ from logitfuse.heads.files import non_finite_tensors as _non_finite_tensors
 from logitfuse.functional import align, fusion_feature_stats
 from logitfuse.heads.protocol import FusionHeadProtocol
 from logitfuse.heads.slm_side import CallGate, SLMSideEncoder, check_feature_groups, slm_distribution_features
-from logitfuse.types import MODES, TAILS, Aligned, TopK
+from logitfuse.types import MODES, TAILS, Aligned, FeatureStats, TopK
 from logitfuse.vocab import VocabMap
 
 __all__ = ["CONFIG_NAME", "SHA256_KEY", "WEIGHTS_NAME", "BaseFusionHead", "FusionHead", "FusionHeadProtocol",
@@ -77,6 +77,8 @@ class BaseFusionHead(nn.Module):
     reads_slm_side: bool = False
     needs_slm_hidden: bool = False
     slm_hidden_size: int = 0
+    #: with ``needs_aligned_view`` False: the k of the per-row statistics it reads (:meth:`alpha_from_stats`)
+    stats_top_k: int | None = None
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str, tail: str, slm_name: str | None,
                  llm_name: str | None, vocab_map_hash: str | None, llm_top_k: int | None = None):
@@ -196,6 +198,13 @@ class BaseFusionHead(nn.Module):
         (:func:`logitfuse.fuse_with_head`) need not again. The view should be the head's own
         (:meth:`aligned`: temperature 1, the head's tail)."""
         raise NotImplementedError
+
+    def alpha_from_stats(self, stats: FeatureStats, slm_hidden: Tensor | None = None, *, check_finite: bool = True,
+                         **slm_side: Any) -> Tensor:
+        """α from per-row statistics of the step (``fusion_feature_stats`` with :attr:`stats_top_k` and the
+        head's tail), what :func:`logitfuse.fuse_with_head` computes once on the kernel path; only heads
+        that do not need the aligned view implement it."""
+        raise NotImplementedError(f"{type(self).__name__} reads the aligned view (needs_aligned_view), not statistics")
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -372,6 +381,17 @@ class FusionHead(BaseFusionHead):
         self._check_inputs(slm_logits, llm, vocab_map)
         stats = fusion_feature_stats(slm_logits, llm, vocab_map=vocab_map, tail=self.tail, k=self.top_k, validate=False)
         return reference.features_from_stats(stats, self.top_k)
+
+    @property
+    def stats_top_k(self) -> int:
+        return self.top_k
+
+    def alpha_from_stats(self, stats: FeatureStats, slm_hidden: Tensor | None = None, *, check_finite: bool = True,
+                         **slm_side: Any) -> Tensor:
+        """As the base class: :meth:`alpha_from_features` of ``stats``' features (``ValueError`` where α is
+        not finite, unless not ``check_finite``)."""
+        return self._checked_features_alpha(reference.features_from_stats(stats, self.top_k), slm_hidden,
+                                            check_finite=check_finite, **slm_side)
 
     def features_from_aligned(self, aligned: Aligned) -> Tensor:
         """:meth:`features` from an aligned view (the reference path of :func:`logitfuse.fuse_with_head`)."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from logitfuse.types import Aligned, TopK
+from logitfuse.types import Aligned, FeatureStats, TopK
 
 Tensor = torch.Tensor
 
@@ -43,6 +43,11 @@ class FusionHeadProtocol(Protocol):
         slm_hidden_size: the SLM hidden size the ``"hidden"`` group was trained on (0 without it).
         gate: its call gate (``None``: none; the ``head_gate(tau)`` schedule needs one), read through
             :meth:`call_gain`.
+        stats_top_k: without ``needs_aligned_view``, the k of the per-row statistics
+            (:class:`~logitfuse.types.FeatureStats`) it reads through :meth:`alpha_from_stats`.
+
+    A fused step computes what the head reads once (the aligned view, or the statistics) and hands it
+    over: the head never calls back into :mod:`logitfuse.functional` during the step.
     """
 
     mode: str
@@ -55,6 +60,7 @@ class FusionHeadProtocol(Protocol):
     needs_slm_hidden: bool
     slm_hidden_size: int
     gate: Any
+    stats_top_k: int | None
 
     def __call__(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: Any = None, slm_hidden: Tensor | None = None,
                  *, check_finite: bool = True, **slm_side: Any) -> Tensor:
@@ -63,6 +69,10 @@ class FusionHeadProtocol(Protocol):
 
     def alpha_from_aligned(self, aligned: Aligned, *, check_finite: bool = True, **slm_side: Any) -> Tensor:
         """α ``(batch_size,)`` from an aligned view of the step (computed once, shared with the mix)."""
+
+    def alpha_from_stats(self, stats: FeatureStats, slm_hidden: Tensor | None = None, *, check_finite: bool = True,
+                         **slm_side: Any) -> Tensor:
+        """α ``(batch_size,)`` from the step's per-row statistics (heads without ``needs_aligned_view``)."""
 
     def aligned(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: Any = None) -> Aligned:
         """The step as this head reads it (temperature 1, its own tail)."""

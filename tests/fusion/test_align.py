@@ -134,6 +134,35 @@ def test_the_head_and_the_mix_read_one_alignment(head_class, monkeypatch):
         assert torch.equal(fused, logitfuse.fuse(slm, llm, alpha=alpha, vocab_map=vmap, mode="linear", tail="slm"))
 
 
+@pytest.mark.parametrize("llm_kind", ["dense", "topk"])
+def test_on_the_statistics_path_the_head_reads_what_fuse_with_head_computed(llm_kind, monkeypatch):
+    """The kernel path of fuse_with_head (here with the reference implementations behind another namespace,
+    as on CUDA): the per-row statistics are computed once there and handed to the head, which calls nothing
+    back into logitfuse.functional; α and the mix are those of the aligned-view path."""
+    from types import SimpleNamespace
+
+    from logitfuse import functional, heads
+
+    slm, llm = inputs(llm_kind, seed=5)
+    vmap = partial_map()
+    head = FusionHead(V_SLM, V_LLM, tail="uniform", top_k=3)
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        expected = logitfuse.fuse_with_head(slm, llm, head, vocab_map=vmap, tail="slm", validate=False)
+    as_kernels = SimpleNamespace(**vars(functional.REFERENCE_OPS))
+    monkeypatch.setattr(functional, "ops_for", lambda args, **k: as_kernels)
+
+    def called_back(*a, **k):
+        raise AssertionError("the head called back into logitfuse.functional")
+
+    monkeypatch.setattr(heads, "fusion_feature_stats", called_back)
+    monkeypatch.setattr(heads, "align", called_back)
+    with torch.no_grad():
+        alpha, fused = logitfuse.fuse_with_head(slm, llm, head, vocab_map=vmap, tail="slm", validate=False)
+    torch.testing.assert_close(alpha, expected[0])
+    torch.testing.assert_close(fused, expected[1])
+
+
 def test_a_head_reads_its_own_view_from_align():
     slm, llm = inputs("dense", seed=3)
     vmap = partial_map()
