@@ -170,6 +170,11 @@ class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
     def batch_size(self) -> int:
         return len(self._ids)
 
+    def sequences(self) -> list[list[int]]:
+        """A copy of each row's LLM token ids: its public prompt and the tokens fed so far (what the next
+        request for the row sends)."""
+        return [list(row) for row in self._ids]
+
     def reset(self) -> None:
         """Forget the sequences (the audit log and request statistics are kept)."""
         self._ids: list[list[int]] = []

@@ -104,14 +104,14 @@ class BaseFusionHead(nn.Module):
                          "--gate-hidden 32) or use another schedule (entropy_gate, periodic)")
 
     #: most parameters a head of this class may have without ``allow_large=True``
-    _max_parameters = 1_000_000
+    MAX_PARAMETERS = 1_000_000
 
-    def _check_size(self, n_parameters: int, allow_large: bool, arguments: str) -> None:
+    def check_size(self, n_parameters: int, allow_large: bool, arguments: str) -> None:
         """Refuse (before allocating) a head larger than the class means to be, unless ``allow_large``."""
-        if not allow_large and n_parameters > self._max_parameters:
+        if not allow_large and n_parameters > self.MAX_PARAMETERS:
             raise ValueError(
                 f"{type(self).__name__}({arguments}) would have {n_parameters:,} parameters, more than the "
-                f"{self._max_parameters:,} it is meant to stay under; use smaller sizes, or pass allow_large=True"
+                f"{self.MAX_PARAMETERS:,} it is meant to stay under; use smaller sizes, or pass allow_large=True"
             )
 
     def _checked_alpha(self, alpha: Tensor, non_finite_inputs: Callable[[Tensor], list[str]],
@@ -353,7 +353,7 @@ class FusionHead(BaseFusionHead):
         n_parameters = SLMSideEncoder.n_parameters(groups, **sizes) + width * hidden + hidden * hidden + 3 * hidden + 1
         n_parameters += CallGate.n_parameters(groups, top_k=top_k, width=self.gate_hidden, **sizes) if self.gate_hidden else 0
         extra = f", slm_features={list(groups)}, gate_hidden={self.gate_hidden}" if groups or self.gate_hidden else ""
-        self._check_size(n_parameters, allow_large, f"top_k={top_k}, hidden={hidden}, slm_hidden_size={slm_hidden_size}{extra}")
+        self.check_size(n_parameters, allow_large, f"top_k={top_k}, hidden={hidden}, slm_hidden_size={slm_hidden_size}{extra}")
         self.slm_encoder = SLMSideEncoder(groups, **sizes) if groups else None
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(),
@@ -483,7 +483,7 @@ class PaperFusionHead(BaseFusionHead):
 
     _arch_keys = ("hidden",)
 
-    _max_parameters = 500_000_000  # 155M at a 152k vocabulary; 2 GB of float32 weights
+    MAX_PARAMETERS = 500_000_000  # 155M at a 152k vocabulary; 2 GB of float32 weights
 
     def __init__(self, v_slm: int, v_llm: int, *, mode: str = "logit", tail: str = "zero", hidden: int = 512,
                  slm_name: str | None = None, llm_name: str | None = None, vocab_map_hash: str | None = None,
@@ -491,7 +491,7 @@ class PaperFusionHead(BaseFusionHead):
         super().__init__(v_slm, v_llm, mode=mode, tail=tail, slm_name=slm_name, llm_name=llm_name,
                          vocab_map_hash=vocab_map_hash, llm_top_k=llm_top_k)
         self.hidden = hidden = _int_argument("hidden", hidden, 1, 1 << 16, "it is the first layer's width (512 in the paper)")
-        self._check_size(2 * self.v_slm * hidden + 17 * hidden + 33, allow_large, f"v_slm={self.v_slm}, hidden={hidden}")
+        self.check_size(2 * self.v_slm * hidden + 17 * hidden + 33, allow_large, f"v_slm={self.v_slm}, hidden={hidden}")
         self.mlp = nn.Sequential(nn.Linear(2 * self.v_slm, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 1))
 
     def forward(self, slm_logits: Tensor, llm: Tensor | TopK, vocab_map: VocabMap | None = None,

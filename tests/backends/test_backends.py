@@ -163,7 +163,7 @@ def test_remote_reorder_and_rollback_need_no_server():
     llm.start([[1, 2], [3, 4, 5]])
     llm.reorder([1, 1])
     llm.rollback([1, 2])
-    assert llm._ids == [[3, 4], [3]] and llm.audit_log == []
+    assert llm.sequences() == [[3, 4], [3]] and llm.audit_log == []
 
 
 # ------------------------------------------------------------------- the declared output kind

@@ -150,10 +150,10 @@ def test_reuse_without_reset_never_reads_the_new_private_prompt(slm, llm_model, 
     llm = logitfuse.HFLLM(llm_model, tok)
     first, _ = slm_inputs(tok, "Aa1Bb2Cc3Dd4", "Ee5Ff6Gg7Hh8", rows=1)
     proc = logitfuse.CoGenesisLogitsProcessor(llm, [PUBLIC], alpha=0.5)
-    generate(slm, first, 3, proc)
+    seen = generate(slm, first, 3, proc).shape[1] - 1  # the columns of the processor's last call
     canary = "Zq8WkP3xLm2T"
     ids = private_prompt_ids(tok, private_context(canary, "Yy7VbN4cXa1R"), PUBLIC)
-    width = proc._seen + 1 if extra == 0 else len(ids) + extra
+    width = seen + 1 if extra == 0 else len(ids) + extra
     ids = (ids + [5] * width)[:width] if len(ids) < width else ids[-width:]
     assert len(ids) == width
     with pytest.raises(ValueError, match="reset"):

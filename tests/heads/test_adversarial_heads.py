@@ -271,10 +271,10 @@ def test_the_size_check_counts_parameters_exactly():
     for kwargs in (dict(), dict(slm_hidden_size=8), dict(top_k=5, hidden=40, slm_hidden_size=3)):
         head = FusionHead(6, 9, **kwargs)
         limit = sum(p.numel() for p in head.parameters())
-        head._max_parameters = limit
-        head._check_size(limit, False, "")
+        head.MAX_PARAMETERS = limit
+        head.check_size(limit, False, "")
         with pytest.raises(ValueError, match="would have"):
-            head._check_size(limit + 1, False, "")
+            head.check_size(limit + 1, False, "")
     paper = PaperFusionHead(6, 9, hidden=10)
     assert sum(p.numel() for p in paper.parameters()) == 2 * 6 * 10 + 17 * 10 + 33
 
