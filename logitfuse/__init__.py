@@ -19,7 +19,7 @@ from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, Op
 from logitfuse.decoding.session import FusionSession, SessionStats
 from logitfuse.decoding.processor import CoGenesisLogitsProcessor
 from logitfuse.decoding.engine import FusedGeneration, generate
-from logitfuse.decoding.sketch import SketchResult, sketch_generate
+from logitfuse.decoding.sketch import SketchResult, SketchSettings, sketch_generate
 from logitfuse.decoding.llama_cpp import LlamaCppSLM, SLMGeneration  # llama-cpp-python is imported only when used
 
 __version__ = "0.1.0"
@@ -53,6 +53,7 @@ __all__ = [
     "FusedGeneration",
     "generate",
     "SketchResult",
+    "SketchSettings",
     "sketch_generate",
     "LlamaCppSLM",
     "SLMGeneration",

@@ -7,15 +7,17 @@ private context never leaves :func:`sketch_generate`'s SLM call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from logitfuse.backends import LLMBackend
+from logitfuse.config import check_int
 from logitfuse.prompts import has_chat_template, render_prompt
 
-__all__ = ["FINAL_PROMPT", "OUTLINE_PROMPT", "SketchResult", "sketch_generate"]
+__all__ = ["FINAL_PROMPT", "OUTLINE_PROMPT", "SketchResult", "SketchSettings", "sketch_generate"]
 
 OUTLINE_PROMPT = (
     "Write a brief outline (a few short bullet points) for the following writing task. "
@@ -44,30 +46,51 @@ class SketchResult:
     output_ids: list[int]
 
 
+@dataclass(frozen=True)
+class SketchSettings:
+    """The outline step's settings (:func:`sketch_generate`).
+
+    Attributes:
+        outline_max_new_tokens: outline length in LLM tokens (greedy decoding).
+        outline_prompt: template of the LLM's prompt, with ``{instruction}``.
+        final_prompt: template of the SLM's prompt, with ``{context}``, ``{instruction}``, ``{outline}``.
+        apply_chat_template: wrap both prompts in the tokenizers' chat templates (where they have one).
+    """
+
+    outline_max_new_tokens: int = 64
+    outline_prompt: str = OUTLINE_PROMPT
+    final_prompt: str = FINAL_PROMPT
+    apply_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("outline_max_new_tokens", self.outline_max_new_tokens, 1, fix="outline length in LLM tokens")
+        for name in ("outline_prompt", "final_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str template")
+
+
+SKETCH_FIELDS = frozenset(f.name for f in fields(SketchSettings))
+
+
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
     return render_prompt(tokenizer, [{"role": "user", "content": text}])
 
 
 def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_context: str, *,
-                    slm_tokenizer: Any, outline_max_new_tokens: int = 64, max_new_tokens: int = 128,
-                    outline_prompt: str = OUTLINE_PROMPT, final_prompt: str = FINAL_PROMPT,
-                    apply_chat_template: bool = True, **generate_kwargs: Any) -> SketchResult:
+                    slm_tokenizer: Any, settings: SketchSettings | None = None, **generate_kwargs: Any) -> SketchResult:
     """Sketch-based CoGenesis: an outline from the LLM (public), the text from the SLM (private).
 
     Args:
         llm (`LLMBackend`): the cloud side (:class:`logitfuse.HFLLM` or
             :class:`logitfuse.OpenAICompatibleLLM`, with a tokenizer to decode the outline).
         slm: the on-device transformers causal LM.
-        public_instruction (`str`): the task; the only thing the LLM sees (formatted by ``outline_prompt``).
+        public_instruction (`str`): the task; the only thing the LLM sees (formatted by the outline prompt).
         private_context (`str`): the user's private context; only the SLM sees it.
         slm_tokenizer: the SLM's tokenizer.
-        outline_max_new_tokens (`int`, defaults to 64): outline length (greedy decoding).
-        max_new_tokens (`int`, defaults to 128): final text length.
-        outline_prompt, final_prompt (`str`): templates with ``{instruction}``, and ``{context}``,
-            ``{instruction}``, ``{outline}``.
-        apply_chat_template (`bool`, defaults to True): wrap both prompts in the tokenizers' chat
-            templates (when they have one).
-        **generate_kwargs: passed to ``slm.generate`` (default greedy).
+        settings (`SketchSettings`, *optional*): the outline step (length, templates, chat template);
+            its fields may also be given as keywords.
+        **generate_kwargs: passed to ``slm.generate`` for the final text (default greedy,
+            ``max_new_tokens=128``).
 
     Example:
 
@@ -80,6 +103,12 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
     >>> len(result.outline_ids), len(result.output_ids)
     (4, 4)
     """
+    sugar = {k: generate_kwargs.pop(k) for k in list(generate_kwargs) if k in SKETCH_FIELDS}
+    if settings is not None and not isinstance(settings, SketchSettings):
+        raise TypeError(f"settings must be a SketchSettings, got {type(settings).__name__}")
+    settings = dataclasses.replace(settings or SketchSettings(), **sugar)
+    max_new_tokens = check_int("max_new_tokens", generate_kwargs.pop("max_new_tokens", 128), 1,
+                               fix="final text length in SLM tokens")
     if not isinstance(llm, LLMBackend):
         raise TypeError(f"llm must be a logitfuse LLM backend (HFLLM, OpenAICompatibleLLM), got {type(llm).__name__}")
     if llm.tokenizer is None:
@@ -87,24 +116,21 @@ def sketch_generate(llm: LLMBackend, slm: Any, public_instruction: str, private_
     for name, value in (("public_instruction", public_instruction), ("private_context", private_context)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    for name, value in (("outline_max_new_tokens", outline_max_new_tokens), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
 
     # 1. the LLM: public instruction only
     llm_tok = llm.tokenizer
-    outline_text = outline_prompt.format(instruction=public_instruction)
-    if apply_chat_template and has_chat_template(llm_tok):
+    outline_text = settings.outline_prompt.format(instruction=public_instruction)
+    if settings.apply_chat_template and has_chat_template(llm_tok):
         llm_prompt: Any = _chat_ids(llm_tok, outline_text)
     else:
         llm_prompt = outline_text
     stop = [i for i in (getattr(llm_tok, "eos_token_id", None),) if i is not None]
-    outline_ids = llm.greedy(llm_prompt, outline_max_new_tokens, stop_ids=stop)
+    outline_ids = llm.greedy(llm_prompt, settings.outline_max_new_tokens, stop_ids=stop)
     outline = llm_tok.decode(outline_ids, skip_special_tokens=True).strip()
 
     # 2. the SLM: private context + instruction + outline, on the device
-    final_text = final_prompt.format(context=private_context, instruction=public_instruction, outline=outline)
-    if apply_chat_template and has_chat_template(slm_tokenizer):
+    final_text = settings.final_prompt.format(context=private_context, instruction=public_instruction, outline=outline)
+    if settings.apply_chat_template and has_chat_template(slm_tokenizer):
         prompt_ids = _chat_ids(slm_tokenizer, final_text)
     else:
         prompt_ids = list(slm_tokenizer.encode(final_text))
