@@ -91,7 +91,22 @@ def check_head(value: str, slm_name: str, llm_name: str | None) -> Path:
 
 
 def choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
-    """Fill ``plan``'s head/α: --head DIR, else --alpha (or --head none), else the head shipped for the pair."""
+    """Fill ``plan``'s head/α: --head DIR, else --alpha (or --head none), else the head shipped for the
+    pair. A head that reads the SLM's hidden state is refused with --slm-engine llama.cpp (it does not
+    expose it), from the head's config.json, before anything loads."""
+    _choose_weight(args, plan, variant)
+    if plan.head_dir is not None and getattr(args, "slm_engine", "transformers") == "llama.cpp":
+        try:
+            features = json.loads((plan.head_dir / "config.json").read_text(encoding="utf-8")).get("slm_features")
+        except (OSError, ValueError, AttributeError):
+            features = None  # loading it says what is wrong
+        if isinstance(features, list) and "hidden" in features:
+            raise UsageError(f"--head {str(plan.head_dir)!r} reads the SLM's hidden state, which llama.cpp does not "
+                             "expose: use --slm-engine transformers, or a head trained without it (logitfuse train "
+                             "--slm-features token,position)")
+
+
+def _choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
     if args.head not in (None, "none"):
         if args.alpha is not None:
             raise UsageError(f"--alpha {args.alpha:g} and --head {args.head!r} both given: a head predicts α per token, "
@@ -191,13 +206,6 @@ def check_shared(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as err:
         raise UsageError(f"--schedule {args.schedule!r}: {err}") from None
     check_device("--device", args.device)
-
-
-def check_head_on_engine(head: Any, slm: Any) -> None:
-    """A head reading the SLM's hidden state cannot run on llama.cpp (``UsageError``)."""
-    if getattr(head, "needs_slm_hidden", False) and isinstance(slm, LlamaCppSLM):
-        raise UsageError("--head reads the SLM's hidden state, which llama.cpp does not expose: use --slm-engine "
-                         "transformers, or a head trained without it (logitfuse train --slm-features token,position)")
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -17,7 +17,7 @@ from typing import Any
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_head_on_engine, check_shared, choose_weight, colour_by_alpha,
+    Plan, add_shared_arguments, check_shared, choose_weight, colour_by_alpha,
     fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_engine, sampling_config,
     slm_alone, use_color, vocab_map_for,
 )
@@ -113,7 +113,6 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     _, llm_text, seconds = llm_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, do_sample=False,
                                      repetition_penalty=args.repetition_penalty)
     print(_section(f"LLM alone, without it ({seconds:.1f} s)", llm_text), flush=True)
-    check_head_on_engine(head, slm)
     drafts, why = speculation(llm, vmap, args.schedule, args.speculate, head)
     if why:
         print(f"(fused run: {why})", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Any
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_head_on_engine, check_shared, check_url, choose_weight, colour_by_alpha,
+    Plan, add_shared_arguments, check_shared, check_url, choose_weight, colour_by_alpha,
     fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_engine, sampling_config, slm_alone,
     use_color, vocab_map_for,
 )
@@ -168,7 +168,6 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = load_weight(plan, vmap)
-    check_head_on_engine(head, slm)
     fusion = fusion_config(head=head, alpha=alpha, vocab_map=vmap, mode=None if head else (args.mode or "linear"),
                            tail=None if head else (args.tail or "slm"), schedule=args.schedule)
     fused, seconds = run_engine(slm, slm_tok, private_ids, llm, render_prompt(llm_tok, public_messages(plan.public)),

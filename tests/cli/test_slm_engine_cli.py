@@ -28,6 +28,8 @@ MISTAKES = [
     (["--slm", "smollm2-135m-cogenesis"], "--slm 'smollm2-135m-cogenesis' is none of", "--slm-engine transformers"),
     (["--adapter", "{folder}"], "--adapter is a LoRA adapter for the transformers SLM", "drop --adapter"),
     (["--device", "cuda"], "--device cuda: --slm-engine llama.cpp runs on the CPU", "--device cpu"),
+    (["--head", "{hidden_head}"], "reads the SLM's hidden state, which llama.cpp does not expose",
+     "--slm-features token,position"),
 ]
 
 
@@ -39,8 +41,10 @@ def test_llama_cpp_engine_mistakes(case, command, tmp_path, empty_home, no_loadi
     monkeypatch.setattr("logitfuse.cli.common.llama_cpp_python_missing", lambda: None)
     (tmp_path / "slm").mkdir()
     (tmp_path / "slm" / "config.json").write_text("{}")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / "config.json").write_text('{"slm_features": ["hidden", "position"]}')
     extra, *fragments = case
-    code = main(_argv(command, *[a.format(folder=tmp_path / "slm") for a in extra]))
+    code = main(_argv(command, *[a.format(folder=tmp_path / "slm", hidden_head=tmp_path / "hidden") for a in extra]))
     assert_usage_error(code, capsys.readouterr().err, command, *fragments)
 
 
