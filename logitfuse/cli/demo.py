@@ -70,7 +70,7 @@ def speculation(llm: Any, vocab_map: VocabMap, schedule: str, speculate: int, he
         return 0, ""
     blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
                f"--schedule {schedule} is not 'always'" if schedule != "always" else
-               "the head reads SLM-side features" if getattr(head, "reads_slm_side", False) else
+               "the head reads SLM-side features" if head is not None and head.reads_slm_side else
                f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
     return (0, f"speculation off: {blocked}") if blocked else (speculate, "")
 
