@@ -54,6 +54,19 @@ def split_path(data: str | None, split: str) -> Path:
     return bundled_split(split) if data is None else Path(data) / SPLITS[split]
 
 
+def check_data(args: argparse.Namespace, split: str, flag: str = "") -> None:
+    """The split's data file (--data, or the bundled copy) exists, parses and has every field, before any model loads."""
+    file = split_path(args.data, split)
+    if args.data is not None and not file.is_file():
+        raise UsageError(f"--data {args.data!r} has no {SPLITS[split]}{flag}; pass the folder that holds it "
+                         f"(context_aware_{{dev,test}}.json), or leave --data out for the bundled copy")
+    try:
+        load_examples(file)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"--data {args.data or str(file.parent)!r}: {SPLITS[split]} is not usable CoGenesis data: "
+                         f"{' '.join(str(err).split())[:300]}; fix or replace the file") from None
+
+
 def check_common(args: argparse.Namespace, split: str) -> None:
     """The arguments `train` and `eval` share, checked before any model loads (``UsageError``)."""
     check_model("--slm", args.slm)
@@ -64,9 +77,9 @@ def check_common(args: argparse.Namespace, split: str) -> None:
             zoo.adapter_sha256(args.adapter)
         except zoo.ZooError as err:
             raise UsageError(f"--adapter {args.adapter!r}: {err}") from None
-    if args.data is not None and not split_path(args.data, split).is_file():
-        raise UsageError(f"--data {args.data!r} has no {SPLITS[split]}; pass the folder that holds "
-                         f"context_aware_{{dev,test}}.json, or leave --data out for the bundled copy")
+    splits = [split] if split == "test" else [s for s in (getattr(args, "split", None) or ["dev"]) if s in TRAIN_SPLITS]
+    for name in splits:  # train: each --split (an unknown one is refused in validate)
+        check_data(args, name, "" if split == "test" else f" (--split {name})" if getattr(args, "split", None) else "")
     check_range("--max-examples", args.max_examples, low=2 if split == "dev" else 1,
                 meaning="training needs 2: one to fit on, one to validate on" if split == "dev" else "")
     check_range("--llm-top-k", args.llm_top_k, low=1)
@@ -108,9 +121,6 @@ def validate(args: argparse.Namespace) -> None:
         if split not in TRAIN_SPLITS:
             held_out = "the test split is held out for `logitfuse eval`" if split == "test" else "not a split"
             raise UsageError(f"--split {split}: {held_out}; train on {' and/or '.join(TRAIN_SPLITS)}")
-        if args.data is not None and not split_path(args.data, split).is_file():
-            raise UsageError(f"--data {args.data!r} has no {SPLITS[split]} (--split {split}); pass the folder that holds "
-                             "it, or leave --data out for the bundled copy")
 
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
