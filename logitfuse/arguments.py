@@ -70,7 +70,10 @@ def _check_scaled(name: str, logits: Tensor, temperature_name: str, temperature:
 def _check_topk(topk: TopK, batch: int, v_llm: int, validate: bool) -> TopK:
     ids, logprobs = topk
     if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
-        raise TypeError("llm=TopK(ids, logprobs) needs two tensors")
+        raise TypeError(
+            f"llm=TopK(ids, logprobs) needs two tensors of shape (batch_size, k), got {type(ids).__name__} and "
+            f"{type(logprobs).__name__}; build it as TopK(torch.tensor(ids), torch.tensor(logprobs))"
+        )
     if ids.dim() != 2 or ids.shape != logprobs.shape:
         raise ValueError(
             f"llm.ids and llm.logprobs must both have shape (batch_size, k), got {tuple(ids.shape)} and {tuple(logprobs.shape)}"
@@ -153,7 +156,8 @@ def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear",
         raise TypeError(f"vocab_map must be a logitfuse.VocabMap or None, got {type(vocab_map).__name__}")
     if isinstance(llm, TopK):
         vocab_map = vocab_map or identity_map(v_slm, v_slm)
-        if llm.ids.device != device or llm.logprobs.device != device:
+        if isinstance(llm.ids, Tensor) and isinstance(llm.logprobs, Tensor) and \
+                (llm.ids.device != device or llm.logprobs.device != device):
             raise ValueError(f"llm top-k tensors are on {llm.ids.device}/{llm.logprobs.device}, slm_logits on {device}")
         llm = _check_topk(llm, batch, vocab_map.v_llm, validate)
         if llm_temperature != 1.0:
@@ -177,6 +181,11 @@ def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear",
                 f"llm has vocabulary size {llm.shape[1]} but vocab_map was built for v_llm={vocab_map.v_llm}; "
                 "build the map for this LLM (VocabMap.identity or VocabMap.from_tokenizers)"
             )
+    elif isinstance(llm, (list, tuple)):
+        raise TypeError(
+            f"llm must be dense logits (a tensor) or logitfuse.TopK(ids, logprobs), got a {type(llm).__name__}; "
+            "for a top-k pass logitfuse.TopK(ids, logprobs) with two (batch_size, k) tensors, not a plain sequence"
+        )
     else:
         raise TypeError(f"llm must be dense logits (a tensor) or logitfuse.TopK(ids, logprobs), got {type(llm).__name__}")
     if vocab_map.v_slm != v_slm:
@@ -202,3 +211,41 @@ def prepare_arguments(slm_logits, llm, vocab_map=None, alpha=1.0, mode="linear",
     if vocab_map.llm_to_slm is not None:  # two tokenizers: LLM tokens hand their mass to SLM prefixes
         args["llm_to_slm"] = vocab_map.on(device, "llm_to_slm")
     return args
+
+
+def check_top_k(top_k: int | Tensor, batch: int, device: torch.device, validate: bool) -> Tensor:
+    """``fuse_sample``'s ``top_k`` (an int, or a scalar or ``(batch_size,)`` integer tensor) as an int64
+    ``(batch_size,)`` tensor on ``device``."""
+    if isinstance(top_k, Tensor):
+        if top_k.dtype.is_floating_point or top_k.dtype == torch.bool or top_k.dim() > 1 \
+                or top_k.numel() not in (1, batch):
+            raise ValueError(
+                f"top_k must be an int or an integer tensor of shape ({batch},), got a {top_k.dtype} tensor of shape "
+                f"{tuple(top_k.shape)}" + ("; flatten it with top_k.reshape(-1)" if top_k.numel() == batch else "")
+            )
+        top_k = top_k.to(device, torch.int64).reshape(-1).expand(batch)
+    elif isinstance(top_k, int) and not isinstance(top_k, bool):
+        top_k = torch.full((batch,), top_k, dtype=torch.int64, device=device)
+    else:
+        raise TypeError(f"top_k must be an int or an integer tensor, got {type(top_k).__name__}")
+    if validate and bool((top_k < 0).any()):
+        raise ValueError("top_k must be >= 0 (0 turns top-k filtering off)")
+    return top_k
+
+
+#: what fuse_with_head reads of a head (logitfuse.heads.protocol.FusionHeadProtocol lists all it declares)
+HEAD_MEMBERS = ("check_vocab_sizes", "reads_slm_side", "needs_aligned_view", "tail", "alpha_from_aligned")
+
+
+def check_head_argument(head: object) -> None:
+    """``TypeError`` unless ``head`` is a fusion head instance (``fuse_with_head``'s ``head``), naming the fix."""
+    missing = [name for name in HEAD_MEMBERS if not hasattr(head, name)]
+    if head is None or isinstance(head, type) or missing:
+        got = "None" if head is None else f"the class {head.__name__}" if isinstance(head, type) \
+            else f"{type(head).__name__} lacking {', '.join(missing)}"
+        raise TypeError(
+            f"head must be a fusion head instance (logitfuse.FusionHead, PaperFusionHead or one following "
+            f"logitfuse.heads.protocol.FusionHeadProtocol), got {got}; for a fixed weight call "
+            "logitfuse.fuse(..., alpha=...) instead, and build a head with FusionHead(v_slm, v_llm) or "
+            "FusionHead.from_pretrained(folder)"
+        )

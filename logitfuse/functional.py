@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from logitfuse import reference
-from logitfuse.arguments import check_logits, check_sampling_temperature, per_row, prepare_arguments
+from logitfuse.arguments import (
+    check_head_argument,
+    check_logits,
+    check_sampling_temperature,
+    check_top_k,
+    per_row,
+    prepare_arguments,
+)
 from logitfuse.types import Aligned, FeatureStats, RowStats, TopK
 from logitfuse.vocab import VocabMap
 
@@ -114,7 +121,10 @@ def fuse(
     True
     """
     args = prepare_arguments(slm_logits, llm, vocab_map, alpha, mode, tail, slm_temperature, llm_temperature, validate)
-    return ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
+    fused = ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
+    if validate:
+        check_fused_rows(args, torch.isnan(fused.detach()).any(dim=1), "fuse")
+    return fused
 
 
 def align(
@@ -216,6 +226,7 @@ def fuse_with_head(
     >>> torch.equal(fused, logitfuse.fuse(slm, llm, alpha=head(slm, llm)))
     True
     """
+    check_head_argument(head)
     args = prepare_arguments(slm_logits, llm, vocab_map, 1.0, mode, tail, slm_temperature, llm_temperature, validate)
     head.check_vocab_sizes(args["slm_logits"].shape[1], args["v_llm"])
     side = dict(slm_hidden=slm_hidden, last_tokens=last_tokens, positions=positions) \
@@ -231,11 +242,51 @@ def fuse_with_head(
         alpha = head.alpha_from_stats(ops.fusion_feature_stats(**stats_args, k=head.stats_top_k), **side)
         batch, device = args["slm_logits"].shape[0], args["slm_logits"].device
         args["alpha"] = per_row("alpha", alpha, batch, device, low=0.0, high=1.0, validate=validate)
-        return alpha, ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
-    aligned = _align(args)
-    same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
-    alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side)
-    return alpha, reference.mix(aligned, alpha, mode=mode)
+        fused = ops_for(args, alpha_grad=torch.is_grad_enabled() and args["alpha"].requires_grad).fuse(**args)
+    else:
+        aligned = _align(args)
+        same_view = head.tail == tail and _is_one(slm_temperature) and _is_one(llm_temperature)
+        alpha = head.alpha_from_aligned(aligned if same_view else head.aligned(slm_logits, llm, vocab_map), **side)
+        fused = reference.mix(aligned, alpha, mode=mode)
+    if validate:
+        check_fused_rows(dict(args, alpha=alpha.detach().float().expand(fused.shape[0])),
+                         torch.isnan(fused.detach()).any(dim=1), "fuse_with_head")
+    return alpha, fused
+
+
+def check_fused_rows(args: dict, empty: Tensor, where: str) -> None:
+    """``ValueError`` when ``empty`` (a ``(batch_size,)`` bool tensor: rows whose fused result is NaN)
+    has a row: the two distributions of that row leave no token with a fused probability (``args`` as
+    :func:`logitfuse.arguments.prepare_arguments` returns them, for the explanation). One device read;
+    the public functions call it only with ``validate=True``, never on the decoding hot path."""
+    if not bool(empty.any()):
+        return
+    rows = empty.nonzero().flatten().tolist()
+    view = _align({key: value[rows] if isinstance(value, Tensor) and key in _PER_ROW else value
+                   for key, value in args.items()} | {"llm": _rows_of(args["llm"], rows)})
+    llm_nothing = ~torch.isfinite(view.llm_logprobs).any(dim=1)
+    alpha = args["alpha"][rows].tolist()
+    shown = ", ".join(f"{row} (alpha={a:.3g})" for row, a in zip(rows[:8], alpha)) + (" ..." if len(rows) > 8 else "")
+    if bool(llm_nothing.all()):
+        why = ("the LLM gives no probability to any SLM token: all of its mass is on LLM ids that vocab_map maps to "
+               "no SLM token (or that its top-k tail cannot reach)")
+        fix = ("give the SLM weight (alpha > 0 with mode='linear'), or build a vocab_map that covers those LLM tokens "
+               "(VocabMap.from_tokenizers)")
+    else:
+        why = (f"no token has probability under both the SLM and the LLM (pulled back through vocab_map), so "
+               f"mode={args['mode']!r}, a product of the two, gives every token probability 0 at 0 < alpha < 1"
+               if args["mode"] != "linear" else "the two distributions share no token")
+        fix = ("use mode='linear' (a mixture keeps either side's tokens), alpha=1 (the SLM alone) or alpha=0 (the LLM "
+               "alone) for those rows, or leave unmasked a token that both sides allow")
+    raise ValueError(f"{where}: no fused distribution in row(s) {shown}, mode={args['mode']!r}: {why}. To fix: {fix}")
+
+
+#: prepared arguments with one entry per row
+_PER_ROW = ("slm_logits", "alpha", "slm_temperature", "llm_temperature")
+
+
+def _rows_of(llm: Tensor | TopK, rows: list[int]) -> Tensor | TopK:
+    return TopK(llm.ids[rows], llm.logprobs[rows]) if isinstance(llm, TopK) else llm[rows]
 
 
 def _is_one(temperature: float | Tensor) -> bool:
@@ -288,21 +339,14 @@ def fuse_sample(
     if validate:
         check_sampling_temperature(args["temperature"], logits.shape[1])
     args["top_p"] = per_row("top_p", top_p, batch, device, low=0.0, high=1.0, low_open=True, validate=validate)
-    if isinstance(top_k, Tensor):
-        if top_k.dtype.is_floating_point or top_k.numel() not in (1, batch):
-            raise ValueError(f"top_k must be an int or an integer tensor of shape ({batch},)")
-        args["top_k"] = top_k.to(device, torch.int64).expand(batch)
-    elif isinstance(top_k, int) and not isinstance(top_k, bool):
-        args["top_k"] = torch.full((batch,), top_k, dtype=torch.int64, device=device)
-    else:
-        raise TypeError(f"top_k must be an int or an integer tensor, got {type(top_k).__name__}")
-    if validate and bool((args["top_k"] < 0).any()):
-        raise ValueError("top_k must be >= 0 (0 turns top-k filtering off)")
+    args["top_k"] = check_top_k(top_k, batch, device, validate)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
     args["uniform"] = torch.rand(batch, generator=generator, device=draw_on).to(device)
     ids, logprobs = ops_for(args).fuse_sample(**args)
+    if validate:
+        check_fused_rows(args, torch.isnan(logprobs), "fuse_sample")
     return (ids, logprobs) if return_logprobs else ids
 
 
@@ -349,7 +393,10 @@ def fused_cross_entropy(
                 f"targets holds ids outside [0, {logits.shape[1]}) that are not ignore_index={ignore_index}: "
                 f"{targets[bad][:5].tolist()}"
             )
-    return ops_for(args).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
+    loss = ops_for(args).fused_cross_entropy(**args, targets=targets, ignore_index=ignore_index)
+    if validate:
+        check_fused_rows(args, torch.isnan(loss.detach()) & (targets != ignore_index), "fused_cross_entropy")
+    return loss
 
 
 def row_stats(logits: Tensor, k: int = 4) -> RowStats:
