@@ -3,9 +3,11 @@ check, the routes, and every answer as JSON (errors included, never quoting the 
 
 :class:`CompletionsHandler` serves a :class:`logitfuse.serve.server.CompletionServer`: it reads the
 server's ``read_timeout``, ``api_key``, ``max_body_bytes``, ``model_name``, ``top_k_max``,
-``log_requests`` and ``received``, asks ``server.complete(body)`` for each completion and calls
-``server.count_request()`` after each answer. A request that cannot be served raises
-:class:`BadRequest`, which becomes the JSON error reply.
+``log_requests`` and ``received``, asks ``server.complete(body, cancelled)`` for each completion and
+calls ``server.count_request()`` after each answer. A request that cannot be served raises
+:class:`BadRequest`, which becomes the JSON error reply; ``cancelled()`` tells whether the client has
+gone (it closed the connection, or its sending side), and the completion then raises
+:class:`RequestCancelled`: the connection closes without an answer.
 
 >>> import json
 >>> json.loads(error_body(400, "max_tokens must be an int in [1, 4096]"))["error"]["type"]
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from logitfuse.serve.server import CompletionServer
 
-__all__ = ["BUSY_REPLY", "BadRequest", "CompletionsHandler", "error_body"]
+__all__ = ["BUSY_REPLY", "BadRequest", "CompletionsHandler", "RequestCancelled", "error_body"]
 
 _ROUTES = "this server serves POST /v1/completions, GET /v1/models and GET /health"
 
@@ -38,6 +40,10 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class RequestCancelled(Exception):
+    """The client has gone while its request was computed: the work stopped, nobody to answer."""
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -129,8 +135,14 @@ class CompletionsHandler(BaseHTTPRequestHandler):
         try:
             self._check_auth()
             status, data = 200, json.dumps(route(self.path.split("?")[0].rstrip("/"))).encode("utf-8")
+        except RequestCancelled:
+            self.close_connection = True
+            self.server.count_request()
+            return
         except BadRequest as err:
             status, data = err.status, error_body(err.status, str(err))
+            if status == 503:  # shutting down
+                self.close_connection = True
         except Exception as err:  # noqa: BLE001 - a server must answer, not die; never quote the request
             self.close_connection = True
             status, data = 500, error_body(500, f"internal error: {type(err).__name__}")
@@ -170,7 +182,21 @@ class CompletionsHandler(BaseHTTPRequestHandler):
             raise BadRequest(400, "the request body must be a JSON object") from None
         if not isinstance(body, dict):
             raise BadRequest(400, "the request body must be a JSON object")
-        return self.server.complete(body)
+        return self.server.complete(body, self._client_gone)
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed the connection (or its sending side) or reset it; a request it
+        already sent after this one (pipelined) is not read, only seen."""
+        try:
+            self.connection.settimeout(0)
+            try:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            finally:
+                self.connection.settimeout(self.server.read_timeout)
+        except BlockingIOError:  # nothing to read: still there, waiting
+            return False
+        except OSError:  # reset
+            return True
 
     def _read_body(self) -> bytes:
         """The body, exactly ``Content-Length`` bytes of it, read before ``read_timeout`` runs out."""

@@ -17,11 +17,16 @@ Endpoints (a subset of the OpenAI / vLLM API, standard library only):
 Every error is a JSON body ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status (400 a
 malformed request or parameter, naming the field; 401 a missing or wrong bearer token; 408 a body
 that did not arrive in time; 411 no ``Content-Length``; 413 a body over the limit; 503 too many
-connections). Error messages never quote the request.
+connections, or the server shutting down). Error messages never quote the request.
 
 Limits: each request must arrive within ``read_timeout`` seconds (headers and body together; slow
 senders are cut off), at most ``max_connections`` connections are served at once (more get 503 at
-once), bodies are at most ``max_body_bytes``. With ``api_key`` set, every request needs
+once), bodies are at most ``max_body_bytes``, and one request may ask for at most
+``max_request_tokens`` tokens: its prompts' tokens plus ``max_tokens`` for each prompt, summed over its
+prompts (else 400). A client that closes its connection (or ends its sending side) while its
+completion is computed is gone: the work stops before the next forward pass and it gets no answer.
+:meth:`CompletionServer.finish_work` stops the completions in progress the same way (each answered
+503), for a clean shutdown. With ``api_key`` set, every request needs
 ``Authorization: Bearer <api_key>``. A host other than loopback needs an API key (or
 ``allow_insecure_remote=True``).
 
@@ -45,12 +50,14 @@ from typing import Any
 
 import torch
 
-from logitfuse.serve.http import BUSY_REPLY, BadRequest, CompletionsHandler
+from logitfuse.serve.http import BUSY_REPLY, BadRequest, CompletionsHandler, RequestCancelled
 
-__all__ = ["CompletionServer", "is_loopback_host", "serve_in_thread", "valid_api_key"]
+__all__ = ["CompletionServer", "check_bindable", "is_loopback_host", "serve_in_thread", "valid_api_key"]
 
 _MAX_BODY = 16 * 1024 * 1024
 _MAX_TOKENS = 4096
+_MAX_REQUEST_TOKENS = 16384
+_OFFSET_WINDOW = 8  # tokens decoded before each one for its echo text offset (the decode's local context)
 _GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does): logits / T would overflow
 _API_KEY = re.compile(r"[!-~]+")  # visible ASCII: it travels in an HTTP header
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -69,6 +76,18 @@ def is_loopback_host(host: str) -> bool:
 def valid_api_key(key: Any) -> bool:
     """Whether ``key`` can be a bearer token: a non-empty string of visible ASCII characters."""
     return isinstance(key, str) and _API_KEY.fullmatch(key) is not None
+
+
+def _address_family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind ``(host, port)`` as :class:`CompletionServer` would, and let go at once: raises ``OSError``
+    when it cannot be (the port is in use, ``host`` is no address of this machine or does not resolve)."""
+    with socket.socket(_address_family(host), socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: TIME_WAIT is no conflict
+        sock.bind((host, port))
 
 
 def _context_length(model: Any) -> int | None:
@@ -138,6 +157,8 @@ class CompletionServer(ThreadingHTTPServer):
         max_body_bytes (`int`, defaults to 16 MiB): the largest request body (else 413).
         max_context (`int`, optional): the longest prompt plus ``max_tokens`` (else 400); defaults to the
             model config's ``max_position_embeddings`` (or ``n_positions``, ...), no limit if it has none.
+        max_request_tokens (`int`, defaults to 16384): the most tokens one request may ask for, its
+            prompts' tokens plus ``max_tokens`` per prompt, summed over its prompts (else 400).
 
     Raises:
         ValueError: a bad argument, or a non-loopback host without ``api_key`` or ``allow_insecure_remote``.
@@ -149,7 +170,8 @@ class CompletionServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], model: Any, tokenizer: Any, *, model_name: str = "logitfuse-local",
                  top_k_max: int = 20, log_requests: bool = False, max_requests: int | None = None,
                  api_key: str | None = None, allow_insecure_remote: bool = False, read_timeout: float = 10.0,
-                 max_connections: int = 32, max_body_bytes: int = _MAX_BODY, max_context: int | None = None):
+                 max_connections: int = 32, max_body_bytes: int = _MAX_BODY, max_context: int | None = None,
+                 max_request_tokens: int = _MAX_REQUEST_TOKENS):
         _positive_int("top_k_max", top_k_max)
         if api_key is not None and not valid_api_key(api_key):
             raise ValueError("api_key must be a non-empty string of visible ASCII characters (no spaces), or None")
@@ -171,9 +193,14 @@ class CompletionServer(ThreadingHTTPServer):
         self.max_connections = _positive_int("max_connections", max_connections)
         self.max_body_bytes = _positive_int("max_body_bytes", max_body_bytes)
         self.max_context = _context_length(model) if max_context is None else _positive_int("max_context", max_context)
-        self.stats = {"refused_busy": 0, "connection_errors": 0}
+        self.max_request_tokens = _positive_int("max_request_tokens", max_request_tokens)
+        self.stats = {"refused_busy": 0, "connection_errors": 0, "cancelled": 0}
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0
+        self.address_family = _address_family(address[0])
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
         super().__init__(address, CompletionsHandler)
@@ -239,10 +266,61 @@ class CompletionServer(ThreadingHTTPServer):
     def _key(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.tokenizer.decode([token])
 
-    @torch.inference_mode()
-    def complete(self, body: dict) -> dict:
+    def finish_work(self, timeout: float) -> bool:
+        """Stop the completions in progress before their next forward pass (each is answered 503, as is
+        every later one) and wait up to ``timeout`` seconds for them to end; returns whether none is
+        left. For a clean shutdown, after ``shutdown()`` (or once ``serve_forever`` has returned)."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _go_on(self, cancelled: Any) -> None:
+        """Before each forward pass: stop when the server shuts down or the client has gone."""
+        if self._stopping.is_set():
+            raise BadRequest(503, "the server is shutting down; retry on another server or later")
+        if cancelled is not None and cancelled():
+            self.stats["cancelled"] += 1
+            raise RequestCancelled("the client closed the connection")
+
+    def complete(self, body: dict, cancelled: Any = None) -> dict:
         """The reply object for one completions request body (raises
-        :class:`logitfuse.serve.http.BadRequest` naming the field)."""
+        :class:`logitfuse.serve.http.BadRequest` naming the field). ``cancelled()``, when given, is
+        asked before each forward pass: true stops the work (:class:`logitfuse.serve.http.RequestCancelled`)."""
+        with self._idle:
+            self._busy += 1
+        try:
+            return self._complete(body, cancelled)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _prompts(self, prompt: Any, max_tokens: int) -> list[list[int]]:
+        """The request's prompts as ids, refused (400) once they ask for over ``max_request_tokens``."""
+        batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+            else [prompt]
+        limit = self.max_request_tokens
+        refusal = (f"this request asks for over {limit} tokens (prompt tokens plus max_tokens, for each of its "
+                   f"{len(batch)} prompt(s)), this server's limit (--max-request-tokens); send fewer or shorter "
+                   "prompts per request, or a lower max_tokens")
+        if len(batch) * (1 + max_tokens) > limit:  # every prompt has a token at least
+            raise BadRequest(400, refusal)
+        prompts, total = [], 0
+        for item in batch:
+            prompts.append(self._encode(item, max_tokens))
+            total += len(prompts[-1]) + max_tokens
+            if total > limit:
+                raise BadRequest(400, refusal)
+        return prompts
+
+    @torch.inference_mode()
+    def _complete(self, body: dict, cancelled: Any) -> dict:
         if body.get("model") not in (None, self.model_name):
             raise BadRequest(404, f"model: this server serves `{self.model_name}` only (see /v1/models)")
         max_tokens = _int_field(body, "max_tokens", 16, 1, _MAX_TOKENS)
@@ -255,11 +333,7 @@ class CompletionServer(ThreadingHTTPServer):
         as_ids = _flag_field(body, "return_tokens_as_token_ids")
         if body.get("stop") not in (None, "", []):
             raise BadRequest(400, "stop is not supported")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            prompts = [self._encode(p, max_tokens) for p in prompt]
-        else:
-            prompts = [self._encode(prompt, max_tokens)]
+        prompts = self._prompts(body.get("prompt"), max_tokens)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         device = next(self.model.parameters()).device
@@ -271,6 +345,7 @@ class CompletionServer(ThreadingHTTPServer):
             echoed = None
             for _ in range(max_tokens):
                 with self._lock:
+                    self._go_on(cancelled)
                     logits = self.model(input_ids=torch.tensor([seq], device=device)).logits[0].float().cpu()
                 if echo and echoed is None:
                     echoed = self._echo(ids, torch.log_softmax(logits[:-1], dim=-1), logprobs, as_ids)
@@ -328,7 +403,18 @@ class CompletionServer(ThreadingHTTPServer):
             tops.append({self._key(int(i), as_ids): float(v) for v, i in zip(values[j - 1], top_ids[j - 1])})
             chosen.append(float(prompt_lp[j - 1, ids[j]]))
         return {"tokens": [self._key(t, as_ids) for t in ids], "token_logprobs": chosen, "top_logprobs": tops,
-                "text_offset": [len(self.tokenizer.decode(ids[:j])) for j in range(len(ids))]}
+                "text_offset": self._text_offsets(ids)}
+
+    def _text_offsets(self, ids: list[int]) -> list[int]:
+        """``len(decode(ids[:j]))`` for each ``j``, in time linear in ``len(ids)``: each step adds what
+        token ``j - 1`` adds to the text decoded from the few tokens before it (a decode's context is local:
+        a split character, a leading space)."""
+        decode = self.tokenizer.decode
+        offsets = [0]
+        for j in range(1, len(ids)):
+            start = max(0, j - 1 - _OFFSET_WINDOW)
+            offsets.append(offsets[-1] + len(decode(ids[start:j])) - len(decode(ids[start:j - 1])))
+        return offsets
 
     def count_request(self) -> None:
         """Count one answered request; the last of ``max_requests`` shuts the server down."""

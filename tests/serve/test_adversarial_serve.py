@@ -214,7 +214,8 @@ def test_prompts_beyond_the_context_are_refused(served, llm_model, no_tracebacks
 def test_a_tiny_temperature_decodes_greedily(served, no_tracebacks):
     texts = []
     for temperature in (1e-300, 0):  # logits / 1e-300 overflow: sampled, it gave NaN probabilities (500)
-        status, _, reply = exchange(served[1], post({**VALID, "temperature": temperature, "max_tokens": 3}))
+        status, _, reply = exchange(served[1], post({**VALID, "temperature": temperature, "max_tokens": 3}),
+                                    end_stream=False)  # a client that ends its stream is gone: no answer
         assert status == 200
         texts.append(reply["choices"][0]["text"])
     assert texts[0] == texts[1]
@@ -237,7 +238,8 @@ def test_errors_never_quote_the_request(served, tok, no_tracebacks):
 
     server, port = start(ExplodingModel(), tok)
     try:
-        message = assert_error(exchange(port, post({"prompt": CANARY, "max_tokens": 1})), 500, "internal error")
+        reply = exchange(port, post({"prompt": CANARY, "max_tokens": 1}), end_stream=False)
+        message = assert_error(reply, 500, "internal error")
         assert message == "internal error: RuntimeError"
     finally:
         stop(server)
