@@ -39,7 +39,8 @@ from logitfuse.vocab import VocabMap
 
 __all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
-           "load_slm", "load_weight", "response", "run_engine", "sampling_config", "slm_alone", "use_color",
+           "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
+           "use_color",
            "vocab_map_for"]
 
 DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
@@ -281,6 +282,22 @@ def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend
     started = time.perf_counter()
     out = generate(slm, llm, [private_ids], public_prompt, fusion, sampling, slm_tokenizer=tokenizer)
     return out, time.perf_counter() - started
+
+
+def run_interruptible(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend | None, public_prompt: Any,
+                      fusion: FusionConfig, sampling: SamplingConfig) -> tuple[FusedGeneration, float, bool]:
+    """:func:`run_engine`, but Ctrl-C keeps the text so far: ``(result, seconds, interrupted)``, the
+    tokens chosen until Ctrl-C with ``interrupted`` True. Ctrl-C before the first step could start
+    is raised as it is."""
+    started = time.perf_counter()
+    try:
+        out, seconds = run_engine(slm, tokenizer, private_ids, llm, public_prompt, fusion, sampling)
+    except KeyboardInterrupt as interrupt:
+        partial = getattr(interrupt, "partial", None)  # logitfuse.generate attaches what it generated
+        if partial is None:
+            raise
+        return partial, time.perf_counter() - started, True
+    return out, seconds, False
 
 
 def slm_alone(slm: Any, tokenizer: Any, private_ids: list[int], sampling: SamplingConfig) -> tuple[FusedGeneration, float]:

@@ -16,10 +16,11 @@ from typing import Any
 
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError
+from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
     Plan, add_shared_arguments, check_shared, choose_weight, colour_by_alpha,
-    fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_engine, sampling_config,
-    slm_alone, use_color, vocab_map_for,
+    fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_interruptible,
+    sampling_config, use_color, vocab_map_for,
 )
 from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import bundled_split, load_examples, render_prompt
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_LLM", "DEFAULT_SLM", "HELP", "add_arguments", "run", "specul
 HELP = "fused generation on one user of the CoGenesis test split, side by side"
 DEFAULT_SLM = "smollm2-135m"
 DEFAULT_LLM = "qwen2.5-coder-0.5b"
+INTERRUPTED = ", interrupted by Ctrl-C: the text so far"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     except (zoo.ZooError, LLMBackendError) as err:
         print(f"logitfuse demo: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the fused steps (loading, the LLM alone): what is printed stays
+        print("logitfuse demo: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace, plan: Plan) -> int:
@@ -107,9 +112,12 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     print(_section("Kept on the device (not shown in full)",
                    f"profile of {len(example.additional_profile)} characters, {len(example.profile)} writing samples, "
                    f"the full instruction: {example.instruction!r}"))
-    alone, seconds = slm_alone(slm, slm_tok, private_ids, sampling)
-    print(_section(f"SLM alone, with the private context ({seconds:.1f} s)", response(slm, slm_tok, alone)[2]),
-          flush=True)
+    alone, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, None, None, FusionConfig(alpha=1.0), sampling)
+    print(_section(f"SLM alone, with the private context ({seconds:.1f} s{INTERRUPTED if stopped else ''})",
+                   response(slm, slm_tok, alone)[2]), flush=True)
+    if stopped:
+        print(f"\n{alone.stats.steps} steps of the SLM alone; interrupted (Ctrl-C) before the LLM alone and the fused run")
+        return 130
     _, llm_text, seconds = llm_alone(llm_model, llm_tok, public_ids, args.max_new_tokens, do_sample=False,
                                      repetition_penalty=args.repetition_penalty)
     print(_section(f"LLM alone, without it ({seconds:.1f} s)", llm_text), flush=True)
@@ -117,9 +125,10 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     if why:
         print(f"(fused run: {why})", file=sys.stderr)
     fusion = fusion_config(head=head, alpha=alpha, vocab_map=vmap, schedule=args.schedule, speculate=drafts)
-    fused, seconds = run_engine(slm, slm_tok, private_ids, llm, public_ids, fusion, sampling)
+    fused, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, llm, public_ids, fusion, sampling)
     ids, alphas, _ = response(slm, slm_tok, fused)
-    print(_section(f"Fused, {weight} ({seconds:.1f} s)", colour_by_alpha(slm_tok, ids, alphas, color)))
+    print(_section(f"Fused, {weight} ({seconds:.1f} s{INTERRUPTED if stopped else ''})",
+                   colour_by_alpha(slm_tok, ids, alphas, color)))
     print(legend(color), end="")
     mean_alpha = sum(alphas) / max(len(alphas), 1)
     silence = llm_silence(fused.stats, args.llm)
@@ -129,7 +138,8 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     how = f"fused by logitfuse.generate ({f'speculate {drafts}' if drafts else 'per step, overlap'})"
     print(f"\n{stats.steps} steps, {stats.llm_calls} LLM calls, {stats.llm_calls / max(stats.steps, 1):.2f} "
           f"LLM calls per generated token{sent}, {stats.saved_calls} saved by the schedule, {stats.fallbacks} "
-          f"fallbacks; {how}; mean α {mean_alpha:.2f}; vocabulary map coverage {vmap.coverage:.1%}{silence}")
+          f"fallbacks; {how}; mean α {mean_alpha:.2f}; vocabulary map coverage {vmap.coverage:.1%}{silence}"
+          f"{'; interrupted (Ctrl-C): the text so far' if stopped else ''}")
     print(f"reference response (from the dataset): {example.response[:300]}{'...' if len(example.response) > 300 else ''}")
-    return 0
+    return 130 if stopped else 0
 

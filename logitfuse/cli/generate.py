@@ -19,9 +19,10 @@ from typing import Any
 
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
+from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
     Plan, add_shared_arguments, check_shared, check_url, choose_weight, colour_by_alpha,
-    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_engine, sampling_config, slm_alone,
+    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_interruptible, sampling_config,
     use_color, vocab_map_for,
 )
 from logitfuse.errors import UsageError, check_range
@@ -31,6 +32,7 @@ from logitfuse.zoo import check_model
 __all__ = ["HELP", "add_arguments", "run", "served_model_name", "validate"]
 
 HELP = "fused generation for your own models and context"
+INTERRUPTED = "; interrupted (Ctrl-C): the text so far"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     except (zoo.ZooError, LLMBackendError) as err:
         print(f"logitfuse generate: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the first token: nothing to keep
+        print("logitfuse generate: interrupted (Ctrl-C) before any text was generated", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace, plan: Plan) -> int:
@@ -159,23 +164,25 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     sampling = sampling_config(slm, slm_tok, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed)
     if slm_only:
-        alone, seconds = slm_alone(slm, slm_tok, private_ids, sampling)
+        alone, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, None, None, FusionConfig(alpha=1.0),
+                                                    sampling)
         ids, _, text = response(slm, slm_tok, alone)
-        print(text)
-        print(f"[{len(ids)} tokens, SLM alone (--alpha 1), no LLM calls, {seconds:.1f} s; the LLM saw nothing]",
-              file=sys.stderr)
-        return 0
+        print(text, flush=True)
+        print(f"[{len(ids)} tokens, SLM alone (--alpha 1), no LLM calls, {seconds:.1f} s; the LLM saw nothing"
+              f"{INTERRUPTED if stopped else ''}]", file=sys.stderr)
+        return 130 if stopped else 0
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = load_weight(plan, vmap)
     fusion = fusion_config(head=head, alpha=alpha, vocab_map=vmap, mode=None if head else (args.mode or "linear"),
                            tail=None if head else (args.tail or "slm"), schedule=args.schedule)
-    fused, seconds = run_engine(slm, slm_tok, private_ids, llm, render_prompt(llm_tok, public_messages(plan.public)),
-                                fusion, sampling)
+    fused, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, llm,
+                                                render_prompt(llm_tok, public_messages(plan.public)), fusion, sampling)
     ids, alphas, _ = response(slm, slm_tok, fused)
-    print(colour_by_alpha(slm_tok, ids, alphas, use_color(args.color)))
+    print(colour_by_alpha(slm_tok, ids, alphas, use_color(args.color)), flush=True)
     silence = llm_silence(fused.stats, args.llm)
     stats = fused.stats
     print(f"[{stats.steps} steps, {stats.llm_calls} LLM calls, {stats.fallbacks} fallbacks, {seconds:.1f} s; {weight}; "
-          f"fused by logitfuse.generate (per step, overlap); the LLM saw: {plan.public!r}{silence}]", file=sys.stderr)
-    return 0
+          f"fused by logitfuse.generate (per step, overlap); the LLM saw: {plan.public!r}{silence}"
+          f"{INTERRUPTED if stopped else ''}]", file=sys.stderr)
+    return 130 if stopped else 0

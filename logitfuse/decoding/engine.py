@@ -171,6 +171,8 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
+        A ``KeyboardInterrupt`` (Ctrl-C) carries the tokens chosen until then as its ``partial``, a
+        :class:`FusedGeneration` (``None`` when it came before the first step could start).
     """
     started = time.perf_counter()
     slm_tokenizer = options.pop("slm_tokenizer", None)
@@ -181,6 +183,7 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
     sampling = SamplingConfig() if sampling is None else sampling
     runner = open_runner(slm, private_input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
                          pad_token_id=sampling.pad_token_id, tokenizer=slm_tokenizer)
+    rows = session = None
     try:
         eos = sampling.eos_token_id
         eos = sorted(runner.eos_token_ids) if eos is None and runner.eos_token_ids else eos
@@ -215,6 +218,9 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
             _per_step(runner, session, rows, chooser, start, overlap, penalize, hidden)
             if fusion.speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
                 session.stats.speculation_fallbacks += 1
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: what was generated so far goes with it (a row still running: stopped None)
+        interrupt.partial = None if rows is None or session is None else rows.result(session.stats, started, runner.decode)
+        raise
     finally:
         runner.close()
     return rows.result(session.stats, started, runner.decode)

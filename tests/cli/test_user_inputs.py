@@ -47,3 +47,89 @@ def test_a_broken_data_file_is_a_usage_error_before_loading(command, how, folder
                  *target, "--max-examples", "2"])
     fragments = ["not usable CoGenesis data"] + (["not valid JSON"] if how == "truncated" else ["conversations"])
     assert_usage_error(code, capsys.readouterr().err, command, *fragments)
+
+
+# ------------------------------------------------------------------------------------ Ctrl-C
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A byte-level SLM and a sentencepiece LLM (two tokenizers), as transformers folders."""
+    from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    for name, tok, seed in (("slm", byte_level_tokenizer(), 0), ("llm", sentencepiece_tokenizer(), 1)):
+        tiny_llama(len(tok), seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+# The real command line in a subprocess that sends itself SIGINT (what Ctrl-C sends) from inside the
+# SLM's 8th forward: mid-generation, wherever the machine is slow or fast.
+_SIGINT_AT_STEP = """
+import os, signal, sys
+import transformers
+forward, calls = transformers.LlamaForCausalLM.forward, []
+def counting(self, *args, **kwargs):
+    if self.config.vocab_size == int(os.environ["SLM_VOCAB"]):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+    return forward(self, *args, **kwargs)
+transformers.LlamaForCausalLM.forward = counting
+from logitfuse.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _interrupted(model_dirs, *argv):
+    import os
+    import subprocess
+    import sys
+
+    from logitfuse.testing import byte_level_tokenizer
+
+    env = dict(os.environ, SLM_VOCAB=str(len(byte_level_tokenizer())), NO_COLOR="1")
+    return subprocess.run([sys.executable, "-c", _SIGINT_AT_STEP, *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("alpha", ["1", "0.5"])
+def test_ctrl_c_in_generate_keeps_the_text_so_far(model_dirs, alpha):
+    done = _interrupted(model_dirs, "generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"),
+                        "--instruction", "Write a note: to Ann", "--alpha", alpha, "--max-new-tokens", "200")
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    assert done.stdout.rstrip("\n"), "the text generated before Ctrl-C is printed"
+    summary = done.stderr.strip().splitlines()[-1]
+    assert summary.startswith("[") and "interrupted (Ctrl-C)" in summary, done.stderr
+    assert int(summary[1:].split()[0]) > 0, summary  # tokens/steps generated before Ctrl-C
+
+
+def test_ctrl_c_in_demo_keeps_the_text_so_far(model_dirs):
+    done = _interrupted(model_dirs, "demo", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"),
+                        "--head", "none", "--max-new-tokens", "200")
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    assert "SLM alone, with the private context" in done.stdout and "interrupted by Ctrl-C" in done.stdout, done.stdout
+    assert "interrupted (Ctrl-C)" in done.stdout.strip().splitlines()[-1], done.stdout
+
+
+def test_ctrl_c_hands_logitfuse_generate_s_tokens_so_far_with_the_interrupt():
+    """The engine's hook: the KeyboardInterrupt carries the partial FusedGeneration."""
+    import logitfuse
+    from logitfuse.testing import byte_level_tokenizer, tiny_llama
+
+    tok = byte_level_tokenizer()
+    slm, calls = tiny_llama(len(tok), seed=0), []
+
+    def interrupt_at_the_6th_forward(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+
+    slm.register_forward_hook(interrupt_at_the_6th_forward)
+    ids = tok(["Martin sells houses."])["input_ids"]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        logitfuse.generate(slm, None, ids, alpha=1.0, max_new_tokens=50, eos_token_id=[10**6])
+    partial = caught.value.partial
+    assert isinstance(partial, logitfuse.FusedGeneration)
+    assert len(partial.sequences[0]) == 5 and partial.stopped == [None]
