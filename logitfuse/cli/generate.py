@@ -79,9 +79,13 @@ def _read_context(value: str | None) -> str:
     if not file.is_file():
         raise UsageError(f"--context {value!r} is not a file; pass a text file with the private context")
     try:
-        return file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--context {value!r} could not be read as UTF-8 text ({err})") from None
+    if not text.strip():
+        print(f"logitfuse generate: warning: --context {value!r} is empty: the SLM gets no private context "
+              "(the instruction only)", file=sys.stderr, flush=True)
+    return text
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -133,3 +133,27 @@ def test_ctrl_c_hands_logitfuse_generate_s_tokens_so_far_with_the_interrupt():
     partial = caught.value.partial
     assert isinstance(partial, logitfuse.FusedGeneration)
     assert len(partial.sequences[0]) == 5 and partial.stopped == [None]
+
+
+# ------------------------------------------------------------------------------------ --context
+@pytest.mark.parametrize("content", ["", " \n\n"])
+def test_an_empty_context_file_is_a_one_line_warning(content, folders, tmp_path, monkeypatch, capsys):
+    from logitfuse.cli import generate
+
+    monkeypatch.setattr(generate, "run", lambda args: 0)  # the warning comes from the checks, before loading
+    (tmp_path / "context.txt").write_text(content)
+    code = main(["generate", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--alpha", "0.5",
+                 "--context", str(tmp_path / "context.txt"), "--instruction", "Write a note: to Ann"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith("logitfuse generate: warning: --context") and "is empty" in err[0], err
+
+
+def test_a_context_file_with_text_gets_no_warning(folders, tmp_path, monkeypatch, capsys):
+    from logitfuse.cli import generate
+
+    monkeypatch.setattr(generate, "run", lambda args: 0)
+    (tmp_path / "context.txt").write_text("Ann likes sailing.")
+    main(["generate", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--alpha", "0.5",
+          "--context", str(tmp_path / "context.txt"), "--instruction", "Write a note: to Ann"])
+    assert capsys.readouterr().err == ""
