@@ -4,6 +4,12 @@ A tuned entry (:data:`~logitfuse.zoo.registry.TUNED`) is a GGUF model of the zoo
 shipped in the repository (written by ``logitfuse finetune``), merged once in float32 into
 ``<home>/models/<name>/``. Its marker records the sha256 of the adapter and of the base, so a
 changed adapter means a new merge, never a stale one.
+
+An adapter is checked where it is loaded (:func:`apply_adapter`, :func:`merge_adapter`), as a head
+is: its config is a LoRA config, its weights are finite, every one of them is used by the model (the
+same module names and shapes as the base it was trained on), and one trained on a zoo model is not
+loaded onto another zoo model. A merged folder holds :data:`MERGE_MARKER`; only such a folder (or a
+zoo model folder) is ever replaced by a merge.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from logitfuse.zoo.registry import TUNED, NotInstalledError, TunedSpec, ZooError
 
 #: Files of an adapter folder that define it (what its sha256 covers).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: The file :func:`merge_adapter` writes into a merged folder: the only kind of folder a merge replaces.
+MERGE_MARKER = "logitfuse-merge.json"
 
 
 # ------------------------------------------------------------------------------------- adapters
@@ -41,40 +49,129 @@ def shipped_adapter_dir(name: str) -> Path:
     return Path(list(package.submodule_search_locations)[0]) / spec.adapter
 
 
-def adapter_sha256(folder: str | os.PathLike) -> str:
-    """One sha256 over an adapter folder's :data:`ADAPTER_FILES` (names and contents, in order)."""
-    digest = hashlib.sha256()
+def check_adapter(folder: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of LoRA adapter folder ``folder``, checked: both
+    :data:`ADAPTER_FILES` are there and the config is a JSON object of a LoRA adapter (``ZooError``
+    naming the file and the fix). Reads no weights."""
     for file_name in ADAPTER_FILES:
-        file = Path(folder) / file_name
-        if not file.is_file():
+        if not (Path(folder) / file_name).is_file():
             raise ZooError(f"{folder} is not a LoRA adapter folder: it has no {file_name} "
                            "(write one with `logitfuse finetune --out DIR`)")
-        digest.update(file_name.encode() + b"\0" + sha256_file(file).encode())
+    config_path = Path(folder) / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ZooError(f"{config_path} is not valid JSON ({type(err).__name__}); the adapter is damaged: "
+                       "write it again with `logitfuse finetune`") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int):
+        raise ZooError(f"{config_path} is not the config of a LoRA adapter (peft_type LORA, an integer r); "
+                       "write it again with `logitfuse finetune`")
+    return config
+
+
+def adapter_sha256(folder: str | os.PathLike) -> str:
+    """One sha256 over an adapter folder's :data:`ADAPTER_FILES` (names and contents, in order);
+    ``ZooError`` for a folder that is not an adapter (:func:`check_adapter`)."""
+    check_adapter(folder)
+    digest = hashlib.sha256()
+    for file_name in ADAPTER_FILES:
+        digest.update(file_name.encode() + b"\0" + sha256_file(Path(folder) / file_name).encode())
     return digest.hexdigest()
 
 
-def apply_adapter(model, adapter: str | os.PathLike):
-    """``model`` with the LoRA adapter folder ``adapter`` merged into its weights (a plain
-    transformers model again; merge in float32 to keep the small LoRA update exact)."""
-    _require_peft()
-    from peft import PeftModel
+def _adapter_weights(folder: Path) -> dict:
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    adapter_sha256(adapter)  # a clear error for a folder that is not an adapter
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    weights_path = folder / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ZooError(f"{weights_path} is not a readable safetensors file ({err}); write the adapter again") from None
+    bad = [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()})" for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ZooError(f"{weights_path} holds NaN or infinite weights in {len(bad)} tensors (e.g. {bad[0]}): the "
+                       "training diverged; train the adapter again (a lower --lr)")
+    if not tensors:
+        raise ZooError(f"{weights_path} holds no weights; write the adapter again")
+    return tensors
+
+
+def apply_adapter(model, adapter: str | os.PathLike, *, base_name: str | None = None):
+    """``model`` with the LoRA adapter folder ``adapter`` merged into its weights (a plain
+    transformers model again; merge in float32 to keep the small LoRA update exact).
+
+    ``ZooError`` (naming the folder and the fix) for an adapter that is damaged, holds NaN or
+    infinite weights, has a weight the model does not use (or lacks one it would: another base
+    model's adapter), or was trained on another zoo model than ``base_name`` (the zoo name or
+    folder name of ``model``, where known)."""
+    _require_peft()
+    from peft import PeftModel, get_peft_model_state_dict
+
+    folder = Path(adapter).expanduser()
+    config = check_adapter(folder)
+    tensors = _adapter_weights(folder)
+    trained_on = config.get("base_model_name_or_path")
+    names = known_names()
+    if base_name is not None and trained_on in names and base_name in names and trained_on != base_name:
+        raise ZooError(f"the adapter {folder} was trained on {trained_on}, not {base_name}: load it with "
+                       f"--slm {trained_on}, or train one for {base_name}")
+    try:
+        tuned = PeftModel.from_pretrained(model, str(folder))
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ZooError(f"the adapter {folder} does not fit this model ({reason}): it was trained on "
+                       f"{trained_on or 'another base model'}") from None
+    expected = {key: tuple(value.shape)  # save_embedding_layers=False: no look-up of the base model online
+                for key, value in get_peft_model_state_dict(tuned, save_embedding_layers=False).items()}
+    unused = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unused or missing:
+        example = f"e.g. {unused[0]!r} matches no module of the model" if unused else f"e.g. no {missing[0]!r}"
+        raise ZooError(f"the adapter {folder} does not fit this model: {len(unused)} of its {len(tensors)} weights "
+                       f"are unused and {len(missing)} expected ones are missing ({example}); it was trained on "
+                       f"{trained_on or 'another base model'}")
+    wrong = [key for key in expected if tuple(tensors[key].shape) != expected[key]]
+    if wrong:
+        raise ZooError(f"the adapter {folder} does not fit this model: {wrong[0]} has shape "
+                       f"{tuple(tensors[wrong[0]].shape)}, the model expects {expected[wrong[0]]}; it was trained "
+                       f"on {trained_on or 'another base model'}")
+    return tuned.merge_and_unload()
+
+
+def check_merge_target(out_dir: str | os.PathLike) -> None:
+    """``ZooError`` unless ``out_dir`` may receive a merged model: it does not exist, is an empty
+    folder, or is a previous merge output (it holds :data:`MERGE_MARKER`) or a zoo model folder.
+    Any other folder (a user's) or a file is refused: a merge replaces the whole folder."""
+    folder = Path(out_dir).expanduser()
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ZooError(f"{str(folder)!r} is a file; pass a new folder for the merged model")
+    if any(folder.iterdir()) and not ((folder / MERGE_MARKER).is_file() or (folder / MARKER).is_file()):
+        raise ZooError(f"{str(folder)!r} is a folder that does not hold a merged model ({MERGE_MARKER}); a merge "
+                       "replaces the whole folder, so pass a new folder (or a previous merge output)")
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge a LoRA ``adapter`` into the transformers folder ``base`` and save the result, in float32,
-    with the base's tokenizer, as the transformers folder ``out_dir`` (written beside it, then renamed
-    into place; an existing ``out_dir`` is replaced)."""
+    with the base's tokenizer and :data:`MERGE_MARKER`, as the transformers folder ``out_dir``
+    (written beside it, then renamed into place). An existing ``out_dir`` is replaced only when
+    :func:`check_merge_target` allows it (``ZooError`` otherwise, before anything loads)."""
+    check_merge_target(out_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = apply_adapter(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), adapter)
+    record = {"format": "logitfuse.merge/1", "base": str(base), "adapter": str(adapter),
+              "adapter_sha256": adapter_sha256(adapter)}
 
     def save(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+        (tmp / MERGE_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     return write_model_folder(out_dir, save)
 
@@ -186,14 +283,16 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(name_or_path, install=install, home=home, progress=progress)
+    text = os.fspath(name_or_path)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
     if adapter is not None:
-        model = apply_adapter(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), adapter)
+        base_name = text if text in known_names() and not isinstance(name_or_path, Path) else folder.name
+        model = apply_adapter(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), adapter,
+                              base_name=base_name)
         model = model.to(dtype=getattr(torch, dtype), device=device).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-    text = os.fspath(name_or_path)
     name = text if text in known_names() and not isinstance(name_or_path, Path) else folder.name
     if adapter is not None:
         name = f"{name}+{Path(adapter).expanduser().resolve().name}"
