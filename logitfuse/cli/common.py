@@ -40,7 +40,7 @@ from logitfuse.vocab import VocabMap
 __all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
-           "use_color",
+           "speculation", "use_color",
            "vocab_map_for"]
 
 DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
@@ -155,6 +155,10 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
                         help="run the SLM in transformers, or in llama.cpp from the zoo's GGUF file")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
+    parser.add_argument("--speculate", type=int, default=0,
+                        help="draft tokens per LLM call, where both models share a tokenizer (opt-in: the LLM then "
+                             "also sees the SLM's drafts that get rejected, counted in the summary; 4 is a good "
+                             "value); default 0, per-step fusion")
 
 
 def is_url(value: str) -> bool:
@@ -195,6 +199,7 @@ def check_slm_engine(args: argparse.Namespace) -> None:
 def check_shared(args: argparse.Namespace) -> None:
     """The checks of :func:`add_shared_arguments`' flags (``UsageError``), before anything loads."""
     check_range("--max-new-tokens", args.max_new_tokens, low=1)
+    check_range("--speculate", args.speculate, low=0, meaning="draft tokens per LLM call; 0 = per-step fusion")
     check_slm_engine(args)
     if args.adapter is not None:  # a LoRA adapter folder: its files are there
         try:
@@ -234,6 +239,19 @@ def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transf
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - threads)))
     slm = LlamaCppSLM(zoo.gguf_path(name), tokenizer=tokenizer, n_ctx=len(ids) + max_new_tokens + 8, n_threads=threads)
     return slm, tokenizer, ids
+
+
+def speculation(llm: Any, vocab_map: VocabMap, schedule: str, speculate: int, head: Any = None) -> tuple[int, str]:
+    """``(drafts, why)``: ``speculate`` drafts per LLM call where both sides share one tokenizer, the
+    schedule is ``"always"``, ``head`` reads no SLM-side features and the backend scores drafts
+    (``llm.supports_score``, asked only then: a server is probed once); else 0 (per-step fusion) and why."""
+    if not speculate:
+        return 0, ""
+    blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
+               f"--schedule {schedule} is not 'always'" if schedule != "always" else
+               "the head reads SLM-side features" if head is not None and head.reads_slm_side else
+               f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
+    return (0, f"speculation off: {blocked}") if blocked else (speculate, "")
 
 
 def slm_vocab_size(slm: Any) -> int:

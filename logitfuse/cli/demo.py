@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError
@@ -20,11 +19,10 @@ from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
     Plan, add_shared_arguments, check_shared, choose_weight, colour_by_alpha,
     fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_interruptible,
-    sampling_config, use_color, vocab_map_for,
+    sampling_config, speculation, use_color, vocab_map_for,
 )
 from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import bundled_split, load_examples, render_prompt
-from logitfuse.vocab import VocabMap
 from logitfuse.zoo import check_model
 
 __all__ = ["DEFAULT_LLM", "DEFAULT_SLM", "HELP", "add_arguments", "run", "speculation", "validate"]
@@ -42,10 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-history", type=int, default=2, help="writing-history items in the private prompt")
     parser.add_argument("--repetition-penalty", type=float, default=1.1,
                         help="on the SLM's logits before fusion (default 1.1), where slm.generate applies it")
-    parser.add_argument("--speculate", type=int, default=0,
-                        help="draft tokens per LLM call, where both models share a tokenizer (opt-in: the LLM then "
-                             "also sees the SLM's drafts that get rejected, counted in the summary; 4 is a good "
-                             "value); default 0, per-step fusion")
     add_shared_arguments(parser)
 
 
@@ -54,7 +48,6 @@ def validate(args: argparse.Namespace) -> None:
     check_shared(args)
     check_range("--max-history", args.max_history, low=0)
     check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
-    check_range("--speculate", args.speculate, low=0, meaning="draft tokens per LLM call; 0 = per-step fusion")
     plan = Plan(check_model("--slm", args.slm), check_model("--llm", args.llm))
     examples = load_examples(bundled_split("test"))
     plan.example = next((e for e in examples if e.tid == args.example), None) if args.example else examples[0]
@@ -62,19 +55,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--example {args.example!r} is not a tid of the bundled test split; e.g. {examples[0].tid!r}")
     choose_weight(args, plan, "dense")
     args.plan = plan
-
-
-def speculation(llm: Any, vocab_map: VocabMap, schedule: str, speculate: int, head: Any = None) -> tuple[int, str]:
-    """``(drafts, why)``: ``speculate`` drafts per LLM call where both sides share one tokenizer, the
-    schedule is ``"always"``, ``head`` reads no SLM-side features and the backend scores drafts
-    (``llm.supports_score``, asked only then: a server is probed once); else 0 (per-step fusion) and why."""
-    if not speculate:
-        return 0, ""
-    blocked = ("the two tokenizers differ" if not vocab_map.is_identity else
-               f"--schedule {schedule} is not 'always'" if schedule != "always" else
-               "the head reads SLM-side features" if head is not None and head.reads_slm_side else
-               f"{type(llm).__name__} cannot score a draft" if not getattr(llm, "supports_score", False) else "")
-    return (0, f"speculation off: {blocked}") if blocked else (speculate, "")
 
 
 def _section(title: str, body: str) -> str:

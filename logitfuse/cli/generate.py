@@ -22,7 +22,7 @@ from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
     Plan, add_shared_arguments, check_shared, check_url, choose_weight, colour_by_alpha,
-    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_interruptible, sampling_config,
+    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_interruptible, sampling_config, speculation,
     use_color, vocab_map_for,
 )
 from logitfuse.errors import UsageError, check_range
@@ -178,15 +178,20 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     llm, llm_tok = _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = load_weight(plan, vmap)
+    drafts, why = speculation(llm, vmap, args.schedule, args.speculate, head)
+    if why:
+        print(f"logitfuse generate: {why}", file=sys.stderr)
     fusion = fusion_config(head=head, alpha=alpha, vocab_map=vmap, mode=None if head else (args.mode or "linear"),
-                           tail=None if head else (args.tail or "slm"), schedule=args.schedule)
+                           tail=None if head else (args.tail or "slm"), schedule=args.schedule, speculate=drafts)
     fused, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, llm,
                                                 render_prompt(llm_tok, public_messages(plan.public)), fusion, sampling)
     ids, alphas, _ = response(slm, slm_tok, fused)
     print(colour_by_alpha(slm_tok, ids, alphas, use_color(args.color)), flush=True)
     silence = llm_silence(fused.stats, args.llm)
     stats = fused.stats
+    how = (f"speculate {drafts}, {stats.draft_tokens_sent} draft tokens sent ({stats.draft_tokens_discarded} "
+           "discarded: seen by the LLM, not in the output)" if drafts else "per step, overlap")
     print(f"[{stats.steps} steps, {stats.llm_calls} LLM calls, {stats.fallbacks} fallbacks, {seconds:.1f} s; {weight}; "
-          f"fused by logitfuse.generate (per step, overlap); the LLM saw: {plan.public!r}{silence}"
+          f"fused by logitfuse.generate ({how}); the LLM saw: {plan.public!r}{silence}"
           f"{INTERRUPTED if stopped else ''}]", file=sys.stderr)
     return 130 if stopped else 0

@@ -56,7 +56,8 @@ def model_dirs(tmp_path_factory):
     from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tiny_llama
 
     root = tmp_path_factory.mktemp("models")
-    for name, tok, seed in (("slm", byte_level_tokenizer(), 0), ("llm", sentencepiece_tokenizer(), 1)):
+    for name, tok, seed in (("slm", byte_level_tokenizer(), 0), ("llm", sentencepiece_tokenizer(), 1),
+                            ("llm-same", byte_level_tokenizer(), 1)):  # llm-same: the SLM's tokenizer
         tiny_llama(len(tok), seed=seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
@@ -157,3 +158,33 @@ def test_a_context_file_with_text_gets_no_warning(folders, tmp_path, monkeypatch
     main(["generate", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--alpha", "0.5",
           "--context", str(tmp_path / "context.txt"), "--instruction", "Write a note: to Ann"])
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------ generate --speculate
+def test_generate_speculates_with_the_tokens_of_per_step_fusion(model_dirs, capsys):
+    def run(*extra):
+        code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm-same"), "--alpha",
+                     "0.5", "--instruction", "Write a note: to Ann", "--max-new-tokens", "12", "--color", "never",
+                     *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out, err.strip().splitlines()[-1]
+
+    per_step, summary = run()
+    drafted, speculated = run("--speculate", "3")
+    assert drafted == per_step  # greedy: speculation is exact
+    assert "speculate 3" in speculated and "draft tokens sent" in speculated, speculated
+    assert "speculate" not in summary
+
+
+def test_generate_says_why_it_does_not_speculate(model_dirs, capsys):
+    code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", "0.5",
+                 "--instruction", "Write a note: to Ann", "--max-new-tokens", "3", "--speculate", "2"])
+    err = capsys.readouterr().err
+    assert code == 0 and "speculation off: the two tokenizers differ" in err, err
+
+
+def test_generate_speculate_must_not_be_negative(folders, no_loading, capsys, assert_usage_error):
+    code = main(["generate", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--instruction", "a: b",
+                 "--speculate", "-1"])
+    assert_usage_error(code, capsys.readouterr().err, "generate", "--speculate -1 must be >= 0")
