@@ -18,6 +18,11 @@ The output folder holds the adapter as peft writes it (``adapter_config.json``,
 command, data sha256, steps, tokens, losses, cost). Load it with ``--adapter DIR`` in generate, demo,
 train and eval, or merge it into a transformers folder with ``--merge-out``.
 
+Hyperparameters are checked before anything loads (:meth:`FinetuneConfig.validate`: finite, in
+range; ``--merge-out`` a new folder or a previous merge output, never ``--out``; a checkpoint to
+resume readable). A loss that turns NaN or infinite stops the run with :class:`FinetuneError`, and no
+adapter is written (the last checkpoint, from before, is kept).
+
 An adapter trained on a user's own private data is private like that data: it stays on the device.
 """
 
@@ -37,11 +42,15 @@ from typing import Any
 from logitfuse.fileio import atomic_write, atomic_write_text
 from logitfuse.train_fuser.data import Example, bundled_split, load_examples, render_prompt
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "encode_example", "finetune", "held_out_loss"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "encode_example", "finetune", "held_out_loss"]
 
 RECORD = "logitfuse-finetune.json"
 CHECKPOINT = "checkpoint.pt"
 IGNORE = -100  # label of a token the loss skips
+
+
+class FinetuneError(RuntimeError):
+    """The run failed after it started (a loss that is not finite); no adapter was written."""
 
 
 @dataclass
@@ -92,10 +101,15 @@ class FinetuneConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr!r} must be a finite number > 0 (LoRA usually wants 1e-4 to 5e-4)")
-        if not 0 <= self.dropout < 1:
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                                            or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0)):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0 (or left out: 2 * rank)")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout={self.dropout!r} must lie in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be >= 0")
+        for name in ("warmup_steps", "max_history"):
+            value = getattr(self, name)
+            if (value is not None or name != "max_history") and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
         for name in ("dtype", "adapter_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of 'float32', 'bfloat16', 'float16'")
@@ -105,9 +119,27 @@ class FinetuneConfig:
         if (out / CHECKPOINT).exists() and not self.resume:
             raise ValueError(f"out={str(out)!r} holds a checkpoint of an earlier run; pass resume=True (--resume) "
                              "to continue it, or another folder")
+        self._check_merge_out(out)
+        if self.resume and (out / CHECKPOINT).exists():
+            _read_checkpoint(out / CHECKPOINT)
         if importlib.util.find_spec("peft") is None:
             raise ValueError('fine-tuning needs peft: pip install "logitfuse[finetune]" (or pip install peft)')
         _split(self)  # the data file is readable and holds enough examples
+
+    def _check_merge_out(self, out: Path) -> None:
+        if self.merge_out is None:
+            return
+        from logitfuse.zoo.loader import check_merge_target
+        from logitfuse.zoo.registry import ZooError
+
+        merge, adapter = Path(self.merge_out).expanduser().resolve(), out.expanduser().resolve()
+        if merge == adapter or merge in adapter.parents or adapter in merge.parents:
+            raise ValueError(f"merge_out={str(self.merge_out)!r} is, holds or lies in out={str(self.out)!r}: the merge "
+                             "would replace the adapter; pass a folder of its own")
+        try:
+            check_merge_target(merge)
+        except ZooError as err:
+            raise ValueError(f"merge_out={str(self.merge_out)!r}: {err}") from None
 
     @property
     def data_path(self) -> Path:
@@ -156,6 +188,23 @@ def _split(config: FinetuneConfig) -> tuple[list[Example], list[Example]]:
         raise ValueError(f"{config.data_path} has {len(examples)} examples: too few for max_examples="
                          f"{config.max_examples} plus eval_examples={config.eval_examples} held out after them")
     return examples[:n_train], examples[n_train : n_train + config.eval_examples]
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``; ``ValueError`` naming it when it cannot be read."""
+    import pickle
+
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or not {"lora", "optimizer", "rng", "best", "state", "order_seed"} <= set(saved):
+            raise ValueError("keys missing")
+        json.loads(saved["state"])
+    except (OSError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"resume: the checkpoint {str(path)!r} is damaged ({type(err).__name__}); delete it to "
+                         "start over, or pass another out folder") from None
+    return saved
 
 
 def _order(n: int, epochs: int, seed: int) -> list[int]:
@@ -254,7 +303,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     best = _lora_state(model)
     checkpoint = out / CHECKPOINT
     if config.resume and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = _read_checkpoint(checkpoint)
         if saved["order_seed"] != [config.seed, config.epochs, len(train_examples), config.slm]:
             raise ValueError(f"{checkpoint} was written by a run with other data, seed or model; start in another folder")
         set_peft_model_state_dict(model, saved["lora"])
@@ -273,6 +322,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     def evaluate() -> bool:
         nonlocal best
         loss = held_out_loss(model, held_out, config.device)
+        if not math.isfinite(loss):
+            raise FinetuneError(f"the held-out loss is {loss} at step {state['step']}: training diverged; nothing was "
+                                "saved (try a lower --lr or --lora-alpha)")
         state["eval_history"].append([state["step"], loss])
         if loss < state["best_eval_loss"]:
             state.update(best_eval_loss=loss, best_step=state["step"], since_best=0)
@@ -292,6 +344,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(state["step"], config, total)
         loss_sum, n = _response_loss(model, ids, labels, config.device)
+        if not math.isfinite(loss_sum.item()):
+            bar.close()
+            raise FinetuneError(f"the training loss is {loss_sum.item()} at step {state['step'] + 1}: training "
+                                "diverged; no adapter was saved (try a lower --lr or --lora-alpha)")
         (loss_sum / max(n, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

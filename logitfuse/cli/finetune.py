@@ -19,7 +19,7 @@ import shlex
 import sys
 
 from logitfuse.errors import UsageError
-from logitfuse.train_fuser.finetune import FinetuneConfig, finetune
+from logitfuse.train_fuser.finetune import FinetuneConfig, FinetuneError, finetune
 
 __all__ = ["HELP", "add_arguments", "run", "validate"]
 
@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-dtype", default=defaults.adapter_dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--merge-out", default=None, help="also save base + adapter merged as a transformers folder here")
+    parser.add_argument("--merge-out", default=None, help="also save base + adapter merged as a transformers folder "
+                        "here: a new folder, or one an earlier --merge-out wrote (it is replaced); never --out")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -74,7 +75,13 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = finetune(args.config)
+    from logitfuse.zoo import ZooError
+
+    try:
+        result = finetune(args.config)
+    except (FinetuneError, ZooError, OSError) as err:  # a diverged run, a model or adapter that does not load
+        print(f"logitfuse finetune: error: {err}", file=sys.stderr)
+        return 1
     print(f"adapter saved to {result.out} (best held-out loss {result.best_eval_loss:.4f} nats/token at step "
           f"{result.best_step}; {result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s)")
     return 0

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from logitfuse.fileio import atomic_write_text
@@ -119,7 +120,9 @@ def apply_adapter(model, adapter: str | os.PathLike, *, base_name: str | None = 
         raise ZooError(f"the adapter {folder} was trained on {trained_on}, not {base_name}: load it with "
                        f"--slm {trained_on}, or train one for {base_name}")
     try:
-        tuned = PeftModel.from_pretrained(model, str(folder))
+        with warnings.catch_warnings():  # peft warns of missing keys; the check below says it in one line
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            tuned = PeftModel.from_pretrained(model, str(folder))
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise ZooError(f"the adapter {folder} does not fit this model ({reason}): it was trained on "

@@ -141,6 +141,9 @@ def test_bf16_adapter_is_small_and_loads(base_dir, data_file, tmp_path):
     (["--lr", "0"], "--lr 0.0 must be a finite number > 0"),
     (["--lr=-1e-4"], "--lr -0.0001 must be a finite number > 0"),
     (["--max-examples", "9"], "has 10 examples: too few for max_examples=9 plus eval_examples=2"),
+    (["--lora-alpha", "nan"], "--lora-alpha nan must be a finite number > 0"),
+    (["--lora-alpha", "0"], "--lora-alpha 0.0 must be a finite number > 0"),
+    (["--dropout", "nan"], "--dropout nan must lie in [0, 1)"),
 ])
 def test_bad_arguments_are_one_line_errors_before_any_model_loads(flags, message, base_dir, data_file, tmp_path,
                                                                   capsys, monkeypatch):
@@ -212,3 +215,132 @@ def test_an_adapter_flag_without_an_adapter_is_a_one_line_error(command, tmp_pat
 
 def test_tuned_names_are_zoo_names():
     assert "smollm2-135m-cogenesis" in zoo.known_names() and zoo.TUNED["smollm2-135m-cogenesis"].base in zoo.REGISTRY
+
+
+# ------------------------------------------------------------------------------------ issue 23
+def no_model_loads(monkeypatch):
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(zoo, "load", tripwire)
+    monkeypatch.setattr(zoo.loader, "merge_adapter", tripwire)
+
+
+def test_merge_out_never_replaces_a_folder_that_is_not_a_merge_output(base_dir, data_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    no_model_loads(monkeypatch)
+    mine = tmp_path / "my-documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    out = tmp_path / "o"
+    argv = ["finetune", "--slm", str(base_dir), "--out", str(out), "--data", str(data_file)]
+    for merge_out, message in [(mine, "does not hold a merged model"), (out, "would replace the adapter"),
+                               (tmp_path, "would replace the adapter")]:
+        assert main([*argv, "--merge-out", str(merge_out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("logitfuse finetune: error: --merge-out ") and message in err and "\n" not in err
+    assert (mine / "thesis.txt").read_text() == "years of work" and not out.exists()
+    with pytest.raises(zoo.ZooError, match="does not hold a merged model"):
+        zoo.loader.check_merge_target(mine)
+
+
+def test_a_merge_output_is_marked_and_may_be_merged_into_again(trained, base_dir, tmp_path):
+    _, adapter = trained
+    merged = zoo.merge_adapter(base_dir, adapter, tmp_path / "merged")
+    assert (merged / zoo.loader.MERGE_MARKER).is_file()
+    zoo.loader.check_merge_target(merged)  # a previous merge output: may be replaced
+    assert zoo.merge_adapter(base_dir, adapter, merged) == merged and (merged / "config.json").is_file()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(zoo.ZooError, match="does not hold a merged model"):
+        zoo.merge_adapter(base_dir, adapter, user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_before_loading(base_dir, data_file, tmp_path, capsys, monkeypatch):
+    no_model_loads(monkeypatch)
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    argv = ["finetune", "--slm", str(base_dir), "--out", str(tmp_path), "--data", str(data_file), "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("logitfuse finetune: error: ") and "checkpoint" in err and "damaged" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_no_adapter(base_dir, data_file, tmp_path, capsys):
+    argv = ["finetune", "--slm", str(base_dir), "--out", str(tmp_path), "--data", str(data_file), "--lr", "1e38",
+            "--max-examples", "8", "--eval-examples", "2", "--rank", "4", "--max-length", "300", "--max-steps", "4"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("logitfuse finetune: error: ") and "diverged" in err
+    assert not (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "adapter_config.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def damaged_copy(adapter, tmp_path, change):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(change(tensors), folder / "adapter_model.safetensors")
+    return folder
+
+
+def with_nan(tensors):
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    return tensors
+
+
+@pytest.mark.parametrize("change, message", [
+    (with_nan, "NaN or infinite weights"),
+    (lambda tensors: {f"other.{key}": value for key, value in tensors.items()}, "are unused"),  # matches nothing
+    (lambda tensors: dict(sorted(tensors.items())[1:]), "expected ones are missing"),
+    (lambda tensors: {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in tensors.items()}, "does not fit"),
+])
+def test_an_adapter_that_would_load_wrong_is_refused(trained, base_dir, tmp_path, change, message):
+    folder = damaged_copy(trained[1], tmp_path, change)
+    with pytest.raises(zoo.ZooError, match=message):
+        zoo.load(base_dir, adapter=folder)
+    with pytest.raises(zoo.ZooError, match=message):
+        zoo.merge_adapter(base_dir, folder, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_of_another_zoo_model_is_refused(trained, base_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = damaged_copy(trained[1], tmp_path, lambda tensors: tensors)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "smollm2-135m"}))
+    with pytest.raises(zoo.ZooError, match="trained on smollm2-135m, not gemma3-270m"):
+        zoo.apply_adapter(AutoModelForCausalLM.from_pretrained(base_dir), folder, base_name="gemma3-270m")
+    zoo.apply_adapter(AutoModelForCausalLM.from_pretrained(base_dir), folder, base_name=base_dir.name)  # a folder: fine
+
+
+@pytest.mark.parametrize("command", ["generate", "judge"])
+def test_a_damaged_adapter_config_is_a_one_line_error(command, trained, base_dir, tmp_path, capsys, monkeypatch):
+    no_model_loads(monkeypatch)
+    folder = damaged_copy(trained[1], tmp_path, lambda tensors: tensors)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    argv = {"generate": ["generate", "--instruction", "Write a note: about Tom", "--alpha", "1"],
+            "judge": ["judge", "--out", str(tmp_path / "out"), "--systems", "slm"]}[command]
+    assert main([*argv, "--slm", str(base_dir), "--llm", str(base_dir), "--adapter", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"logitfuse {command}: error: --adapter ") and "is not valid JSON" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "judge"])
+def test_a_nan_adapter_stops_the_command_with_one_line(command, trained, base_dir, tmp_path, capsys):
+    folder = damaged_copy(trained[1], tmp_path, with_nan)
+    argv = {"generate": ["generate", "--instruction", "Write a note: about Tom", "--alpha", "1"],
+            "judge": ["judge", "--out", str(tmp_path / "out"), "--systems", "slm", "--max-examples", "1"]}[command]
+    assert main([*argv, "--slm", str(base_dir), "--llm", str(base_dir), "--adapter", str(folder)]) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"logitfuse {command}: error: ") and "NaN or infinite weights" in err[-1]
+    assert not any("Traceback" in line for line in err)
