@@ -1,18 +1,32 @@
-"""The HTTP transport of :class:`logitfuse.backends.openai.OpenAICompatibleLLM`: whole-request
-deadlines, no redirects, retry timing, and how an error reply is classified."""
+"""The HTTP transport of :class:`logitfuse.backends.openai.OpenAICompatibleLLM` and of the judge
+client (:class:`logitfuse.evaluation.judge.JudgeClient`): whole-request deadlines, no redirects,
+the proxy rule, retry timing, and how an error reply is classified.
+
+The proxy rule (docs/privacy.md), for every HTTP client of logitfuse:
+
+- a client that may carry private text (the judge: its prompts hold the user's profile) never uses
+  a proxy from the environment (``http_proxy``, ``https_proxy``, ``all_proxy``):
+  ``build_opener(proxies=False)``;
+- a loopback URL (``localhost``, 127.0.0.0/8, ``::1``) never goes through a proxy, whatever the
+  client: a local server is reached directly;
+- the LLM backend, which sends only public text, honours the environment's proxies for other URLs
+  (``build_opener()``), ``no_proxy`` included.
+"""
 
 from __future__ import annotations
 
 import functools
 import http.client
 import io
+import ipaddress
 import socket
 import time
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = ["MAX_REPLY_BYTES", "TRANSIENT_HTTP", "DeadlineRequest", "backoff_total", "build_opener",
-           "is_validation_error"]
+           "is_loopback_url", "is_validation_error"]
 
 #: statuses worth retrying: the same request may be answered later
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -118,10 +132,42 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def build_opener() -> urllib.request.OpenerDirector:
-    """urllib's usual opener (proxies from the environment included) with whole-request deadlines
-    and no redirects."""
-    return urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _RefuseRedirects)
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``).
+
+    >>> is_loopback_url("http://127.0.0.1:8080/v1"), is_loopback_url("http://[::1]:80"), is_loopback_url("http://a.b")
+    (True, True, False)
+    """
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # other names may resolve anywhere
+        return False
+
+
+class _ProxyUnlessLoopback(urllib.request.ProxyHandler):
+    """The environment's proxies, except for a loopback URL: that one is reached directly."""
+
+    def proxy_open(self, req: urllib.request.Request, proxy: str, type: str) -> Any:  # noqa: A002 (urllib's name)
+        if is_loopback_url(req.full_url):
+            return None  # the next handler (the direct connection) opens it
+        return super().proxy_open(req, proxy, type)
+
+
+def build_opener(*, proxies: bool = True) -> urllib.request.OpenerDirector:
+    """An opener with whole-request deadlines and no redirects.
+
+    ``proxies=True``: the environment's proxies for a URL that is not loopback (for a client that
+    sends only public text); ``proxies=False``: no proxy ever, whatever the environment says (for a
+    client that may carry private text). A loopback URL never goes through a proxy.
+    """
+    proxy_handler = _ProxyUnlessLoopback() if proxies else urllib.request.ProxyHandler({})
+    return urllib.request.build_opener(proxy_handler, _DeadlineHTTPHandler, _DeadlineHTTPSHandler, _RefuseRedirects)
 
 
 def backoff_total(retries: int, backoff: float) -> float:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from logitfuse.backends.transport import is_loopback_url
 from logitfuse.errors import UsageError, check_device, check_out_dir, check_range
-from logitfuse.zoo import check_model
-from logitfuse.fileio import atomic_write, atomic_write_text
+from logitfuse.zoo import ZooError, check_adapter, check_model
+from logitfuse.fileio import atomic_write_text
 from logitfuse.prompts import SPLITS, Example, bundled_split, load_examples
 
 __all__ = ["BASE_SYSTEMS", "HELP", "Models", "add_arguments", "generate_records", "judged_pairs", "run", "system_notes",
@@ -176,12 +177,6 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _is_loopback_url(url: str) -> bool:
-    from logitfuse.serve.server import is_loopback_host
-
-    return is_loopback_host(urlsplit(url).hostname or "")
-
-
 def _check_judge(args: argparse.Namespace) -> None:
     if args.judge_url is None:
         if args.judge_model is not None:
@@ -194,7 +189,7 @@ def _check_judge(args: argparse.Namespace) -> None:
         raise UsageError(f"--judge-url {args.judge_url!r} is not a valid URL ({err}); e.g. http://127.0.0.1:8080") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--judge-url {args.judge_url!r} needs http(s):// and a host; e.g. http://127.0.0.1:8080")
-    if not _is_loopback_url(args.judge_url) and not args.allow_remote_judge:
+    if not is_loopback_url(args.judge_url) and not args.allow_remote_judge:
         raise UsageError(f"--judge-url {args.judge_url!r} is not on this machine, and the judge sees the private "
                          "profiles: serve the judge locally (127.0.0.1), or pass --allow-remote-judge if you control "
                          "that machine")
@@ -202,14 +197,25 @@ def _check_judge(args: argparse.Namespace) -> None:
         raise UsageError("--judge-url needs --judge-model NAME (the served judge model's name, see GET /v1/models)")
     check_range("--judge-timeout", args.judge_timeout, low=0, low_open=True)
     check_range("--judge-retries", args.judge_retries, low=0)
+    from logitfuse.evaluation.judge import JudgmentCache
+
+    try:  # an existing file that is not a judgment cache would be rewritten: refuse it
+        JudgmentCache.read(Path(args.cache or Path(args.out) / "judgments.jsonl").expanduser())
+    except ValueError as err:
+        raise UsageError(f"{'--cache' if args.cache else '--out'}: {err}") from None
 
 
 def _read_generations(value: str) -> list[dict[str, Any]]:
     path = Path(value).expanduser()
     if not path.is_file():
         raise UsageError(f"--generations {value!r} is not a file; pass a generations.jsonl written by `logitfuse judge`")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        raise UsageError(f"--generations {value!r} is not readable UTF-8 text ({type(err).__name__}); pass a "
+                         "generations.jsonl written by `logitfuse judge`") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -300,6 +306,11 @@ def _check(args: argparse.Namespace) -> tuple[list[Example], list[dict[str, Any]
     check_device("--device", args.device)
     if args.resume and not (Path(args.out).expanduser() / "generations.jsonl").is_file():
         raise UsageError(f"--resume: {args.out!r} has no generations.jsonl to continue; drop --resume")
+    if args.adapter is not None:
+        try:
+            check_adapter(args.adapter)
+        except ZooError as err:
+            raise UsageError(f"--adapter {args.adapter!r}: {err}") from None
     if args.head is not None and not (Path(args.head).expanduser() / "config.json").is_file():
         raise UsageError(f"--head {args.head!r} is not a head folder (no config.json); pass one written by "
                          "`logitfuse train`, or leave --head out for the head shipped with the pair")
@@ -332,37 +343,18 @@ def _load_models(args: argparse.Namespace, systems: dict[str, Any]) -> Models:
     return models
 
 
-def _plot(results: dict[str, Any], path: Path) -> str:
-    """A bar plot of mean ± SE per system and rubric (ROUGE-L without a judge); a note when it cannot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
-    systems = list(results["systems"])
-    metrics = [m for m in ("quality", "personalization") if any(m in s for s in results["systems"].values())]
-    metrics = metrics or ["rouge_l"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(systems)), 4))
-    width = 0.8 / len(metrics)
-    for i, metric in enumerate(metrics):
-        stats = [results["systems"][s].get(metric) or {"mean": 0.0, "se": 0.0} for s in systems]
-        ax.bar([x + i * width for x in range(len(systems))], [s["mean"] for s in stats], width,
-               yerr=[s["se"] for s in stats], capsize=3, label=metric)
-    ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(systems))], systems, rotation=20, ha="right")
-    ax.set_ylabel("judge rating (1-10)" if metrics != ["rouge_l"] else "ROUGE-L F1")
-    ax.set_ylim(0, 10 if metrics != ["rouge_l"] else 1)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return ""
-
-
 def run(args: argparse.Namespace) -> int:
-    from logitfuse.evaluation.judge import (RUBRICS, Judge, JudgeClient, JudgeError, JudgmentCache, compare_ratings, judge_records,
-                                 render_markdown)
+    try:
+        return _run(args)
+    except (ZooError, OSError) as err:  # a model that does not load, a file that cannot be written
+        print(f"logitfuse judge: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from logitfuse.evaluation.judge import (RUBRICS, Judge, JudgeClient, JudgeError, JudgmentCache, compare_ratings,
+                                            judge_records, render_markdown)
+    from logitfuse.evaluation.plot import plot_results
 
     examples, records, systems = args.plan
     out = Path(args.out).expanduser()
@@ -404,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
                                          if judge else "No judge: reference-based scores only.")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(out / "results.md", render_markdown(results, results["notes"], header))
-    note = _plot(results, out / "results.png")
+    note = plot_results(results, out / "results.png")
     if note:
         print(f"logitfuse judge: {note}", file=sys.stderr)
     print(render_markdown(results, results["notes"]))
