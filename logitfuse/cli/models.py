@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from logitfuse.errors import UsageError, check_out_dir
-from logitfuse.zoo.cache import gguf_path, home_or_default, is_installed, path
+from logitfuse.zoo.cache import gguf_path, home_blocker, home_fix, home_or_default, is_installed, path
 from logitfuse.zoo.installer import install_gguf
 from logitfuse.zoo.loader import install, is_tuned_installed, tuned_path
 from logitfuse.zoo.registry import REGISTRY, TUNED, ZooError, get_spec, known_names, list_models
@@ -107,6 +107,8 @@ def validate(args: argparse.Namespace) -> None:
     root = getattr(args, "home", None)
     if root is not None:
         check_out_dir("--home", root, writable=command == "install")
+    elif home_blocker() is not None:  # LOGITFUSE_HOME (or the default) is a file
+        raise UsageError(home_fix(home_flag=True))
     if command == "install":
         names = list(REGISTRY) if args.all else args.names
         if not names:

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from logitfuse.errors import UsageError
-from logitfuse.zoo.cache import MARKER, gguf_path, home, is_installed, path
+from logitfuse.zoo.cache import MARKER, gguf_path, home, home_blocker, home_fix, is_installed, path
 from logitfuse.zoo.installer import (
     convert_gguf,
     install_gguf,
@@ -83,6 +83,8 @@ __all__ = [
     "get_spec",
     "gguf_path",
     "home",
+    "home_blocker",
+    "home_fix",
     "install",
     "install_gguf",
     "install_tuned",
@@ -109,6 +111,8 @@ def check_model(flag: str, value: str) -> str:
     """``value`` is a zoo model name or a transformers model folder; returns the name a head records
     for it (the zoo name, or the folder's name), as :func:`logitfuse.zoo.load` does."""
     if value in known_names():
+        if home_blocker() is not None:  # where zoo models are installed
+            raise UsageError(f"{flag} {value!r} is a zoo model, but {home_fix()}")
         return value
     folder = Path(value).expanduser()
     if folder.is_dir():

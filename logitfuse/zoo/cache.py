@@ -44,6 +44,26 @@ def home_or_default(root: str | os.PathLike | None) -> Path:
     return Path(root).expanduser() if root is not None else home()
 
 
+def home_blocker(root: str | os.PathLike | None = None) -> Path | None:
+    """The file that keeps ``root`` (default :func:`home`) from being a folder: ``root`` itself or
+    one of its parents; ``None`` where ``root`` is a folder or can be made one."""
+    folder = home_or_default(root)
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def home_fix(root: str | os.PathLike | None = None, *, home_flag: bool = False) -> str:
+    """What to do about a zoo folder :func:`home_blocker` refuses, said for the command at hand:
+    ``home_flag``, a command with ``--home DIR`` (``logitfuse models``)."""
+    where = "LOGITFUSE_HOME" if root is None and os.environ.get("LOGITFUSE_HOME") else "the zoo folder"
+    fix = ("point LOGITFUSE_HOME at a folder (or unset it for the default, ~/.cache/logitfuse)"
+           if where == "LOGITFUSE_HOME" else "move that file out of the way")
+    return (f"{where} {str(home_or_default(root))!r} cannot be a folder: {str(home_blocker(root))!r} is a file; "
+            f"{fix}" + (", or pass --home DIR" if home_flag else ""))
+
+
 def model_dir(name: str, root: Path) -> Path:
     """The transformers folder of zoo model ``name`` (a GGUF model or a tuned one) under ``root``."""
     return root / "models" / name

@@ -202,3 +202,25 @@ def test_models_list_shows_the_tuned_entries_and_their_base(capsys):
         assert f"tuned from {spec.base}" in rows[name] and " no " in rows[name], rows[name]  # empty home: not installed
     for spec in zoo.list_models():
         assert spec.name in rows
+
+
+# ------------------------------------------------------------------------------------ LOGITFUSE_HOME a file
+HOME_CASES = [
+    (["generate", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b", "--instruction", "a: b"], "generate"),
+    (["demo"], "demo"),
+    (["train", "--slm", "smollm2-135m", "--llm", "qwen2.5-coder-0.5b", "--out", "{tmp}/run"], "train"),
+    (["models", "list"], "models"),
+    (["models", "install", "smollm2-135m"], "models"),
+]
+
+
+@pytest.mark.parametrize("case", HOME_CASES, ids=lambda case: " ".join(case[0][:2]))
+def test_logitfuse_home_at_a_file_says_what_to_do_for_the_command(case, tmp_path, monkeypatch, no_loading, capsys,
+                                                                  assert_usage_error):
+    argv, command = case
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("LOGITFUSE_HOME", str(tmp_path / "a-file"))
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert_usage_error(code, err, command, "LOGITFUSE_HOME", "is a file", "point LOGITFUSE_HOME at a folder")
+    assert ("--home DIR" in err) == (command == "models"), err  # only `logitfuse models` has --home
