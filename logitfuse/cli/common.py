@@ -68,14 +68,26 @@ class Plan:
     example: Any = None  # demo: the test-split example
 
 
-def check_head(value: str, slm_name: str, llm_name: str | None) -> Path:
-    """A head folder given with --head: it exists, has a readable config, and names this pair if it names one."""
+def head_folder(value: str, variant: str = "dense") -> Path:
+    """--head as users give it: a head folder (``RUN/heads/dense``), or the ``--out`` folder of
+    `logitfuse train` (``RUN``) or its ``heads/`` folder, meaning their ``variant`` head there."""
     folder = Path(value).expanduser()
+    if not (folder / "config.json").is_file():
+        for candidate in (folder / "heads" / variant, folder / variant):
+            if (candidate / "config.json").is_file():
+                return candidate
+    return folder
+
+
+def check_head(value: str, slm_name: str, llm_name: str | None, variant: str = "dense") -> Path:
+    """A head given with --head (:func:`head_folder`): it exists, has a readable config, and names this
+    pair if it names one."""
+    folder = head_folder(value, variant)
     config = folder / "config.json"
     if not config.is_file():
-        what = "does not exist" if not folder.exists() else "has no config.json"
+        what = "does not exist" if not folder.exists() else f"has no config.json (nor heads/{variant}/config.json)"
         raise UsageError(f"--head {value!r} {what}; pass a head folder written by `logitfuse train` "
-                         "(e.g. RUN/heads/dense), or --head none for a fixed --alpha")
+                         f"(RUN/heads/{variant}) or its --out folder (RUN), or --head none for a fixed --alpha")
     try:
         recorded = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -112,7 +124,7 @@ def _choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
         if args.alpha is not None:
             raise UsageError(f"--alpha {args.alpha:g} and --head {args.head!r} both given: a head predicts α per token, "
                              "a fixed --alpha replaces it; pass one of them")
-        plan.head_dir, plan.head_named = check_head(args.head, plan.slm_name, plan.llm_name), True
+        plan.head_dir, plan.head_named = check_head(args.head, plan.slm_name, plan.llm_name, variant), True
         return
     if args.head == "none" or args.alpha is not None:
         plan.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
@@ -138,8 +150,8 @@ def load_weight(plan: Plan, vmap: VocabMap) -> tuple[Any, float | None, str]:
 
 
 # ------------------------------------------------------------------------------------ flags and checks
-_HEAD_HELP = ("head folder (predicts α per token); default: the head shipped for the pair, when there is one; "
-              "'none': a fixed --alpha")
+_HEAD_HELP = ("head folder RUN/heads/dense (predicts α per token), or the --out folder RUN of `logitfuse train`; "
+              "default: the head shipped for the pair, when there is one; 'none': a fixed --alpha")
 _ALPHA_HELP = f"fixed α instead of a head (1 = SLM alone, 0 = LLM alone; default {DEFAULT_ALPHA} where no head fits)"
 
 

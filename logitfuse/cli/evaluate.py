@@ -2,7 +2,7 @@
 
     logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
 
---head is the --out folder of `logitfuse train` (or its heads/ folder); the models and the LLM inputs
+--head is the --out folder of `logitfuse train` (or its heads/ folder, or a head in it); the models and the LLM inputs
 are given as to `logitfuse train` (the arguments, checks and scoring are shared: logitfuse.cli.train).
 Also writes calls.{md,json}: how the call schedules trade LLM calls for NLL.
 """
@@ -28,14 +28,18 @@ HELP = "held-out NLL table of trained heads on the CoGenesis test split"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--head", required=True, help="a `logitfuse train` output folder (or its heads/ folder)")
+    parser.add_argument("--head", required=True, help="a `logitfuse train` output folder RUN (or RUN/heads, or a head "
+                        "folder in it, RUN/heads/dense: the heads beside it are evaluated too)")
     parser.add_argument("--out", default=None, help="where results go (default: beside the heads)")
     parser.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
 
 
 def heads_root(value: str) -> Path:
-    """--head: a `logitfuse train` output folder or its heads/ folder."""
+    """--head: a `logitfuse train` output folder, its heads/ folder, or one head folder in it
+    (``RUN/heads/dense``, as `logitfuse generate --head` takes it): the heads/ folder."""
     root = Path(value).expanduser()
+    if (root / "config.json").is_file():  # one head: evaluate the heads beside it
+        return root.parent
     return root / HEADS_DIR if (root / HEADS_DIR).is_dir() else root
 
 

@@ -224,3 +224,44 @@ def test_logitfuse_home_at_a_file_says_what_to_do_for_the_command(case, tmp_path
     err = capsys.readouterr().err
     assert_usage_error(code, err, command, "LOGITFUSE_HOME", "is a file", "point LOGITFUSE_HOME at a folder")
     assert ("--home DIR" in err) == (command == "models"), err  # only `logitfuse models` has --home
+
+
+# ------------------------------------------------------------------------------------ --head RUN or RUN/heads/dense
+def _trained_run(tmp_path, slm_dir, llm_dir):
+    """A `logitfuse train` --out folder for the tiny pair: RUN/heads/{dense,top20-slm}."""
+    from transformers import AutoTokenizer
+
+    from logitfuse import FusionHead
+    from logitfuse.cli.common import vocab_map_for
+    from logitfuse.testing import tiny_llama
+
+    slm_tok, llm_tok = AutoTokenizer.from_pretrained(slm_dir), AutoTokenizer.from_pretrained(llm_dir)
+    vmap = vocab_map_for(tiny_llama(len(slm_tok)), slm_tok, len(llm_tok), llm_tok)
+    for variant, top_k in (("dense", None), ("top20-slm", 20)):
+        FusionHead(vmap.v_slm, vmap.v_llm, slm_name="slm", llm_name="llm", vocab_map_hash=vmap.hash,
+                   llm_top_k=top_k).save_pretrained(tmp_path / "run" / "heads" / variant)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("given", ["run", "run/heads", "run/heads/dense"])
+def test_generate_takes_a_train_run_or_its_head_folder(given, model_dirs, tmp_path, capsys):
+    run = _trained_run(tmp_path, model_dirs / "slm", model_dirs / "llm")
+    code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--head",
+                 str(tmp_path / given), "--instruction", "Write a note: to Ann", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "trained head heads/dense" in err.strip().splitlines()[-1], err
+    assert run.is_dir()
+
+
+@pytest.mark.parametrize("given", ["run", "run/heads", "run/heads/dense"])
+def test_eval_takes_a_train_run_or_a_head_folder_in_it(given, folders, tmp_path, monkeypatch, no_loading):
+    from logitfuse.cli import evaluate
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "run", lambda args: seen.setdefault("root", args.heads_root) and 0)
+    (folders / "run" / "heads" / "dense" / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (folders / "run" / "heads" / "dense" / "config.json").write_text("{}")
+    code = main(["eval", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--head",
+                 str(folders / given), "--max-examples", "1"])
+    assert code == 0 and seen["root"] == folders / "run" / "heads"
