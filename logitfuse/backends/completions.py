@@ -73,7 +73,7 @@ class CompletionsWire:
         if len(raw) > MAX_REPLY_BYTES:
             raise ValueError(f"the reply is larger than {MAX_REPLY_BYTES >> 20} MiB")
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ValueError("the reply is not JSON") from None
 
@@ -209,6 +209,17 @@ class CompletionsWire:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="logitfuse-llm")
         return dict(zip(todo, self._pool.map(run, todo)))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict; ``ValueError`` when it names a key twice (``json`` would keep the last
+    silently: in ``top_logprobs`` that is one token given two log-probabilities)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the reply names the key {twice[:40]!r} twice in one object")
+    return out
 
 
 def padded_topk(answers: list[list[tuple[int, float]] | None]) -> TopK:

@@ -52,11 +52,16 @@ def single_position_reply(top: dict) -> dict:
     return {"choices": [{"logprobs": {"top_logprobs": [top]}}]}
 
 
-def echo_positions_by_count(reply: Any) -> dict[int, dict]:
+def echo_positions_by_count(reply: Any, n_prompt: int | None = None) -> dict[int, dict]:
     """An ``echo`` reply to a prompt of token ids: entry ``j`` of ``top_logprobs`` is the
     distribution after the first ``j`` tokens (entry 0 is ``null``; the entry after the last prompt
-    token is the generated token's). Returns ``{j: top dict}`` for the usable entries."""
+    token is the generated token's). Returns ``{j: top dict}`` for the usable entries. With
+    ``n_prompt`` (the prompt's length) the layout is checked: ``n_prompt + 1`` entries (one generated
+    token), the first not a distribution; ``ValueError`` otherwise (positions would be misread)."""
     entries = _logprobs_block(reply)["top_logprobs"]
+    if n_prompt is not None and (len(entries) != n_prompt + 1 or _usable(entries[0])):
+        raise ValueError(f"the echo reply to {n_prompt} prompt tokens has {len(entries)} top_logprobs entries "
+                         f"(expected {n_prompt + 1}, the first null): its positions cannot be read")
     return {j: entry for j, entry in enumerate(entries) if j > 0 and _usable(entry)}
 
 
@@ -81,6 +86,9 @@ def echo_positions_by_offset(reply: Any, text_length: int) -> dict[int, dict]:
         raise ValueError("choices[0].logprobs.text_offset must list one int offset per top_logprobs entry")
     usage = reply.get("usage") if isinstance(reply, dict) else None
     prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if any(b < a for a, b in zip(offsets, offsets[1:])) or any(not 0 <= o <= text_length for o in offsets):
+        raise ValueError(f"choices[0].logprobs.text_offset must be non-decreasing offsets within the "
+                         f"{text_length}-character prompt")
     late = bool(entries) and len(entries) == prompt_tokens and offsets[-1] < text_length
     found: dict[int, dict] = {}
     for idx, entry in enumerate(entries):
@@ -91,17 +99,22 @@ def echo_positions_by_offset(reply: Any, text_length: int) -> dict[int, dict]:
     return found
 
 
-def prompt_logprobs_positions(reply: Any) -> dict[int, dict]:
+def prompt_logprobs_positions(reply: Any, n_prompt: int | None = None) -> dict[int, dict]:
     """A reply with vLLM's ``prompt_logprobs`` to a prompt of ``n`` token ids: ``{j: top dict}`` with
     ``"token_id:N"`` keys, for ``j`` in ``1..n - 1`` from ``prompt_logprobs[j]`` and ``j = n`` from
     the generated token's ``top_logprobs[0]``. Entries may be ``{"<id>": {"logprob": x, ...}}`` or
-    ``{"<id>": x}``."""
+    ``{"<id>": x}``; an id named twice (``"5"`` and ``"token_id:5"``) is a ``ValueError``. With
+    ``n_prompt`` (the prompt's length) the layout is checked: ``n_prompt`` entries, the first ``null``;
+    ``ValueError`` otherwise. Without ``prompt_logprobs`` in the reply: ``{}``."""
     try:
         listed = reply["choices"][0]["prompt_logprobs"]
     except (KeyError, IndexError, TypeError):
         listed = None
     if not isinstance(listed, list):
         return {}
+    if n_prompt is not None and (len(listed) != n_prompt or (listed and _usable(listed[0]))):
+        raise ValueError(f"prompt_logprobs for {n_prompt} prompt tokens has {len(listed)} entries (expected "
+                         f"{n_prompt}, the first null): its positions cannot be read")
     found: dict[int, dict] = {}
     for j, entry in enumerate(listed):
         if j == 0 or not _usable(entry):
@@ -109,7 +122,10 @@ def prompt_logprobs_positions(reply: Any) -> dict[int, dict]:
         top = {}
         for key, value in entry.items():
             logprob = value.get("logprob") if isinstance(value, dict) else value
-            top[key if str(key).startswith(TOKEN_ID_KEY) else f"{TOKEN_ID_KEY}{key}"] = logprob
+            name = key if str(key).startswith(TOKEN_ID_KEY) else f"{TOKEN_ID_KEY}{key}"
+            if name in top:
+                raise ValueError(f"prompt_logprobs[{j}] names token {name!r} twice")
+            top[name] = logprob
         found[j] = top
     generated = _logprobs_block(reply)["top_logprobs"] if reply["choices"][0].get("logprobs") else []
     if generated and _usable(generated[0]):

@@ -106,9 +106,12 @@ class ServedScoring:
 
     @staticmethod
     def _positions(reply: Any, prompt: list[int] | str, method: str) -> dict[int, dict]:
+        """``{position: top dict}`` of a scoring reply, its layout checked (``ValueError``: malformed)."""
         if isinstance(prompt, str):
             return echo_positions_by_offset(reply, len(prompt))
-        return echo_positions_by_count(reply) if method == "echo" else prompt_logprobs_positions(reply)
+        if method == "echo":
+            return echo_positions_by_count(reply, len(prompt))
+        return prompt_logprobs_positions(reply, len(prompt))
 
     def score(self, new_tokens: list[list[int]], need: list[bool] | None = None) -> LLMOutput:
         """Append each row's new tokens and return the top-k at every appended position, from one
@@ -176,15 +179,24 @@ class ServedScoring:
         """Send row ``r``'s scoring request; the top-k at each position ``start..len(ids)``."""
         ids = self._ids[r]
         prompt = self._prompt_upto(r, len(ids))  # not None: score() kept such rows back
-        found = self.post(body, parse=lambda reply: self._positions(reply, prompt, self._score_method),
-                          deadline=deadline)
+
+        def parse(reply: Any) -> dict[int, list[tuple[int, float]]]:
+            # the whole reply is read inside post(): a malformed one (layout, NaN, an id out of range or
+            # named twice, a positive logprob, probabilities above 1) is retried, then the row's failure
+            found = self._positions(reply, prompt, self._score_method)
+            read = {}
+            for j in range(start, len(ids) + 1):
+                top = found.get(where[j]) if j in where else None
+                if top is not None:
+                    read[j] = self._parse(single_position_reply(top))[: self.top_k]
+                elif not isinstance(prompt, str):  # token ids: every position is in a well-formed reply
+                    raise ValueError(f"the scoring reply holds no distribution after prompt token {j}")
+            return read
+
+        read = self.post(body, parse=parse, deadline=deadline)
         out = []
         for j in range(start, len(ids) + 1):
-            top = found.get(where[j]) if j in where else None
-            if top is not None:
-                pairs = self._parse(single_position_reply(top))[: self.top_k]
-            else:
-                pairs = self._score_one_position(r, j, deadline)
+            pairs = read[j] if j in read else self._score_one_position(r, j, deadline)
             if not pairs:
                 raise LLMBackendError(f"{self.url}: a scored position held no token of the tokenizer", 200)
             out.append(pairs)

@@ -8,7 +8,7 @@ from typing import Any
 
 from logitfuse.vocab.retokenize import token_bytes_table
 
-__all__ = ["TOKEN_ID_KEY", "TokenStringMap", "parse_top_logprobs", "render_token_bytes"]
+__all__ = ["TOKEN_ID_KEY", "TOPK_SUM_TOLERANCE", "TokenStringMap", "parse_top_logprobs", "render_token_bytes"]
 
 
 def render_token_bytes(data: bytes) -> str:
@@ -117,6 +117,9 @@ def _string_map(_key: int, tokenizer: Any, ties: str) -> TokenStringMap:
 
 #: the prefix of a ``top_logprobs`` key that names a token id (``return_tokens_as_token_ids``)
 TOKEN_ID_KEY = "token_id:"
+#: how far above 1 the probabilities of one position's ``top_logprobs`` may sum (servers round each
+#: logprob; a float32 rounding of 20 entries is ~1e-6) before the reply counts as malformed
+TOPK_SUM_TOLERANCE = 1e-3
 
 
 def _check_logprob(value: Any) -> float:
@@ -134,7 +137,8 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
     strings (llama.cpp's server, OpenAI): they need ``token_strings`` (a :class:`TokenStringMap`
     of the LLM's tokenizer), which maps each to its id(s); keys that map to nothing are dropped,
     and keys that map to the same id add their probabilities. Without ``token_strings`` such keys
-    raise ``ValueError``, as does any malformed reply (an id named twice included).
+    raise ``ValueError``, as does any malformed reply (an id named twice, a NaN or positive logprob,
+    probabilities summing to more than ``1 +`` :data:`TOPK_SUM_TOLERANCE` included).
     ``counts`` (a dict), when given, is incremented: ``"topk_entries"`` (keys read) and
     ``"topk_mapped"`` (keys that became ids).
 
@@ -179,6 +183,10 @@ def parse_top_logprobs(reply: Any, *, vocab_size: int | None = None, token_strin
             checked[key] = _check_logprob(value)
         pairs, mapped = token_strings.map_pairs(checked)
         pairs = _merge_same_ids(p for p in pairs if vocab_size is None or p[0] < vocab_size)
+    total = math.fsum(math.exp(value) for value in (_check_logprob(v) for v in top.values()))
+    if total > 1 + TOPK_SUM_TOLERANCE:
+        raise ValueError(f"top_logprobs' probabilities sum to {total:.4g}, more than 1 (+ {TOPK_SUM_TOLERANCE:g} for "
+                         "rounding): not log-probabilities")
     if counts is not None:
         counts["topk_entries"] = counts.get("topk_entries", 0) + len(top)
         counts["topk_mapped"] = counts.get("topk_mapped", 0) + mapped
