@@ -161,7 +161,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", default=None, help=_HEAD_HELP)
     parser.add_argument("--alpha", type=float, default=None, help=_ALPHA_HELP)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
-    parser.add_argument("--schedule", default="always", help='"always", "periodic(P, K, T)" or "entropy_gate(h)"')
+    parser.add_argument("--schedule", default="always",
+                        help='when to ask the LLM: "always" (default), "periodic(P, K, T)", "entropy_gate(h)" or '
+                             '"head_gate(tau)" (a head with a call gate: logitfuse train --gate-hidden)')
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the local models (default cpu)")
     parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from logitfuse.cli.train import HEADS_DIR, add_common_arguments, check_common, load_pair, score_split, split_path, variants_for
@@ -92,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if dense in heads:
         alpha = head_alpha(cache, variants[0], heads[dense])[first]
         tokens = pair.slm_tokenizer.convert_ids_to_tokens(cache["targets"][first].tolist())
-        plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
+        plotted = plot_alpha_trace(out / "alpha_trace.png", tokens, alpha, f"α per token, test example {metadata['tids'][0]}")
+        if plotted is None:  # as bench says it
+            print("logitfuse eval: no α-trace plot (alpha_trace.png) nor call-fraction plots: matplotlib is not "
+                  "installed (pip install matplotlib)", file=sys.stderr)
     print(report.read_text())
     calls = write_call_report(out, cache, [v for v in variants if v.name in heads], heads, info)
     print(calls.read_text())

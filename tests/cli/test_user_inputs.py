@@ -265,3 +265,26 @@ def test_eval_takes_a_train_run_or_a_head_folder_in_it(given, folders, tmp_path,
     code = main(["eval", "--slm", str(folders / "slm"), "--llm", str(folders / "llm"), "--head",
                  str(folders / given), "--max-examples", "1"])
     assert code == 0 and seen["root"] == folders / "run" / "heads"
+
+
+# ------------------------------------------------------------------------------------ eval without matplotlib
+def test_eval_says_it_skips_its_plots_without_matplotlib(model_dirs, tmp_path, monkeypatch, capsys):
+    import sys
+
+    run = _trained_run(tmp_path, model_dirs / "slm", model_dirs / "llm")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code = main(["eval", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--head", str(run),
+                 "--max-examples", "1", "--max-history", "0", "--no-llm-context", "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "no α-trace plot" in err and "matplotlib is not installed" in err, err
+    assert not (tmp_path / "results" / "alpha_trace.png").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_schedule_help_names_every_schedule(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for schedule in ("always", "periodic(P, K, T)", "entropy_gate(h)", "head_gate(tau)"):
+        assert schedule in text, schedule
