@@ -9,7 +9,7 @@ An adapter is checked where it is loaded (:func:`apply_adapter`, :func:`merge_ad
 is: its config is a LoRA config, its weights are finite, every one of them is used by the model (the
 same module names and shapes as the base it was trained on), and one trained on a zoo model is not
 loaded onto another zoo model. A merged folder holds :data:`MERGE_MARKER`; only such a folder (or a
-zoo model folder) is ever replaced by a merge.
+tuned zoo model's folder) is ever replaced by a merge.
 """
 
 from __future__ import annotations
@@ -146,14 +146,16 @@ def apply_adapter(model, adapter: str | os.PathLike, *, base_name: str | None = 
 
 def check_merge_target(out_dir: str | os.PathLike) -> None:
     """``ZooError`` unless ``out_dir`` may receive a merged model: it does not exist, is an empty
-    folder, or is a previous merge output (it holds :data:`MERGE_MARKER`) or a zoo model folder.
-    Any other folder (a user's) or a file is refused: a merge replaces the whole folder."""
+    folder, or is a previous merge output (it holds :data:`MERGE_MARKER`, or is a tuned zoo model's
+    folder). Any other folder (a user's, a zoo base model's) or a file is refused: a merge replaces
+    the whole folder."""
     folder = Path(out_dir).expanduser()
     if not folder.exists():
         return
     if not folder.is_dir():
         raise ZooError(f"{str(folder)!r} is a file; pass a new folder for the merged model")
-    if any(folder.iterdir()) and not ((folder / MERGE_MARKER).is_file() or (folder / MARKER).is_file()):
+    tuned = (read_marker(folder) or {}).get("format") == TUNED_MARKER_FORMAT  # a tuned zoo entry, merged before
+    if any(folder.iterdir()) and not ((folder / MERGE_MARKER).is_file() or tuned):
         raise ZooError(f"{str(folder)!r} is a folder that does not hold a merged model ({MERGE_MARKER}); a merge "
                        "replaces the whole folder, so pass a new folder (or a previous merge output)")
 

@@ -256,6 +256,11 @@ def test_a_merge_output_is_marked_and_may_be_merged_into_again(trained, base_dir
     with pytest.raises(zoo.ZooError, match="does not hold a merged model"):
         zoo.merge_adapter(base_dir, adapter, user)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    zoo_base = tmp_path / "zoo-base"  # a zoo base model's folder is not a merge output either
+    zoo_base.mkdir()
+    (zoo_base / zoo.MARKER).write_text(json.dumps({"format": "logitfuse.zoo/1", "sha256": "0" * 64}))
+    with pytest.raises(zoo.ZooError, match="does not hold a merged model"):
+        zoo.loader.check_merge_target(zoo_base)
 
 
 def test_a_damaged_checkpoint_is_a_one_line_error_before_loading(base_dir, data_file, tmp_path, capsys, monkeypatch):
