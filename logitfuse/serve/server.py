@@ -208,7 +208,7 @@ class CompletionServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     # ------------------------------------------------------------------ connections
     def process_request(self, request: socket.socket, client_address: Any) -> None:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import torch
 
 from logitfuse.cli import main
 from logitfuse.serve import server as serve_server
-from logitfuse.serve.server import CompletionServer, serve_in_thread
+from logitfuse.serve.server import CompletionServer, check_bindable, serve_in_thread
 from logitfuse.testing import tiny_llama
 
 SAFETY_TIMEOUT = 10.0  # seconds a test socket waits before the test fails (a hang, not a measurement)
@@ -168,6 +169,22 @@ def test_help_names_the_work_cap(capsys):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--max-request-tokens" in text and "default 16384" in text
+
+
+def test_an_ipv6_loopback_host_is_served(llm_model, tok):
+    """``--host ::1`` passes the checks; the server binds it (before: an IPv4 socket) at a bracketed URL."""
+    try:
+        check_bindable("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    server, url = serve_in_thread(llm_model, tok, host="::1")
+    try:
+        assert url.startswith("http://[::1]:")
+        with urllib.request.urlopen(url + "/health", timeout=SAFETY_TIMEOUT) as response:
+            assert response.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -------------------------------------------------------------- 2: the work of one request
