@@ -345,7 +345,7 @@ def test_a_nan_adapter_stops_the_command_with_one_line(command, trained, base_di
     folder = damaged_copy(trained[1], tmp_path, with_nan)
     argv = {"generate": ["generate", "--instruction", "Write a note: about Tom", "--alpha", "1"],
             "judge": ["judge", "--out", str(tmp_path / "out"), "--systems", "slm", "--max-examples", "1"]}[command]
-    assert main([*argv, "--slm", str(base_dir), "--llm", str(base_dir), "--adapter", str(folder)]) in (1, 2)
+    assert main([*argv, "--slm", str(base_dir), "--llm", str(base_dir), "--adapter", str(folder)]) == 1  # run time
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"logitfuse {command}: error: ") and "NaN or infinite weights" in err[-1]
     assert not any("Traceback" in line for line in err)
