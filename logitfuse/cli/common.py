@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ __all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", 
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
            "speculation", "use_color",
-           "vocab_map_for"]
+           "generation_bar", "vocab_map_for"]
 
 DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
 
@@ -307,6 +309,35 @@ def sampling_config(slm: Any, tokenizer: Any, max_new_tokens: int, *, temperatur
                           repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos, pad_token_id=pad)
 
 
+PROGRESS_DELAY = 2.0  # seconds before a generation's progress bar shows (a short run shows none)
+
+
+@contextlib.contextmanager
+def generation_bar(model: Any, total: int, desc: str) -> Iterator[None]:
+    """A progress bar with an ETA on stderr (a terminal only) over ``total`` new tokens, ticked by each
+    forward of ``model`` after its prefill (a torch module; anything else gets no bar); it shows once
+    the run is longer than :data:`PROGRESS_DELAY` seconds and is gone when the run ends."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None, leave=False, delay=PROGRESS_DELAY)
+    forwards = []
+
+    def tick(module: Any, inputs: Any, output: Any) -> None:
+        forwards.append(1)
+        if len(forwards) > 1 and bar.n < total:  # the first forward is the prompt's prefill
+            bar.update(1)
+
+    hook = model.register_forward_hook(tick)
+    try:
+        yield
+    finally:
+        hook.remove()
+        bar.close()
+
+
 def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend | None, public_prompt: Any,
                fusion: FusionConfig, sampling: SamplingConfig) -> tuple[FusedGeneration, float]:
     """``(result, seconds)`` of one row through :func:`logitfuse.generate`, the one loop that chooses
@@ -323,7 +354,8 @@ def run_interruptible(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLM
     is raised as it is."""
     started = time.perf_counter()
     try:
-        out, seconds = run_engine(slm, tokenizer, private_ids, llm, public_prompt, fusion, sampling)
+        with generation_bar(slm, sampling.max_new_tokens, "generating" if llm is None else "fusing"):
+            out, seconds = run_engine(slm, tokenizer, private_ids, llm, public_prompt, fusion, sampling)
     except KeyboardInterrupt as interrupt:
         partial = getattr(interrupt, "partial", None)  # logitfuse.generate attaches what it generated
         if partial is None:
@@ -361,7 +393,7 @@ def llm_alone(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens:
     inputs = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), generation_bar(model, max_new_tokens, "LLM alone"):
         out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                              pad_token_id=pad, **sampling)
     seconds = time.perf_counter() - started

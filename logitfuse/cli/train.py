@@ -149,17 +149,22 @@ def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], 
     names = [f"shard-{start // shard_size:05d}.safetensors" for start in starts]
     for name in set(found) - set(names):
         (cache_dir / name).unlink()
-    for start, name in zip(starts, names):
-        chunk = examples[start : start + shard_size]
-        tids = [e.tid for e in chunk]
-        if found.get(name, {}).get("setting") == setting and found[name].get("tids") == tids:
-            continue
-        scored_chunk, positions = [], 0
-        for example in tqdm(chunk, desc=f"scoring {start}-{start + len(chunk) - 1}/{len(examples)}", disable=not progress):
-            scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
-            positions += scored.n_positions
-            scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=setting["slm_hidden"]))
-        write_shard(cache_dir / name, scored_chunk, {"setting": setting, "tids": tids, "positions": positions})
+    # one bar over every example of the split, with an ETA; the shards already scored count as done
+    bar = tqdm(total=len(examples), desc=f"scoring {cache_dir.name}", unit="example", disable=not progress)
+    with bar:
+        for start, name in zip(starts, names):
+            chunk = examples[start : start + shard_size]
+            tids = [e.tid for e in chunk]
+            if found.get(name, {}).get("setting") == setting and found[name].get("tids") == tids:
+                bar.update(len(chunk))
+                continue
+            scored_chunk, positions = [], 0
+            for example in chunk:
+                scored = score_example(pair, example, llm_with_context=llm_with_context, max_history=max_history)
+                positions += scored.n_positions
+                scored_chunk.append(cache_example(pair, scored, variants, feature_k, slm_hidden=setting["slm_hidden"]))
+                bar.update(1)
+            write_shard(cache_dir / name, scored_chunk, {"setting": setting, "tids": tids, "positions": positions})
     return read_shards(cache_dir)
 
 

@@ -288,3 +288,53 @@ def test_schedule_help_names_every_schedule(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for schedule in ("always", "periodic(P, K, T)", "entropy_gate(h)", "head_gate(tau)"):
         assert schedule in text, schedule
+
+
+# ------------------------------------------------------------------------------------ progress bars
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm shows its bar only there), keeping what is written."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("alpha", ["1", "0.5"])
+def test_generate_shows_a_progress_bar_with_an_eta_on_a_terminal(alpha, model_dirs, monkeypatch):
+    import sys
+
+    from logitfuse.cli import common
+
+    monkeypatch.setattr(common, "PROGRESS_DELAY", 0)  # tiny models are done before the usual delay
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", alpha,
+                 "--instruction", "Write a note: to Ann", "--max-new-tokens", "20", "--color", "never"])
+    err = "".join(terminal.text)
+    assert code == 0, err
+    assert ("generating" if alpha == "1" else "fusing") in err and "tok" in err and "<" in err, err  # elapsed<ETA
+
+
+def test_scoring_shows_one_bar_over_the_whole_split(model_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitfuse.cli.train import score_split
+    from logitfuse.train_fuser.data import load_examples
+    from logitfuse.train_fuser.scoring import Pair, default_variants
+
+    models = [(AutoModelForCausalLM.from_pretrained(model_dirs / n), AutoTokenizer.from_pretrained(model_dirs / n))
+              for n in ("slm", "llm")]
+    pair = Pair.build(*models[0], *models[1], "slm", "llm")
+    examples = load_examples(bundled_split("dev"), max_examples=3)
+    score_split(pair, examples, tmp_path / "cache-dev", default_variants(20)[:1], feature_k=2, llm_with_context=False,
+                max_history=0, shard_size=2)
+    err = capsys.readouterr().err
+    assert "scoring cache-dev" in err and "3/3" in err, err  # one bar over both shards, not one per shard
