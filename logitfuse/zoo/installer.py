@@ -239,7 +239,8 @@ def join_parts(
 def write_model_folder(out_dir: str | os.PathLike, save: Callable[[Path], None]) -> Path:
     """Call ``save(tmp)`` to write a model folder into a temporary folder beside ``out_dir``
     (``.<name>.<random>.tmp``, the name :func:`remove_stale` knows), give its files the ordinary
-    permissions and rename it into place, replacing an existing ``out_dir``. On an exception the
+    permissions and rename it into place, replacing an existing ``out_dir`` (moved aside beside it first
+    and removed only once the new one is in place, so no moment leaves neither). On an exception the
     temporary folder is removed and ``out_dir`` is left as it was."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -250,9 +251,18 @@ def write_model_folder(out_dir: str | os.PathLike, save: Callable[[Path], None])
             os.chmod(dirpath, ordinary_mode(0o777))
             for filename in filenames:
                 os.chmod(os.path.join(dirpath, filename), ordinary_mode(0o666))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        aside = None
+        if out_dir.exists():  # moved aside, not deleted, until the new folder is in place
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+            os.replace(out_dir, aside)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, out_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
