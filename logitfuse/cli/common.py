@@ -39,7 +39,7 @@ from logitfuse.heads import load_head
 from logitfuse.prompts import render_prompt, shipped_path
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_url",
+__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_slm", "check_url",
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
            "speculation", "use_color",
@@ -169,7 +169,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the local models (default cpu)")
     parser.add_argument("--slm-engine", default="transformers", choices=["transformers", "llama.cpp"],
-                        help="run the SLM in transformers, or in llama.cpp from the zoo's GGUF file")
+                        help="run the SLM in transformers, or in llama.cpp from a GGUF file: the zoo's, or --slm "
+                             "FILE.gguf")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
     parser.add_argument("--speculate", type=int, default=0,
                         help="draft tokens per LLM call, where both models share a tokenizer (opt-in: the LLM then "
@@ -193,17 +194,38 @@ def check_url(flag: str, value: str) -> None:
         raise UsageError(f"{flag} {value!r} has no host; e.g. http://127.0.0.1:8000")
 
 
+def is_gguf(value: str) -> bool:
+    """A --slm given as a GGUF file of the user's (a path ending in .gguf), for --slm-engine llama.cpp."""
+    return value.lower().endswith(".gguf")
+
+
+def check_slm(args: argparse.Namespace) -> str:
+    """--slm: a zoo name or model folder (:func:`logitfuse.zoo.check_model`), or with --slm-engine
+    llama.cpp a GGUF file (checked by :func:`check_slm_engine`); the name a head records for it."""
+    if getattr(args, "slm_engine", "transformers") == "llama.cpp" and is_gguf(args.slm):
+        return Path(args.slm).stem
+    return zoo.check_model("--slm", args.slm)
+
+
 def check_slm_engine(args: argparse.Namespace) -> None:
-    """--slm-engine llama.cpp runs a zoo model's GGUF file on the CPU, as it is."""
+    """--slm-engine llama.cpp runs a GGUF file on the CPU, as it is: a zoo model's, or any FILE.gguf."""
     if args.slm_engine != "llama.cpp":
+        if is_gguf(args.slm):
+            raise UsageError(f"--slm {args.slm!r} is a GGUF file: run it with --slm-engine llama.cpp (transformers "
+                             "takes a zoo name or a model folder)")
         return
     missing = llama_cpp_python_missing()
     if missing:
         raise UsageError(f"--slm-engine llama.cpp {missing} (or use --slm-engine transformers)")
     gguf_models = [spec.name for spec in zoo.list_models()]
-    if args.slm not in gguf_models:
-        raise UsageError(f"--slm-engine llama.cpp runs a zoo model's GGUF file, and --slm {args.slm!r} is none of "
-                         f"{', '.join(gguf_models)}; pass one of them, or --slm-engine transformers")
+    if is_gguf(args.slm):
+        if not Path(args.slm).expanduser().is_file():
+            raise UsageError(f"--slm {args.slm!r} is not a file; pass a GGUF file (FILE.gguf) or a zoo model "
+                             f"({', '.join(gguf_models)})")
+    elif args.slm not in gguf_models:
+        raise UsageError(f"--slm-engine llama.cpp runs a GGUF file: a zoo model's ({', '.join(gguf_models)}) or "
+                         f"one of yours (--slm FILE.gguf), and --slm {args.slm!r} is none of them; pass one, or use "
+                         "--slm-engine transformers")
     if args.adapter is not None:
         raise UsageError("--adapter is a LoRA adapter for the transformers SLM; llama.cpp runs the GGUF file as it "
                          "is: drop --adapter, or use --slm-engine transformers")
@@ -247,13 +269,21 @@ def load_slm(name: str, messages: list[dict[str, str]], *, engine: str = "transf
         return slm, tokenizer, render_prompt(tokenizer, messages)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(name, install=True))
+    if is_gguf(name):  # a GGUF file of the user's: its tokenizer from the file's own metadata
+        gguf = Path(name).expanduser()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (OSError, ValueError, KeyError, ImportError) as err:
+            raise zoo.ZooError(f"--slm {name!r}: transformers could not read the tokenizer of this GGUF file "
+                               f"({' '.join(str(err).split())[:200]})") from None
+    else:
+        tokenizer, gguf = AutoTokenizer.from_pretrained(zoo.resolve(name, install=True)), zoo.gguf_path(name)
     ids = render_prompt(tokenizer, messages)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     threads = max(1, cores // 2)
     if torch_llm:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - threads)))
-    slm = LlamaCppSLM(zoo.gguf_path(name), tokenizer=tokenizer, n_ctx=len(ids) + max_new_tokens + 8, n_threads=threads)
+    slm = LlamaCppSLM(gguf, tokenizer=tokenizer, n_ctx=len(ids) + max_new_tokens + 8, n_threads=threads)
     return slm, tokenizer, ids
 
 

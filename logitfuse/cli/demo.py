@@ -17,7 +17,7 @@ from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_shared, choose_weight, colour_by_alpha,
+    Plan, add_shared_arguments, check_shared, check_slm, choose_weight, colour_by_alpha,
     fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_interruptible,
     sampling_config, speculation, use_color, vocab_map_for,
 )
@@ -48,7 +48,7 @@ def validate(args: argparse.Namespace) -> None:
     check_shared(args)
     check_range("--max-history", args.max_history, low=0)
     check_range("--repetition-penalty", args.repetition_penalty, low=0, low_open=True, meaning="1 = none")
-    plan = Plan(check_model("--slm", args.slm), check_model("--llm", args.llm))
+    plan = Plan(check_slm(args), check_model("--llm", args.llm))
     examples = load_examples(bundled_split("test"))
     plan.example = next((e for e in examples if e.tid == args.example), None) if args.example else examples[0]
     if plan.example is None:

@@ -21,7 +21,7 @@ from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_shared, check_url, choose_weight, colour_by_alpha,
+    Plan, add_shared_arguments, check_shared, check_slm, check_url, choose_weight, colour_by_alpha,
     fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_interruptible, sampling_config, speculation,
     use_color, vocab_map_for,
 )
@@ -104,7 +104,7 @@ def validate(args: argparse.Namespace) -> None:
         llm_name = check_model("--llm-tokenizer", args.llm_tokenizer)
     else:
         llm_name = check_model("--llm", args.llm)
-    plan = Plan(check_model("--slm", args.slm), llm_name, public=_public_prompt(args), context=_read_context(args.context))
+    plan = Plan(check_slm(args), llm_name, public=_public_prompt(args), context=_read_context(args.context))
     choose_weight(args, plan, f"top{args.top_k}-slm" if is_url(args.llm) else "dense")
     if (args.mode is not None or args.tail is not None) and args.alpha is None and args.head != "none":
         raise UsageError("--mode and --tail shape a fixed α; a head brings its own: pass --alpha A (or --head none) "

@@ -24,8 +24,10 @@ def _argv(command: str, *extra: str) -> list[str]:
 
 
 MISTAKES = [
-    (["--slm", "{folder}"], "--slm-engine llama.cpp runs a zoo model's GGUF file", "is none of smollm2-135m, "),
+    (["--slm", "{folder}"], "--slm-engine llama.cpp runs a GGUF file: a zoo model's (smollm2-135m, ",
+     "--slm FILE.gguf", "is none of them"),
     (["--slm", "smollm2-135m-cogenesis"], "--slm 'smollm2-135m-cogenesis' is none of", "--slm-engine transformers"),
+    (["--slm", "{folder}/missing.gguf"], "missing.gguf' is not a file", "pass a GGUF file"),
     (["--adapter", "{folder}"], "--adapter is a LoRA adapter for the transformers SLM", "drop --adapter"),
     (["--device", "cuda"], "--device cuda: --slm-engine llama.cpp runs on the CPU", "--device cpu"),
     (["--head", "{hidden_head}"], "reads the SLM's hidden state, which llama.cpp does not expose",
@@ -96,3 +98,46 @@ def test_generate_runs_the_slm_in_llama_cpp(capsys):
     assert alone.out.strip() and "SLM alone (--alpha 1), no LLM calls" in alone.err, alone
     assert fused.out.strip() and "fixed α 0.5" in fused.err, fused
     assert re.search(r"\[(\d+) steps, \1 LLM calls, 0 fallbacks", fused.err), fused.err  # the LLM answered every step
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_llama_cpp_engine_takes_a_gguf_file_of_the_user_s(command, tmp_path, empty_home, no_loading, monkeypatch):
+    """Any FILE.gguf passes the checks (nothing is loaded); heads then record its name, the file's stem."""
+    from logitfuse.cli import demo, generate
+
+    monkeypatch.setattr("logitfuse.cli.common.llama_cpp_python_missing", lambda: None)
+    module = {"demo": demo, "generate": generate}[command]
+    seen = {}
+    monkeypatch.setattr(module, "run", lambda args: seen.setdefault("plan", args.plan) and 0)
+    (tmp_path / "My-Model.Q4_K_M.gguf").write_bytes(b"GGUF")
+    argv = _argv(command, "--alpha", "0.5")
+    argv[argv.index("smollm2-135m")] = str(tmp_path / "My-Model.Q4_K_M.gguf")
+    assert main(argv) == 0
+    assert seen["plan"].slm_name == "My-Model.Q4_K_M"
+
+
+def test_a_gguf_file_needs_the_llama_cpp_engine(tmp_path, empty_home, no_loading, capsys, assert_usage_error):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    code = main(["generate", "--slm", str(tmp_path / "model.gguf"), "--llm", "qwen2.5-coder-0.5b",
+                 "--instruction", "Write: x"])
+    assert_usage_error(code, capsys.readouterr().err, "generate", "is a GGUF file: run it with --slm-engine llama.cpp")
+
+
+@pytest.mark.engine
+@pytest.mark.real_models
+@pytest.mark.slow
+def test_generate_runs_any_gguf_file_in_llama_cpp(tmp_path, capsys):
+    """The zoo's SmolLM2-135M GGUF under another name, outside the zoo: its tokenizer comes from the file."""
+    _real_models_or_skip()
+    mine = tmp_path / "my-smollm.gguf"
+    mine.symlink_to(zoo.gguf_path("smollm2-135m"))
+    threads = torch.get_num_threads()
+    try:
+        code = main(["generate", "--slm-engine", "llama.cpp", "--slm", str(mine), "--llm", "qwen2.5-coder-0.5b",
+                     "--alpha", "1", "--max-new-tokens", "4", "--instruction", "Write a short note: for Ann",
+                     "--color", "never"])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() and "SLM alone (--alpha 1)" in err, (out, err)
