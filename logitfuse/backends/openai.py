@@ -20,6 +20,7 @@ from logitfuse.backends.base import LLMBackend, LLMBackendError, LLMOutput, chec
 from logitfuse.backends.completions import CompletionsWire, UnmappedReplyError, padded_topk
 from logitfuse.backends.prompt_scores import SCORE_METHODS
 from logitfuse.backends.served_scoring import PROBE_TEXT, ServedScoring
+from logitfuse.backends.server_checks import ServerChecks
 from logitfuse.backends.strings import TokenStringMap
 from logitfuse.backends.transport import TRANSIENT_HTTP, build_opener
 from logitfuse.vocab.retokenize import token_bytes
@@ -27,7 +28,7 @@ from logitfuse.vocab.retokenize import token_bytes
 __all__ = ["PROBE_TEXT", "OpenAICompatibleLLM"]
 
 
-class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
+class OpenAICompatibleLLM(ServerChecks, ServedScoring, CompletionsWire, LLMBackend):
     """The cloud LLM over HTTP: an OpenAI-compatible ``/v1/completions`` endpoint with ``logprobs``.
 
     Each step sends, per row that needs it, ``{"model", "prompt", "max_tokens": 1, "logprobs": top_k,
@@ -54,6 +55,11 @@ class OpenAICompatibleLLM(ServedScoring, CompletionsWire, LLMBackend):
       says how a string shared by several ids is split). ``stats["topk_mapped_share"]`` is the
       share of returned entries that mapped; unmapped ones are dropped and their probability joins
       the tail.
+
+    Before generating, :meth:`check_server` checks once that the server lists ``model``, allows
+    ``top_k`` log-probabilities and tokenizes as ``tokenizer`` does (a fixed probe text; see
+    :mod:`logitfuse.backends.server_checks`): a server that is up but mismatched otherwise fails every
+    step the same way, which ``on_failure="fallback"`` would hide.
 
     Args:
         base_url (`str`): server root, e.g. ``"http://127.0.0.1:8000"`` (``/v1`` is added).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from logitfuse import zoo
-from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM
+from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM, ServerMismatchError
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
     Plan, add_shared_arguments, check_shared, check_slm, check_url, choose_weight, colour_by_alpha,
@@ -29,7 +29,7 @@ from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import private_messages, public_instruction, public_messages, render_prompt
 from logitfuse.zoo import check_model
 
-__all__ = ["HELP", "add_arguments", "run", "served_model_name", "validate"]
+__all__ = ["HELP", "add_arguments", "check_served_llm", "run", "served_model_name", "validate"]
 
 HELP = "fused generation for your own models and context"
 INTERRUPTED = "; interrupted (Ctrl-C): the text so far"
@@ -126,6 +126,24 @@ def served_model_name(base_url: str, timeout: float = 10.0) -> str:
                          "--served-model NAME") from None
 
 
+def check_served_llm(llm: Any, plan: Plan, flags: dict[str, str]) -> None:
+    """A served LLM checked against its server before anything is generated (``llm.check_server()``):
+    a model it does not list, a --top-k above its max_logprobs or a tokenizer not the server's is a
+    UsageError naming the flag (``flags``: the backend's argument -> the flag); a server that cannot be
+    reached is an LLMBackendError with --on-failure raise (exit 1), else left to the run's warning. The
+    pair is named by the served model."""
+    try:
+        llm.check_server()
+    except ServerMismatchError as err:
+        raise UsageError(f"{flags.get(err.argument, err.argument)}: {err}") from None
+    except LLMBackendError:  # not reachable: --on-failure fallback goes on (the summary warns), raise stops
+        if llm.on_failure == "raise":
+            raise
+        return
+    plan.note = plan.note.replace(f" + {plan.llm_name}", f" + {llm.model!r} served at {llm.url} "
+                                  f"(tokenizer {plan.llm_name})", 1)
+
+
 def _llm_backend(args: argparse.Namespace, served_model: str | None) -> tuple[Any, Any]:
     """``(backend, llm tokenizer)`` for --llm: a URL (a served model) or a zoo name / folder."""
     if is_url(args.llm):
@@ -134,6 +152,8 @@ def _llm_backend(args: argparse.Namespace, served_model: str | None) -> tuple[An
         tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(args.llm_tokenizer, install=True))
         backend = OpenAICompatibleLLM(args.llm, served_model, top_k=args.top_k, tokenizer=tokenizer,
                                       on_failure=args.on_failure)
+        check_served_llm(backend, args.plan, {"model": "--served-model", "top_k": "--top-k",
+                                              "tokenizer": "--llm-tokenizer"})
         return backend, tokenizer
     model, tokenizer, _ = zoo.load(args.llm, dtype=args.dtype, device=args.device)
     return HFLLM(model, tokenizer), tokenizer
@@ -161,6 +181,8 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
         served = args.served_model or (served_model_name(args.llm) if is_url(args.llm) else None)
         print(f"logitfuse generate: the cloud LLM ({args.llm}) will see: {plan.public!r}, then the text generated "
               "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
+    # a served LLM is checked against its server before the SLM loads
+    backend = _llm_backend(args, served) if is_url(args.llm) and not slm_only else None
     slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
                                          engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                          device=args.device, adapter=args.adapter,
@@ -175,7 +197,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
         print(f"[{len(ids)} tokens, SLM alone (--alpha 1), no LLM calls, {seconds:.1f} s; the LLM saw nothing"
               f"{INTERRUPTED if stopped else ''}]", file=sys.stderr)
         return 130 if stopped else 0
-    llm, llm_tok = _llm_backend(args, served)
+    llm, llm_tok = backend or _llm_backend(args, served)
     vmap = vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok)
     head, alpha, weight = load_weight(plan, vmap)
     drafts, why = speculation(llm, vmap, args.schedule, args.speculate, head)

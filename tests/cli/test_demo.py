@@ -72,9 +72,17 @@ def test_generate_against_a_served_llm(model_dirs, tmp_path, capsys):
         server.server_close()
     assert code == 0
     assert "4 steps" in capsys.readouterr().err
-    llm_tok = sentencepiece_tokenizer()
-    prompts = [llm_tok.decode(json.loads(body)["prompt"]) for body in server.received]
+    prompts = _sent_prompts(server)
     assert prompts and all("Write a toast" in p and "Ann" not in p for p in prompts), prompts
+
+
+def _sent_prompts(server):
+    """The prompts the served LLM received, decoded; the check before generating sends only the fixed
+    probe text (OpenAICompatibleLLM.check_server), which is left out."""
+    from logitfuse.backends.served_scoring import PROBE_TEXT
+
+    bodies = [json.loads(raw) for raw in server.received if PROBE_TEXT not in raw.decode()]
+    return [sentencepiece_tokenizer().decode(body["prompt"]) for body in bodies]
 
 
 def test_a_url_llm_needs_its_tokenizer(model_dirs, capsys):
@@ -108,7 +116,7 @@ def test_generate_sends_only_the_public_prompt_and_says_so_first(model_dirs, rec
     err = capsys.readouterr().err
     announced = err.index("will see: 'A thank-you note'")
     assert announced < err.index("the LLM saw: 'A thank-you note'")
-    prompts = [sentencepiece_tokenizer().decode(json.loads(body)["prompt"]) for body in server.received]
+    prompts = _sent_prompts(server)
     assert prompts and all("A thank-you note" in p and "Zoe" not in p for p in prompts), prompts
 
 
