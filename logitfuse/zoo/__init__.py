@@ -16,7 +16,8 @@ The modules, each importing only those above it:
 - :mod:`~logitfuse.zoo.cache`: the on-disk layout under ``<home>`` and whether a model is installed.
 - :mod:`~logitfuse.zoo.installer`: pip, join and verify, convert; locks and interrupted installs.
 - :mod:`~logitfuse.zoo.loader`: ``install`` (any name, tuned ones too), ``resolve``, ``load``, adapters.
-- :func:`check_model`: a ``--slm``/``--llm`` value is a zoo name or a model folder (for the CLI).
+- :mod:`~logitfuse.zoo.hub`: models named by a Hugging Face Hub id, found as transformers finds them.
+- :func:`check_model`: a ``--slm``/``--llm`` value is a zoo name, a model folder or a hub id (for the CLI).
 
 Nothing here imports torch or transformers until a model is converted, merged or loaded.
 """
@@ -25,6 +26,7 @@ import os
 from pathlib import Path
 
 from logitfuse.errors import UsageError
+from logitfuse.zoo.hub import check_hub_model, hub_snapshot, is_hub_id
 from logitfuse.zoo.cache import MARKER, gguf_path, home, home_blocker, home_fix, is_installed, path
 from logitfuse.zoo.installer import (
     convert_gguf,
@@ -77,6 +79,7 @@ __all__ = [
     "ZooError",
     "adapter_sha256",
     "check_adapter",
+    "check_hub_model",
     "check_model",
     "apply_adapter",
     "convert_gguf",
@@ -85,10 +88,12 @@ __all__ = [
     "home",
     "home_blocker",
     "home_fix",
+    "hub_snapshot",
     "install",
     "install_gguf",
     "install_tuned",
     "installed_version",
+    "is_hub_id",
     "is_installed",
     "is_tuned_installed",
     "join_parts",
@@ -108,8 +113,9 @@ __all__ = [
 
 
 def check_model(flag: str, value: str) -> str:
-    """``value`` is a zoo model name or a transformers model folder; returns the name a head records
-    for it (the zoo name, or the folder's name), as :func:`logitfuse.zoo.load` does."""
+    """``value`` is a zoo model name, a transformers model folder or a Hugging Face Hub id
+    (:mod:`logitfuse.zoo.hub`); returns the name a head records for it (the zoo name, the folder's
+    name, or the hub id), as :func:`logitfuse.zoo.load` does."""
     if value in known_names():
         if home_blocker() is not None:  # where zoo models are installed
             raise UsageError(f"{flag} {value!r} is a zoo model, but {home_fix()}")
@@ -120,6 +126,12 @@ def check_model(flag: str, value: str) -> str:
             raise UsageError(f"{flag} {value!r} is a folder without config.json, not a transformers model folder "
                              "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
         return folder.name
+    if is_hub_id(value):  # a Hugging Face Hub id: in the local cache, or on the Hub where the network allows
+        try:
+            check_hub_model(value)
+        except ZooError as err:
+            raise UsageError(f"{flag} {err}") from None
+        return value
     near = ", ".join(known_names())
-    raise UsageError(f"{flag} {value!r} is neither a zoo model ({near}) nor an existing model folder"
-                     + ("" if os.sep in value else "; `logitfuse models list` shows the zoo"))
+    raise UsageError(f"{flag} {value!r} is neither a zoo model ({near}) nor an existing model folder (nor a Hugging "
+                     "Face Hub id, ORG/NAME)" + ("" if os.sep in value else "; `logitfuse models list` shows the zoo"))

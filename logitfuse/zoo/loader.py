@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from logitfuse.fileio import atomic_write_text
+from logitfuse.zoo.hub import hub_snapshot, is_hub_id
 from logitfuse.zoo.cache import MARKER, TUNED_MARKER_FORMAT, home_or_default, model_dir, path, read_marker
 from logitfuse.zoo.installer import install_lock, install_model, installed_version, report, sha256_file, write_model_folder
 from logitfuse.zoo.registry import TUNED, NotInstalledError, TunedSpec, ZooError, get_spec, get_tuned_spec, known_names
@@ -252,7 +253,8 @@ def resolve(
     progress: bool = True,
 ) -> Path:
     """A model folder for ``name_or_path``: a zoo name gives its installed folder (installing it
-    first only with ``install=True``), an existing local folder is returned as it is.
+    first only with ``install=True``), an existing local folder is returned as it is, a Hugging Face
+    Hub id (``ORG/NAME``) its snapshot (:func:`logitfuse.zoo.hub.hub_snapshot`).
 
     A string that is a zoo name is taken as one, unless it is written as a path (``./name``)."""
     text = os.fspath(name_or_path)
@@ -264,7 +266,10 @@ def resolve(
     folder = Path(text).expanduser()
     if folder.is_dir():
         return folder
-    raise ZooError(f"{text!r} is neither a zoo model ({', '.join(known_names())}) nor an existing model folder")
+    if is_hub_id(text):  # a Hugging Face Hub id: downloaded where the network allows, else the local hub cache
+        return hub_snapshot(text)
+    raise ZooError(f"{text!r} is neither a zoo model ({', '.join(known_names())}) nor an existing model folder "
+                   "(nor a Hugging Face Hub id, ORG/NAME)")
 
 
 def load(
@@ -279,7 +284,7 @@ def load(
 ):
     """``(model, tokenizer, name)`` for a zoo name or a local transformers folder, in eval mode.
 
-    ``name`` is the zoo name, or the folder's name for a local folder (what heads record).
+    ``name`` is the zoo name or hub id, or the folder's name for a local folder (what heads record).
     float32 is the default: on CPUs without native bf16 matrix units it is the faster choice.
     ``adapter``: a LoRA adapter folder (``logitfuse finetune --out``) merged into the model in
     float32 before the cast to ``dtype``; ``name`` is then ``"<model>+<adapter folder name>"``.
@@ -298,7 +303,8 @@ def load(
         model = model.to(dtype=getattr(torch, dtype), device=device).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-    name = text if text in known_names() and not isinstance(name_or_path, Path) else folder.name
+    named = (text in known_names() or is_hub_id(text)) and not isinstance(name_or_path, Path)
+    name = text if named else folder.name  # a zoo name or hub id as given, else the folder's name
     if adapter is not None:
         name = f"{name}+{Path(adapter).expanduser().resolve().name}"
     return model, AutoTokenizer.from_pretrained(folder), name

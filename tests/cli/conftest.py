@@ -50,3 +50,9 @@ def assert_usage_error():
     """``assert_usage_error(code, stderr, command, *fragments)``: exit status 2 and one line,
     ``logitfuse <command>: error: ...``, holding every fragment."""
     return _assert_usage_error
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """No test reaches the Hugging Face Hub: a hub id is looked up in the local cache only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -338,3 +338,52 @@ def test_scoring_shows_one_bar_over_the_whole_split(model_dirs, tmp_path, capsys
                 max_history=0, shard_size=2)
     err = capsys.readouterr().err
     assert "scoring cache-dev" in err and "3/3" in err, err  # one bar over both shards, not one per shard
+
+
+# ------------------------------------------------------------------------------------ Hugging Face Hub ids
+def _hub_cache(tmp_path, model_dirs, monkeypatch):
+    """``ORG/tiny-slm`` and ``ORG/tiny-llm`` in a hub cache of the test's own (the layout huggingface_hub
+    writes: models--ORG--NAME/snapshots/<rev>/ and refs/main), with ``HF_HUB_CACHE`` at it, offline."""
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    for name in ("slm", "llm"):
+        repo = cache / f"models--tiny-org--tiny-{name}"
+        shutil.copytree(model_dirs / name, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_generate_takes_hugging_face_hub_ids_from_the_local_cache(model_dirs, tmp_path, monkeypatch, capsys):
+    _hub_cache(tmp_path, model_dirs, monkeypatch)
+    code = main(["generate", "--slm", "tiny-org/tiny-slm", "--llm", "tiny-org/tiny-llm", "--alpha", "0.5",
+                 "--instruction", "Write a note: to Ann", "--max-new-tokens", "3", "--color", "never"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "fixed α 0.5" in err.strip().splitlines()[-1], err
+
+
+def test_train_records_the_hub_ids_in_its_heads(model_dirs, tmp_path, monkeypatch, capsys):
+    _hub_cache(tmp_path, model_dirs, monkeypatch)
+    out = tmp_path / "run"
+    code = main(["train", "--slm", "tiny-org/tiny-slm", "--llm", "tiny-org/tiny-llm", "--out", str(out),
+                 "--max-examples", "2", "--max-history", "0", "--max-epochs", "1", "--llm-top-k", "4"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "heads" / "dense" / "config.json").read_text())
+    assert (config["slm_name"], config["llm_name"]) == ("tiny-org/tiny-slm", "tiny-org/tiny-llm")
+    # and generate takes that head for the same ids
+    code = main(["generate", "--slm", "tiny-org/tiny-slm", "--llm", "tiny-org/tiny-llm", "--head", str(out),
+                 "--instruction", "Write a note: to Ann", "--max-new-tokens", "2"])
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "demo", "train", "eval"])
+def test_a_hub_id_missing_offline_is_a_usage_error_before_loading(command, model_dirs, folders, tmp_path, monkeypatch,
+                                                                  no_loading, capsys, assert_usage_error):
+    _hub_cache(tmp_path, model_dirs, monkeypatch)
+    extra = {"generate": ["--instruction", "a: b"], "demo": [], "train": ["--out", str(tmp_path / "run")],
+             "eval": ["--head", str(folders / "run")]}[command]
+    code = main([command, "--slm", "tiny-org/no-such-model", "--llm", str(folders / "llm"), *extra])
+    assert_usage_error(code, capsys.readouterr().err, command, "--slm 'tiny-org/no-such-model' is not in the local "
+                       "Hugging Face cache", "HF_HUB_OFFLINE is set")

@@ -608,7 +608,7 @@ def test_install_converts_a_split_gguf_into_a_loadable_folder(tmp_path, monkeypa
 # ------------------------------------------------------------------------ the package and its cache
 
 
-ZOO_MODULES = ["registry", "cache", "installer", "loader"]  # each imports only those before it
+ZOO_MODULES = ["registry", "cache", "hub", "installer", "loader"]  # each imports only those before it
 
 
 def test_the_zoo_modules_are_small_and_import_only_the_layers_below():
