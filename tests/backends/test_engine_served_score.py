@@ -80,3 +80,18 @@ def test_speculation_through_llama_cpp_is_per_step_fusion(tiny_server):
     assert outputs[4].stats.llm_calls < outputs[0].stats.llm_calls
     assert backends[4].stats["score_requests"] >= outputs[4].stats.llm_calls - outputs[4].stats.fallbacks
     assert not any(CANARY in body for b in backends.values() for body in b.audit_log)
+
+
+def test_check_server_against_llama_cpp(tiny_server):
+    """llama-cpp-python's server: /v1/models lists the alias (no max_logprobs); the tokenizer is checked
+    through its /extras/tokenize route (issue 23)."""
+    from logitfuse.backends import ServerMismatchError
+    from logitfuse.testing import sentencepiece_tokenizer
+
+    server, _, tok = tiny_server
+    check = logitfuse.OpenAICompatibleLLM(server.url, "tiny", top_k=TOP_K, tokenizer=tok).check_server()
+    assert check.models == ("tiny",) and check.tokenizer == "tokenize"
+    for model, tokenizer, argument in (("tiny", sentencepiece_tokenizer(), "tokenizer"), ("qwen", tok, "model")):
+        with pytest.raises(ServerMismatchError) as caught:
+            logitfuse.OpenAICompatibleLLM(server.url, model, top_k=TOP_K, tokenizer=tokenizer).check_server()
+        assert caught.value.argument == argument
