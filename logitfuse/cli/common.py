@@ -17,12 +17,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 
 from logitfuse import FusedGeneration, generate, zoo
 from logitfuse.backends import LLMBackend
+from logitfuse.cli.progress import generation_bar
 from logitfuse.config import FusionConfig, SamplingConfig
 from logitfuse.decoding.llama_cpp import LlamaCppSLM, llama_cpp_python_missing
 from logitfuse.decoding.schedules import parse as parse_schedule
@@ -43,7 +42,7 @@ __all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", 
            "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
            "speculation", "use_color",
-           "generation_bar", "vocab_map_for"]
+           "vocab_map_for"]
 
 DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
 
@@ -337,35 +336,6 @@ def sampling_config(slm: Any, tokenizer: Any, max_new_tokens: int, *, temperatur
     seed = (slm.seed if isinstance(slm, LlamaCppSLM) else 0) if seed is None else int(seed)
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos, pad_token_id=pad)
-
-
-PROGRESS_DELAY = 2.0  # seconds before a generation's progress bar shows (a short run shows none)
-
-
-@contextlib.contextmanager
-def generation_bar(model: Any, total: int, desc: str) -> Iterator[None]:
-    """A progress bar with an ETA on stderr (a terminal only) over ``total`` new tokens, ticked by each
-    forward of ``model`` after its prefill (a torch module; anything else gets no bar); it shows once
-    the run is longer than :data:`PROGRESS_DELAY` seconds and is gone when the run ends."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None, leave=False, delay=PROGRESS_DELAY)
-    forwards = []
-
-    def tick(module: Any, inputs: Any, output: Any) -> None:
-        forwards.append(1)
-        if len(forwards) > 1 and bar.n < total:  # the first forward is the prompt's prefill
-            bar.update(1)
-
-    hook = model.register_forward_hook(tick)
-    try:
-        yield
-    finally:
-        hook.remove()
-        bar.close()
 
 
 def run_engine(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLMBackend | None, public_prompt: Any,

@@ -311,9 +311,9 @@ class _Terminal:
 def test_generate_shows_a_progress_bar_with_an_eta_on_a_terminal(alpha, model_dirs, monkeypatch):
     import sys
 
-    from logitfuse.cli import common
+    from logitfuse.cli import progress
 
-    monkeypatch.setattr(common, "PROGRESS_DELAY", 0)  # tiny models are done before the usual delay
+    monkeypatch.setattr(progress, "PROGRESS_DELAY", 0)  # tiny models are done before the usual delay
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", alpha,
