@@ -34,8 +34,8 @@ INTERRUPTED = ", interrupted by Ctrl-C: the text so far"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slm", default=DEFAULT_SLM, help=f"on-device model: zoo name or folder (default {DEFAULT_SLM})")
-    parser.add_argument("--llm", default=DEFAULT_LLM, help=f"cloud model: zoo name or folder (default {DEFAULT_LLM})")
+    parser.add_argument("--slm", default=DEFAULT_SLM, help=f"on-device model: zoo name, folder, Hugging Face Hub id (ORG/NAME) or, with --slm-engine llama.cpp, FILE.gguf (default {DEFAULT_SLM})")
+    parser.add_argument("--llm", default=DEFAULT_LLM, help=f"cloud model: zoo name, folder or Hugging Face Hub id (default {DEFAULT_LLM})")
     parser.add_argument("--example", default=None, help="tid of a test-split example (default: the first)")
     parser.add_argument("--max-history", type=int, default=2, help="writing-history items in the private prompt")
     parser.add_argument("--repetition-penalty", type=float, default=1.1,

@@ -36,9 +36,12 @@ INTERRUPTED = "; interrupted (Ctrl-C): the text so far"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slm", required=True, help="on-device model: zoo name or folder")
-    parser.add_argument("--llm", required=True, help="cloud model: zoo name, folder, or URL of an OpenAI-compatible server")
-    parser.add_argument("--llm-tokenizer", default=None, help="with a URL: the served model's tokenizer (zoo name or folder)")
+    parser.add_argument("--slm", required=True, help="on-device model: zoo name, folder, Hugging Face Hub id "
+                        "(ORG/NAME), or with --slm-engine llama.cpp a FILE.gguf")
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name, folder, Hugging Face Hub id "
+                        "(ORG/NAME), or URL of an OpenAI-compatible server")
+    parser.add_argument("--llm-tokenizer", default=None, help="with a URL: the served model's tokenizer (zoo name, "
+                        "folder or Hugging Face Hub id)")
     parser.add_argument("--served-model", default=None,
                         help="with a URL: the model name the server expects (default: the first of /v1/models)")
     parser.add_argument("--top-k", type=int, default=20, help="with a URL: logprobs to request (default 20)")

@@ -240,13 +240,13 @@ def run(args: argparse.Namespace) -> int:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments `train` and `eval` share."""
-    parser.add_argument("--slm", required=True, help="on-device model: zoo name or transformers folder")
+    parser.add_argument("--slm", required=True, help="on-device model: zoo name, transformers folder or Hugging Face Hub id (ORG/NAME)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (`logitfuse finetune --out`) for the SLM")
-    parser.add_argument("--llm", required=True, help="cloud model: zoo name or transformers folder, or a server "
+    parser.add_argument("--llm", required=True, help="cloud model: zoo name, transformers folder or Hugging Face Hub id, or a server "
                         "http://HOST:PORT/v1 that returns prompt log-probabilities (scored there, top-k only)")
     parser.add_argument("--llm-model", default=None, help="with --llm URL: the served model's name")
     parser.add_argument("--llm-tokenizer", default=None,
-                        help="with --llm URL: the served LLM's tokenizer, a zoo name or folder (default: --slm's)")
+                        help="with --llm URL: the served LLM's tokenizer, a zoo name, folder or hub id (default: --slm's)")
     parser.add_argument("--data", default=None, help="folder with context_aware_{dev,test}.json (default: the bundled copy)")
     parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (quick runs)")
     parser.add_argument("--llm-top-k", type=int, default=20, help="K of the top-k LLM inputs (what a cloud API returns)")
