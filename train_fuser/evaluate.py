@@ -251,10 +251,14 @@ def first_examples(cache: dict[str, torch.Tensor], n: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def evaluate_streaming(head: PaperFusionHead | FusionHead, pair: Pair, examples: list[Example], variant: Variant,
-                       method: str = "paper head", max_history: int | None = None) -> dict[str, Any]:
-    """NLL of a head that needs full logits (the paper's), running both models on ``examples``."""
+                       method: str = "paper head", max_history: int | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """NLL of a head that needs full logits (the paper's), running both models on ``examples`` (a
+    progress bar with an ETA on stderr unless ``progress`` is False)."""
+    from tqdm.auto import tqdm
+
     losses, alphas = [], []
-    for example in examples:
+    for example in tqdm(examples, desc=f"scoring ({method})", unit="example", disable=not progress):
         scored = score_example(pair, example, max_history=max_history)
         llm = variant.llm_input(scored.llm_logits)
         alpha = head(scored.slm_logits, llm, pair.vocab_map)

@@ -310,3 +310,21 @@ def test_scoring_resumes_shard_by_shard(counted_scoring, tmp_path):
     _, metadata = score_split(pair, examples[:2], cache, default_variants(5), **dict(split, feature_k=3))
     assert calls == [] and metadata["tids"] == [e.tid for e in examples[:2]]  # the shards after it are removed
     assert sorted(p.name for p in cache.iterdir()) == ["shard-00000.safetensors"]
+
+
+def test_the_paper_head_s_evaluation_shows_a_progress_bar(tiny_pair_dirs, capsys):
+    """evaluate_streaming runs both models per example (minutes on real models): a bar with an ETA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitfuse.heads import PaperFusionHead
+    from logitfuse.train_fuser.evaluate import evaluate_streaming
+    from logitfuse.train_fuser.scoring import Pair, default_variants
+
+    models = [(AutoModelForCausalLM.from_pretrained(tiny_pair_dirs / n), AutoTokenizer.from_pretrained(tiny_pair_dirs / n))
+              for n in ("slm", "llm")]
+    pair = Pair.build(*models[0], *models[1], "slm", "llm")
+    head = PaperFusionHead(pair.vocab_map.v_slm, pair.vocab_map.v_llm)
+    examples = load_examples(tiny_pair_dirs / "data" / "context_aware_test.json")[:2]
+    evaluate_streaming(head, pair, examples, default_variants(5)[0])
+    err = capsys.readouterr().err
+    assert "scoring (paper head)" in err and "2/2" in err, err
