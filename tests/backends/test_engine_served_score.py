@@ -34,7 +34,7 @@ def tiny_server(tmp_path_factory):
     missing = llama_cpp_missing()
     if missing:
         pytest.skip(f"needs llama.cpp's server: pip install \"logitfuse[engine]\" ({missing})")
-    from test_llama_slm import write_tiny_gguf
+    from logitfuse.testing.gguf import write_tiny_gguf
 
     tok = byte_level_tokenizer()
     model = tiny_llama(len(tok), seed=1)

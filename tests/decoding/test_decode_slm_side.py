@@ -103,7 +103,7 @@ def test_the_llama_cpp_engine_refuses_a_hidden_state_head_and_takes_a_token_posi
     missing = llama_cpp_python_missing()
     if missing:
         pytest.skip(missing)
-    from test_llama_slm import write_tiny_gguf
+    from logitfuse.testing.gguf import write_tiny_gguf
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, tok, slm)
