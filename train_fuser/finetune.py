@@ -87,9 +87,10 @@ class FinetuneConfig:
         """Raise ``ValueError`` naming the setting and the fix; loads nothing."""
         from logitfuse import zoo
 
-        if not (self.slm in zoo.known_names() or (Path(self.slm).expanduser() / "config.json").is_file()):
-            raise ValueError(f"slm={self.slm!r} is neither a zoo model ({', '.join(zoo.known_names())}) "
-                             "nor a transformers model folder (with config.json)")
+        if not (self.slm in zoo.known_names() or (Path(self.slm).expanduser() / "config.json").is_file()
+                or zoo.is_hub_id(self.slm)):
+            raise ValueError(f"slm={self.slm!r} is neither a zoo model ({', '.join(zoo.known_names())}), a "
+                             "transformers model folder (with config.json) nor a Hugging Face Hub id (ORG/NAME)")
         data = self.data_path
         if not data.is_file():
             raise ValueError(f"data={str(data)!r} is not a file; pass a CoGenesis JSON file (a list of samples)")

@@ -19,6 +19,7 @@ import shlex
 import sys
 
 from logitfuse.errors import UsageError
+from logitfuse.zoo import check_model
 from logitfuse.train_fuser.finetune import FinetuneConfig, FinetuneError, finetune
 
 __all__ = ["HELP", "add_arguments", "run", "validate"]
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """The run's :class:`~logitfuse.train_fuser.finetune.FinetuneConfig`, checked (``UsageError``), in ``args.config``."""
+    check_model("--slm", args.slm)  # a zoo name, a model folder or a Hub id (in the local cache when offline)
     config = FinetuneConfig(
         slm=args.slm, out=args.out, data=args.data, max_examples=args.max_examples, eval_examples=args.eval_examples,
         max_history=args.max_history, rank=args.rank, lora_alpha=args.lora_alpha, dropout=args.dropout, lr=args.lr,

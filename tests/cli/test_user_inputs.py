@@ -387,3 +387,16 @@ def test_a_hub_id_missing_offline_is_a_usage_error_before_loading(command, model
     code = main([command, "--slm", "tiny-org/no-such-model", "--llm", str(folders / "llm"), *extra])
     assert_usage_error(code, capsys.readouterr().err, command, "--slm 'tiny-org/no-such-model' is not in the local "
                        "Hugging Face cache", "HF_HUB_OFFLINE is set")
+
+
+def test_finetune_takes_a_hub_id_and_refuses_a_missing_one_before_loading(model_dirs, tmp_path, monkeypatch, no_loading,
+                                                                          capsys, assert_usage_error):
+    _hub_cache(tmp_path, model_dirs, monkeypatch)
+    code = main(["finetune", "--slm", "tiny-org/no-such-model", "--out", str(tmp_path / "run")])
+    assert_usage_error(code, capsys.readouterr().err, "finetune", "--slm 'tiny-org/no-such-model' is not in the local "
+                       "Hugging Face cache")
+    from logitfuse.cli import build_parser, finetune
+
+    args = build_parser().parse_args(["finetune", "--slm", "tiny-org/tiny-slm", "--out", str(tmp_path / "run")])
+    finetune.validate(args)  # the cached id passes the check, and the run's config keeps it
+    assert args.config.slm == "tiny-org/tiny-slm"
