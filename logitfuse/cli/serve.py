@@ -23,7 +23,9 @@ import sys
 import threading
 from typing import Any
 
+from logitfuse import zoo
 from logitfuse.errors import UsageError, check_device
+from logitfuse.zoo import check_model
 
 __all__ = ["HELP", "add_arguments", "run", "validate"]
 
@@ -41,12 +43,13 @@ class _Stop(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a transformers model folder (config.json + weights)")
+    parser.add_argument("--model", required=True, help="a transformers model folder (config.json + weights), a zoo "
+                        "name or a Hugging Face Hub id (ORG/NAME)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     parser.add_argument("--top-k-max", type=int, default=20, help="largest logprobs a request may ask for (default 20)")
-    parser.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the folder name)")
+    parser.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the folder name, zoo name or Hub id)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     parser.add_argument("--api-key", default=None,
@@ -92,12 +95,18 @@ def validate(args: argparse.Namespace) -> None:
     if not is_loopback_host(args.host) and args.api_key is None and not args.allow_insecure_remote:
         raise UsageError(f"--host {args.host} is reachable from other machines: set --api-key KEY (or "
                          "LOGITFUSE_API_KEY), or pass --allow-insecure-remote to serve without auth")
-    if not os.path.isdir(args.model):
-        raise UsageError(f"--model {args.model!r} is not a folder; save one with model.save_pretrained(DIR)")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise UsageError(f"--model {args.model!r} has no config.json, so it is no transformers model folder; "
-                         "save one with model.save_pretrained(DIR)")
-    _check_tokenizer(args)
+    if not os.path.isdir(args.model) and (args.model in zoo.known_names() or zoo.is_hub_id(args.model)):
+        check_model("--model", args.model)  # a zoo name or a Hub id (in the local cache when offline): run() resolves it
+        if args.tokenizer is not None:
+            _check_tokenizer(args)
+    else:
+        if not os.path.isdir(args.model):
+            raise UsageError(f"--model {args.model!r} is not a folder, a zoo model nor a Hugging Face Hub id (ORG/NAME); "
+                             "save one with model.save_pretrained(DIR)")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UsageError(f"--model {args.model!r} has no config.json, so it is no transformers model folder; "
+                             "save one with model.save_pretrained(DIR)")
+        _check_tokenizer(args)
     check_device("--device", args.device)
     _check_port(args.host, args.port)
 
@@ -151,12 +160,14 @@ def run(args: argparse.Namespace) -> int:
     from logitfuse.serve.server import CompletionServer, is_loopback_host
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    folder_given = os.path.isdir(args.model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        folder = args.model if folder_given else zoo.resolve(args.model, install=True)  # a zoo name or a Hub id
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or folder)
     except Exception as err:  # noqa: BLE001 - a broken folder, a model torch cannot place: one line, exit 1
         return _fail(f"cannot load --model {args.model!r} (or its tokenizer): {_first_line(err)}")
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if folder_given else args.model)
     try:
         server = CompletionServer((args.host, args.port), model, tokenizer, model_name=name,
                                   top_k_max=args.top_k_max, max_requests=args.max_requests, api_key=args.api_key,

@@ -247,3 +247,40 @@ def test_cli_serve_answers_then_stops(tmp_path, monkeypatch, llm_model, tok, api
     assert llm.advance([[]]).ok.all()
     thread.join(timeout=20)
     assert result.get("rc") == 0
+
+
+def test_cli_serve_takes_a_hugging_face_hub_id_from_the_local_cache(tmp_path, monkeypatch, llm_model, tok, capsys):
+    """`--model ORG/NAME` resolves as transformers does (here offline, from a hub cache the test writes); the
+    served name defaults to the id; an id missing offline is one line, exit 2, before anything loads."""
+    monkeypatch.delenv("LOGITFUSE_API_KEY", raising=False)
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--tiny-org--tiny-llm" / "snapshots" / revision
+    llm_model.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    (cache / "models--tiny-org--tiny-llm" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llm" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # the progress bars of the saves above
+    assert main(["serve", "--model", "tiny-org/no-such-model", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("logitfuse serve: error: --model 'tiny-org/no-such-model'") and err.count("\n") == 1, err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(
+        ["serve", "--model", "tiny-org/tiny-llm", "--port", str(port), "--max-requests", "1"])), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):  # wait until it listens (model loading), at most ~20 s
+        try:
+            get_json(url + "/health")
+            break
+        except OSError:
+            time.sleep(0.1)
+    llm = logitfuse.OpenAICompatibleLLM(url, "tiny-org/tiny-llm", top_k=3, tokenizer=tok)
+    llm.start([chat_ids(tok, PUBLIC)])
+    assert llm.advance([[]]).ok.all()
+    thread.join(timeout=20)
+    assert result.get("rc") == 0
