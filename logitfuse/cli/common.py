@@ -39,12 +39,17 @@ from logitfuse.prompts import render_prompt, shipped_path
 from logitfuse.vocab import VocabMap
 
 __all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_slm", "check_url",
-           "choose_weight", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone", "llm_silence",
-           "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config", "slm_alone",
-           "speculation", "use_color",
+           "choose_weight", "chosen_alpha", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone",
+           "llm_silence", "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config",
+           "slm_alone", "speculation", "use_color",
            "vocab_map_for"]
 
-DEFAULT_ALPHA = 0.25  # the fixed α when neither --alpha nor a fitting head is there
+# The fixed α for a pair with nothing shipped (no head, no recorded α) when --alpha is not given: the
+# median of the α each measured pair chose on its own training data with the dense LLM (0.25, 0.51,
+# 0.68, 0.85: train_fuser/RESULTS.md, the chosen_alpha.json files beside the shipped heads), rounded.
+# docs/concepts.md, "Why these defaults", says more; tests/cli/test_default_weight.py holds it to the records.
+DEFAULT_ALPHA = 0.6
+CHOSEN_ALPHA_FILE = "chosen_alpha.json"  # beside a shipped head's config.json: the fixed α its training data chose
 
 
 # ------------------------------------------------------------------------------------ the weight
@@ -52,6 +57,38 @@ def bundled_head_dir(slm_name: str, llm_name: str, variant: str = "dense") -> Pa
     """The head shipped for a model pair, trained with `logitfuse train` (``None`` when there is none)."""
     folder = shipped_path("heads", f"{slm_name}__{llm_name}", variant)
     return folder if (folder / "config.json").is_file() else None
+
+
+def chosen_alpha(folder: Path) -> float | None:
+    """The fixed α recorded beside a head (``folder/chosen_alpha.json``, key ``chosen_alpha``: the α with
+    the lowest NLL on the head's own training positions), or ``None`` where nothing is recorded. A record
+    that is there but unreadable, not a JSON object, or without a number in [0, 1] is a
+    :class:`UsageError` naming the file."""
+    path = Path(folder) / CHOSEN_ALPHA_FILE
+    if not path.is_file():
+        return None
+    fix = "re-create it from the run's train.json (heads.<variant>.best_fixed_alpha), or pass --alpha A"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not readable JSON ({err}); {fix}") from None
+    value = record.get("chosen_alpha") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        got = repr(value) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
+        raise UsageError(f"{path} records no fixed α: 'chosen_alpha' must be a number in [0, 1] (1 = SLM alone), "
+                         f"got {got}; {fix}")
+    return float(value)
+
+
+def _pair_alpha(slm_name: str, llm_name: str | None, variant: str) -> tuple[float, str]:
+    """The fixed α for a pair: the one recorded for it (``variant``'s, else the dense one), else DEFAULT_ALPHA;
+    with a few words on where it comes from."""
+    if llm_name:
+        for name in dict.fromkeys((variant, "dense")):
+            recorded = chosen_alpha(shipped_path("heads", f"{slm_name}__{llm_name}", name))
+            if recorded is not None:
+                return recorded, f"chosen on the training data of the {name} head of {slm_name} + {llm_name}"
+    return DEFAULT_ALPHA, f"the default: nothing is recorded for {slm_name} + {llm_name or 'this LLM'}"
 
 
 @dataclass
@@ -64,6 +101,7 @@ class Plan:
     alpha: float | None = None  # the fixed α (None with a head)
     head_named: bool = False  # the user named the head: a head that does not fit is an error, not a fallback
     note: str = ""  # why a fixed α was chosen where a head could have been
+    fallback: tuple[float, str] = (DEFAULT_ALPHA, "the default")  # the fixed α if the shipped head does not fit, and why
     public: str = ""  # generate: what the cloud LLM may see
     context: str = ""  # generate: the private context
     example: Any = None  # demo: the test-split example
@@ -127,13 +165,17 @@ def _choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
                              "a fixed --alpha replaces it; pass one of them")
         plan.head_dir, plan.head_named = check_head(args.head, plan.slm_name, plan.llm_name, variant), True
         return
-    if args.head == "none" or args.alpha is not None:
-        plan.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    if args.alpha is not None:
+        plan.alpha = args.alpha
+        return
+    plan.fallback = _pair_alpha(plan.slm_name, plan.llm_name, variant)
+    if args.head == "none":
+        plan.alpha, plan.note = plan.fallback
         return
     plan.head_dir = bundled_head_dir(plan.slm_name, plan.llm_name, variant) if plan.llm_name else None
     if plan.head_dir is None:
-        plan.alpha = DEFAULT_ALPHA
-        plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}"
+        plan.alpha = plan.fallback[0]
+        plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}; {plan.fallback[1]}"
 
 
 def load_weight(plan: Plan, vmap: VocabMap) -> tuple[Any, float | None, str]:
@@ -145,15 +187,19 @@ def load_weight(plan: Plan, vmap: VocabMap) -> tuple[Any, float | None, str]:
     except ValueError as err:
         if plan.head_named:
             raise UsageError(f"--head {str(plan.head_dir)!r} does not fit these models: {err}") from None
-        print(f"(the shipped head does not fit these models, using a fixed α {DEFAULT_ALPHA:g}: {err})", file=sys.stderr)
-        return None, DEFAULT_ALPHA, f"fixed α {DEFAULT_ALPHA:g} (the shipped head does not fit)"
+        alpha, source = plan.fallback
+        print(f"(the shipped head does not fit these models, using a fixed α {alpha:g}, {source}: {err})", file=sys.stderr)
+        return None, alpha, f"fixed α {alpha:g} (the shipped head does not fit)"
     return head, None, f"trained head {plan.head_dir.parent.name}/{plan.head_dir.name}"
 
 
 # ------------------------------------------------------------------------------------ flags and checks
 _HEAD_HELP = ("head folder RUN/heads/dense (predicts α per token), or the --out folder RUN of `logitfuse train`; "
               "default: the head shipped for the pair, when there is one; 'none': a fixed --alpha")
-_ALPHA_HELP = f"fixed α instead of a head (1 = SLM alone, 0 = LLM alone; default {DEFAULT_ALPHA} where no head fits)"
+_ALPHA_HELP = (f"fixed α instead of a head (1 = SLM alone, 0 = LLM alone). Default where no head fits (or with "
+               f"--head none): the α recorded beside the pair's shipped head ({CHOSEN_ALPHA_FILE}), else "
+               f"{DEFAULT_ALPHA:g}, the median α chosen on the training data of the measured pairs "
+               "(docs: Concepts, why these defaults)")
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:

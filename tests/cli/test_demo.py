@@ -27,7 +27,7 @@ def test_demo_runs_side_by_side_on_tiny_models(model_dirs, capsys):
     assert code == 0
     out = capsys.readouterr().out
     for section in ("What the cloud LLM saw", "SLM alone, with the private context", "LLM alone, without it",
-                    "Fused, fixed α 0.25"):
+                    "Fused, fixed α 0.6 (the default"):  # no α is recorded for slm + llm
         assert section in out
     assert "4 steps, 4 LLM calls" in out
     # the LLM's section shows the task title only, never the private tail of the instruction
@@ -161,9 +161,9 @@ def test_generate_uses_the_shipped_head_of_the_pair_by_default(model_dirs, tmp_p
                  "--instruction", "Write a toast: for Ann", "--max-new-tokens", "2", "--color", "never"])
     assert code == 0
     err = capsys.readouterr().err
-    assert "the shipped head does not fit these models" in err and "fixed α 0.25 (the shipped head does not fit)" in err
+    assert "the shipped head does not fit these models" in err and "fixed α 0.68 (the shipped head does not fit)" in err  # its chosen_alpha.json
     assert _generate(model_dirs, "--llm", str(model_dirs / "llm"), "--instruction", "Write a toast: for Ann") == 0
-    assert "fixed α 0.25 (no head is shipped for slm + llm)" in capsys.readouterr().err
+    assert "fixed α 0.6 (no head is shipped for slm + llm; the default" in capsys.readouterr().err
 
 
 def test_generate_uses_a_head_given_with_head(model_dirs, tmp_path, capsys):
