@@ -175,7 +175,9 @@ def _choose_weight(args: argparse.Namespace, plan: Plan, variant: str) -> None:
     plan.head_dir = bundled_head_dir(plan.slm_name, plan.llm_name, variant) if plan.llm_name else None
     if plan.head_dir is None:
         plan.alpha = plan.fallback[0]
-        plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}; {plan.fallback[1]}"
+        recorded = not plan.fallback[1].startswith("the default")
+        plan.note = f"no head is shipped for {plan.slm_name} + {plan.llm_name or args.llm}; " + (
+            plan.fallback[1] if recorded else "the default")
 
 
 def load_weight(plan: Plan, vmap: VocabMap) -> tuple[Any, float | None, str]:
