@@ -10,8 +10,9 @@
   (:func:`fusion_config`, :func:`sampling_config`): fused, or the SLM alone at α = 1 with no LLM at
   all (:func:`slm_alone`); the result is a :class:`logitfuse.FusedGeneration`. The LLM alone is plain
   ``model.generate`` (:func:`llm_alone`);
-- printing a run: the text coloured by α (:func:`colour_by_alpha`), the warning when the LLM answered
-  no step (:func:`llm_silence`).
+- torch's CPU threads (``--threads``, :func:`apply_threads`).
+
+Printing a run (the text coloured by α, the LLM-silence warning) is :mod:`logitfuse.cli.printing`.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from logitfuse.heads import load_head
 from logitfuse.prompts import render_prompt, shipped_path
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "bundled_head_dir", "check_shared", "check_slm", "check_url",
-           "choose_weight", "chosen_alpha", "colour_by_alpha", "fusion_config", "is_url", "legend", "llm_alone",
-           "llm_silence", "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config",
-           "slm_alone", "speculation", "use_color",
+__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "apply_threads", "bundled_head_dir", "check_shared", "check_slm", "check_url",
+           "choose_weight", "chosen_alpha", "fusion_config", "is_url", "llm_alone",
+           "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config",
+           "slm_alone", "speculation",
            "vocab_map_for"]
 
 # The fixed α for a pair with nothing shipped (no head, no recorded α) when --alpha is not given: the
@@ -219,6 +220,10 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the SLM in transformers, or in llama.cpp from a GGUF file: the zoo's, or --slm "
                              "FILE.gguf")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: a number, or auto (default): with the SLM and an in-process LLM on "
+                             "the CPU, half the cores (their forwards overlap, one thread pool each: measured in "
+                             "docs/cli.md), else torch's default")
     parser.add_argument("--speculate", type=int, default=0,
                         help="draft tokens per LLM call, where both models share a tokenizer (opt-in: the LLM then "
                              "also sees the SLM's drafts that get rejected, counted in the summary; 4 is a good "
@@ -297,6 +302,19 @@ def check_shared(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as err:
         raise UsageError(f"--schedule {args.schedule!r}: {err}") from None
     check_device("--device", args.device)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise UsageError(f"--threads {args.threads!r} must be a number of threads >= 1, or auto")
+
+
+def apply_threads(args: argparse.Namespace, *, two_models: bool) -> None:
+    """Set torch's CPU threads from ``--threads``. ``auto``: where the SLM and an in-process LLM both run
+    on the CPU (``two_models``), half the cores, so that their overlapping forwards (one in the LLM
+    request's thread) do not each spread over every core; else torch's own default."""
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+    elif two_models and args.device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        torch.set_num_threads(max(1, cores // 2))
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -447,49 +465,3 @@ def llm_alone(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens:
     seconds = time.perf_counter() - started
     ids = _strip_special(out[0, inputs.shape[1]:].tolist(), tokenizer)
     return ids, tokenizer.decode(ids, skip_special_tokens=True), seconds
-
-
-# ------------------------------------------------------------------------------------ printing a run
-def llm_silence(stats: Any, where: str) -> str:
-    """Warn on stderr when the LLM answered none of the steps it was asked; the summary's note ('' otherwise)."""
-    asked = stats.llm_row_calls
-    if asked == 0 or stats.fallbacks < asked:
-        return ""
-    print(f"warning: the LLM answered none of {asked} steps ({where} unreachable?): this text is the SLM alone",
-          file=sys.stderr, flush=True)
-    return "; the LLM answered none: SLM alone"
-
-
-_SCALE = [27, 33, 39, 75, 111, 148, 184, 178, 172, 166, 160]  # 256-colour: blue (LLM) ... red-orange (SLM)
-
-
-def use_color(choice: str, stream: Any = None) -> bool:
-    """Whether to colour (``choice``: ``"auto"``, ``"always"``, ``"never"``): auto colours a terminal
-    (``stream``, default stdout) unless ``NO_COLOR`` is set or ``TERM`` is dumb."""
-    stream = sys.stdout if stream is None else stream
-    if choice == "always":
-        return True
-    if choice == "never" or os.environ.get("NO_COLOR"):
-        return False
-    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
-
-
-def colour_by_alpha(tokenizer: Any, ids: list[int], alpha: list[float], color: bool) -> str:
-    """The text with each token coloured by who drove it (α = 1: SLM alone; 0: LLM alone)."""
-    if not color or not alpha:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    pieces, previous = [], ""
-    for n in range(1, len(ids) + 1):  # decode prefixes so multi-byte characters come out whole
-        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        piece, previous = text[len(previous):], text
-        a = alpha[n - 1] if n - 1 < len(alpha) else 1.0
-        pieces.append(f"\033[38;5;{_SCALE[round(a * (len(_SCALE) - 1))]}m{piece}")
-    return "".join(pieces) + "\033[0m"
-
-
-def legend(color: bool) -> str:
-    """The colour scale of :func:`colour_by_alpha` as one line (empty without colour)."""
-    if not color:
-        return ""
-    swatch = "".join(f"\033[38;5;{c}m█" for c in _SCALE)
-    return f"  colour = α per token: LLM-driven {swatch}\033[0m SLM-driven\n"

@@ -17,10 +17,9 @@ from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_shared, check_slm, choose_weight, colour_by_alpha,
-    fusion_config, legend, llm_alone, llm_silence, load_slm, load_weight, response, run_interruptible,
-    sampling_config, speculation, use_color, vocab_map_for,
+    Plan, add_shared_arguments, apply_threads, check_shared, check_slm, choose_weight, fusion_config, llm_alone, load_slm, load_weight, response, run_interruptible, sampling_config, speculation, vocab_map_for,
 )
+from logitfuse.cli.printing import colour_by_alpha, legend, llm_silence, use_color
 from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import bundled_split, load_examples, render_prompt
 from logitfuse.zoo import check_model
@@ -78,6 +77,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     print(f"logitfuse demo: on-device SLM {args.slm} in {args.slm_engine} (sees the private context), cloud LLM "
           f"{args.llm} (sees only the public task title)", flush=True)
     example = plan.example
+    apply_threads(args, two_models=args.slm_engine == "transformers")  # llama.cpp: load_slm splits the cores
     slm, slm_tok, private_ids = load_slm(args.slm, example.private_messages(args.max_history), engine=args.slm_engine,
                                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                                          adapter=args.adapter)

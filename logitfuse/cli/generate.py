@@ -21,10 +21,9 @@ from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM, ServerMismatchError
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, check_shared, check_slm, check_url, choose_weight, colour_by_alpha,
-    fusion_config, is_url, llm_silence, load_slm, load_weight, response, run_interruptible, sampling_config, speculation,
-    use_color, vocab_map_for,
+    Plan, add_shared_arguments, apply_threads, check_shared, check_slm, check_url, choose_weight, fusion_config, is_url, load_slm, load_weight, response, run_interruptible, sampling_config, speculation, vocab_map_for,
 )
+from logitfuse.cli.printing import colour_by_alpha, llm_silence, use_color
 from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import private_messages, public_instruction, public_messages, render_prompt
 from logitfuse.zoo import check_model
@@ -186,6 +185,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
               "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
     # a served LLM is checked against its server before the SLM loads
     backend = _llm_backend(args, served) if is_url(args.llm) and not slm_only else None
+    apply_threads(args, two_models=not (slm_only or is_url(args.llm)) and args.slm_engine == "transformers")
     slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
                                          engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                          device=args.device, adapter=args.adapter,

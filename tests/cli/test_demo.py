@@ -7,7 +7,8 @@ from logitfuse.testing import byte_level_tokenizer, sentencepiece_tokenizer, tin
 
 from logitfuse import FusionHead
 from logitfuse.cli import main
-from logitfuse.cli.common import colour_by_alpha, vocab_map_for
+from logitfuse.cli.common import vocab_map_for
+from logitfuse.cli.printing import colour_by_alpha
 from logitfuse.serve.server import serve_in_thread
 
 

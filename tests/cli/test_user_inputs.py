@@ -400,3 +400,31 @@ def test_finetune_takes_a_hub_id_and_refuses_a_missing_one_before_loading(model_
     args = build_parser().parse_args(["finetune", "--slm", "tiny-org/tiny-slm", "--out", str(tmp_path / "run")])
     finetune.validate(args)  # the cached id passes the check, and the run's config keeps it
     assert args.config.slm == "tiny-org/tiny-slm"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_threads_must_be_a_positive_count_or_auto(value, model_dirs, no_loading, capsys, assert_usage_error):
+    code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--instruction",
+                 "a: b", "--threads", value])
+    assert_usage_error(code, capsys.readouterr().err, "generate", f"--threads {value!r}", "or auto")
+
+
+@pytest.mark.parametrize("threads, alpha, expected", [("1", "0.5", 1), ("3", "0.5", 3), ("auto", "0.5", "half"),
+                                                      ("auto", "1", "unchanged")])
+def test_threads_sets_torch_threads(threads, alpha, expected, model_dirs, capsys):
+    """auto: half the cores where the SLM and an in-process LLM overlap; the SLM alone keeps torch's default."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(7)
+        code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", alpha,
+                     "--instruction", "Write a note: to Ann", "--max-new-tokens", "2", "--threads", threads])
+        assert code == 0, capsys.readouterr().err
+        cores = len(os.sched_getaffinity(0))
+        want = {"half": max(1, cores // 2), "unchanged": 7}.get(expected, expected)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
