@@ -39,7 +39,7 @@ from logitfuse.heads import load_head
 from logitfuse.prompts import render_prompt, shipped_path
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "apply_threads", "bundled_head_dir", "check_shared", "check_slm", "check_url",
+__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "apply_threads", "free_cores", "bundled_head_dir", "check_shared", "check_slm", "check_url",
            "choose_weight", "chosen_alpha", "fusion_config", "is_url", "llm_alone",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config",
            "slm_alone", "speculation",
@@ -221,9 +221,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                              "FILE.gguf")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour the fused text by α")
     parser.add_argument("--threads", default="auto",
-                        help="torch CPU threads: a number, or auto (default): with the SLM and an in-process LLM on "
-                             "the CPU, half the cores (their forwards overlap, one thread pool each: measured in "
-                             "docs/cli.md), else torch's default")
+                        help="torch CPU threads: a number, or auto (default): the cores other processes leave free "
+                             "now (at least 1; on a busy machine fewer threads than cores is faster: docs/cli.md)")
     parser.add_argument("--speculate", type=int, default=0,
                         help="draft tokens per LLM call, where both models share a tokenizer (opt-in: the LLM then "
                              "also sees the SLM's drafts that get rejected, counted in the summary; 4 is a good "
@@ -306,15 +305,35 @@ def check_shared(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads {args.threads!r} must be a number of threads >= 1, or auto")
 
 
-def apply_threads(args: argparse.Namespace, *, two_models: bool) -> None:
-    """Set torch's CPU threads from ``--threads``. ``auto``: where the SLM and an in-process LLM both run
-    on the CPU (``two_models``), half the cores, so that their overlapping forwards (one in the LLM
-    request's thread) do not each spread over every core; else torch's own default."""
+def free_cores(interval: float = 0.2) -> float:
+    """Cores that other processes leave idle now: the machine's idle share over ``interval`` seconds
+    (``/proc/stat``) times the cores this process may use; all of them where ``/proc/stat`` is missing."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + (ticks[4] if len(ticks) > 4 else 0), sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    share = (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
+    return max(0.0, min(1.0, share)) * cores
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads``: a number, or ``auto``, on the CPU the cores other
+    processes leave free (:func:`free_cores`, at least 1). Measured with the demo on 2 cores (docs/cli.md):
+    idle, 2 threads beat 1 (34 s against 41 s); with one core busy elsewhere, 1 beats 2 (44-46 s against
+    55-64 s): OpenMP threads that wait for a busy core stall every forward."""
     if args.threads != "auto":
         torch.set_num_threads(int(args.threads))
-    elif two_models and args.device == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        torch.set_num_threads(max(1, cores // 2))
+    elif args.device == "cpu":
+        torch.set_num_threads(max(1, round(free_cores())))
 
 
 # ------------------------------------------------------------------------------------ loading

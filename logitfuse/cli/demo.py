@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     print(f"logitfuse demo: on-device SLM {args.slm} in {args.slm_engine} (sees the private context), cloud LLM "
           f"{args.llm} (sees only the public task title)", flush=True)
     example = plan.example
-    apply_threads(args, two_models=args.slm_engine == "transformers")  # llama.cpp: load_slm splits the cores
+    apply_threads(args)
     slm, slm_tok, private_ids = load_slm(args.slm, example.private_messages(args.max_history), engine=args.slm_engine,
                                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                                          adapter=args.adapter)

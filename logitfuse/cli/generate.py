@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
               "so far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
     # a served LLM is checked against its server before the SLM loads
     backend = _llm_backend(args, served) if is_url(args.llm) and not slm_only else None
-    apply_threads(args, two_models=not (slm_only or is_url(args.llm)) and args.slm_engine == "transformers")
+    apply_threads(args)
     slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
                                          engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                          device=args.device, adapter=args.adapter,

@@ -409,22 +409,28 @@ def test_threads_must_be_a_positive_count_or_auto(value, model_dirs, no_loading,
     assert_usage_error(code, capsys.readouterr().err, "generate", f"--threads {value!r}", "or auto")
 
 
-@pytest.mark.parametrize("threads, alpha, expected", [("1", "0.5", 1), ("3", "0.5", 3), ("auto", "0.5", "half"),
-                                                      ("auto", "1", "unchanged")])
-def test_threads_sets_torch_threads(threads, alpha, expected, model_dirs, capsys):
-    """auto: half the cores where the SLM and an in-process LLM overlap; the SLM alone keeps torch's default."""
-    import os
-
+@pytest.mark.parametrize("threads, free, expected", [("1", 2.0, 1), ("3", 0.0, 3), ("auto", 1.8, 2), ("auto", 1.2, 1),
+                                                     ("auto", 0.1, 1)])
+def test_threads_sets_torch_threads(threads, free, expected, model_dirs, monkeypatch, capsys):
+    """auto: the cores other processes leave free now (at least one); a number is taken as it is."""
     import torch
 
+    from logitfuse.cli import common
+
+    monkeypatch.setattr(common, "free_cores", lambda interval=0.2: free)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(7)
-        code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", alpha,
+        code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", str(model_dirs / "llm"), "--alpha", "0.5",
                      "--instruction", "Write a note: to Ann", "--max-new-tokens", "2", "--threads", threads])
         assert code == 0, capsys.readouterr().err
-        cores = len(os.sched_getaffinity(0))
-        want = {"half": max(1, cores // 2), "unchanged": 7}.get(expected, expected)
-        assert torch.get_num_threads() == want
+        assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_free_cores_is_between_zero_and_the_cores_we_may_use():
+    import os
+
+    from logitfuse.cli.common import free_cores
+
+    assert 0.0 <= free_cores(0.05) <= len(os.sched_getaffinity(0))
