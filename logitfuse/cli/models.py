@@ -20,6 +20,11 @@ from logitfuse.zoo.loader import install, is_tuned_installed, tuned_path
 from logitfuse.zoo.registry import REGISTRY, TUNED, ZooError, get_spec, known_names, list_models
 
 
+def size(mb: int) -> str:
+    """A model's download size as the table shows it (``93 MB``, ``1.1 GB``)."""
+    return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb} MB"
+
+
 def format_model_list(home: str | os.PathLike | None = None) -> str:
     """The ``logitfuse models list`` table: name, role, size, vocab, installed or not; the tuned
     entries (:data:`logitfuse.zoo.TUNED`) last, with the model they are tuned from."""
@@ -29,7 +34,7 @@ def format_model_list(home: str | os.PathLike | None = None) -> str:
         rows.append((
             spec.name,
             spec.role,
-            f"{spec.size_mb / 1000:.1f} GB" if spec.size_mb >= 1000 else f"{spec.size_mb} MB",
+            size(spec.size_mb),
             f"{spec.vocab_size:,}",
             "yes" if is_installed(spec.name, root) else "no",
             spec.model,
@@ -39,7 +44,7 @@ def format_model_list(home: str | os.PathLike | None = None) -> str:
         rows.append((
             tuned.name,
             tuned.role,
-            f"{base.size_mb / 1000:.1f} GB" if base.size_mb >= 1000 else f"{base.size_mb} MB",
+            size(base.size_mb),
             f"{base.vocab_size:,}",
             "yes" if is_tuned_installed(tuned.name, root) else "no",
             f"tuned from {tuned.base}: {tuned.model}",
