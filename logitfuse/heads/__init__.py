@@ -18,7 +18,7 @@ from torch import nn
 from logitfuse import reference
 from logitfuse.fileio import atomic_write_folder
 from logitfuse.heads.files import CONFIG_NAME, FORMAT, SHA256_KEY, WEIGHTS_NAME, file_sha256, read_head_files
-from logitfuse.heads.files import non_finite_tensors as _non_finite_tensors
+from logitfuse.heads.files import non_finite_tensors
 from logitfuse.functional import align, fusion_feature_stats
 from logitfuse.heads.protocol import FusionHeadProtocol
 from logitfuse.heads.slm_side import CallGate, SLMSideEncoder, check_feature_groups, slm_distribution_features
@@ -127,7 +127,7 @@ class BaseFusionHead(nn.Module):
             return alpha
         rows = bad.nonzero().flatten().tolist()
         inputs = non_finite_inputs(bad)
-        weights = _non_finite_tensors(dict(self.named_parameters()))
+        weights = non_finite_tensors(dict(self.named_parameters()))
         causes = ([f"its inputs hold non-finite values ({', '.join(inputs)})"] if inputs else []) + (
             [f"the head holds non-finite weights ({'; '.join(weights)}): load or re-train it"] if weights else [])
         raise ValueError(
@@ -217,7 +217,7 @@ class BaseFusionHead(nn.Module):
         """
         config = self.config
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        non_finite = _non_finite_tensors(tensors)
+        non_finite = non_finite_tensors(tensors)
         if non_finite:
             raise ValueError(
                 f"cannot save this {type(self).__name__}: its weights hold NaN or inf ({'; '.join(non_finite)}), "
@@ -277,7 +277,7 @@ class BaseFusionHead(nn.Module):
         if found != shapes or not all(t.is_floating_point() for t in tensors.values()):
             raise ValueError(f"{directory / WEIGHTS_NAME} does not fit its config.json: the config asks for tensors "
                              f"{shapes}, the file holds {found} (floating point only); save the head again")
-        non_finite = _non_finite_tensors(tensors)
+        non_finite = non_finite_tensors(tensors)
         if non_finite:
             raise ValueError(f"{directory / WEIGHTS_NAME} holds NaN or inf weights ({'; '.join(non_finite)}): the head "
                              "diverged in training or the file is corrupted; re-train it or restore a good copy")
