@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # the port was taken while the model loaded
         return _fail(_bind_error(args.host, args.port, err))
     auth = "bearer token required" if args.api_key else "no auth"
-    code = 0
+    code, signalled = 0, False
     restore = _stop_on_signals()
     try:
         print(f"logitfuse serve: {name} at {server.url}/v1 ({auth}; Ctrl-C to stop)", flush=True)
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         server.serve_forever(poll_interval=0.1)
     except _Stop as stop:
-        code = stop.code
+        code, signalled = stop.code, True
         print("logitfuse serve: stopping", file=sys.stderr, flush=True)
     except KeyboardInterrupt:  # SIGINT when the handler could not be installed
         code = 130
@@ -196,7 +196,12 @@ def run(args: argparse.Namespace) -> int:
     if not finished:  # a forward pass still runs: leave without finalizing under it (that aborts)
         print("logitfuse serve: a completion did not stop in time; exiting without waiting for it",
               file=sys.stderr, flush=True)
+    if signalled or not finished:
+        # A signal ended the process's server: nothing is left to save (every request was answered or
+        # refused), and finalizing the interpreter with torch's worker threads still parked can abort
+        # (std::terminate, seen under SIGTERM on a loaded CPU): leave at once with the exit status.
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     return code
 

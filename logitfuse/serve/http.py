@@ -131,27 +131,28 @@ class CompletionsHandler(BaseHTTPRequestHandler):
 
     def _answer(self, route: Any) -> None:
         """Run ``route(path)`` and send its reply, or the error as JSON; never raises."""
-        self._body_pending = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
-        try:
-            self._check_auth()
-            status, data = 200, json.dumps(route(self.path.split("?")[0].rstrip("/"))).encode("utf-8")
-        except RequestCancelled:
-            self.close_connection = True
-            self.server.count_request()
-            return
-        except BadRequest as err:
-            status, data = err.status, error_body(err.status, str(err))
-            if status == 503:  # shutting down
+        with self.server.answering():  # finish_work waits for the reply's last byte
+            self._body_pending = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
+            try:
+                self._check_auth()
+                status, data = 200, json.dumps(route(self.path.split("?")[0].rstrip("/"))).encode("utf-8")
+            except RequestCancelled:
                 self.close_connection = True
-        except Exception as err:  # noqa: BLE001 - a server must answer, not die; never quote the request
-            self.close_connection = True
-            status, data = 500, error_body(500, f"internal error: {type(err).__name__}")
-        try:
-            self._send(status, data)
-        except OSError:  # the client left
-            self.close_connection = True
-        finally:
-            self.server.count_request()
+                self.server.count_request()
+                return
+            except BadRequest as err:
+                status, data = err.status, error_body(err.status, str(err))
+                if status == 503:  # shutting down
+                    self.close_connection = True
+            except Exception as err:  # noqa: BLE001 - a server must answer, not die; never quote the request
+                self.close_connection = True
+                status, data = 500, error_body(500, f"internal error: {type(err).__name__}")
+            try:
+                self._send(status, data)
+            except OSError:  # the client left
+                self.close_connection = True
+            finally:
+                self.server.count_request()
 
     def _check_auth(self) -> None:
         if self.server.api_key is None:

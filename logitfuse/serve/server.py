@@ -38,6 +38,7 @@ requests under the deadline, auth, routes, JSON errors) is :mod:`logitfuse.serve
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import re
@@ -292,10 +293,16 @@ class CompletionServer(ThreadingHTTPServer):
         """The reply object for one completions request body (raises
         :class:`logitfuse.serve.http.BadRequest` naming the field). ``cancelled()``, when given, is
         asked before each forward pass: true stops the work (:class:`logitfuse.serve.http.RequestCancelled`)."""
+        return self._complete(body, cancelled)
+
+    @contextlib.contextmanager
+    def answering(self) -> Any:
+        """Count one request from its parsing to the last byte of its reply: :meth:`finish_work` waits
+        for these, so a shutdown never cuts a reply (a 503 included) short."""
         with self._idle:
             self._busy += 1
         try:
-            return self._complete(body, cancelled)
+            yield
         finally:
             with self._idle:
                 self._busy -= 1

@@ -270,7 +270,7 @@ def test_cli_serve_takes_a_hugging_face_hub_id_from_the_local_cache(tmp_path, mo
         port = sock.getsockname()[1]
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", main(
-        ["serve", "--model", "tiny-org/tiny-llm", "--port", str(port), "--max-requests", "1"])), daemon=True)
+        ["serve", "--model", "tiny-org/tiny-llm", "--port", str(port), "--max-requests", "2"])), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):  # wait until it listens (model loading), at most ~20 s
