@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterator
 
-__all__ = ["FakeServer", "completion_reply", "model_scores", "send_json", "serving", "trickle"]
+__all__ = ["FakeServer", "completion_reply", "model_scores", "raw_connect", "read_raw_response", "send_json",
+           "serving", "trickle"]
 
 Behaviour = Callable[[BaseHTTPRequestHandler, bytes], None]
 
@@ -126,3 +128,23 @@ def model_scores(model: Any, top_k: int = 20, *, echo: bool = False, prompt_logp
         send_json(handler, json.dumps({"choices": [choice], "usage": {"prompt_tokens": len(ids)}}).encode())
 
     return behave
+
+
+# ------------------------------------------------------------------------------- raw sockets
+def raw_connect(port: int, timeout: float) -> tuple[socket.socket, Any]:
+    """A socket to ``127.0.0.1:port`` (``timeout`` seconds a read waits: a hang guard) and a binary reader of it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return sock, sock.makefile("rb")
+
+
+def read_raw_response(reader: Any) -> tuple[int, dict[str, str], Any] | None:
+    """``(status, headers, json_body)`` of the next HTTP response on ``reader`` (header names lower-cased),
+    or ``None`` when the server closed the connection instead."""
+    status_line = reader.readline()
+    if not status_line:
+        return None
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, json.loads(reader.read(int(headers["content-length"])))

@@ -18,6 +18,7 @@ import torch
 
 import logitfuse
 from logitfuse.testing.generation import PUBLIC, chat_ids
+from logitfuse.testing.servers import raw_connect, read_raw_response
 from logitfuse.cli import main
 from logitfuse.serve.server import CompletionServer, is_loopback_host, serve_in_thread
 
@@ -50,21 +51,15 @@ def no_tracebacks(capfd):
 
 
 def connect(port):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_TIMEOUT)
-    return sock, sock.makefile("rb")
+    return raw_connect(port, SAFETY_TIMEOUT)
 
 
 def read_response(reader):
     """``(status, headers, json_body)`` of the next response, or None when the server closed instead."""
-    status_line = reader.readline()
-    if not status_line:
-        return None
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    assert headers.get("content-type") == "application/json"
-    return int(status_line.split()[1]), headers, json.loads(reader.read(int(headers["content-length"])))
+    response = read_raw_response(reader)
+    if response is not None:
+        assert response[1].get("content-type") == "application/json"
+    return response
 
 
 def exchange(port, raw, *, end_stream=True):

@@ -26,6 +26,7 @@ from logitfuse.cli import main
 from logitfuse.serve import server as serve_server
 from logitfuse.serve.server import CompletionServer, check_bindable, serve_in_thread
 from logitfuse.testing import tiny_llama
+from logitfuse.testing.servers import raw_connect, read_raw_response
 
 SAFETY_TIMEOUT = 10.0  # seconds a test socket waits before the test fails (a hang, not a measurement)
 REPO = Path(__file__).resolve().parents[2]
@@ -33,20 +34,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------------------- helpers
 def connect(port):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_TIMEOUT)
-    return sock, sock.makefile("rb")
+    return raw_connect(port, SAFETY_TIMEOUT)
 
 
 def read_response(reader):
     """``(status, json_body)`` of the next response, or None when the server closed instead."""
-    status_line = reader.readline()
-    if not status_line:
-        return None
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), json.loads(reader.read(int(headers["content-length"])))
+    response = read_raw_response(reader)
+    return None if response is None else (response[0], response[2])
 
 
 def post(body):
