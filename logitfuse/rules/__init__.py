@@ -1,0 +1,1 @@
+"""Fusion rules over N aligned inputs."""
