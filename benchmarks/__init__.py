@@ -12,4 +12,4 @@ and writes one JSON (machine, versions, command, rows) and one PNG plot (matplot
 importing this package costs nothing, and no benchmark module needs an optional package to import.
 """
 
-BENCHMARKS = ("kernels", "sampling", "decode", "train", "remote", "speculate")
+BENCHMARKS = ("kernels", "sampling", "decode", "train", "remote", "speculate", "fleet")

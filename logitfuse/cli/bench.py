@@ -1,4 +1,4 @@
-"""`logitfuse bench {kernels,sampling,decode,train,remote,speculate,plot}`: run the benchmarks (JSON + PNG under --out).
+"""`logitfuse bench {kernels,sampling,decode,train,remote,speculate,fleet,plot}`: run the benchmarks (JSON + PNG under --out).
 
 Each benchmark module (``logitfuse.bench.NAME``, source ``benchmarks/NAME.py``) provides
 ``add_args(parser)``, ``execute(args, argv)`` and ``plot(result, out_dir, stem)``; this module adds
@@ -27,6 +27,7 @@ _HELP = {
     "train": "peak memory and step time: O(N) fused cross-entropy vs naive (N, V) log-probs",
     "remote": "tokens/s at batch 1: fused decoding with the LLM behind llama.cpp's server vs in-process",
     "speculate": "logitfuse.generate: speculate=K vs per-step (overlap on/off) vs the processor, same-tokenizer pair",
+    "fleet": "N devices replaying fused decoding (per-step, speculative) against one server vs plain completions",
 }
 
 
@@ -71,6 +72,60 @@ def check_args(name: str, args: argparse.Namespace) -> None:
         _check_remote(args)
     if name == "speculate":
         _check_speculate(args)
+    if name == "fleet":
+        _check_fleet(args)
+
+
+def _check_fleet(args: argparse.Namespace) -> None:
+    """One server (a URL, a zoo model to serve, or --tiny), device counts, and an SLM on its tokenizer."""
+    from pathlib import Path
+
+    from logitfuse import zoo
+    from logitfuse.bench.fleet import parse_clients
+
+    try:
+        args.clients = parse_clients(args.clients) if isinstance(args.clients, str) else args.clients
+    except ValueError:
+        raise UsageError(f"--clients {args.clients!r} is not a comma-separated list of device counts, e.g. "
+                         "1,2,4,8,16,32") from None
+    for n in args.clients:
+        check_range("--clients", n, low=1, meaning="devices at once")
+    check_range("--alpha", args.alpha, low=0.0, high=1.0, meaning="the SLM's weight in the fusion")
+    if args.alpha == 1.0:
+        raise UsageError("--alpha 1 is the SLM alone: the server is never asked; pass an --alpha below 1")
+    check_range("--device-ms", args.device_ms, low=0.0, meaning="think time of a device before each call")
+    if args.record is not None and Path(args.record).is_dir():
+        raise UsageError(f"--record {args.record!r} is a folder; pass a file (written when absent, replayed when present)")
+    if args.record is not None and not Path(args.record).is_file():
+        check_out_dir("--record", str(Path(args.record).parent))
+    chosen = [flag for flag, on in (("--server", args.server), ("--serve-zoo", args.serve_zoo), ("--tiny", args.tiny))
+              if on]
+    if len(chosen) != 1:
+        raise UsageError("pass one server: --server URL (a running one), --serve-zoo NAME (started here) or --tiny"
+                         + (f"; got {' and '.join(chosen)}" if chosen else ""))
+    if args.engine == "llama.cpp" and not args.serve_zoo:
+        raise UsageError("--engine llama.cpp starts llama.cpp's server on --serve-zoo NAME's GGUF file: pass --serve-zoo")
+    if args.server is not None and not args.server.startswith(("http://", "https://")):
+        raise UsageError(f"--server {args.server!r} must be a URL starting with http:// or https://, e.g. "
+                         "http://127.0.0.1:8000")
+    if args.tiny:
+        return
+    _check_zoo_model("--slm", args.slm)
+    if args.serve_zoo:
+        _check_zoo_model("--serve-zoo", args.serve_zoo)
+        if zoo.get_spec(args.slm).vocab_size != zoo.get_spec(args.serve_zoo).vocab_size:
+            raise UsageError(f"--slm {args.slm} and --serve-zoo {args.serve_zoo} do not share a tokenizer, and the "
+                             f"recorded requests need the server's; pass --slm {args.serve_zoo}")
+        if args.engine == "llama.cpp":
+            from logitfuse.serve.engines import llama_cpp_missing
+
+            missing = llama_cpp_missing()
+            if missing:
+                raise UsageError(f"--engine llama.cpp: {missing}")
+            try:
+                zoo.gguf_path(args.serve_zoo)
+            except zoo.ZooError as err:
+                raise UsageError(f"--serve-zoo {args.serve_zoo}: {err}") from None
 
 
 def _check_speculate(args: argparse.Namespace) -> None:
