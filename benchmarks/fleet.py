@@ -68,7 +68,9 @@ PER_STEP = "per-step"
 #: vLLM's counters (prometheus_client exposes a Counter ``x`` as ``x_total``); older names after the first
 METRICS = {"prefix_cache_queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
            "prefix_cache_hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
-           "prompt_tokens": ("vllm:prompt_tokens",), "generation_tokens": ("vllm:generation_tokens",)}
+           "prompt_tokens": ("vllm:prompt_tokens",), "generation_tokens": ("vllm:generation_tokens",),
+           # newer vLLM splits prompt tokens by where their KV came from
+           "prompt_tokens_local_compute": ('vllm:prompt_tokens_by_source{source="local_compute"}',)}
 
 
 # ------------------------------------------------------------------------------------ replies
@@ -208,6 +210,8 @@ def scrape_metrics(url: str) -> dict[str, float] | None:
         except (IndexError, ValueError):
             continue
         name = name.strip().removesuffix("_total")
+        if 'source="local_compute"' in rest:
+            name += '{source="local_compute"}'
         sums[name] = sums.get(name, 0.0) + value
     found = {}
     for key, names in METRICS.items():
@@ -219,7 +223,8 @@ def scrape_metrics(url: str) -> dict[str, float] | None:
 
 def metrics_delta(before: dict | None, after: dict | None) -> dict[str, float | None] | None:
     """What a phase added to the server's counters, with the prefix-cache hit rate and the prompt
-    tokens computed (prompt tokens − prefix-cache hits).
+    tokens computed: the server's own count where it gives one (vLLM's ``prompt_tokens_by_source``
+    ``local_compute``), else prompt tokens − prefix-cache hits.
 
     >>> metrics_delta({"prefix_cache_queries": 10, "prefix_cache_hits": 5, "prompt_tokens": 10},
     ...               {"prefix_cache_queries": 110, "prefix_cache_hits": 95, "prompt_tokens": 110})["prompt_tokens_computed"]
@@ -232,6 +237,8 @@ def metrics_delta(before: dict | None, after: dict | None) -> dict[str, float | 
     delta["prefix_cache_hit_rate"] = hits / queries if queries and hits is not None else None
     prompt = delta.get("prompt_tokens")
     delta["prompt_tokens_computed"] = prompt - hits if prompt is not None and hits is not None else None
+    if delta.get("prompt_tokens_local_compute") is not None:
+        delta["prompt_tokens_computed"] = delta["prompt_tokens_local_compute"]
     return delta
 
 

@@ -110,7 +110,8 @@ def test_metrics_are_summed_over_labels_and_differenced():
             'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 100.0\n'
             'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 20.0\n'
             'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 90.0\n'
-            "vllm:prompt_tokens_total 120\nvllm:generation_tokens_total 7\nother_metric 3\n")
+            "vllm:prompt_tokens_total 120\nvllm:generation_tokens_total 7\nother_metric 3\n"
+            'vllm:prompt_tokens_by_source_total{engine="0",source="local_cache_hit"} 90.0\n')
 
     def behave(handler, body):
         handler.send_response(200)
@@ -125,6 +126,9 @@ def test_metrics_are_summed_over_labels_and_differenced():
     later = {**found, "prefix_cache_queries": 220.0, "prefix_cache_hits": 170.0, "prompt_tokens": 220.0}
     delta = fleet.metrics_delta(found, later)
     assert delta["prefix_cache_hit_rate"] == 0.8 and delta["prompt_tokens_computed"] == 20.0
+    # where the server counts the tokens it computed itself, that count is the one reported
+    found["prompt_tokens_local_compute"], later["prompt_tokens_local_compute"] = 30.0, 55.0
+    assert fleet.metrics_delta(found, later)["prompt_tokens_computed"] == 25.0
     with serving(lambda handler, body: send_json(handler, b'{"error": "no"}', 404)) as fake:
         assert fleet.scrape_metrics(fake.url) is None
 
