@@ -364,3 +364,25 @@ def test_kernel_at_full_size_on_a_gpu(rule):
     big.copy_(row.expand_as(big))
     out = kernel.combine(big, torch.ones(14200, 1, device="cuda"), rule=rule)
     torch.testing.assert_close(out[-1], row, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ benchmark rows
+def test_the_kernel_benchmark_writes_combine_rows(tmp_path):
+    """`logitfuse bench kernels --op combine` at a tiny size: one row per rule variant, N and B, with the
+    traffic of N inputs read and one output written (structure only: no timing is asserted)."""
+    import json
+
+    from logitfuse.bench.kernels import COMBINE_RULES, make_combine_inputs
+    from logitfuse.cli import main
+
+    for rule in RULES:  # the benchmark's inputs are valid arguments of the op
+        logprobs, coef = make_combine_inputs(3, 2, 50, rule, torch.device("cpu"))
+        assert normalized(combine(logprobs, coef, rule=rule))
+    assert main(["bench", "kernels", "--op", "combine", "--quick", "--batch", "1", "2", "--vocab", "50", "--inputs",
+                 "2", "5", "--no-compile", "--copy-mib", "1", "--device", "cpu", "--out", str(tmp_path),
+                 "--no-plot"]) == 0
+    rows = json.loads((tmp_path / "kernels_cpu_quick_combine.json").read_text())["rows"]
+    assert {(r["rule"], r["tau"], r["N"], r["B"]) for r in rows} == {
+        (rule, tau, n, b) for rule, tau in COMBINE_RULES for n in (2, 5) for b in (1, 2)}
+    for row in rows:
+        assert row["op"] == "combine" and row["bytes"] == (row["N"] + 1) * row["B"] * 50 * 4 and row["eager_ms"] > 0
