@@ -6,7 +6,9 @@ Two loops share one recipe (AdamW, early stopping on held-out dev examples, a fi
   loss terms (:mod:`.scoring`), and the SLM-side inputs its groups read: seconds on a CPU, however
   large the models were; :func:`fit_gate` then trains the head's call gate on the same cache;
 - :func:`fit_streaming` runs both models on every pass and trains any head (the paper's too, or
-  another mode) through :func:`logitfuse.fused_cross_entropy`.
+  another mode) through :func:`logitfuse.fused_cross_entropy`;
+- :func:`fit_mixture` trains an N-weight :class:`~logitfuse.heads.mixture.MixtureHead` on cached
+  features and each input's ``log p_i(y)`` (:mod:`.rules_eval`).
 
 Both work unchanged under ``torchrun``: with ``torch.distributed`` initialized, each rank takes every
 ``world_size``-th training example and the head is wrapped in DistributedDataParallel.
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 import logitfuse
 from logitfuse.heads import BaseFusionHead, FusionHead
+from logitfuse.heads.mixture import MixtureHead
 from logitfuse.train_fuser.data import Example
 from logitfuse.train_fuser.scoring import Pair, Variant, linear_nll, score_example
 
@@ -41,7 +44,7 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    head: BaseFusionHead
+    head: BaseFusionHead | MixtureHead
     train_nll: list[float] = field(default_factory=list)
     val_nll: list[float] = field(default_factory=list)
     best_epoch: int = 0
@@ -190,6 +193,43 @@ def _fit_on_positions(head: FusionHead, module: torch.nn.Module, parameters: Any
         return loss(module(features[in_val], **_rows(slm_side, in_val)), targets[in_val]).mean().item()
 
     return _fit(head, config, train_epoch, validate, desc, progress)
+
+
+class _MixtureLogWeights(torch.nn.Module):
+    """A mixture head's log-weights ``(B, N)`` from cached features, as a module's forward (for DDP)."""
+
+    def __init__(self, head: MixtureHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head.logits_from_features(features), dim=-1)
+
+
+def mixture_head_nll(log_weights: torch.Tensor, input_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-position ``-log Σ_i w_i p_i(y)`` from log-weights ``(T, N)`` and each input's ``log p_i(y)`` ``(T, N)``
+    (the inputs normalized on one vocabulary, so the mixture needs no renormalization).
+
+    >>> w = torch.tensor([[0.5, 0.5]]).log(); lp = torch.tensor([[0.2, 0.4]]).log()
+    >>> round(mixture_head_nll(w, lp).exp().item(), 4)  # 1 / 0.3
+    3.3333
+    """
+    return -torch.logsumexp(log_weights + input_logprobs, dim=-1)
+
+
+def fit_mixture(head: MixtureHead, features: torch.Tensor, input_logprobs: torch.Tensor, example: torch.Tensor,
+                config: TrainConfig | None = None, progress: bool = True) -> FitResult:
+    """Train ``head`` on cached ``features`` ``(T, F)`` (:func:`logitfuse.heads.mixture.mixture_features`)
+    and ``input_logprobs`` ``(T, N)``, each input's ``log p_i(y)`` at the reference token, minimizing the
+    mixture's NLL (:func:`mixture_head_nll`); early stopping on held-out examples as :func:`fit_cached`.
+    The features are standardized by their mean and deviation over these positions first."""
+    config = config or TrainConfig()
+    if input_logprobs.shape[-1] != head.n_inputs:
+        raise ValueError(f"input_logprobs has {input_logprobs.shape[-1]} columns for a head of {head.n_inputs} inputs "
+                         f"{head.input_names}; give one column per input, in the head's order")
+    head.set_feature_scale(features)
+    return _fit_on_positions(head, _MixtureLogWeights(head), head.parameters(), features, input_logprobs.float(), example,
+                             config, {}, loss=mixture_head_nll, desc="fit mixture", progress=progress)
 
 
 def fit_streaming(head: BaseFusionHead, pair: Pair, examples: list[Example], variant: Variant,

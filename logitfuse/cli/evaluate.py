@@ -1,10 +1,14 @@
 """`logitfuse eval`: held-out NLL table of trained heads on the CoGenesis test split.
 
     logitfuse eval --head runs/pair --slm SLM --llm LLM             # scores test, writes results.md/json/png
+    logitfuse eval --rule 'steer(0.3)' --rule 'contrastive(0.2,0.1,amateur=small)' --input small=MODEL \
+        --slm SLM --llm LLM --out runs/rules                         # fusion rules (logitfuse.rules specs)
 
 --head is the --out folder of `logitfuse train` (or its heads/ folder, or a head in it); the models and the LLM inputs
 are given as to `logitfuse train` (the arguments, checks and scoring are shared: logitfuse.cli.train).
-Also writes calls.{md,json}: how the call schedules trade LLM calls for NLL.
+Also writes calls.{md,json}: how the call schedules trade LLM calls for NLL. With --rule (repeatable) the table
+is of fusion rules over named inputs instead (logitfuse.train_fuser.rules_eval); a mixture-head rule
+mixture(NAME,...) reads its head from --head, the --out folder of `logitfuse train --rule`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from logitfuse.cli.train import HEADS_DIR, add_common_arguments, check_common, load_pair, score_split, split_path, variants_for
+from logitfuse.cli.train import (HEADS_DIR, add_common_arguments, check_common, check_rule_arguments, load_pair,
+                                 score_split, split_path, variants_for)
 from logitfuse.errors import UsageError, check_out_dir
 from logitfuse.heads import FusionHead, load_head
 from logitfuse.train_fuser.data import load_examples
@@ -29,9 +34,15 @@ HELP = "held-out NLL table of trained heads on the CoGenesis test split"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--head", required=True, help="a `logitfuse train` output folder RUN (or RUN/heads, or a head "
-                        "folder in it, RUN/heads/dense: the heads beside it are evaluated too)")
-    parser.add_argument("--out", default=None, help="where results go (default: beside the heads)")
+    parser.add_argument("--head", default=None, help="a `logitfuse train` output folder RUN (or RUN/heads, or a head "
+                        "folder in it, RUN/heads/dense: the heads beside it are evaluated too); required without --rule, "
+                        "and for a mixture-head rule (the --out folder of `logitfuse train --rule`)")
+    parser.add_argument("--out", default=None, help="where results go (default: beside the heads; required with --rule "
+                        "and no --head)")
+    parser.add_argument("--rule", action="append", default=None, metavar="SPEC",
+                        help="a fusion rule to evaluate instead of the two-model heads, repeatable: 'steer(0.3)', "
+                        "'arithmetic(1,expert=slm_public,anti=base)', 'contrastive(0.2,0.1,amateur=small)', "
+                        "'mixture(slm=0.5,llm=0.3,small=0.2)', or 'mixture(slm,llm,small)' for a mixture head (--head)")
     parser.add_argument("--no-llm-context", action="store_true", help="skip the LLM-with-context upper bound (saves time)")
 
 
@@ -44,9 +55,53 @@ def heads_root(value: str) -> Path:
     return root / HEADS_DIR if (root / HEADS_DIR).is_dir() else root
 
 
+def mixture_head_dir(value: str) -> Path:
+    """--head with a mixture-head rule: the --out folder of `logitfuse train --rule` (RUN), RUN/heads or RUN/heads/mixture."""
+    root = Path(value).expanduser()
+    for folder in (root, root / "mixture", root / HEADS_DIR / "mixture"):
+        if (folder / "config.json").is_file():
+            return folder
+    return root / HEADS_DIR / "mixture"
+
+
+def validate_rules(args: argparse.Namespace) -> None:
+    """--rule: the rules and inputs (:func:`logitfuse.cli.train.check_rule_arguments`), and --head where a rule needs one."""
+    from logitfuse.heads.mixture import load_mixture_head
+    from logitfuse.train_fuser.rules_eval import needs_head
+
+    check_rule_arguments(args, head_rule=False)
+    args.mixture_head = None
+    head_rules = [rule for rule in args.rules if needs_head(rule)]
+    if head_rules:
+        if args.head is None:
+            raise UsageError(f"--rule {str(head_rules[0])!r} takes its weights from a mixture head: pass --head RUN, "
+                             "the --out folder of `logitfuse train --rule` (or give fixed weights, mixture(slm=0.5,...))")
+        folder = mixture_head_dir(args.head)
+        try:
+            args.mixture_head = load_mixture_head(folder)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--head {args.head!r}: {err}") from None
+        if args.mixture_head.input_names != head_rules[0].inputs:
+            raise UsageError(f"--head {args.head!r} was trained for the inputs {args.mixture_head.input_names}; the rule "
+                             f"mixes {head_rules[0].inputs}: name them as the head does")
+        args.head_train_json = folder.parent.parent / "train.json"
+    elif args.head is not None:
+        raise UsageError("--head with --rule is for a mixture-head rule, mixture(NAME,...); leave --head out")
+    if args.out is None and args.head is None:
+        raise UsageError("--rule needs --out (where results.md and results.json go)")
+    check_out_dir("--out", args.out or str(mixture_head_dir(args.head).parent.parent))
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check before a model loads (``UsageError``); the folder of the heads goes to ``args.heads_root``."""
     check_common(args, "test")
+    if args.rule:
+        return validate_rules(args)
+    if args.input:
+        raise UsageError("--input names an input of a --rule; give a --rule that reads it, or leave --input out")
+    if args.head is None:
+        raise UsageError("--head is required (the --out folder of `logitfuse train`), unless you evaluate fusion "
+                         "rules with --rule")
     root = heads_root(args.head)
     names = [v.name for v in default_variants(args.llm_top_k)]
     if not any((root / name / "config.json").is_file() for name in names):
@@ -57,7 +112,29 @@ def validate(args: argparse.Namespace) -> None:
     args.heads_root = root
 
 
+def run_rules(args: argparse.Namespace) -> int:
+    """`eval --rule`: score the test examples for the rules' inputs and write the rules' table."""
+    from logitfuse.train_fuser.rules_eval import rule_rows, rules_markdown, rules_study, score_study
+
+    out = Path(args.out or mixture_head_dir(args.head).parent.parent)
+    head = args.mixture_head
+    study = rules_study(args.rules, args.slm, args.llm, args.inputs, max_history=args.max_history,
+                        feature_k=head.top_k if head is not None else 4)
+    examples = load_examples(split_path(args.data, "test"), max_examples=args.max_examples)
+    cache = score_study(study, {"test": examples}, Path(args.cache or out), dtype=args.dtype)["test"]
+    fixed = None
+    if head is not None and args.head_train_json.is_file():
+        fixed = json.loads(args.head_train_json.read_text()).get("fixed_weights")
+    rows = rule_rows(study, cache, head, fixed)
+    info = {"slm": args.slm, "llm": args.llm, "inputs": {i.name: f"{i.model} ({i.prompt} prompt)" for i in study.inputs},
+            "test examples": len(examples), "positions": len(cache["targets"])}
+    print(rules_markdown(out, rows, info).read_text())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.rule:
+        return run_rules(args)
     heads_root = args.heads_root
     out = Path(args.out or heads_root.parent)
     pair = load_pair(args)

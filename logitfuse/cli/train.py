@@ -116,11 +116,44 @@ def validate(args: argparse.Namespace) -> None:
         args.slm_features = list(check_feature_groups(args.slm_features, name="--slm-features"))
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
+    check_rule_arguments(args, head_rule=True)
     args.split = args.split or ["dev"]
     for split in args.split:
         if split not in TRAIN_SPLITS:
             held_out = "the test split is held out for `logitfuse eval`" if split == "test" else "not a split"
             raise UsageError(f"--split {split}: {held_out}; train on {' and/or '.join(TRAIN_SPLITS)}")
+
+
+def check_rule_arguments(args: argparse.Namespace, *, head_rule: bool) -> None:
+    """--rule (``args.rules``: the parsed rules) and --input (``args.inputs``: ``{name: model}``), before any
+    model loads. ``head_rule``: `train`, whose one --rule must be a mixture head's ``mixture(NAME,...)``."""
+    from logitfuse.rules import parse_rule
+    from logitfuse.train_fuser.rules_eval import needs_head, parse_inputs, rules_study
+
+    specs = [] if args.rule is None else [args.rule] if isinstance(args.rule, str) else list(args.rule)
+    args.rules, args.inputs = [], {}
+    if not specs:
+        if args.input:
+            raise UsageError("--input names an input of a --rule; give a --rule that reads it, or leave --input out")
+        return
+    if is_url(args.llm) or args.adapter is not None:
+        flag = "--llm URL" if is_url(args.llm) else "--adapter"
+        raise UsageError(f"--rule scores every input locally from the zoo; {flag} is not supported with it "
+                         "(merge an adapter with `logitfuse finetune` and name the folder as --slm)")
+    try:
+        args.rules = [parse_rule(spec) for spec in specs]
+        args.inputs = parse_inputs(args.input)
+        rules_study(args.rules, args.slm, args.llm, args.inputs, max_history=args.max_history)
+    except ValueError as err:
+        flag = "--input" if str(err).startswith("--input") else "--rule"
+        raise UsageError(str(err) if str(err).startswith("--") else f"{flag}: {err}") from None
+    if head_rule and not (len(args.rules) == 1 and needs_head(args.rules[0]) and args.rules[0].kind == "linear"):
+        raise UsageError(f"--rule {specs[0]!r}: `logitfuse train --rule` trains a mixture head: give "
+                         "mixture(NAME,NAME,...) with input names only, e.g. 'mixture(slm,llm,small)'")
+    if getattr(args, "paper_head", False):
+        raise UsageError("--paper-head trains the two-model paper head; leave it out with --rule")
+    for name, model in args.inputs.items():
+        check_model(f"--input {name}=", model)
 
 
 def score_split(pair: Pair, examples, cache_dir: Path, variants: list[Variant], *, feature_k: int,
@@ -196,6 +229,8 @@ def score_training_splits(pair: Pair, splits: list[tuple[str, list]], out: Path,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rules:
+        return run_mixture_head(args)
     out = Path(args.out)
     pair = load_pair(args)
     splits = training_examples(args)
@@ -238,6 +273,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_mixture_head(args: argparse.Namespace) -> int:
+    """`train --rule mixture(NAME,...)`: score the training splits for those inputs, fit a MixtureHead on the
+    cached terms, and record the fixed weights chosen on the same positions (the baseline it must beat)."""
+    from logitfuse.heads.mixture import MixtureHead
+    from logitfuse.train_fuser.rules_eval import (best_mixture_weights, concat_caches, input_logprobs, rules_study,
+                                                  score_study)
+    from logitfuse.train_fuser.train import fit_mixture
+
+    out, rule = Path(args.out), args.rules[0]
+    started = time.perf_counter()
+    study = rules_study(args.rules, args.slm, args.llm, args.inputs, max_history=args.max_history,
+                        feature_k=args.feature_k)
+    splits = dict(training_examples(args))
+    caches = score_study(study, splits, Path(args.cache or out), dtype=args.dtype)
+    cache = concat_caches(list(caches.values()))
+    torch.manual_seed(args.seed)
+    head = MixtureHead(rule.inputs, top_k=args.feature_k)
+    config = TrainConfig(lr=args.lr, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
+    fit = fit_mixture(head, cache["features"], input_logprobs(cache, rule.inputs), cache["example"], config)
+    head.save_pretrained(out / HEADS_DIR / "mixture")
+    fixed = best_mixture_weights(cache, rule.inputs)
+    summary = {"rule": str(rule), "inputs": {i.name: f"{i.model} ({i.prompt} prompt)" for i in study.inputs if i.name in rule.inputs},
+               "examples": sum(len(e) for e in splits.values()), "splits": {k: len(v) for k, v in splits.items()},
+               "positions": len(cache["targets"]), "best_epoch": fit.best_epoch, "val_nll": min(fit.val_nll),
+               "train_nll": fit.train_nll[fit.best_epoch], "fixed_weights": list(fixed),
+               "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_text(out / "train.json", json.dumps(summary, indent=2) + "\n")
+    print(f"mixture head over {', '.join(rule.inputs)}: validation NLL {min(fit.val_nll):.4f} (epoch {fit.best_epoch}); "
+          f"fixed weights chosen on the same data: {fixed}")
+    print(f"head saved under {out / HEADS_DIR / 'mixture'}")
+    return 0
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments `train` and `eval` share."""
     parser.add_argument("--slm", required=True, help="on-device model: zoo name, transformers folder or Hugging Face Hub id (ORG/NAME)")
@@ -258,6 +326,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-examples", type=int, default=8, help="examples for the paper's head (it runs the models each pass)")
     parser.add_argument("--cache", default=None, help="folder of the scoring caches (cache-SPLIT/), shared by runs that "
                         "score the same examples, e.g. ablations (default: the output folder)")
+    parser.add_argument("--input", action="append", default=None, metavar="NAME=MODEL",
+                        help="with --rule: an extra input NAME that MODEL (zoo name, folder or hub id) gives over the public "
+                        "prompt, repeatable; slm and slm_public (--slm over each prompt) and llm (--llm) are built in")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -277,3 +348,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-projection", type=int, default=32, help="width the SLM's hidden state is projected to")
     parser.add_argument("--gate-hidden", type=int, default=32,
                         help="width of each head's call gate (schedule head_gate(tau)); 0: no gate")
+    parser.add_argument("--rule", default=None, metavar="SPEC",
+                        help="train an N-weight mixture head instead: mixture(NAME,NAME,...) over named inputs (--input), "
+                        "e.g. 'mixture(slm,llm,small)'; writes heads/mixture and the fixed weights chosen on the same data")
