@@ -145,7 +145,8 @@ class VLLMServer:
         kv_cache_gib (`float`, defaults to 2): ``VLLM_CPU_KVCACHE_SPACE``.
         threads (`int`, optional): ``OMP_NUM_THREADS`` of the server (vLLM's CPU default: one fewer
             than the cores it sees).
-        log_requests (`bool`, defaults to `False`): vLLM logs every request (for privacy audits).
+        log_requests (`bool`, defaults to `False`): vLLM logs every request with its prompt and prompt
+            token ids (``--enable-log-requests`` at vLLM's DEBUG level; for privacy audits).
         extra_args: more server arguments.
         startup_timeout (`float`, defaults to 900), log_path: as :class:`logitfuse.serve.engines.LlamaCppServer`.
     """
@@ -190,6 +191,8 @@ class VLLMServer:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}")
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.log_requests:  # at INFO, vLLM logs a request's parameters only; DEBUG adds its prompt
+            env["VLLM_LOGGING_LEVEL"] = "DEBUG"
         # our checkout's top-level kernels/ (or any PYTHONPATH of ours) must not reach vLLM's interpreter
         env.pop("PYTHONPATH", None)
         return env
