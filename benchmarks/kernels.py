@@ -293,5 +293,6 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
                  copy_mib=args.copy_mib, ops=ops, inputs=args.inputs)
     stem = f"kernels_{device.type}" + ("_quick" if args.quick else "") + ("" if ops == ("fuse",) else "_" + "_".join(ops))
     columns = {("fuse",): TABLE_COLUMNS, ("combine",): COMBINE_COLUMNS}.get(ops, BOTH_COLUMNS)
-    return common.report(args, "kernels", argv, started, info, stem, result, plot, columns,
-                         top_k=TOP_K, dtype="float32", mode="linear", tail="slm")
+    fuse_settings = dict(top_k=TOP_K, mode="linear", tail="slm") if "fuse" in ops else {}
+    return common.report(args, "kernels", argv, started, info, stem, result, plot, columns, dtype="float32",
+                         **fuse_settings)
