@@ -94,8 +94,10 @@ class RecordingLLM(OpenAICompatibleLLM):
 
     :attr:`calls` holds, per call, ``(first, end, length)``: its requests are ``audit_log[first:end]``
     and ``length`` is the row's LLM sequence length when the call began (after the rollback of the
-    previous call's rejected drafts). :attr:`top1` holds :func:`top1` of each reply, in the order of
-    the audit log (with ``on_failure="raise"`` and no probing, one reply per logged request).
+    previous call's rejected drafts). :attr:`top1` holds :func:`top1` of each reply as it arrived,
+    before it is read (build it with ``retries=0``: then one reply per logged request, even one the
+    backend then refuses: llama.cpp's server answers a request whose one sampled token is EOS with
+    no log-probabilities, a step the backend's ``on_failure="fallback"`` fuses with the SLM alone).
     One row only.
 
     >>> llm = RecordingLLM("http://127.0.0.1:8000", "m", vocab_size=100, prompt_format="ids", score_method="none")
@@ -122,9 +124,8 @@ class RecordingLLM(OpenAICompatibleLLM):
 
     def post(self, body, parse=None, *, deadline=None):
         def keep(reply):
-            parsed = reply if parse is None else parse(reply)  # a ValueError here is retried: keep nothing yet
             self.top1.append(top1(reply))
-            return parsed
+            return reply if parse is None else parse(reply)
 
         return super().post(body, keep, deadline=deadline)
 
@@ -167,7 +168,7 @@ def record_runs(slm: Any, tokenizer: Any, url: str, model: str, prompts: list[tu
 
     runs = []
     for index, (private, public) in enumerate(prompts):
-        llm = RecordingLLM(url, model, top_k=20, tokenizer=tokenizer, timeout=300, on_failure="raise",
+        llm = RecordingLLM(url, model, top_k=20, tokenizer=tokenizer, timeout=300, retries=0,
                            prompt_format=prompt_format, score_method=score_method)
         out = logitfuse.generate(slm, llm, [private], public, alpha=alpha, max_new_tokens=new_tokens,
                                  speculate=speculate, overlap=False, eos_token_id=[])
@@ -176,8 +177,8 @@ def record_runs(slm: Any, tokenizer: Any, url: str, model: str, prompts: list[tu
         if speculate and stats.get("speculation_fallbacks"):
             raise RuntimeError(f"{url}: speculation fell back to per-step fusion (the server cannot score drafts)")
         if len(llm.top1) != len(llm.audit_log):
-            raise RuntimeError(f"{len(llm.audit_log)} requests but {len(llm.top1)} replies: a request was retried "
-                               "or failed while recording")
+            raise RuntimeError(f"{len(llm.audit_log)} requests but {len(llm.top1)} replies: the server did not "
+                               "answer while recording")
         lengths = [length for _, _, length in llm.calls]
         counts = tokens_per_call(lengths, total)
         if total != new_tokens or min(counts) < 1 or max(counts) > speculate + 1:
@@ -185,9 +186,9 @@ def record_runs(slm: Any, tokenizer: Any, url: str, model: str, prompts: list[tu
         calls = [{"bodies": llm.audit_log[first:end], "top1": llm.top1[first:end], "tokens": n}
                  for (first, end, _), n in zip(llm.calls, counts)]
         runs.append({"example": index, "tokens": total, "calls": calls, "stats": stats,
-                     "held_back": llm.stats["held_back"]})
+                     "held_back": llm.stats["held_back"], "failures": llm.stats["failures"]})
         log(f"  recorded example {index}: {total} tokens, {len(calls)} LLM calls, "
-            f"{sum(len(c['bodies']) for c in calls)} requests")
+            f"{sum(len(c['bodies']) for c in calls)} requests, {llm.stats['failures']} refused replies (SLM alone)")
     return runs
 
 
@@ -540,7 +541,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                       "requests": sum(len(c["bodies"]) for x in r for c in x["calls"]),
                       "draft_tokens_sent": sum(x["stats"].get("draft_tokens_sent", 0) for x in r),
                       "draft_tokens_kept": sum(x["stats"].get("draft_tokens_kept", 0) for x in r),
-                      "held_back": sum(x["held_back"] for x in r)} for mode, r in runs.items()}
+                      "held_back": sum(x["held_back"] for x in r),
+                      "failed_replies": sum(x.get("failures", 0) for x in r)} for mode, r in runs.items()}
     for s in summary.values():
         s["llm_calls_per_token"] = s["llm_calls"] / s["tokens"]
         s["acceptance_rate"] = s["draft_tokens_kept"] / s["draft_tokens_sent"] if s["draft_tokens_sent"] else None
@@ -574,14 +576,16 @@ def plot(result: dict[str, Any], out_dir: str, stem: str):
         return None
     rows = result["rows"]
     phases = list(dict.fromkeys(r["phase"] for r in rows))
-    for phase_name in phases:
+    for i, phase_name in enumerate(phases):  # one colour per phase in both panels
         pts = sorted((r["clients"], r["tokens_per_s"] or 0, r["over_plain"] or 0) for r in rows if r["phase"] == phase_name)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=phase_name)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=phase_name)
         if phase_name != PLAIN:
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=phase_name)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=f"C{i}", label=phase_name)
     axes[1].axhline(0.5, color="k", lw=0.8, label="target 0.5 (N = 32, speculation)")
+    clients = sorted({r["clients"] for r in rows})
     for ax, title in ((axes[0], "server tokens/s (all devices)"), (axes[1], "fused / plain tokens/s")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(n) for n in clients])
         ax.set_xlabel("devices N")
         ax.set_title(title)
         ax.legend(fontsize=7)
@@ -638,7 +642,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = common.write_json(out, "results", payload)
-    png = None if args.no_plot else plot(result, str(out), "fleet")
+    png = None if args.no_plot else plot(result, str(out), "results")
     table = common.markdown_table(table_rows(result["rows"]), TABLE_COLUMNS)
     print(table)
     markdown = write_markdown(out, payload, table)
@@ -652,6 +656,8 @@ def write_markdown(out: Path, payload: dict[str, Any], table: str) -> Path:
 
     recorded = "; ".join(f"{mode}: {s['tokens']} tokens in {s['llm_calls']} LLM calls ({s['requests']} requests)"
                          + (f", acceptance {s['acceptance_rate']:.2f}" if s["acceptance_rate"] is not None else "")
+                         + (f", {s['failed_replies']} replies without log-probabilities (those steps fused with the "
+                            "SLM alone)" if s["failed_replies"] else "")
                          for mode, s in payload["recording"].items())
     load = payload["machine"].get("loadavg_1_5_15")
     lines = [f"# Fleet: {payload['server']}", "",
