@@ -116,8 +116,8 @@ class Study:
         return dict(setting, rules=[str(r) for r in self.rules]) if self.rules else setting
 
 
-BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0)
-LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+BETAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 SLM, BASE_SLM, LLM, SMALL_LLM = "smollm2-135m-cogenesis", "smollm2-135m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 
 #: issue 25's study: the tuned SLM with the context; it, the untuned SLM and both Qwen models on the public prompt
@@ -125,7 +125,7 @@ ISSUE25 = Study(
     inputs=(
         RuleInput("slm", SLM, "private"),
         RuleInput("slm_public", SLM, "public"),
-        RuleInput("base_public", BASE_SLM, "public"),
+        RuleInput("base_public", BASE_SLM, "public", tail_from="slm_public"),  # tail_from: as `--input` gives it
         RuleInput("llm", LLM, "public", tail_from="slm_public"),
         RuleInput("small", SMALL_LLM, "public", tail_from="slm_public"),
         RuleInput("llm_shipped", LLM, "public", tail_from="slm"),  # today's 2-way mix: tail shaped by the private SLM
@@ -159,10 +159,10 @@ class Vocabularies:
             if self.maps[item.model] is None:
                 continue
             shaper = names.get(item.tail_from)
-            if shaper is None or self.maps[shaper.model] is not None or shaper.prompt != item.prompt:
+            if shaper is None or self.maps[shaper.model] is not None:
                 raise ValueError(f"input {item.name!r} ({item.model}) is on another tokenizer than the pivot's: its "
-                                 f"tail_from={item.tail_from!r} must name an input on the pivot's tokenizer with the "
-                                 f"same prompt ({item.prompt})")
+                                 f"tail_from={item.tail_from!r} must name an input on the pivot's tokenizer (one over "
+                                 f"the same prompt, {item.prompt}, keeps a public input public)")
 
     def tokenizer(self, model: str) -> Any:
         return self.tokenizers[model][0]

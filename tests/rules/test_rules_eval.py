@@ -181,10 +181,11 @@ def test_an_input_scored_with_another_model_is_scored_again(tiny_models, tmp_pat
     assert loads == ["s", "l", "l"]
 
 
-def test_a_pulled_input_needs_a_public_tail_on_the_pivot(tiny_models):
-    study = Study(inputs=(RuleInput("slm", "s", "private"), RuleInput("llm", "l", "public", tail_from="slm")),
-                  mixture=("slm", "llm"))
-    with pytest.raises(ValueError, match="same prompt"):
+@pytest.mark.parametrize("tail_from", [None, "nothing", "other"])
+def test_a_pulled_input_needs_a_tail_on_the_pivot_tokenizer(tiny_models, tail_from):
+    study = Study(inputs=(RuleInput("slm", "s", "private"), RuleInput("other", "l", "public", tail_from="slm"),
+                          RuleInput("llm", "l", "public", tail_from=tail_from)), mixture=("slm", "llm"))
+    with pytest.raises(ValueError, match="must name an input on the pivot's tokenizer"):
         Vocabularies(study, lambda name: (tiny_models[name][1], tiny_models[name][0].config.vocab_size))
 
 
