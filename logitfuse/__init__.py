@@ -2,7 +2,8 @@
 
 The on-device model (SLM) sees the user's private context; the cloud model (LLM) sees only the
 public instruction. At every decoding step their next-token distributions are aligned onto the
-SLM's vocabulary and mixed with a weight α (CoGenesis, arXiv 2403.03129).
+SLM's vocabulary and mixed with a weight α (CoGenesis, arXiv 2403.03129); :mod:`logitfuse.rules`
+fuses N models by other rules (mixtures, proxy-tuning and context steering, contrastive decoding).
 
 >>> import torch, logitfuse
 >>> fused = logitfuse.fuse(torch.randn(1, 8), torch.randn(1, 8), alpha=0.25)
@@ -14,6 +15,7 @@ from logitfuse.functional import align, fuse, fuse_sample, fuse_with_head, fused
 from logitfuse.heads import FusionHead, PaperFusionHead, load_head
 from logitfuse.types import MODES, TAILS, Aligned, RowStats, TopK
 from logitfuse.config import FusionConfig, SamplingConfig
+from logitfuse import rules
 from logitfuse.vocab import VocabMap
 from logitfuse.backends import HFLLM, LLMBackend, LLMBackendError, LLMOutput, OpenAICompatibleLLM
 from logitfuse.decoding.session import FusionSession, SessionStats
@@ -30,6 +32,7 @@ __all__ = [
     "Aligned",
     "FusionConfig",
     "SamplingConfig",
+    "rules",
     "FusionHead",
     "PaperFusionHead",
     "RowStats",

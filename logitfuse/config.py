@@ -16,8 +16,10 @@ Traceback (most recent call last):
 ...
 ValueError: alpha=1.5 must be a number in [0, 1] (the SLM's weight: 1 = the SLM alone, 0 = the LLM alone)
 
-This module sits at the bottom of the package (it imports only :mod:`logitfuse.types`): what a field
-holds beyond plain values (a head, a vocabulary map, a schedule) is checked by the layer that uses it.
+This module sits at the bottom of the package (it imports only :mod:`logitfuse.types` and the fusion
+rules' settings objects, :mod:`logitfuse.rules.base`, which import nothing of logitfuse but their
+constants): what a field holds beyond plain values (a head, a vocabulary map, a schedule) is checked
+by the layer that uses it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from logitfuse.rules.base import Mix, Rule
+from logitfuse.rules.spec import parse_rule
 from logitfuse.types import MODES, TAILS
 
 __all__ = ["FusionConfig", "SamplingConfig", "check_choice", "check_int", "check_number", "split_options"]
@@ -110,7 +114,12 @@ class FusionConfig(_Config):
         overlap: issue the LLM's request for a position while the SLM computes it (per-step fusion).
         apply_chat_template: wrap text public prompts in the LLM tokenizer's chat template.
         lookbehind: LLM tokens re-encoded each step when the two models have different tokenizers.
-        slm_temperature, llm_temperature: scale each model's logits before fusion.
+        slm_temperature, llm_temperature: scale each model's logits before fusion (``llm_temperature``:
+            every input but the SLM's, under a rule).
+        rule: a fusion rule over N inputs (:mod:`logitfuse.rules`: a :class:`~logitfuse.rules.Rule` or a spec
+            string such as ``"steer(0.5)"``, :func:`logitfuse.rules.parse_rule`); ``None`` or ``"mix"`` is
+            the two-model mix above. Any other rule brings its own weights: ``alpha``, ``head``, ``mode``
+            and ``tail`` stay unset, ``schedule`` is ``"always"`` and ``speculate`` 0.
 
     The SLM's tokenizer is no field: it describes the SLM, not the fusion. It is an attribute of the SLM
     runner (a :class:`logitfuse.LlamaCppSLM`'s ``tokenizer``), or ``slm_tokenizer=`` given to
@@ -129,9 +138,14 @@ class FusionConfig(_Config):
     lookbehind: int = 4
     slm_temperature: float = 1.0
     llm_temperature: float = 1.0
+    rule: Any = None
 
     def __post_init__(self) -> None:
-        if (self.head is None) == (self.alpha is None):
+        if self.rule is not None:
+            object.__setattr__(self, "rule", parse_rule(self.rule))
+        if self.uses_rule:
+            self._check_rule()
+        elif (self.head is None) == (self.alpha is None):
             raise ValueError("pass exactly one of head= (a trained fusion head, logitfuse.load_head) and alpha= "
                              "(a fixed weight in [0, 1]; 1 = the SLM alone)")
         if self.alpha is not None:
@@ -152,6 +166,26 @@ class FusionConfig(_Config):
         for name in ("slm_temperature", "llm_temperature"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), 0.0, low_open=True,
                                                         fix="1 leaves the logits as they are"))
+
+    def _check_rule(self) -> None:
+        """What a rule other than the two-model mix leaves unset (each ``ValueError`` names the field)."""
+        rule = self.rule
+        for name in ("head", "alpha", "mode", "tail"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}={getattr(self, name)!r} shapes the two-model mix, but rule {rule.spec!r} "
+                                 "brings its own weights; leave it unset (a Mixture takes weights=, head=, kind=, "
+                                 "tail=), or use rule='mix'")
+        if self.schedule != "always":
+            raise ValueError(f"schedule={self.schedule!r}: rule {rule.spec!r} asks every input at every step; use "
+                             "schedule='always' (schedules work with the two-model mix)")
+        if self.speculate:
+            raise ValueError(f"speculate={self.speculate}: speculative fusion is exact for the two-model mix only; "
+                             f"use speculate=0 with rule {rule.spec!r}")
+
+    @property
+    def uses_rule(self) -> bool:
+        """A rule other than the two-model mix (:class:`logitfuse.rules.Mix`) is set."""
+        return isinstance(self.rule, Rule) and not isinstance(self.rule, Mix)
 
     @property
     def slm_only(self) -> bool:

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from logitfuse.config import FusionConfig, SamplingConfig, split_options
 from logitfuse.decoding.checks import public_rows
+from logitfuse.decoding.rule_session import RuleSession, rule_inputs
 from logitfuse.decoding.runners import RunnerSource, SLMRunner, TransformersRunner
 from logitfuse.decoding.sampling import FusedGeneration, GeneratedRows, RepetitionPenalty, TokenChooser
 from logitfuse.decoding.session import FusionSession
@@ -140,11 +142,15 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
             ``slm_tokenizer``), or any :class:`~logitfuse.decoding.runners.SLMRunner`. It alone reads
             ``private_input_ids``.
         llm (`LLMBackend`): the LLM side (:class:`logitfuse.HFLLM`, :class:`logitfuse.OpenAICompatibleLLM`);
-            ``None`` with ``alpha=1`` (the SLM alone: the LLM is never asked).
+            ``None`` with ``alpha=1`` (the SLM alone: the LLM is never asked). With a fusion ``rule``: one
+            backend (the input ``"llm"``), or a dict of every input the rule reads besides ``"slm"``, by
+            name (``{"llm": backend, "slm_public": logitfuse.rules.Input(HFLLM(slm, tok), on_device=True)}``;
+            :mod:`logitfuse.rules`).
         private_input_ids: ``(batch, length)`` SLM token ids, left padded (with ``attention_mask``), or a
             list of id lists (left padded here).
         public_prompt: what the LLM may see: one prompt (text or LLM ids) for all rows, or one per row
-            (:func:`logitfuse.decoding.checks.public_rows`); may be left out with ``alpha=1``.
+            (:func:`logitfuse.decoding.checks.public_rows`); may be left out with ``alpha=1``. Under a rule,
+            also a dict by input name, each public input's own (its ids, its chat template).
         fusion (`FusionConfig`): how to fuse: head or fixed α, vocabulary map, mode, tail, schedule,
             ``speculate``, ``overlap``, ``apply_chat_template``... (:class:`logitfuse.FusionConfig`).
         sampling (`SamplingConfig`, *optional*): ``max_new_tokens`` (default 128), ``temperature`` (0:
@@ -152,9 +158,9 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
             ``eos_token_id``, ``pad_token_id`` (:class:`logitfuse.SamplingConfig`).
         attention_mask: with a tensor ``private_input_ids``: 1 for real tokens, 0 for left padding.
         **options: keyword sugar for the fields of both configs (``alpha=0.5, max_new_tokens=32,
-            speculate=2, ...``), applied over ``fusion`` and ``sampling``; and ``slm_tokenizer=``, the SLM's
-            tokenizer (an attribute of the SLM, not a setting: it re-tokenizes the generated text for an
-            LLM with another tokenizer, and its ``eos_token_id`` is the default end of a row).
+            speculate=2, rule="steer(0.5)", ...``), applied over ``fusion`` and ``sampling``; ``slm_tokenizer=``,
+            the SLM's tokenizer (an attribute of the SLM, not a setting: it re-tokenizes the generated text for
+            an LLM with another tokenizer, and its ``eos_token_id`` is the default end of a row).
 
     Notes on the settings, as this loop applies them:
 
@@ -168,6 +174,10 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
       ``speculate`` nor with a schedule that reads the SLM's logits (``entropy_gate``, ``head_gate``).
     - ``repetition_penalty`` acts on the SLM's logits before fusion, as ``slm.generate`` applies it ahead
       of the fusion processor; exact with ``speculate`` too.
+    - ``rule`` (a fusion rule other than ``"mix"``) steps a :class:`~logitfuse.decoding.rule_session.RuleSession`
+      over the inputs (``llm``: one backend, the input ``"llm"``, or a dict of inputs); an on-device
+      input with ``prompt="private"`` is started on the SLM's private ids. ``FusedGeneration.alpha`` holds
+      the SLM's coefficient in the rule per token.
 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
@@ -180,6 +190,11 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
     if fusion is None:
         raise ValueError("pass exactly one of head= (a trained fusion head, logitfuse.load_head) and alpha= "
                          "(a fixed weight in [0, 1]; 1 = the SLM alone), or fusion=FusionConfig(...)")
+    if fusion.uses_rule:
+        inputs = rule_inputs(fusion.rule, llm)  # checked before the SLM opens
+    elif isinstance(llm, Mapping):
+        raise ValueError("llm is a dict of inputs, which a fusion rule reads: pass rule= (e.g. 'steer(0.5)', "
+                         "logitfuse.rules), or one LLM backend")
     sampling = SamplingConfig() if sampling is None else sampling
     runner = open_runner(slm, private_input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
                          pad_token_id=sampling.pad_token_id, tokenizer=slm_tokenizer)
@@ -187,7 +202,11 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
     try:
         eos = sampling.eos_token_id
         eos = sorted(runner.eos_token_ids) if eos is None and runner.eos_token_ids else eos
-        session = FusionSession(llm, fusion, slm_tokenizer=runner.tokenizer, eos_token_id=None if eos is None else list(eos))
+        eos = None if eos is None else list(eos)
+        if fusion.uses_rule:
+            session = RuleSession(fusion.rule, inputs, fusion, slm_tokenizer=runner.tokenizer, eos_token_id=eos)
+        else:
+            session = FusionSession(llm, fusion, slm_tokenizer=runner.tokenizer, eos_token_id=eos)
         session.defer_alpha_checks()  # folded into the ids each step reads
         head, batch = fusion.head, runner.batch_size
         if public_prompt is None and not session.slm_only:
@@ -200,13 +219,24 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
                                   fix="use a head without the 'hidden' group (logitfuse train --slm-features "
                                       "token,position) or the transformers SLM")
             runner.watch_hidden(head)
-        publics = [None] * batch if public_prompt is None else public_rows(public_prompt, batch)
+        if public_prompt is None:
+            publics = [None] * batch
+        elif fusion.uses_rule and isinstance(public_prompt, Mapping):  # one per input, by name
+            publics = {name: public_rows(prompt, batch) for name, prompt in public_prompt.items()}
+        else:
+            publics = public_rows(public_prompt, batch)
         rows = GeneratedRows(batch, sampling.max_new_tokens, session.eos_token_ids)
         chooser = TokenChooser(sampling)
         penalize = RepetitionPenalty(sampling.repetition_penalty, runner.ids, runner.mask, runner.vocab_size)
 
-        def start() -> None:
-            session.start(publics, v_slm=runner.vocab_size)  # the LLM prefills the public prompts only
+        if fusion.uses_rule:
+            privates = [row[keep == 1].tolist() for row, keep in zip(runner.ids, runner.mask)]  # on-device inputs only
+
+            def start() -> None:
+                session.start(publics, v_slm=runner.vocab_size, private_prompts=privates)
+        else:
+            def start() -> None:
+                session.start(publics, v_slm=runner.vocab_size)  # the LLM prefills the public prompts only
 
         if speculating:
             start()

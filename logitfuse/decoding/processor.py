@@ -5,7 +5,7 @@ the LLM's request overlapping the SLM's forward); this is for ``slm.generate`` u
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from logitfuse.backends import LLMBackend
 from logitfuse.config import FUSION_FIELDS, FusionConfig, split_options
 from logitfuse.decoding.checks import public_rows
 from logitfuse.decoding.guard import check_transformers, refuse_unsafe_generation
+from logitfuse.decoding.rule_session import RuleSession, rule_inputs
 from logitfuse.decoding.session import FusionSession, SessionStats
 from logitfuse.heads.slm_side import HiddenStateCapture
 
@@ -34,11 +35,16 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     log-probabilities over the SLM vocabulary.
 
     Args:
-        llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`.
+        llm (`LLMBackend`): :class:`logitfuse.HFLLM` or :class:`logitfuse.OpenAICompatibleLLM`. With a fusion
+            ``rule``: one backend (the input ``"llm"``) or a dict of every input the rule reads besides
+            ``"slm"`` (the model that generates), by name. The processor never sees the private prompt apart
+            from ``input_ids``, so an input that reads the private prompt is refused here: use
+            :func:`logitfuse.generate` for those.
         public_prompt (`str`, `list[str]`, `list[int]` or `list[list[int]]`): what the LLM may see:
             one prompt for all rows, or one per input row; text or LLM token ids.
-        fusion (`FusionConfig`, *optional*): α or head, vocabulary map, mode, tail, schedule...;
-            ``speculate`` must be 0 and ``overlap`` does not apply (the processor steps synchronously).
+        fusion (`FusionConfig`, *optional*): α or head, vocabulary map, mode, tail, schedule, or a fusion
+            ``rule`` (:mod:`logitfuse.rules`); ``speculate`` must be 0 and ``overlap`` does not apply (the
+            processor steps synchronously).
         slm (*optional*): the model that generates, for a head reading the SLM's last hidden state: a
             forward hook (:class:`~logitfuse.heads.slm_side.HiddenStateCapture`) takes it from each
             step's own forward; :meth:`close` removes it.
@@ -65,22 +71,42 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
     (5, 5, 5)
     >>> logitfuse.CoGenesisLogitsProcessor(llm, "Hi", logitfuse.FusionConfig(alpha=0.5), mode="geometric").fusion
     FusionConfig(alpha=0.5, mode='geometric')
+
+    A fusion rule, here context steering (the LLM steered by the SLM's with-context minus without-context
+    difference; the SLM over the public prompt is an on-device input):
+
+    >>> inputs = {"llm": llm, "slm_public": logitfuse.rules.Input(logitfuse.HFLLM(slm, tok), on_device=True)}
+    >>> steer = logitfuse.CoGenesisLogitsProcessor(inputs, "Write an invitation:", rule="steer(0.5)")
+    >>> out = slm.generate(**private, logits_processor=[steer], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    >>> steer.stats["llm_calls"]  # both inputs, at each of the 5 steps
+    10
     """
 
-    def __init__(self, llm: LLMBackend, public_prompt: Any, fusion: FusionConfig | None = None, *, slm: Any = None,
-                 slm_tokenizer: Any = None, eos_token_id: Any = None, **options: Any):
+    def __init__(self, llm: LLMBackend | Mapping[str, Any] | None, public_prompt: Any, fusion: FusionConfig | None = None,
+                 *, slm: Any = None, slm_tokenizer: Any = None, eos_token_id: Any = None, **options: Any):
         check_transformers()
         fusion, _ = split_options(type(self).__name__, fusion, None, options, allow=FUSION_FIELDS)
         self.fusion = fusion = fusion if fusion is not None else FusionConfig()  # FusionConfig() says what is missing
         if fusion.speculate:
             raise ValueError(f"speculate={fusion.speculate}: CoGenesisLogitsProcessor fuses one step per call; use "
                              "logitfuse.generate(..., speculate=K) for speculative fusion, or speculate=0")
-        self.session = FusionSession(llm, fusion, slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id)
+        if fusion.uses_rule:
+            self.session = RuleSession(fusion.rule, rule_inputs(fusion.rule, llm), fusion,
+                                       slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id)
+            if self.session.reads_private:
+                raise ValueError(f"inputs {self.session.reads_private} read the private prompt, which the processor "
+                                 "cannot tell apart from input_ids' padding: use logitfuse.generate(slm, inputs, ...) "
+                                 "for an on-device input over the private prompt")
+        elif isinstance(llm, Mapping):
+            raise ValueError("llm is a dict of inputs, which a fusion rule reads: pass rule= (e.g. 'steer(0.5)'), or "
+                             "one LLM backend")
+        else:
+            self.session = FusionSession(llm, fusion, slm_tokenizer=slm_tokenizer, eos_token_id=eos_token_id)
         try:  # one prompt for every row, else one per input row
             prompts = public_rows(public_prompt, 1)
         except ValueError:
             prompts = public_rows(public_prompt, (len(public_prompt) or 1) if isinstance(public_prompt, Sized) else 1)
-        if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
+        if isinstance(llm, LLMBackend) and llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
             raise ValueError(f"public_prompt is text but {type(llm).__name__} has no tokenizer to encode it; pass "
                              "tokenizer= to the backend or give the public prompt as LLM token ids")
         self.public_prompts = [self.session.format_prompt(p) for p in prompts]
@@ -187,5 +213,7 @@ class CoGenesisLogitsProcessor(LogitsProcessor):
         return latest
 
     def __repr__(self) -> str:
+        if self.fusion.uses_rule:
+            return f"CoGenesisLogitsProcessor(rule={self.fusion.rule.spec!r}, inputs={list(self.session.inputs)})"
         weight = f"head={type(self.head).__name__}" if self.head is not None else f"alpha={self.alpha}"
         return f"CoGenesisLogitsProcessor(llm={self.llm!r}, {weight}, mode={self.mode!r}, schedule={self.schedule.spec!r})"

@@ -13,6 +13,7 @@ passed as ``llm`` is the input ``"llm"``. See the docs page "Fusion rules (N mod
 """
 
 from logitfuse.rules.base import PIVOT, Arithmetic, Contrastive, Mix, Mixture, Rule
+from logitfuse.rules.inputs import Input
 from logitfuse.rules.spec import RULE_NAMES, parse_rule
 
-__all__ = ["PIVOT", "RULE_NAMES", "Arithmetic", "Contrastive", "Mix", "Mixture", "Rule", "parse_rule"]
+__all__ = ["PIVOT", "RULE_NAMES", "Arithmetic", "Contrastive", "Input", "Mix", "Mixture", "Rule", "parse_rule"]
