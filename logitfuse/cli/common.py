@@ -10,7 +10,8 @@
   (:func:`fusion_config`, :func:`sampling_config`): fused, or the SLM alone at α = 1 with no LLM at
   all (:func:`slm_alone`); the result is a :class:`logitfuse.FusedGeneration`. The LLM alone is plain
   ``model.generate`` (:func:`llm_alone`);
-- torch's CPU threads (``--threads``, :func:`apply_threads`).
+- torch's CPU threads (``--threads``, :func:`apply_threads`);
+- fusion rules over N models (``--rule``, ``--input``: :func:`add_rule_arguments`, :func:`check_rule`).
 
 Printing a run (the text coloured by α, the LLM-silence warning) is :mod:`logitfuse.cli.printing`.
 """
@@ -37,9 +38,10 @@ from logitfuse.decoding.schedules import parse as parse_schedule
 from logitfuse.errors import UsageError, check_device, check_range
 from logitfuse.heads import load_head
 from logitfuse.prompts import render_prompt, shipped_path
+from logitfuse.rules import Mix, Mixture, Rule, parse_rule
 from logitfuse.vocab import VocabMap
 
-__all__ = ["DEFAULT_ALPHA", "Plan", "add_shared_arguments", "apply_threads", "free_cores", "bundled_head_dir", "check_shared", "check_slm", "check_url",
+__all__ = ["BUILT_IN_INPUTS", "DEFAULT_ALPHA", "Plan", "add_rule_arguments", "add_shared_arguments", "check_rule", "apply_threads", "free_cores", "bundled_head_dir", "check_shared", "check_slm", "check_url",
            "choose_weight", "chosen_alpha", "fusion_config", "is_url", "llm_alone",
            "load_slm", "load_weight", "response", "run_engine", "run_interruptible", "sampling_config",
            "slm_alone", "speculation",
@@ -334,6 +336,78 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(args.threads))
     elif args.device == "cpu":
         torch.set_num_threads(max(1, round(free_cores())))
+
+
+# ------------------------------------------------------------------------------------ fusion rules
+#: the inputs every --rule may read: the SLM (private prompt), the SLM over the public prompt (on this
+#: device) and the LLM; --input NAME=MODEL adds more (over the public prompt), as `logitfuse eval` does
+BUILT_IN_INPUTS = ("slm", "slm_public", "llm")
+
+
+def add_rule_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rule and --input (`generate`)."""
+    parser.add_argument("--rule", default="mix",
+                        help="how to fuse (docs: Fusion rules): mix (default: the two-model mix, --alpha or --head), "
+                             "mixture(W_SLM,W_LLM), geometric(...), steer(BETA) (the LLM steered by the SLM with "
+                             "minus without the context), arithmetic(BETA) (the LLM + BETA (expert - anti)), "
+                             "contrastive(LAMBDA[,TAU]) (the LLM - LAMBDA x the SLM over the public prompt)")
+    parser.add_argument("--input", action="append", default=None, metavar="NAME=MODEL",
+                        help="with --rule: an extra input NAME that MODEL (zoo name, folder or Hub id) gives over the "
+                             "public prompt, repeatable (arithmetic(1) reads expert= and anti=); slm and slm_public "
+                             "(--slm over each prompt) and llm (--llm) are built in")
+
+
+def check_rule(args: argparse.Namespace) -> Rule:
+    """--rule parsed and checked against the other flags, before anything loads (``UsageError``, one line);
+    ``args.inputs`` gets --input as ``{name: model}``. The inputs the rule reads are built in
+    (:data:`BUILT_IN_INPUTS`) or given by --input, each --input is read, and the two-model mix's settings
+    (--alpha, --mode, --tail, --schedule, --speculate) are left alone by the other rules. A
+    ``mixture(NAME,...)`` takes its head from --head."""
+    try:
+        rule = parse_rule(args.rule)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--rule: {err}") from None
+    args.inputs = {}
+    for item in args.input or []:
+        name, eq, model = item.partition("=")
+        if not eq or not name.isidentifier() or not model:
+            raise UsageError(f"--input {item!r} must be NAME=MODEL, e.g. --input expert=smollm2-135m-cogenesis")
+        if name in BUILT_IN_INPUTS or name in args.inputs:
+            raise UsageError(f"--input {name}= is given twice (or is built in: {', '.join(BUILT_IN_INPUTS)})")
+        args.inputs[name] = model
+    unread = [n for n in args.inputs if n not in rule.inputs]
+    if unread:
+        raise UsageError(f"--input {unread[0]}= is not read by --rule {args.rule!r} (it reads {', '.join(rule.inputs)}); "
+                         "drop it")
+    missing = [n for n in rule.inputs if n not in BUILT_IN_INPUTS and n not in args.inputs]
+    if missing:
+        raise UsageError(f"--rule {args.rule!r} reads the input {missing[0]!r}: pass --input {missing[0]}=MODEL (zoo "
+                         "name, folder or Hub id)")
+    for name, model in args.inputs.items():
+        zoo.check_model(f"--input {name}=", model)
+    if isinstance(rule, Mix):
+        return rule
+    for flag, value, default in (("--alpha", getattr(args, "alpha", None), None), ("--mode", getattr(args, "mode", None), None),
+                                 ("--tail", getattr(args, "tail", None), None),
+                                 ("--schedule", getattr(args, "schedule", "always"), "always"),
+                                 ("--speculate", getattr(args, "speculate", 0), 0)):
+        if value != default:
+            raise UsageError(f"{flag} {value} shapes the two-model mix; --rule {args.rule!r} brings its own weights: "
+                             f"drop {flag} (or use --rule mix)")
+    if "slm_public" in rule.inputs and getattr(args, "slm_engine", "transformers") != "transformers":
+        raise UsageError(f"--rule {args.rule!r} reads the SLM over the public prompt, a second transformers run of "
+                         "the SLM: use --slm-engine transformers")
+    head = getattr(args, "head", None)
+    if isinstance(rule, Mixture) and rule.needs_head:
+        if head in (None, "none"):
+            raise UsageError(f"--rule {args.rule!r} takes its weights from a mixture head: pass --head FOLDER (the --out "
+                             "folder of `logitfuse train --rule`), or weights, e.g. mixture(0.6,0.4)")
+        if not Path(head).expanduser().is_dir():
+            raise UsageError(f"--head {head!r} is not a folder; pass the --out folder of `logitfuse train --rule`")
+    elif head not in (None, "none"):
+        raise UsageError(f"--head {head!r} weighs the two-model mix or a mixture(NAME,...) rule; --rule {args.rule!r} "
+                         "has its own weights: drop --head")
+    return rule
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -4,6 +4,7 @@
         --context profile.txt --instruction "Write a toast for my sister's wedding: mention our trip to Rome"
     logitfuse generate ... --llm http://127.0.0.1:8000 --llm-tokenizer qwen2.5-coder-0.5b   # a served LLM
     logitfuse generate ... --alpha 1        # the SLM alone: the LLM is neither loaded nor contacted
+    logitfuse generate ... --rule "steer(0.5)"   # a fusion rule over N models (docs: Fusion rules)
 
 The text goes to stdout, what the LLM saw and the run's counters to stderr. Tokens are chosen by
 logitfuse.generate, greedy at --temperature 0, else sampled from --seed.
@@ -21,11 +22,12 @@ from logitfuse import zoo
 from logitfuse.backends import HFLLM, LLMBackendError, OpenAICompatibleLLM, ServerMismatchError
 from logitfuse.config import FusionConfig
 from logitfuse.cli.common import (
-    Plan, add_shared_arguments, apply_threads, check_shared, check_slm, check_url, choose_weight, fusion_config, is_url, load_slm, load_weight, response, run_interruptible, sampling_config, speculation, vocab_map_for,
+    Plan, add_rule_arguments, add_shared_arguments, apply_threads, check_rule, check_shared, check_slm, check_url, choose_weight, fusion_config, is_url, load_slm, load_weight, response, run_interruptible, sampling_config, speculation, vocab_map_for,
 )
 from logitfuse.cli.printing import colour_by_alpha, llm_silence, use_color
 from logitfuse.errors import UsageError, check_range
 from logitfuse.prompts import private_messages, public_instruction, public_messages, render_prompt
+from logitfuse.rules import Input, Mix, Mixture, Rule
 from logitfuse.zoo import check_model
 
 __all__ = ["HELP", "add_arguments", "check_served_llm", "run", "served_model_name", "validate"]
@@ -59,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1] (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     add_shared_arguments(parser)
+    add_rule_arguments(parser)
 
 
 def _public_prompt(args: argparse.Namespace) -> str:
@@ -106,11 +109,13 @@ def validate(args: argparse.Namespace) -> None:
         llm_name = check_model("--llm-tokenizer", args.llm_tokenizer)
     else:
         llm_name = check_model("--llm", args.llm)
+    args.rule_object = rule = check_rule(args)
     plan = Plan(check_slm(args), llm_name, public=_public_prompt(args), context=_read_context(args.context))
-    choose_weight(args, plan, f"top{args.top_k}-slm" if is_url(args.llm) else "dense")
-    if (args.mode is not None or args.tail is not None) and args.alpha is None and args.head != "none":
-        raise UsageError("--mode and --tail shape a fixed α; a head brings its own: pass --alpha A (or --head none) "
-                         "with them")
+    if isinstance(rule, Mix):
+        choose_weight(args, plan, f"top{args.top_k}-slm" if is_url(args.llm) else "dense")
+        if (args.mode is not None or args.tail is not None) and args.alpha is None and args.head != "none":
+            raise UsageError("--mode and --tail shape a fixed α; a head brings its own: pass --alpha A (or --head "
+                             "none) with them")
     args.plan = plan
 
 
@@ -175,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, plan: Plan) -> int:
+    if not isinstance(args.rule_object, Mix):
+        return _run_rule(args, plan, args.rule_object)
     slm_only, served = plan.head_dir is None and plan.alpha == 1.0, None
     if slm_only:
         print("logitfuse generate: --alpha 1 is the SLM alone: the cloud LLM is neither loaded nor contacted",
@@ -219,4 +226,55 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     print(f"[{stats.steps} steps, {stats.llm_calls} LLM calls, {stats.fallbacks} fallbacks, {seconds:.1f} s; {weight}; "
           f"fused by logitfuse.generate ({how}); the LLM saw: {plan.public!r}{silence}"
           f"{INTERRUPTED if stopped else ''}]", file=sys.stderr)
+    return 130 if stopped else 0
+
+
+def _run_rule(args: argparse.Namespace, plan: Plan, rule: Rule) -> int:
+    """A run under a fusion rule other than the two-model mix: each input the rule reads is loaded (the
+    LLM, the SLM over the public prompt: the same weights on this device, each --input), each gets
+    the public task in its own chat template, and the SLM alone reads the private context."""
+    reads_llm = "llm" in rule.inputs
+    served = (args.served_model or served_model_name(args.llm)) if reads_llm and is_url(args.llm) else None
+    if reads_llm:
+        print(f"logitfuse generate: the cloud LLM ({args.llm}) will see: {plan.public!r}, then the text generated so "
+              "far; the context and the rest of the instruction stay here", file=sys.stderr, flush=True)
+    else:
+        print(f"logitfuse generate: --rule {rule.spec} does not read the LLM: --llm is neither loaded nor contacted",
+              file=sys.stderr, flush=True)
+    backend = _llm_backend(args, served) if reads_llm and is_url(args.llm) else None
+    apply_threads(args)
+    slm, slm_tok, private_ids = load_slm(args.slm, private_messages(args.instruction, plan.context),
+                                         engine=args.slm_engine, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                         device=args.device, adapter=args.adapter)
+    sampling = sampling_config(slm, slm_tok, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed)
+    messages = public_messages(plan.public)
+    inputs, publics = {}, {}
+    if reads_llm:
+        llm, llm_tok = backend or _llm_backend(args, served)
+        inputs["llm"] = Input(llm, vocab_map=vocab_map_for(slm, slm_tok, llm.vocab_size, llm_tok))
+        publics["llm"] = render_prompt(llm_tok, messages)
+    if "slm_public" in rule.inputs:  # the SLM's own weights, a second KV cache, the public prompt only
+        inputs["slm_public"] = Input(HFLLM(slm, slm_tok), on_device=True)
+        publics["slm_public"] = render_prompt(slm_tok, messages)
+    for name, model_name in args.inputs.items():
+        model, tokenizer, _ = zoo.load(model_name, dtype=args.dtype, device=args.device)
+        side = HFLLM(model, tokenizer)
+        inputs[name] = Input(side, vocab_map=vocab_map_for(slm, slm_tok, side.vocab_size, tokenizer))
+        publics[name] = render_prompt(tokenizer, messages)
+    if isinstance(rule, Mixture) and rule.needs_head:
+        from logitfuse.heads.mixture import load_mixture_head
+
+        try:
+            rule = rule.with_head(load_mixture_head(args.head))
+        except ValueError as err:
+            raise UsageError(f"--head {args.head!r}: {err}") from None
+    fused, seconds, stopped = run_interruptible(slm, slm_tok, private_ids, inputs, publics, FusionConfig(rule=rule),
+                                                sampling)
+    print(response(slm, slm_tok, fused)[2], flush=True)
+    stats = fused.stats
+    print(f"[{stats.steps} steps, {stats.llm_calls} model calls over {len(inputs)} inputs "
+          f"({', '.join(inputs)}), {stats.fallbacks} fallbacks, {seconds:.1f} s; rule {rule.spec}; fused by "
+          f"logitfuse.generate; the inputs off this device saw: {plan.public!r}{INTERRUPTED if stopped else ''}]",
+          file=sys.stderr)
     return 130 if stopped else 0
