@@ -94,6 +94,9 @@ class FusionSession:
         if fusion is None:
             raise ValueError("pass exactly one of head= (a trained fusion head, logitfuse.load_head) and alpha= "
                              "(a fixed weight in [0, 1]; 1 = the SLM alone), or fusion=FusionConfig(...)")
+        if fusion.uses_rule:
+            raise ValueError(f"rule {fusion.rule.spec!r}: a FusionSession runs the two-model mix; a fusion rule runs on "
+                             "logitfuse.decoding.rule_session.RuleSession (logitfuse.generate and the processor pick it)")
         mode, tail, self.cross_tokenizer = check_fusion(llm, fusion, slm_tokenizer)
         self.config = fusion
         self.llm, self.head, self.alpha = llm, fusion.head, fusion.alpha

@@ -247,3 +247,10 @@ def test_each_public_input_may_get_its_own_public_prompt(tok, models, prompts):
     with pytest.raises(ValueError, match=r"\['slm_public'\] missing"):
         logitfuse.generate(models["slm"], inputs, [private], {"llm": public}, rule=rule, max_new_tokens=2)
     assert inputs["llm"].audit_log == []
+
+
+def test_a_fusion_session_refuses_a_rule(tok, llm_model):
+    llm = logitfuse.HFLLM(llm_model, tok)
+    with pytest.raises(ValueError, match="a FusionSession runs the two-model mix"):
+        logitfuse.FusionSession(llm, rule="steer(1)")
+    assert logitfuse.FusionSession(llm, alpha=0.5, rule="mix").alpha == 0.5
