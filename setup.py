@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "logitfuse", "logitfuse.vocab", "logitfuse.heads", "logitfuse.decoding", "logitfuse.backends", "logitfuse.zoo",
+        "logitfuse", "logitfuse.vocab", "logitfuse.heads", "logitfuse.rules", "logitfuse.decoding", "logitfuse.backends", "logitfuse.zoo",
         "logitfuse.evaluation", "logitfuse.serve", "logitfuse.cli", "logitfuse.testing",
         "logitfuse.kernels", "logitfuse.train_fuser", "logitfuse.bench",
     ],

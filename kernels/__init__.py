@@ -6,7 +6,8 @@ and :data:`OPS` (the kernels, with the same signatures as the reference function
 
 One file per op: :mod:`.row_stats`, :mod:`.mix` (``fuse``), :mod:`.sample` (``fuse_sample``),
 :mod:`.cross_entropy` (``fused_cross_entropy``), :mod:`.features` (``fusion_feature_stats``, a
-FusionHead's per-row statistics); shared jit building blocks in :mod:`._common`. The package imports
+FusionHead's per-row statistics), :mod:`.combine` (the N-input rules' ``combine``, dispatched by
+:func:`logitfuse.rules.combine.combine`); shared jit building blocks in :mod:`._common`. The package imports
 nothing from ``logitfuse`` but :mod:`logitfuse.types`; which implementation runs is decided by the
 dispatcher, :func:`logitfuse.functional.ops_for`.
 Passes over a row (each module's docstring has the details):
@@ -16,6 +17,7 @@ Passes over a row (each module's docstring has the details):
   values gathered through the map (row scalars; then the pulled-back row's statistics);
 - ``fuse``: 2 in every mode and tail rule (row scalars and ``log Z``; then the write); a dense LLM
   row is also read once streamed for its log-sum-exp;
+- ``combine``: 2 (``log Z`` online, then the write), + 1 over input 0 with a plausibility cut;
 - ``fused_cross_entropy``: 1 (``log Z`` and ``∂log Z/∂α`` online, then the target token alone);
 - ``fuse_sample``: 2 + at most 31 for top-k + at most 32 for top-p + 2 (bisections on the bit
   pattern of the probabilities instead of a sort; greedy rows stop after 2), nothing written but

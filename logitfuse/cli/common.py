@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from logitfuse import FusedGeneration, generate, zoo
-from logitfuse.backends import LLMBackend
+from logitfuse.backends import LLMBackend, LLMBackendError
 from logitfuse.cli.progress import generation_bar
 from logitfuse.config import FusionConfig, SamplingConfig
 from logitfuse.decoding.llama_cpp import LlamaCppSLM, llama_cpp_python_missing
@@ -510,7 +510,8 @@ def run_interruptible(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLM
                       fusion: FusionConfig, sampling: SamplingConfig) -> tuple[FusedGeneration, float, bool]:
     """:func:`run_engine`, but Ctrl-C keeps the text so far: ``(result, seconds, interrupted)``, the
     tokens chosen until Ctrl-C with ``interrupted`` True. Ctrl-C before the first step could start
-    is raised as it is."""
+    is raised as it is. An LLM that fails under ``--on-failure raise`` prints the text so far, then
+    its error goes on (the subcommand makes it one line, exit status 1)."""
     started = time.perf_counter()
     try:
         with generation_bar(slm, sampling.max_new_tokens, "generating" if llm is None else "fusing"):
@@ -520,6 +521,11 @@ def run_interruptible(slm: Any, tokenizer: Any, private_ids: list[int], llm: LLM
         if partial is None:
             raise
         return partial, time.perf_counter() - started, True
+    except LLMBackendError as err:
+        partial = getattr(err, "partial", None)
+        if partial is not None and partial.sequences[0]:
+            print(response(slm, tokenizer, partial)[2], flush=True)
+        raise
     return out, seconds, False
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from logitfuse.backends.base import LLMBackendError
 from logitfuse.config import FusionConfig, SamplingConfig, split_options
 from logitfuse.decoding.checks import public_rows
 from logitfuse.decoding.rule_session import RuleSession, rule_inputs
@@ -181,7 +182,8 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
 
     Returns:
         :class:`FusedGeneration` (ids per row, α per token, the session's statistics, why each row stopped).
-        A ``KeyboardInterrupt`` (Ctrl-C) carries the tokens chosen until then as its ``partial``, a
+        A ``KeyboardInterrupt`` (Ctrl-C), and an :class:`~logitfuse.backends.base.LLMBackendError` of a backend
+        with ``on_failure="raise"``, carries the tokens chosen until then as its ``partial``, a
         :class:`FusedGeneration` (``None`` when it came before the first step could start).
     """
     started = time.perf_counter()
@@ -248,8 +250,10 @@ def generate(slm: Any, llm: Any, private_input_ids: Any, public_prompt: Any = No
             _per_step(runner, session, rows, chooser, start, overlap, penalize, hidden)
             if fusion.speculate and not session.slm_only:  # asked for, but the backend cannot score drafts
                 session.stats.speculation_fallbacks += 1
-    except KeyboardInterrupt as interrupt:  # Ctrl-C: what was generated so far goes with it (a row still running: stopped None)
-        interrupt.partial = None if rows is None or session is None else rows.result(session.stats, started, runner.decode)
+    except (KeyboardInterrupt, LLMBackendError) as stop:
+        # Ctrl-C, or the LLM failing under on_failure="raise": what was generated so far goes with it
+        # (a row still running: stopped None)
+        stop.partial = None if rows is None or session is None else rows.result(session.stats, started, runner.decode)
         raise
     finally:
         runner.close()

@@ -136,6 +136,55 @@ def test_ctrl_c_hands_logitfuse_generate_s_tokens_so_far_with_the_interrupt():
     assert len(partial.sequences[0]) == 5 and partial.stopped == [None]
 
 
+
+def test_a_served_llm_that_stops_mid_generation_is_one_line_with_the_text_so_far(model_dirs, capsys):
+    """--on-failure raise: the server answers its first requests, then is gone (`logitfuse serve` with
+    max_requests shuts itself down): the text so far on stdout, one error line, exit status 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitfuse.serve.server import serve_in_thread
+
+    folder = model_dirs / "llm-same"
+    server, url = serve_in_thread(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                                  model_name="tiny", max_requests=8)  # the server check's probes, then a few steps
+    try:
+        code = main(["generate", "--slm", str(model_dirs / "slm"), "--llm", url, "--llm-tokenizer", str(folder),
+                     "--served-model", "tiny", "--instruction", "Write a note: to Ann", "--alpha", "0.5",
+                     "--max-new-tokens", "60", "--on-failure", "raise", "--color", "never"])
+    finally:
+        server.server_close()
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("logitfuse generate: error: ") and url in last and "Traceback" not in err, err
+    assert out.strip(), "the text fused before the server went away is printed"
+
+
+def test_a_raising_backend_hands_logitfuse_generate_s_tokens_so_far_with_its_error():
+    """The engine's hook: an LLMBackendError (on_failure="raise") carries the partial FusedGeneration."""
+    import logitfuse
+    from logitfuse.backends import LLMBackendError
+    from logitfuse.testing import byte_level_tokenizer, tiny_llama
+
+    tok = byte_level_tokenizer()
+
+    class FailsAtTheFifthCall(logitfuse.HFLLM):
+        calls = 0
+
+        def advance(self, new_tokens, need=None):
+            type(self).calls += 1
+            if type(self).calls == 5:
+                raise LLMBackendError("http://127.0.0.1:9/v1/completions: connection failed")
+            return super().advance(new_tokens, need)
+
+    llm = FailsAtTheFifthCall(tiny_llama(len(tok), seed=1), tok)
+    ids = tok(["Martin sells houses."])["input_ids"]
+    with pytest.raises(LLMBackendError) as caught:
+        logitfuse.generate(tiny_llama(len(tok), seed=0), llm, ids, "Write:", alpha=0.5, max_new_tokens=50,
+                           eos_token_id=[10**6], overlap=False)
+    partial = caught.value.partial
+    assert isinstance(partial, logitfuse.FusedGeneration) and len(partial.sequences[0]) == 4
+
 # ------------------------------------------------------------------------------------ --context
 @pytest.mark.parametrize("content", ["", " \n\n"])
 def test_an_empty_context_file_is_a_one_line_warning(content, folders, tmp_path, monkeypatch, capsys):
