@@ -182,19 +182,6 @@ def _usage_error(capsys, *argv: str) -> str:
     return err
 
 
-@pytest.fixture
-def nothing_loads(monkeypatch, tmp_path):
-    """An empty model home, and any model load or server start fails the test."""
-    from logitfuse.serve import engines
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError(f"something was loaded before the arguments were checked: {args!r}")
-
-    monkeypatch.setenv("LOGITFUSE_HOME", str(tmp_path / "zoo-home"))
-    monkeypatch.setattr(zoo, "load", tripwire)
-    monkeypatch.setattr(engines.LlamaCppServer, "__init__", tripwire)
-
-
 @pytest.mark.parametrize("argv, fragment", [
     (["--alpha", "1.5"], "--alpha 1.5 must lie in [0, 1]"),
     (["--reps", "0"], "--reps 0 must be >= 1"),

@@ -9,7 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from logitfuse import zoo  # noqa: E402
 from logitfuse.bench import fleet  # noqa: E402
 from logitfuse.cli import main  # noqa: E402
 from logitfuse.serve.server import serve_in_thread  # noqa: E402
@@ -152,18 +151,10 @@ def test_cli_writes_results_and_replays_a_saved_recording(tmp_path):
 
 # ------------------------------------------------------------------------------------ flags
 @pytest.fixture
-def nothing_loads(monkeypatch, tmp_path):
-    """An empty model home; any model load or server start fails the test."""
-    from logitfuse.serve import engines
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError(f"something was loaded before the arguments were checked: {args!r}")
-
-    monkeypatch.setenv("LOGITFUSE_HOME", str(tmp_path / "zoo-home"))
-    monkeypatch.setattr(zoo, "load", tripwire)
-    monkeypatch.setattr(engines.LlamaCppServer, "__init__", tripwire)
-    monkeypatch.setattr(fleet, "serve_in_thread", tripwire, raising=False)
-    monkeypatch.setattr(fleet, "logitfuse_serve", tripwire)
+def nothing_loads(nothing_loads, monkeypatch):
+    """The shared tripwires (tests/bench/conftest.py), and the fleet's own server starts."""
+    monkeypatch.setattr(fleet, "serve_in_thread", nothing_loads, raising=False)
+    monkeypatch.setattr(fleet, "logitfuse_serve", nothing_loads)
 
 
 @pytest.mark.parametrize("argv, fragment", [
